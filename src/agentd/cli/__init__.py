@@ -1,0 +1,33 @@
+"""The ``agentd`` command line. Each command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import typer
+
+from agentd.cli.call import call
+from agentd.cli.serve import serve
+
+app = typer.Typer(
+    name="agentd",
+    help="agentd: a runtime and gateway for AI agents at high concurrency.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(serve)
+app.command()(call)
+
+
+@app.command()
+def version() -> None:
+    """Print the agentd version."""
+    from agentd import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,37 @@
+"""What ``agentd serve`` prints once it listens: where, and one example call per protocol."""
+
+from __future__ import annotations
+
+from agentd.server import Listening
+
+__all__ = ["banner"]
+
+
+def banner(listening: Listening, auth: bool) -> str:
+    host = listening.host if listening.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if listening.tls else "http"
+    url = f"{scheme}://{host}:{listening.port}"
+    protocols = "HTTP/1.1, HTTP/2 (TLS, ALPN)" if listening.tls else "HTTP/1.1, HTTP/2 (h2c)"
+    if listening.http3:
+        protocols += ", HTTP/3 (QUIC)"
+    curl_k = "-k " if listening.tls else ""
+    auth_h = " -H 'authorization: Bearer $TOKEN'" if auth else ""
+    grpc_flag = "-insecure" if listening.tls else "-plaintext"
+    grpc_auth = " -H 'authorization: Bearer $TOKEN'" if auth else ""
+    body = '{"agent":"echo","message":{"text":"hello"}}'
+    lines = [
+        f"agentd listening on {url} ({protocols})",
+        "",
+        "try:",
+        f"  curl {curl_k}{url}/agentd.v1.AgentService/Invoke -H 'content-type: application/json'"
+        f"{auth_h} -d '{body}'",
+        f"  grpcurl {grpc_flag}{grpc_auth} -d '{body}' {host}:{listening.port} "
+        "agentd.v1.AgentService/Invoke",
+        f"  agentd call echo 'hello streaming world' --stream --url {url}",
+        f"  curl {curl_k}{url}/metrics",
+        "",
+        "Ctrl-C drains in-flight calls and stops.",
+    ]
+    return "\n".join(lines)

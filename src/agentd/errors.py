@@ -1,0 +1,80 @@
+"""One rooted error tree with transport-neutral codes.
+
+Only the gateway maps a :class:`Code` to an HTTP status or a gRPC status; inner layers raise
+these errors and never import a protocol library.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "AgentdError",
+    "Cancelled",
+    "Code",
+    "DeadlineExceeded",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+class Code(enum.Enum):
+    """Status codes shared by every protocol (same meaning as gRPC's)."""
+
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class AgentdError(Exception):
+    """Base of every error agentd raises on purpose; carries a :class:`Code`."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Cancelled(AgentdError):
+    code = Code.CANCELLED
+
+
+class InvalidArgument(AgentdError):
+    code = Code.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(AgentdError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class NotFound(AgentdError):
+    code = Code.NOT_FOUND
+
+
+class ResourceExhausted(AgentdError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class Internal(AgentdError):
+    code = Code.INTERNAL
+
+
+class Unavailable(AgentdError):
+    code = Code.UNAVAILABLE
+
+
+class Unauthenticated(AgentdError):
+    code = Code.UNAUTHENTICATED

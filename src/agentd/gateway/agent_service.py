@@ -1,0 +1,86 @@
+"""``agentd.v1.AgentService``: converts protobuf to plain messages and calls the runtime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from connectrpc.code import Code as ConnectCode
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+
+from agentd.agents.message import Message
+from agentd.errors import AgentdError
+from agentd.gateway.rpc_errors import to_connect_error
+from agentd.runtime import Runtime
+from agentd.v1 import agent_pb2 as pb
+
+__all__ = ["AgentServiceImpl", "message_from_pb", "message_to_pb"]
+
+
+def message_from_pb(msg: pb.Message) -> Message:
+    return Message(msg.text, msg.data, dict(msg.metadata))
+
+
+def message_to_pb(msg: Message) -> pb.Message:
+    return pb.Message(text=msg.text, data=msg.data, metadata=msg.metadata)
+
+
+class AgentServiceImpl:
+    """The connect-python service object; one per gateway."""
+
+    def __init__(self, runtime: Runtime, default_timeout_s: float | None) -> None:
+        self._runtime = runtime
+        self._default_timeout_s = default_timeout_s
+
+    def _timeout(self, ctx: RequestContext) -> float | None:
+        remaining_ms = ctx.timeout_ms()
+        if remaining_ms is None:
+            return self._default_timeout_s
+        if remaining_ms <= 0:
+            raise ConnectError(ConnectCode.DEADLINE_EXCEEDED, "deadline passed before the call")
+        return remaining_ms / 1000.0
+
+    async def invoke(self, request: pb.InvokeRequest, ctx: RequestContext) -> pb.InvokeResponse:
+        timeout = self._timeout(ctx)
+        try:
+            address, reply = await self._runtime.invoke(
+                request.agent, message_from_pb(request.message), timeout=timeout
+            )
+        except AgentdError as exc:
+            raise to_connect_error(exc) from exc
+        return pb.InvokeResponse(agent=str(address), message=message_to_pb(reply))
+
+    async def invoke_stream(
+        self, request: pb.InvokeRequest, ctx: RequestContext
+    ) -> AsyncIterator[pb.AgentEvent]:
+        timeout = self._timeout(ctx)
+        events = self._runtime.stream(
+            request.agent, message_from_pb(request.message), timeout=timeout
+        )
+        index = 0
+        try:
+            async for address, event in events:
+                if isinstance(event, str):
+                    yield pb.AgentEvent(agent=str(address), index=index, token=event)
+                else:
+                    yield pb.AgentEvent(agent=str(address), index=index, message=message_to_pb(event))
+                index += 1
+        except AgentdError as exc:
+            raise to_connect_error(exc) from exc
+        finally:
+            await events.aclose()
+
+    async def list_agents(
+        self, request: pb.ListAgentsRequest, ctx: RequestContext
+    ) -> pb.ListAgentsResponse:
+        return pb.ListAgentsResponse(
+            agents=[
+                pb.AgentType(
+                    name=info.name,
+                    description=info.description,
+                    streaming=info.streaming,
+                    active_instances=info.active_instances,
+                )
+                for info in self._runtime.list_types()
+            ]
+        )

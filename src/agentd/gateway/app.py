@@ -1,0 +1,197 @@
+"""The gateway's ASGI app: one port, routed by path, guarded, observed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
+
+from agentd.agents import AgentRegistry
+from agentd.agents.builtin import BUILTIN_AGENTS
+from agentd.errors import Code
+from agentd.gateway.admission import (
+    BodyTooLarge,
+    TokenCheck,
+    buffer_body,
+    counting_receive,
+    replay,
+)
+from agentd.gateway.agent_service import AgentServiceImpl
+from agentd.gateway.health import SERVICE as HEALTH_SERVICE
+from agentd.gateway.health import HealthState, Status, health_app
+from agentd.gateway.observe import StatusRecorder
+from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
+from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
+from agentd.gateway.reflection import ReflectionService, reflection_apps
+from agentd.gateway.rpc_errors import install_strict_codecs
+from agentd.observability import Metrics, Tracing
+from agentd.runtime import Runtime
+from agentd.settings import Settings
+from agentd.v1.agent_connect import AgentServiceASGIApplication
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+AGENT_SERVICE = "agentd.v1.AgentService"
+
+
+class Gateway:
+    """Owns the runtime, metrics and tracing of one node and serves them as ASGI."""
+
+    def __init__(self, settings: Settings, *, registry: AgentRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.tracing = Tracing(settings.service_name, settings.otlp_endpoint)
+        if registry is None:
+            registry = AgentRegistry()
+            for agent_type in BUILTIN_AGENTS:
+                registry.register(agent_type)
+            registry.load_directory(settings.plugins / "agents")
+        self.runtime = Runtime(
+            registry, max_instances=settings.max_agent_instances, observer=self.metrics
+        )
+        install_strict_codecs()
+        limit = settings.max_body_bytes
+        agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)
+        agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
+        reflection = reflection_apps(ReflectionService([AGENT_SERVICE, HEALTH_SERVICE]))
+        self.health = HealthState([AGENT_SERVICE])
+        rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection]
+        # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
+        self._rpc_apps: dict[str, ASGIApp] = {app.path: app for app in rpc_apps}
+        # Known method paths label the metrics; anything else is "other" (bounded labels).
+        self._rpc_methods = frozenset(
+            path for app in rpc_apps for path in app._endpoints(agent_service)  # noqa: SLF001
+        )
+        self._ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
+        self._tokens = TokenCheck(settings.auth_tokens)
+        self._open_rpc = frozenset(p for p in self._rpc_methods if p.startswith(f"/{HEALTH_SERVICE}/"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        slash = path.find("/", 1)
+        rpc_app = self._rpc_apps.get(path[:slash]) if slash > 0 else None
+        protocol = detect_protocol(scope, rpc_path=rpc_app is not None)
+        if rpc_app is not None:
+            label = path if path in self._rpc_methods else "other"
+        else:
+            label = path if path in self._ops.routes else "other"
+
+        metrics = self.metrics
+        metrics.request_started(protocol)
+        recorder = StatusRecorder(send, grpc_web=protocol is Protocol.GRPC_WEB)
+        started = time.perf_counter()
+        token = None
+        parent = self.tracing.extract(scope["headers"]) if _has_trace(scope) else None
+        if parent is not None:
+            token = otel_context.attach(parent)
+        try:
+            if self.tracing.enabled:
+                with self.tracing.tracer.start_as_current_span(
+                    label, kind=SpanKind.SERVER, attributes={"rpc.system": str(protocol)}
+                ) as span:
+                    await self._route(scope, receive, recorder, rpc_app, protocol, path)
+                    code, _ = recorder.outcome()
+                    span.set_attribute("agentd.status", code)
+            else:
+                await self._route(scope, receive, recorder, rpc_app, protocol, path)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+            code, error = recorder.outcome()
+            metrics.request_finished(
+                protocol, label, code, time.perf_counter() - started, error=error
+            )
+
+    async def _route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rpc_app: ASGIApp | None,
+        protocol: Protocol,
+        path: str,
+    ) -> None:
+        open_path = path in OPEN_PATHS or path in self._open_rpc
+        if not open_path and not self._tokens.allows(header(scope, b"authorization")):
+            await send_error(send, protocol, Code.UNAUTHENTICATED, "missing or invalid bearer token")
+            return
+        if rpc_app is None:
+            await self._serve_ops(scope, send, protocol, path)
+            return
+        limit = self.settings.max_body_bytes
+        length = header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _too_large(send, protocol, limit)
+            return
+        if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
+            await rpc_app(scope, counting_receive(receive, limit), send)
+            return
+        try:
+            body, disconnected = await buffer_body(receive, limit)
+        except BodyTooLarge:
+            await _too_large(send, protocol, limit)
+            return
+        if disconnected:
+            return
+        await rpc_app(scope, replay(body, receive), send)
+
+    async def _serve_ops(self, scope: Scope, send: Send, protocol: Protocol, path: str) -> None:
+        handler = self._ops.routes.get(path)
+        if handler is None:
+            if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
+                await send_error(send, protocol, Code.UNIMPLEMENTED, f"unknown method {path}")
+            else:
+                await send_error(send, protocol, Code.NOT_FOUND, f"no route for {path}")
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(send, protocol, Code.INVALID_ARGUMENT, "use GET", status=405)
+            return
+        await handler(send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.health.set_all(Status.SERVING)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def aclose(self) -> None:
+        self.health.set_all(Status.NOT_SERVING)
+        await self.runtime.aclose()
+        self.tracing.aclose()
+
+
+def _has_trace(scope: Scope) -> bool:
+    return any(name == b"traceparent" for name, _ in scope["headers"])
+
+
+async def _too_large(send: Send, protocol: Protocol, limit: int) -> None:
+    await send_error(
+        send,
+        protocol,
+        Code.RESOURCE_EXHAUSTED,
+        f"request body is larger than the limit of {limit} bytes",
+        status=413,
+    )

@@ -1,0 +1,66 @@
+"""Per-request observation: the status a response ended with, for metrics and spans."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agentd.errors import Code
+
+__all__ = ["StatusRecorder"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+_CODE_NAMES = {code.value: code.name for code in Code}
+_CODE_NAMES[0] = "OK"
+
+
+class StatusRecorder:
+    """Wraps ``send`` and remembers the HTTP status and any gRPC status sent.
+
+    gRPC carries its status in trailers (or in the headers of a trailers-only response);
+    gRPC-Web carries trailers in a final body frame flagged 0x80.
+    """
+
+    __slots__ = ("_grpc_web", "_send", "grpc_status", "http_status")
+
+    def __init__(self, send: Send, *, grpc_web: bool = False) -> None:
+        self._send = send
+        self._grpc_web = grpc_web
+        self.http_status = 0
+        self.grpc_status: int | None = None
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.http_status = message["status"]
+            self._scan(message.get("headers", ()))
+        elif kind == "http.response.trailers":
+            self._scan(message.get("headers", ()))
+        elif self._grpc_web and kind == "http.response.body" and not message.get("more_body"):
+            self._scan_web_trailer(message.get("body", b""))
+        await self._send(message)
+
+    def _scan(self, headers: Any) -> None:
+        for name, value in headers:
+            if name == b"grpc-status":
+                try:
+                    self.grpc_status = int(value)
+                except ValueError:
+                    self.grpc_status = Code.UNKNOWN.value
+
+    def _scan_web_trailer(self, body: bytes) -> None:
+        start = body.rfind(b"\x80")
+        if start < 0:
+            return
+        for line in body[start + 5 :].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"grpc-status":
+                self._scan([(b"grpc-status", value.strip())])
+
+    def outcome(self) -> tuple[str, bool]:
+        """The ``code`` label and whether it is an error."""
+        if self.grpc_status is not None:
+            return _CODE_NAMES.get(self.grpc_status, str(self.grpc_status)), self.grpc_status != 0
+        if self.http_status == 0:
+            return "aborted", True
+        return str(self.http_status), self.http_status >= 400

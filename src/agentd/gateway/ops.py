@@ -1,0 +1,69 @@
+"""Operational HTTP routes: ``/healthz``, ``/readyz``, ``/metrics`` and an index at ``/``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from agentd import __version__
+from agentd.gateway.health import HealthState
+from agentd.observability import Metrics
+
+__all__ = ["OPEN_PATHS", "OpsRoutes"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Probes must work without credentials (load balancers and kubelets send none).
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class OpsRoutes:
+    def __init__(self, health: HealthState, metrics: Metrics, services: list[str]) -> None:
+        self._health = health
+        self._metrics = metrics
+        self._index = orjson.dumps(
+            {
+                "name": "agentd",
+                "version": __version__,
+                "services": services,
+                "endpoints": ["/healthz", "/readyz", "/metrics"],
+            }
+        )
+        self.routes = {
+            "/": self._root,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics_route,
+        }
+
+    async def _root(self, send: Send) -> None:
+        await _respond(send, 200, self._index, b"application/json")
+
+    async def _healthz(self, send: Send) -> None:
+        await _respond(send, 200, b"ok\n", b"text/plain; charset=utf-8")
+
+    async def _readyz(self, send: Send) -> None:
+        if self._health.serving:
+            await _respond(send, 200, b"ready\n", b"text/plain; charset=utf-8")
+        else:
+            await _respond(send, 503, b"not ready\n", b"text/plain; charset=utf-8")
+
+    async def _metrics_route(self, send: Send) -> None:
+        body, content_type = self._metrics.render()
+        await _respond(send, 200, body, content_type.encode())

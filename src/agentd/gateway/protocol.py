@@ -1,0 +1,94 @@
+"""Which wire protocol a request speaks, and how each one reports an error.
+
+The only place that maps :class:`agentd.errors.Code` to HTTP and gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from agentd.errors import Code
+
+__all__ = ["Protocol", "detect_protocol", "header", "http_status", "send_error"]
+
+Scope = dict[str, Any]
+
+_HTTP_STATUS = {
+    Code.CANCELLED: 499,
+    Code.UNKNOWN: 500,
+    Code.INVALID_ARGUMENT: 400,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.NOT_FOUND: 404,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.FAILED_PRECONDITION: 400,
+    Code.UNIMPLEMENTED: 501,
+    Code.INTERNAL: 500,
+    Code.UNAVAILABLE: 503,
+    Code.UNAUTHENTICATED: 401,
+}
+
+
+class Protocol(enum.StrEnum):
+    GRPC = "grpc"
+    GRPC_WEB = "grpc-web"
+    CONNECT = "connect"
+    HTTP = "http"
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of request header ``name`` (lower case), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def detect_protocol(scope: Scope, *, rpc_path: bool) -> Protocol:
+    """gRPC and gRPC-Web by content type; other requests to RPC paths are Connect."""
+    content_type = header(scope, b"content-type") or b""
+    if content_type.startswith(b"application/grpc-web"):
+        return Protocol.GRPC_WEB
+    if content_type.startswith(b"application/grpc"):
+        return Protocol.GRPC
+    return Protocol.CONNECT if rpc_path else Protocol.HTTP
+
+
+def http_status(code: Code) -> int:
+    return _HTTP_STATUS.get(code, 500)
+
+
+def connect_code(code: Code) -> str:
+    return "canceled" if code is Code.CANCELLED else code.name.lower()
+
+
+async def send_error(
+    send: Any, protocol: Protocol, code: Code, message: str, *, status: int | None = None
+) -> None:
+    """Answer a request that never reached a handler with an error in its own protocol.
+
+    gRPC and gRPC-Web get a trailers-only response (HTTP 200, grpc-status in the headers);
+    Connect and plain HTTP get a JSON body ``{"code", "message"}`` with an HTTP status
+    (``status`` overrides the default mapping, e.g. 413 for an oversized body).
+    """
+    if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
+        content_type = b"application/grpc" if protocol is Protocol.GRPC else b"application/grpc-web"
+        headers = [
+            (b"content-type", content_type),
+            (b"grpc-status", str(code.value).encode()),
+            (b"grpc-message", quote(message, safe=" ").encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = orjson.dumps({"code": connect_code(code), "message": message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if code is Code.UNAUTHENTICATED:
+        headers.append((b"www-authenticate", b'Bearer realm="agentd"'))
+    await send(
+        {"type": "http.response.start", "status": status or http_status(code), "headers": headers}
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,58 @@
+"""Translate agentd errors into connect-python's ConnectError, and decoding into 400s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connectrpc import _codec as connect_codec
+from connectrpc.code import Code as ConnectCode
+from connectrpc.errors import ConnectError
+from google.protobuf.json_format import ParseError
+from google.protobuf.message import DecodeError
+
+from agentd.errors import AgentdError
+from agentd.gateway.protocol import connect_code
+
+__all__ = ["install_strict_codecs", "to_connect_error"]
+
+
+def to_connect_error(exc: AgentdError) -> ConnectError:
+    return ConnectError(ConnectCode(connect_code(exc.code)), exc.message)
+
+
+class _StrictCodec:
+    """Wraps a connect-python codec so undecodable input is INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, inner: Any, what: str) -> None:
+        self._inner = inner
+        self._what = what
+
+    def name(self) -> str:
+        return self._inner.name()
+
+    def encode(self, message: Any) -> bytes:
+        return self._inner.encode(message)
+
+    def decode(self, data: bytes | bytearray, message: Any) -> Any:
+        try:
+            return self._inner.decode(data, message)
+        except (DecodeError, ParseError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise ConnectError(
+                ConnectCode.INVALID_ARGUMENT, f"malformed {self._what} request: {exc}"
+            ) from exc
+
+
+def install_strict_codecs() -> None:
+    """Replace connect-python's codec table entries with strict wrappers (idempotent).
+
+    connect-python looks codecs up by name in one module-level table and reports a decode
+    failure as UNKNOWN; clients deserve INVALID_ARGUMENT naming the parse error. The
+    integration tests send malformed protobuf and JSON to pin this behaviour.
+    """
+    table = connect_codec._codecs  # noqa: SLF001 - the library offers no public hook
+    for name, codec in list(table.items()):
+        if not isinstance(codec, _StrictCodec):
+            what = "protobuf" if codec.name() == "proto" else "JSON"
+            table[name] = _StrictCodec(codec, what)
+
+

@@ -1,0 +1,40 @@
+"""Build a connect-python ASGI app for a service without generated connect code.
+
+Used for the standard gRPC services (health, reflection) whose message classes come from
+the grpcio-health-checking and grpcio-reflection packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from connectrpc.method import IdempotencyLevel, MethodInfo
+from connectrpc.server import ConnectASGIApplication, Endpoint
+
+__all__ = ["ServiceApp", "method"]
+
+
+def method(service: str, name: str, request: type, response: type) -> MethodInfo:
+    return MethodInfo(
+        name=name,
+        service_name=service,
+        input=request,
+        output=response,
+        idempotency_level=IdempotencyLevel.UNKNOWN,
+    )
+
+
+class ServiceApp(ConnectASGIApplication[Any]):
+    """A connect ASGI app over a fixed ``{path: Endpoint}`` table."""
+
+    def __init__(
+        self, path: str, endpoints: Mapping[str, Endpoint], *, read_max_bytes: int | None = None
+    ) -> None:
+        build: Callable[[Any], Mapping[str, Endpoint]] = lambda _svc: endpoints  # noqa: E731
+        super().__init__(service=object(), endpoints=build, read_max_bytes=read_max_bytes)
+        self._path = path
+
+    @property
+    def path(self) -> str:
+        return self._path

@@ -1,0 +1,71 @@
+"""Prometheus metrics: one registry per process, owned by the app, never global."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class Metrics:
+    """All of agentd's metrics. Label children are cached: lookups sit on the hot path."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter(
+            "agentd_requests", "Requests handled, by protocol, method and status code.",
+            ["protocol", "method", "code"], registry=r,
+        )
+        self._errors = Counter(
+            "agentd_request_errors", "Requests that ended in an error status.",
+            ["protocol", "method", "code"], registry=r,
+        )
+        self._latency = Histogram(
+            "agentd_request_duration_seconds", "Request latency from first byte to last.",
+            ["protocol", "method"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._in_flight = Gauge(
+            "agentd_requests_in_flight", "Requests being handled now.", ["protocol"], registry=r,
+        )
+        self._turns = Counter(
+            "agentd_agent_turns", "Agent turns, by agent type and outcome.",
+            ["agent_type", "outcome"], registry=r,
+        )
+        self._turn_latency = Histogram(
+            "agentd_agent_turn_duration_seconds", "Agent turn latency.",
+            ["agent_type"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):  # noqa: ANN001, ANN202 - prometheus child types
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request_started(self, protocol: str) -> None:
+        self._child(self._in_flight, protocol).inc()
+
+    def request_finished(
+        self, protocol: str, method: str, code: str, seconds: float, *, error: bool
+    ) -> None:
+        self._child(self._in_flight, protocol).dec()
+        self._child(self._requests, protocol, method, code).inc()
+        if error:
+            self._child(self._errors, protocol, method, code).inc()
+        self._child(self._latency, protocol, method).observe(seconds)
+
+    def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
+        self._child(self._turns, agent_type, outcome).inc()
+        self._child(self._turn_latency, agent_type).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

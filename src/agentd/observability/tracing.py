@@ -1,0 +1,56 @@
+"""OpenTelemetry tracing: W3C ``traceparent`` in, spans out through OTLP when configured.
+
+Without an OTLP endpoint the tracer is OpenTelemetry's no-op one, so an unconfigured node
+pays almost nothing; the incoming trace context is still made current for the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = ["Tracing"]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class Tracing:
+    """Owns the tracer provider of one process; ``aclose`` flushes pending spans."""
+
+    def __init__(self, service_name: str, otlp_endpoint: str | None) -> None:
+        self._provider = None
+        if otlp_endpoint:
+            # Imported here: the SDK and exporter cost start-up time when tracing is off.
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            endpoint = otlp_endpoint.rstrip("/")
+            if not endpoint.endswith("/v1/traces"):
+                endpoint += "/v1/traces"
+            self._provider = TracerProvider(resource=Resource({"service.name": service_name}))
+            self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint)))
+            self.tracer: trace.Tracer = self._provider.get_tracer("agentd")
+        else:
+            self.tracer = trace.NoOpTracer()
+
+    @property
+    def enabled(self) -> bool:
+        return self._provider is not None
+
+    @staticmethod
+    def extract(headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
+        """The trace context carried by ``traceparent``/``tracestate`` headers, if any."""
+        carrier = {}
+        for name, value in headers:
+            if name in (b"traceparent", b"tracestate"):
+                carrier[name.decode("latin-1")] = value.decode("latin-1")
+        return _PROPAGATOR.extract(carrier) if carrier else None
+
+    def aclose(self) -> None:
+        if self._provider is not None:
+            self._provider.shutdown()

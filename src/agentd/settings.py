@@ -1,0 +1,120 @@
+"""Settings: flags > ``AGENTD_*`` environment > YAML file > defaults.
+
+Read once at start and passed down; nothing reads them at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = ["Settings", "load_settings"]
+
+CONFIG_ENV = "AGENTD_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with the defaults a newcomer gets."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTD_", extra="forbid")
+
+    config: Path | None = Field(None, description="YAML file these settings were read from")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="require client certs signed by it")
+    http3: bool = False
+    plugins: Path = Path("plugins")
+    etcd: str | None = None
+
+    auth_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer tokens"
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    default_timeout_s: float | None = Field(
+        60.0, gt=0, description="turn deadline when the client sends none"
+    )
+    grace_period_s: float = Field(10.0, ge=0, description="drain time on shutdown")
+    max_agent_instances: int = Field(100_000, gt=0)
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint")
+    service_name: str = "agentd"
+    log_level: str = "info"
+    envoy_log_level: str = "error"
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        # AGENTD_AUTH_TOKENS=a,b is friendlier than a JSON list.
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.http3 and self.tls_cert is None:
+            raise ValueError("http3 needs TLS: give tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs TLS: give tls_cert and tls_key")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlFileSource(settings_cls, init_settings)
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by the ``config`` flag or ``AGENTD_CONFIG``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._init = init
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._init().get("config") or os.environ.get(CONFIG_ENV)
+        if not path:
+            return {}
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings")
+        return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Build settings from flags (None means 'not given'), environment and config file."""
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
