@@ -37,7 +37,5 @@ def parse_address(text: str) -> Address:
             f"malformed agent address {text!r}: the type must match {_TYPE.pattern}"
         )
     if not _ID.fullmatch(instance_id):
-        raise InvalidArgument(
-            f"malformed agent address {text!r}: the id must match {_ID.pattern}"
-        )
+        raise InvalidArgument(f"malformed agent address {text!r}: the id must match {_ID.pattern}")
     return Address(type_name, instance_id)

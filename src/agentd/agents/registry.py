@@ -60,7 +60,11 @@ class AgentRegistry:
                 log.exception("agent plugin %s failed to load; skipped", path)
                 continue
             for _, obj in inspect.getmembers(module, inspect.isclass):
-                if issubclass(obj, Agent) and obj is not Agent and obj.__module__ == module.__name__:
+                if (
+                    issubclass(obj, Agent)
+                    and obj is not Agent
+                    and obj.__module__ == module.__name__
+                ):
                     try:
                         self.register(obj)
                     except InvalidArgument as exc:
@@ -70,7 +74,7 @@ class AgentRegistry:
         return loaded
 
 
-def _import_file(path: Path):  # noqa: ANN202 - a module
+def _import_file(path: Path):
     module_name = f"agentd_plugins.agents.{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:

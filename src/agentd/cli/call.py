@@ -18,11 +18,15 @@ _SERVICE = "agentd.v1.AgentService"
 def call(
     agent: Annotated[str, typer.Argument(help="Agent address: TYPE or TYPE/ID.")],
     text: Annotated[str, typer.Argument(help="Message text; '-' reads standard input.")] = "",
-    stream: Annotated[bool, typer.Option("--stream", help="Use InvokeStream, print events as they come.")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Use InvokeStream, print events as they come.")
+    ] = False,
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
     token: Annotated[str | None, typer.Option(help="Bearer token [env: AGENTD_TOKEN].")] = None,
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
-    insecure: Annotated[bool, typer.Option("--insecure", "-k", help="Skip TLS verification.")] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", "-k", help="Skip TLS verification.")
+    ] = False,
 ) -> None:
     """Send TEXT to AGENT and print the reply."""
     import httpx
@@ -45,7 +49,7 @@ def call(
         raise typer.Exit(1) from None
 
 
-def _call_unary(client, body: bytes, headers: dict[str, str]) -> None:  # noqa: ANN001
+def _call_unary(client, body: bytes, headers: dict[str, str]) -> None:
     response = client.post(
         f"/{_SERVICE}/Invoke", content=body, headers={**headers, "content-type": "application/json"}
     )
@@ -56,7 +60,7 @@ def _call_unary(client, body: bytes, headers: dict[str, str]) -> None:  # noqa: 
     typer.echo(message.get("text", ""))
 
 
-def _call_stream(client, body: bytes, headers: dict[str, str]) -> None:  # noqa: ANN001
+def _call_stream(client, body: bytes, headers: dict[str, str]) -> None:
     framed = struct.pack(">BI", 0, len(body)) + body
     headers = {**headers, "content-type": "application/connect+json"}
     with client.stream("POST", f"/{_SERVICE}/InvokeStream", content=framed, headers=headers) as r:

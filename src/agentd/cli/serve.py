@@ -15,14 +15,27 @@ __all__ = ["serve"]
 def serve(
     config: Annotated[Path | None, typer.Option(help="YAML settings file.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind, 0 for any [default: 8080].")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve TLS (ALPN h2, http/1.1).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind, 0 for any [default: 8080].")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate: serve TLS (ALPN h2, http/1.1).")
+    ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
-    tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: require client certificates (mTLS).")] = None,
-    http3: Annotated[bool | None, typer.Option("--http3/--no-http3", help="Also serve HTTP/3 over QUIC (needs TLS).")] = None,
-    plugins: Annotated[Path | None, typer.Option(help="Plugin folder [default: ./plugins].")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA: require client certificates (mTLS).")
+    ] = None,
+    http3: Annotated[
+        bool | None,
+        typer.Option("--http3/--no-http3", help="Also serve HTTP/3 over QUIC (needs TLS)."),
+    ] = None,
+    plugins: Annotated[
+        Path | None, typer.Option(help="Plugin folder [default: ./plugins].")
+    ] = None,
     etcd: Annotated[str | None, typer.Option(help="etcd URL for clustering.")] = None,
-    grace: Annotated[float | None, typer.Option(help="Seconds in-flight calls get on shutdown.")] = None,
+    grace: Annotated[
+        float | None, typer.Option(help="Seconds in-flight calls get on shutdown.")
+    ] = None,
 ) -> None:
     """Serve agents, models and tools on one port (gRPC, gRPC-Web, Connect, HTTP)."""
     from pydantic import ValidationError
@@ -34,8 +47,15 @@ def serve(
     console = Console(highlight=False)
     try:
         settings = load_settings(
-            config=config, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
-            tls_client_ca=tls_client_ca, http3=http3, plugins=plugins, etcd=etcd,
+            config=config,
+            host=host,
+            port=port,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            http3=http3,
+            plugins=plugins,
+            etcd=etcd,
             grace_period_s=grace,
         )
     except (ValidationError, ValueError) as exc:

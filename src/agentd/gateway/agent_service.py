@@ -63,7 +63,9 @@ class AgentServiceImpl:
                 if isinstance(event, str):
                     yield pb.AgentEvent(agent=str(address), index=index, token=event)
                 else:
-                    yield pb.AgentEvent(agent=str(address), index=index, message=message_to_pb(event))
+                    yield pb.AgentEvent(
+                        agent=str(address), index=index, message=message_to_pb(event)
+                    )
                 index += 1
         except AgentdError as exc:
             raise to_connect_error(exc) from exc

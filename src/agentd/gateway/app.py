@@ -26,7 +26,7 @@ from agentd.gateway.health import HealthState, Status, health_app
 from agentd.gateway.observe import StatusRecorder
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
 from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
-from agentd.gateway.reflection import ReflectionService, reflection_apps
+from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
 from agentd.gateway.rpc_errors import install_strict_codecs
 from agentd.observability import Metrics, Tracing
 from agentd.runtime import Runtime
@@ -64,18 +64,22 @@ class Gateway:
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)
         agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
-        reflection = reflection_apps(ReflectionService([AGENT_SERVICE, HEALTH_SERVICE]))
+        reflection = reflection_apps(
+            ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, *REFLECTION_SERVICES])
+        )
         self.health = HealthState([AGENT_SERVICE])
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection]
         # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
         self._rpc_apps: dict[str, ASGIApp] = {app.path: app for app in rpc_apps}
         # Known method paths label the metrics; anything else is "other" (bounded labels).
         self._rpc_methods = frozenset(
-            path for app in rpc_apps for path in app._endpoints(agent_service)  # noqa: SLF001
+            path for app in rpc_apps for path in app._endpoints(agent_service)
         )
         self._ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
         self._tokens = TokenCheck(settings.auth_tokens)
-        self._open_rpc = frozenset(p for p in self._rpc_methods if p.startswith(f"/{HEALTH_SERVICE}/"))
+        self._open_rpc = frozenset(
+            p for p in self._rpc_methods if p.startswith(f"/{HEALTH_SERVICE}/")
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -131,7 +135,9 @@ class Gateway:
     ) -> None:
         open_path = path in OPEN_PATHS or path in self._open_rpc
         if not open_path and not self._tokens.allows(header(scope, b"authorization")):
-            await send_error(send, protocol, Code.UNAUTHENTICATED, "missing or invalid bearer token")
+            await send_error(
+                send, protocol, Code.UNAUTHENTICATED, "missing or invalid bearer token"
+            )
             return
         if rpc_app is None:
             await self._serve_ops(scope, send, protocol, path)

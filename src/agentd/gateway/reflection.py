@@ -13,10 +13,13 @@ from grpc_reflection.v1alpha import reflection_pb2 as rpb
 from agentd.errors import Code
 from agentd.gateway.services import ServiceApp, method
 
-__all__ = ["ReflectionService", "reflection_apps"]
+__all__ = ["REFLECTION_SERVICES", "ReflectionService", "reflection_apps"]
 
 # v1 and v1alpha messages are the same on the wire; one set of classes serves both.
-_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
 
 
 class ReflectionService:
@@ -33,9 +36,7 @@ class ReflectionService:
             yield self.answer(request)
 
     def answer(self, request: rpb.ServerReflectionRequest) -> rpb.ServerReflectionResponse:
-        response = rpb.ServerReflectionResponse(
-            valid_host=request.host, original_request=request
-        )
+        response = rpb.ServerReflectionResponse(valid_host=request.host, original_request=request)
         kind = request.WhichOneof("message_request")
         try:
             if kind == "list_services":
@@ -87,5 +88,5 @@ def reflection_apps(service: ReflectionService) -> list[ServiceApp]:
             },
             read_max_bytes=64 * 1024,
         )
-        for name in _SERVICES
+        for name in REFLECTION_SERVICES
     ]

@@ -49,10 +49,8 @@ def install_strict_codecs() -> None:
     failure as UNKNOWN; clients deserve INVALID_ARGUMENT naming the parse error. The
     integration tests send malformed protobuf and JSON to pin this behaviour.
     """
-    table = connect_codec._codecs  # noqa: SLF001 - the library offers no public hook
+    table = connect_codec._codecs
     for name, codec in list(table.items()):
         if not isinstance(codec, _StrictCodec):
             what = "protobuf" if codec.name() == "proto" else "JSON"
             table[name] = _StrictCodec(codec, what)
-
-

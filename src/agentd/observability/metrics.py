@@ -8,7 +8,21 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 
@@ -19,31 +33,46 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._requests = Counter(
-            "agentd_requests", "Requests handled, by protocol, method and status code.",
-            ["protocol", "method", "code"], registry=r,
+            "agentd_requests",
+            "Requests handled, by protocol, method and status code.",
+            ["protocol", "method", "code"],
+            registry=r,
         )
         self._errors = Counter(
-            "agentd_request_errors", "Requests that ended in an error status.",
-            ["protocol", "method", "code"], registry=r,
+            "agentd_request_errors",
+            "Requests that ended in an error status.",
+            ["protocol", "method", "code"],
+            registry=r,
         )
         self._latency = Histogram(
-            "agentd_request_duration_seconds", "Request latency from first byte to last.",
-            ["protocol", "method"], buckets=_LATENCY_BUCKETS, registry=r,
+            "agentd_request_duration_seconds",
+            "Request latency from first byte to last.",
+            ["protocol", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self._in_flight = Gauge(
-            "agentd_requests_in_flight", "Requests being handled now.", ["protocol"], registry=r,
+            "agentd_requests_in_flight",
+            "Requests being handled now.",
+            ["protocol"],
+            registry=r,
         )
         self._turns = Counter(
-            "agentd_agent_turns", "Agent turns, by agent type and outcome.",
-            ["agent_type", "outcome"], registry=r,
+            "agentd_agent_turns",
+            "Agent turns, by agent type and outcome.",
+            ["agent_type", "outcome"],
+            registry=r,
         )
         self._turn_latency = Histogram(
-            "agentd_agent_turn_duration_seconds", "Agent turn latency.",
-            ["agent_type"], buckets=_LATENCY_BUCKETS, registry=r,
+            "agentd_agent_turn_duration_seconds",
+            "Agent turn latency.",
+            ["agent_type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self._children: dict[tuple, object] = {}
 
-    def _child(self, metric, *labels: str):  # noqa: ANN001, ANN202 - prometheus child types
+    def _child(self, metric, *labels: str):
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:

