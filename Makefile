@@ -1,0 +1,56 @@
+# agentd: the two commands a newcomer needs are `make run` and `make test`.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: run test lint bench proto system-test-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-install when the dependency list changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+## run: create .venv, install, serve the built-in agents on 127.0.0.1:8080
+run: $(VENV)/.installed
+	$(BIN)/agentd serve $(ARGS)
+
+## test: install test needs (Python and system packages), lint, run the whole suite
+test: $(VENV)/.installed-dev system-test-deps
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## bench: run the benchmark suites; JSON results go to benchmarks/results/
+bench: $(VENV)/.installed-dev system-test-deps
+	$(BIN)/agentd bench gateway
+
+## proto: regenerate Python, gRPC and Connect code from proto/
+proto: $(VENV)/.installed-dev
+	$(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=src --pyi_out=src --grpc_python_out=src \
+	  --plugin=protoc-gen-connect-python=$(BIN)/protoc-gen-connect-python \
+	  --connect-python_out=src \
+	  $$(find proto -name '*.proto')
+
+# System tools the tests and benchmarks drive: curl (a real HTTP client) and h2load.
+system-test-deps:
+	@missing=""; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	command -v h2load >/dev/null 2>&1 || missing="$$missing nghttp2-client"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
