@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import typing
 import threading
 import time
 
@@ -20,9 +21,9 @@ PARENT_ID = "00f067aa0ba902b7"
 
 
 class _Collector(http.server.BaseHTTPRequestHandler):
-    spans: list = []
+    spans: typing.ClassVar[list] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
@@ -49,9 +50,7 @@ def collector():
 
 @pytest.fixture(scope="module")
 def traced(collector):
-    running = start_server(
-        env={"AGENTD_OTLP_ENDPOINT": collector, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    )
+    running = start_server(env={"AGENTD_OTLP_ENDPOINT": collector, "OTEL_BSP_SCHEDULE_DELAY": "50"})
     yield running
     running.stop()
 

@@ -21,6 +21,7 @@ from agentd.gateway.admission import (
     replay,
 )
 from agentd.gateway.agent_service import AgentServiceImpl
+from agentd.gateway.connect_json import ConnectJsonInvoke
 from agentd.gateway.health import SERVICE as HEALTH_SERVICE
 from agentd.gateway.health import HealthState, Status, health_app
 from agentd.gateway.observe import StatusRecorder
@@ -43,6 +44,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 AGENT_SERVICE = "agentd.v1.AgentService"
+INVOKE_PATH = f"/{AGENT_SERVICE}/Invoke"
 
 
 class Gateway:
@@ -64,6 +66,7 @@ class Gateway:
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)
         agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
+        self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
         reflection = reflection_apps(
             ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, *REFLECTION_SERVICES])
         )
@@ -156,6 +159,9 @@ class Gateway:
             await _too_large(send, protocol, limit)
             return
         if disconnected:
+            return
+        if path == INVOKE_PATH and self._json_invoke.accepts(scope):
+            await self._json_invoke(scope, body, send)
             return
         await rpc_app(scope, replay(body, receive), send)
 

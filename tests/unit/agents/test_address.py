@@ -20,7 +20,18 @@ def test_parse_valid(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "/x", "Echo", "1abc", "echo/", "echo/a/b", "echo/ x", "echo/-x", "a" * 65, "e/" + "x" * 129],
+    [
+        "",
+        "/x",
+        "Echo",
+        "1abc",
+        "echo/",
+        "echo/a/b",
+        "echo/ x",
+        "echo/-x",
+        "a" * 65,
+        "e/" + "x" * 129,
+    ],
 )
 def test_parse_invalid_names_the_problem(text):
     with pytest.raises(InvalidArgument, match="malformed agent address"):
