@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import http.server
-import typing
 import threading
 import time
+import typing
 
 import grpc
 import httpx
