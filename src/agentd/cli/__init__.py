@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from agentd.cli.bench import bench
 from agentd.cli.call import call
 from agentd.cli.serve import serve
 
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command()(serve)
 app.command()(call)
+app.command()(bench)
 
 
 @app.command()

@@ -14,9 +14,9 @@ __all__ = ["serve"]
 
 def serve(
     config: Annotated[Path | None, typer.Option(help="YAML settings file.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port to bind, 0 for any [default: 8080].")
+        int | None, typer.Option(help="Port to bind, 0 for any (default 8080).")
     ] = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="PEM certificate: serve TLS (ALPN h2, http/1.1).")
@@ -30,7 +30,7 @@ def serve(
         typer.Option("--http3/--no-http3", help="Also serve HTTP/3 over QUIC (needs TLS)."),
     ] = None,
     plugins: Annotated[
-        Path | None, typer.Option(help="Plugin folder [default: ./plugins].")
+        Path | None, typer.Option(help="Plugin folder (default ./plugins).")
     ] = None,
     etcd: Annotated[str | None, typer.Option(help="etcd URL for clustering.")] = None,
     grace: Annotated[

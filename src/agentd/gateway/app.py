@@ -32,6 +32,7 @@ from agentd.gateway.rpc_errors import install_strict_codecs
 from agentd.observability import Metrics, Tracing
 from agentd.runtime import Runtime
 from agentd.settings import Settings
+from agentd.v1 import agent_pb2
 from agentd.v1.agent_connect import AgentServiceASGIApplication
 
 __all__ = ["Gateway"]
@@ -75,8 +76,10 @@ class Gateway:
         # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
         self._rpc_apps: dict[str, ASGIApp] = {app.path: app for app in rpc_apps}
         # Known method paths label the metrics; anything else is "other" (bounded labels).
+        agent_methods = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].methods
         self._rpc_methods = frozenset(
-            path for app in rpc_apps for path in app._endpoints(agent_service)
+            [f"/{AGENT_SERVICE}/{m.name}" for m in agent_methods]
+            + [path for app in rpc_apps[1:] for path in app.method_paths]
         )
         self._ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
         self._tokens = TokenCheck(settings.auth_tokens)
@@ -193,6 +196,7 @@ class Gateway:
         self.health.set_all(Status.NOT_SERVING)
         await self.runtime.aclose()
         self.tracing.aclose()
+        log.info("gateway stopped")
 
 
 def _has_trace(scope: Scope) -> bool:

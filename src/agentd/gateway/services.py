@@ -34,6 +34,7 @@ class ServiceApp(ConnectASGIApplication[Any]):
         build: Callable[[Any], Mapping[str, Endpoint]] = lambda _svc: endpoints  # noqa: E731
         super().__init__(service=object(), endpoints=build, read_max_bytes=read_max_bytes)
         self._path = path
+        self.method_paths = tuple(endpoints)
 
     @property
     def path(self) -> str:

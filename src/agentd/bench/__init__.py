@@ -1,0 +1,10 @@
+"""Benchmark suites behind ``agentd bench``; each writes JSON to ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+__all__ = ["SUITES"]
+
+# Suite name -> "module:function"; imported only when that suite runs.
+SUITES: dict[str, str] = {
+    "gateway": "agentd.bench.gateway:run_suite",
+}

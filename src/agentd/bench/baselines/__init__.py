@@ -1,0 +1,1 @@
+"""Peer servers the gateway benchmark compares agentd against, each run as its own process."""

@@ -1,0 +1,77 @@
+"""Benchmark result files: machine description, timestamped JSON plus a ``-latest`` copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_RESULTS_DIR", "machine_info", "package_versions", "utc_stamp", "write_results"]
+
+DEFAULT_RESULTS_DIR = Path("benchmarks/results")
+
+
+def utc_stamp(now: datetime | None = None) -> str:
+    """A file-name-safe UTC timestamp, e.g. ``20250101T120000Z``."""
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to judge absolute numbers: cores, CPU, Python, OS."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_model": _cpu_model(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+
+
+def package_versions(names: list[str]) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_results(
+    suite: str, doc: dict[str, Any], results_dir: Path | None = None, stamp: str | None = None
+) -> Path:
+    """Write ``<suite>-<stamp>.json`` and ``<suite>-latest.json``; return the stamped path."""
+    results_dir = results_dir or DEFAULT_RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=2) + "\n"
+    stamp = stamp or utc_stamp()
+    path = results_dir / f"{suite}-{stamp}.json"
+    path.write_text(text, encoding="utf-8")
+    # Written via a temporary name so a reader never sees a half-written latest file.
+    latest = results_dir / f"{suite}-latest.json"
+    tmp = latest.with_suffix(".json.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(latest)
+    return path

@@ -1,0 +1,41 @@
+"""``agentd bench``: run a benchmark suite, print a table (or JSON) and save JSON results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["bench"]
+
+
+def bench(
+    suite: Annotated[str, typer.Argument(help="Suite to run: gateway.")] = "gateway",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the JSON instead of a table.")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Short runs (about 1 min in all), for tests.")
+    ] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Results folder (default: benchmarks/results).")
+    ] = None,
+) -> None:
+    """Benchmark agentd against peer servers measured in the same run."""
+    import importlib
+
+    from agentd.bench import SUITES
+
+    target = SUITES.get(suite)
+    if target is None:
+        typer.echo(f"error: unknown suite {suite!r}; choose from: {', '.join(SUITES)}", err=True)
+        raise typer.Exit(2)
+    module_name, func_name = target.split(":")
+    module = importlib.import_module(module_name)
+    error_type = getattr(module, "BenchError", RuntimeError)
+    try:
+        getattr(module, func_name)(quick=quick, json_out=json_out, results_dir=out_dir)
+    except error_type as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
