@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import grpc
 import httpx
@@ -159,3 +160,36 @@ def test_unknown_method_is_unimplemented(channel):
     with pytest.raises(grpc.RpcError) as err:
         raw(b"")
     assert err.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
+
+
+def _turns(server, agent_type: str, outcome: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return metric_value(text, "agentd_agent_turns_total", agent_type=agent_type, outcome=outcome)
+
+
+def test_stream_deadline_exceeded(stub, server):
+    before = _turns(server, "ticker", "deadline")
+    events = []
+    with pytest.raises(grpc.RpcError) as err:
+        for event in stub.InvokeStream(
+            pb.InvokeRequest(agent="ticker/d", message=pb.Message(text="100")), timeout=0.4
+        ):
+            events.append(event.token)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 1 <= len(events) < 100
+    assert _turns(server, "ticker", "deadline") == before + 1
+
+
+def test_client_cancelling_a_stream_ends_the_turn(stub, server):
+    before = _turns(server, "ticker", "cancelled")
+    call = stub.InvokeStream(pb.InvokeRequest(agent="ticker/c", message=pb.Message(text="1000")))
+    assert next(call).token == "tick 0"
+    call.cancel()
+    # The server notices the reset stream and closes the agent's generator.
+    deadline = time.monotonic() + 5
+    while _turns(server, "ticker", "cancelled") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _turns(server, "ticker", "cancelled") == before + 1
+    # The instance is free again.
+    events = stub.InvokeStream(pb.InvokeRequest(agent="ticker/c", message=pb.Message(text="2")))
+    assert [e.token for e in events] == ["tick 0", "tick 1"]

@@ -91,3 +91,40 @@ def test_http3_over_quic(tls_server, certs):
     )
     assert status == 200
     assert b'"quic"' in body
+
+
+@pytest.fixture(scope="module")
+def mtls_server(certs):
+    running = start_server(
+        [
+            "--tls-cert",
+            str(certs.server_cert),
+            "--tls-key",
+            str(certs.server_key),
+            "--tls-client-ca",
+            str(certs.ca_cert),
+        ]
+    )
+    yield running
+    running.stop()
+
+
+def test_mtls_requires_client_certificate(mtls_server, certs):
+    root = certs.ca_cert.read_bytes()
+    anonymous = grpc.ssl_channel_credentials(root_certificates=root)
+    with (
+        grpc.secure_channel(mtls_server.target, anonymous) as channel,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        pb_grpc.AgentServiceStub(channel).Invoke(pb.InvokeRequest(agent="echo"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    identified = grpc.ssl_channel_credentials(
+        root_certificates=root,
+        private_key=certs.client_key.read_bytes(),
+        certificate_chain=certs.client_cert.read_bytes(),
+    )
+    with grpc.secure_channel(mtls_server.target, identified) as channel:
+        reply = pb_grpc.AgentServiceStub(channel).Invoke(
+            pb.InvokeRequest(agent="echo", message=pb.Message(text="mutual"))
+        )
+    assert reply.message.text == "mutual"

@@ -118,9 +118,7 @@ def measure_point(
     # A separate warm-up run instead of --warm-up-time: h2load counts warm-up bytes in its
     # traffic total, and the gRPC check below needs bytes from the measured window only.
     if config.warmup_s > 0:
-        h2load.run_load(
-            h2load.LoadSpec(**{**asdict(spec), "duration_s": config.warmup_s}), binary
-        )
+        h2load.run_load(h2load.LoadSpec(**{**asdict(spec), "duration_s": config.warmup_s}), binary)
     result = h2load.run_load(spec, binary)
     errors = result.errors
     if not http1:
@@ -153,8 +151,9 @@ def measure_startup(workdir: Path, runs: int, timeout: float = 60.0) -> list[flo
     for i in range(runs):
         port = free_port()
         log = workdir / f"agentd-startup-{i}.log"
-        server = ServerProcess("agentd", _agentd_argv(port), port, log, env=_agentd_env(),
-                               cwd=workdir)
+        server = ServerProcess(
+            "agentd", _agentd_argv(port), port, log, env=_agentd_env(), cwd=workdir
+        )
         start = time.perf_counter()
         with server:
             while not _healthz_ok(port):
@@ -230,12 +229,12 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
                 echo.verify_json(port)
                 load(AGENTD, "grpc", port)
                 load(AGENTD, "json", port)
-            with _running(GRPC_AIO, lambda p: _baseline_argv("grpc_aio_server", p),
-                          workdir) as port:
+            with _running(
+                GRPC_AIO, lambda p: _baseline_argv("grpc_aio_server", p), workdir
+            ) as port:
                 echo.verify_grpc(port)
                 load(GRPC_AIO, "grpc", port)
-            with _running(FASTAPI, lambda p: _baseline_argv("fastapi_server", p),
-                          workdir) as port:
+            with _running(FASTAPI, lambda p: _baseline_argv("fastapi_server", p), workdir) as port:
                 echo.verify_json(port)
                 load(FASTAPI, "json", port)
         except (BenchError, echo.EchoCheckError) as exc:

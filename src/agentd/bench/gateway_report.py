@@ -79,7 +79,8 @@ def ratios(points: list[Point]) -> dict[str, dict[str, dict[str, float | None]]]
             per_c[str(p.concurrency)] = {
                 "rps": round(p.rps / base.rps, 3) if base.rps else None,
                 "p99": round(p.p99_ms / base.p99_ms, 3)
-                if p.p99_ms is not None and base.p99_ms else None,
+                if p.p99_ms is not None and base.p99_ms
+                else None,
             }
         out[protocol] = per_c
     return out
@@ -93,38 +94,44 @@ def targets(points: list[Point], startup: list[float]) -> list[dict[str, Any]]:
     if ours and base:
         rps_ratio = ours.rps / base.rps if base.rps else 0.0
         p99_ok = ours.p99_ms is not None and base.p99_ms is not None and ours.p99_ms <= base.p99_ms
-        out.append({
-            "name": "grpc_vs_grpc_aio",
-            "description": f"gRPC req/s >= {GRPC_RPS_TARGET}x grpc.aio at {c} in flight, "
-                           "p99 no worse",
-            "value": round(rps_ratio, 3),
-            "threshold": GRPC_RPS_TARGET,
-            "p99_ms": ours.p99_ms,
-            "baseline_p99_ms": base.p99_ms,
-            "met": rps_ratio >= GRPC_RPS_TARGET and p99_ok and ours.errors == base.errors == 0,
-        })
+        out.append(
+            {
+                "name": "grpc_vs_grpc_aio",
+                "description": f"gRPC req/s >= {GRPC_RPS_TARGET}x grpc.aio at {c} in flight, "
+                "p99 no worse",
+                "value": round(rps_ratio, 3),
+                "threshold": GRPC_RPS_TARGET,
+                "p99_ms": ours.p99_ms,
+                "baseline_p99_ms": base.p99_ms,
+                "met": rps_ratio >= GRPC_RPS_TARGET and p99_ok and ours.errors == base.errors == 0,
+            }
+        )
 
     ours, base = _find(points, AGENTD, "json", c), _find(points, FASTAPI, "json", c)
     if ours and base:
         rps_ratio = ours.rps / base.rps if base.rps else 0.0
-        out.append({
-            "name": "json_vs_fastapi",
-            "description": f"Connect JSON req/s >= {JSON_RPS_TARGET}x FastAPI+uvicorn "
-                           f"at {c} in flight",
-            "value": round(rps_ratio, 3),
-            "threshold": JSON_RPS_TARGET,
-            "met": rps_ratio >= JSON_RPS_TARGET and ours.errors == base.errors == 0,
-        })
+        out.append(
+            {
+                "name": "json_vs_fastapi",
+                "description": f"Connect JSON req/s >= {JSON_RPS_TARGET}x FastAPI+uvicorn "
+                f"at {c} in flight",
+                "value": round(rps_ratio, 3),
+                "threshold": JSON_RPS_TARGET,
+                "met": rps_ratio >= JSON_RPS_TARGET and ours.errors == base.errors == 0,
+            }
+        )
 
     if startup:
         median = statistics.median(startup)
-        out.append({
-            "name": "startup",
-            "description": f"agentd serve to first /healthz 200 < {STARTUP_TARGET_S:g} s (median)",
-            "value": round(median, 3),
-            "threshold": STARTUP_TARGET_S,
-            "met": median < STARTUP_TARGET_S,
-        })
+        out.append(
+            {
+                "name": "startup",
+                "description": f"agentd serve to first /healthz 200 < {STARTUP_TARGET_S:g} s (median)",
+                "value": round(median, 3),
+                "threshold": STARTUP_TARGET_S,
+                "met": median < STARTUP_TARGET_S,
+            }
+        )
     return out
 
 
@@ -140,8 +147,19 @@ def build_document(
         "quick": quick,
         "machine": machine_info(),
         "versions": {
-            **package_versions(["agentd", "pyvoy", "connect-python", "protobuf", "grpcio",
-                                "fastapi", "uvicorn", "uvloop", "httptools"]),
+            **package_versions(
+                [
+                    "agentd",
+                    "pyvoy",
+                    "connect-python",
+                    "protobuf",
+                    "grpcio",
+                    "fastapi",
+                    "uvicorn",
+                    "uvloop",
+                    "httptools",
+                ]
+            ),
             "h2load": measured["h2load"],
         },
         "method": {
@@ -190,8 +208,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     table.add_column("errors", justify="right", no_wrap=True)
     table.add_column("vs peer", justify="right", no_wrap=True)
     labels = {"grpc": "gRPC h2c", "json": "JSON h1"}
-    rows = sorted(doc["points"], key=lambda p: (p["protocol"], p["concurrency"],
-                                                p["server"] != AGENTD))
+    rows = sorted(
+        doc["points"], key=lambda p: (p["protocol"], p["concurrency"], p["server"] != AGENTD)
+    )
     previous = None
     for p in rows:
         key = (p["protocol"], p["concurrency"])

@@ -118,12 +118,18 @@ def run_load(spec: LoadSpec, binary: str | None = None) -> LoadResult:
         log_file = Path(tmp, "requests.log")
         argv = [
             binary,
-            "--clients", str(clients),
-            "--max-concurrent-streams", str(streams),
-            "--threads", "1",
-            "--duration", f"{max(1, round(spec.duration_s * 1000))}ms",
-            "--data", str(body_file),
-            "--log-file", str(log_file),
+            "--clients",
+            str(clients),
+            "--max-concurrent-streams",
+            str(streams),
+            "--threads",
+            "1",
+            "--duration",
+            f"{max(1, round(spec.duration_s * 1000))}ms",
+            "--data",
+            str(body_file),
+            "--log-file",
+            str(log_file),
         ]
         for name, value in spec.headers.items():
             argv += ["--header", f"{name}: {value}"]
@@ -161,9 +167,15 @@ _DATA = re.compile(r"traffic: .*?\((\d+)\) data")
 
 def parse_summary(text: str) -> dict:
     """The counters of h2load's end-of-run summary, as LoadResult fields."""
-    found = {name: rx.search(text) for name, rx in
-             (("finished", _FINISHED), ("requests", _REQUESTS), ("status", _STATUS),
-              ("data", _DATA))}
+    found = {
+        name: rx.search(text)
+        for name, rx in (
+            ("finished", _FINISHED),
+            ("requests", _REQUESTS),
+            ("status", _STATUS),
+            ("data", _DATA),
+        )
+    }
     missing = [name for name, m in found.items() if m is None]
     if missing:
         raise H2LoadError(f"unexpected h2load output (no {', '.join(missing)}): {text[-500:]}")

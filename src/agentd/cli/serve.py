@@ -29,9 +29,7 @@ def serve(
         bool | None,
         typer.Option("--http3/--no-http3", help="Also serve HTTP/3 over QUIC (needs TLS)."),
     ] = None,
-    plugins: Annotated[
-        Path | None, typer.Option(help="Plugin folder (default ./plugins).")
-    ] = None,
+    plugins: Annotated[Path | None, typer.Option(help="Plugin folder (default ./plugins).")] = None,
     etcd: Annotated[str | None, typer.Option(help="etcd URL for clustering.")] = None,
     grace: Annotated[
         float | None, typer.Option(help="Seconds in-flight calls get on shutdown.")

@@ -32,3 +32,16 @@ class Counter(Agent):
         await asyncio.sleep(0)
         ctx.state["seen"] = seen
         return str(seen)
+
+
+class Ticker(Agent):
+    name = "ticker"
+    description = "Streams N ticks (N from the message text), one every 50 ms."
+
+    async def handle(self, ctx, message):
+        return "use InvokeStream"
+
+    async def stream(self, ctx, message):
+        for i in range(int(message.text or "3")):
+            await asyncio.sleep(0.05)
+            yield f"tick {i}"

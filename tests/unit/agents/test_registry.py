@@ -32,7 +32,7 @@ def test_register_rejects_bad_names():
 def test_load_directory_skips_broken_files(caplog):
     registry = AgentRegistry()
     loaded = registry.load_directory(PLUGINS)
-    assert sorted(loaded) == ["boom", "counter", "slow"]
+    assert sorted(loaded) == ["boom", "counter", "slow", "ticker"]
     assert "broken.py failed to load" in caplog.text
 
 
