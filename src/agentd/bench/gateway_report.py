@@ -126,7 +126,9 @@ def targets(points: list[Point], startup: list[float]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": "startup",
-                "description": f"agentd serve to first /healthz 200 < {STARTUP_TARGET_S:g} s (median)",
+                "description": (
+                    f"agentd serve to first /healthz 200 < {STARTUP_TARGET_S:g} s (median)"
+                ),
                 "value": round(median, 3),
                 "threshold": STARTUP_TARGET_S,
                 "met": median < STARTUP_TARGET_S,
