@@ -19,6 +19,13 @@ def stub(channel: grpc.Channel) -> pb_grpc.AgentServiceStub:
     return pb_grpc.AgentServiceStub(channel)
 
 
+def raw_method(channel: grpc.Channel, path: str):
+    """A unary method that sends and receives raw bytes, to send what stubs cannot."""
+    return channel.unary_unary(
+        path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+
+
 def invoke(stub, agent: str, text: str = "", **kwargs):
     return stub.Invoke(pb.InvokeRequest(agent=agent, message=pb.Message(text=text)), **kwargs)
 
@@ -68,11 +75,7 @@ def test_malformed_address_is_invalid_argument(stub, address):
 
 
 def test_malformed_protobuf_is_invalid_argument(channel):
-    raw = channel.unary_unary(
-        "/agentd.v1.AgentService/Invoke",
-        request_serializer=lambda b: b,
-        response_deserializer=lambda b: b,
-    )
+    raw = raw_method(channel, "/agentd.v1.AgentService/Invoke")
     with pytest.raises(grpc.RpcError) as err:
         raw(b"\x0a\xff\xff\xff\xff\x0f")  # field 1, length far past the end
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -123,11 +126,7 @@ def test_turns_of_one_instance_never_interleave(stub):
 
 
 def test_bad_requests_do_not_disturb_concurrent_good_ones(stub, channel):
-    raw = channel.unary_unary(
-        "/agentd.v1.AgentService/Invoke",
-        request_serializer=lambda b: b,
-        response_deserializer=lambda b: b,
-    )
+    raw = raw_method(channel, "/agentd.v1.AgentService/Invoke")
 
     def good(i: int) -> str:
         return invoke(stub, f"echo/{i}", f"m{i}").message.text
@@ -152,11 +151,7 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(stub, channel):
 
 
 def test_unknown_method_is_unimplemented(channel):
-    raw = channel.unary_unary(
-        "/agentd.v1.AgentService/Nope",
-        request_serializer=lambda b: b,
-        response_deserializer=lambda b: b,
-    )
+    raw = raw_method(channel, "/agentd.v1.AgentService/Nope")
     with pytest.raises(grpc.RpcError) as err:
         raw(b"")
     assert err.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
