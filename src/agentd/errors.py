@@ -13,6 +13,7 @@ __all__ = [
     "Cancelled",
     "Code",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -58,6 +59,10 @@ class InvalidArgument(AgentdError):
 
 class DeadlineExceeded(AgentdError):
     code = Code.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(AgentdError):
+    code = Code.FAILED_PRECONDITION
 
 
 class NotFound(AgentdError):

@@ -49,12 +49,19 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(10.0, ge=0, description="drain time on shutdown")
     max_agent_instances: int = Field(100_000, gt=0)
 
+    inference_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, gt=0, description="threads running models"
+    )
+    execution_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="ONNX Runtime providers; empty: best installed"
+    )
+
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint")
     service_name: str = "agentd"
     log_level: str = "info"
     envoy_log_level: str = "error"
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "execution_providers", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         # AGENTD_AUTH_TOKENS=a,b is friendlier than a JSON list.

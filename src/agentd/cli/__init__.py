@@ -6,6 +6,7 @@ import typer
 
 from agentd.cli.bench import bench
 from agentd.cli.call import call
+from agentd.cli.models import models
 from agentd.cli.serve import serve
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command()(serve)
 app.command()(call)
 app.command()(bench)
+app.command()(models)
 
 
 @app.command()

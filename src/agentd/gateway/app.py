@@ -29,6 +29,8 @@ from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
 from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
 from agentd.gateway.rpc_errors import install_strict_codecs
+from agentd.inference import InferenceService, ModelRepository
+from agentd.inference.repository import builtin_models_dir
 from agentd.observability import Metrics, Tracing
 from agentd.runtime import Runtime
 from agentd.settings import Settings
@@ -63,6 +65,7 @@ class Gateway:
         self.runtime = Runtime(
             registry, max_instances=settings.max_agent_instances, observer=self.metrics
         )
+        self.inference = build_inference(settings, self.metrics)
         install_strict_codecs()
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)
@@ -185,6 +188,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                await self.inference.start()
                 self.health.set_all(Status.SERVING)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -195,8 +199,26 @@ class Gateway:
     async def aclose(self) -> None:
         self.health.set_all(Status.NOT_SERVING)
         await self.runtime.aclose()
+        await self.inference.aclose()
         self.tracing.aclose()
         log.info("gateway stopped")
+
+
+def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
+    """The inference service over the built-in models and ``plugins/models``."""
+    from agentd import __version__
+    from agentd.inference.onnx_runtime import OnnxLoader
+
+    loader = OnnxLoader(
+        threads=settings.inference_threads, providers=settings.execution_providers or None
+    )
+    repository = ModelRepository([loader], [builtin_models_dir(), settings.plugins / "models"])
+    return InferenceService(
+        repository,
+        threads=settings.inference_threads,
+        observer=metrics,
+        server_version=__version__,
+    )
 
 
 def _has_trace(scope: Scope) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -70,6 +72,39 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._infer_requests = Counter(
+            "agentd_inference_requests",
+            "Inference requests run, by model.",
+            ["model"],
+            registry=r,
+        )
+        self._infer_failures = Counter(
+            "agentd_inference_failures",
+            "Inference requests whose batch failed, by model.",
+            ["model"],
+            registry=r,
+        )
+        self._batch_size = Histogram(
+            "agentd_inference_batch_size",
+            "Rows per executor run.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=r,
+        )
+        self._queue_time = Histogram(
+            "agentd_inference_queue_seconds",
+            "Time a request waited for its batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._compute_time = Histogram(
+            "agentd_inference_compute_seconds",
+            "Executor time per batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):
@@ -94,6 +129,23 @@ class Metrics:
     def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
         self._child(self._turns, agent_type, outcome).inc()
         self._child(self._turn_latency, agent_type).observe(seconds)
+
+    def batch_finished(
+        self,
+        model: str,
+        rows: int,
+        queue_seconds: Sequence[float],
+        compute_seconds: float,
+        ok: bool,
+    ) -> None:
+        self._child(self._infer_requests, model).inc(len(queue_seconds))
+        if not ok:
+            self._child(self._infer_failures, model).inc(len(queue_seconds))
+        self._child(self._batch_size, model).observe(rows)
+        queue = self._child(self._queue_time, model)
+        for seconds in queue_seconds:
+            queue.observe(seconds)
+        self._child(self._compute_time, model).observe(compute_seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -1,0 +1,54 @@
+"""``agentd models``: list, load and unload models on a running server."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+__all__ = ["models"]
+
+
+def models(
+    action: Annotated[str, typer.Argument(help="list, load or unload.")] = "list",
+    name: Annotated[str | None, typer.Argument(help="Model name (for load and unload).")] = None,
+    url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(help="Bearer token [env: AGENTD_TOKEN].")] = None,
+) -> None:
+    """Show the model repository of a running server, or load / unload a model."""
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    token = token or os.environ.get("AGENTD_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    if action not in ("list", "load", "unload"):
+        typer.echo(f"error: unknown action {action!r}; use list, load or unload", err=True)
+        raise typer.Exit(2)
+    if action != "list" and not name:
+        typer.echo(f"error: {action} needs a model name", err=True)
+        raise typer.Exit(2)
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+            if action == "list":
+                response = client.post("/v2/repository/index")
+            else:
+                response = client.post(f"/v2/repository/models/{name}/{action}")
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if response.status_code != 200:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1)
+    if action != "list":
+        typer.echo(f"{name}: {action}ed")
+        return
+    table = Table("model", "version", "state", "reason")
+    for item in response.json():
+        table.add_row(item["name"], item["version"], item["state"], item.get("reason", ""))
+    Console().print(table)

@@ -1,0 +1,84 @@
+"""The model repository extension of KServe v2 REST (as Triton serves it):
+
+``POST /v2/repository/index``, ``POST /v2/repository/models/{name}/load`` and
+``POST /v2/repository/models/{name}/unload``. Used by ``agentd models`` and tritonclient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from agentd.errors import AgentdError, Code
+from agentd.gateway.protocol import http_status
+from agentd.inference import InferenceService, ModelState
+
+__all__ = ["ModelAdmin"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+PREFIX = "/v2/repository/"
+
+
+class ModelAdmin:
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+
+    @staticmethod
+    def label(path: str) -> str | None:
+        """The metrics label for ``path``, or None when it is not an admin route."""
+        if not path.startswith(PREFIX):
+            return None
+        if path == PREFIX + "index":
+            return path
+        for action in ("load", "unload"):
+            if path.startswith(PREFIX + "models/") and path.endswith("/" + action):
+                return f"{PREFIX}models/{{name}}/{action}"
+        return None
+
+    async def handle(self, scope: dict[str, Any], send: Send) -> None:
+        path: str = scope["path"]
+        if scope["method"] != "POST":
+            await _json(send, 405, {"error": f"use POST for {path}"})
+            return
+        try:
+            if path == PREFIX + "index":
+                body = [
+                    {
+                        "name": e.name,
+                        "version": e.config.version if e.config else "1",
+                        "state": e.state.value,
+                        "reason": e.reason,
+                    }
+                    for e in self._service.index()
+                ]
+                await _json(send, 200, body)
+                return
+            name, action = path[len(PREFIX + "models/") :].rsplit("/", 1)
+            if action == "load":
+                entry = await self._service.load(name)
+                if entry.state is not ModelState.READY:
+                    await _json(send, 400, {"error": f"failed to load {name!r}: {entry.reason}"})
+                    return
+            else:
+                await self._service.unload(name)
+            await _json(send, 200, {})
+        except AgentdError as exc:
+            status = 404 if exc.code is Code.NOT_FOUND else http_status(exc.code)
+            await _json(send, status, {"error": exc.message})
+
+
+async def _json(send: Send, status: int, body: Any) -> None:
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,217 @@
+"""Dynamic batching: calls for one model that arrive close together run as one batch.
+
+Plain asyncio and numpy. The batcher owns one worker task; callers ``await submit()``. A
+caller cancelled before its batch runs loses its row (it is never run); a full queue rejects
+at once with ResourceExhausted rather than growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from agentd.errors import ResourceExhausted, Unavailable
+from agentd.inference.types import BatchingConfig
+
+__all__ = ["BatchObserver", "BatcherStats", "DynamicBatcher"]
+
+Arrays = dict[str, np.ndarray]
+RunFn = Callable[[Mapping[str, np.ndarray]], Arrays]
+
+
+class BatchObserver(Protocol):
+    def batch_finished(
+        self,
+        model: str,
+        rows: int,
+        queue_seconds: Sequence[float],
+        compute_seconds: float,
+        ok: bool,
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    queued: int = 0  # live requests waiting
+    runs: int = 0  # executor runs so far
+    requests_run: int = 0
+    rows_run: int = 0
+    dropped_cancelled: int = 0
+    rejected: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[Arrays]
+    enqueued: float = field(default_factory=time.perf_counter)
+    waiting: bool = True  # still counted in the queue statistics
+
+
+class DynamicBatcher:
+    """Batches calls to ``run`` for one model; ``run`` executes on ``executor``."""
+
+    def __init__(
+        self,
+        model: str,
+        run: RunFn,
+        config: BatchingConfig,
+        executor: Executor,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._model = model
+        self._run = run
+        self._stack = config.max_batch_size > 0
+        self._max_rows = max(config.max_batch_size, 1)
+        self._delay = config.max_queue_delay_us / 1e6
+        self._max_queue = config.max_queue_size
+        self._executor = executor
+        self._observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._rows_waiting = 0
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self.stats = BatcherStats()
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._work(), name=f"batcher:{self._model}"
+            )
+
+    async def aclose(self) -> None:
+        """Stop the worker; calls still queued fail with UNAVAILABLE."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            # wait() never raises the worker's CancelledError, only our own cancellation.
+            await asyncio.wait([self._worker])
+            self._worker = None
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                self._uncount(pending)
+                pending.future.set_exception(Unavailable(f"model {self._model!r} was unloaded"))
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
+        """Queue ``inputs`` (``rows`` rows along the batch dimension) and await the outputs.
+
+        Raises ResourceExhausted when the queue is full, Unavailable when closed.
+        """
+        if self._closed:
+            raise Unavailable(f"model {self._model!r} is not loaded")
+        if self.stats.queued >= self._max_queue:
+            self.stats.rejected += 1
+            raise ResourceExhausted(
+                f"model {self._model!r} has {self.stats.queued} requests queued (the limit)"
+            )
+        self.start()
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        pending = _Pending(inputs, rows, future)
+        self._queue.append(pending)
+        self.stats.queued += 1
+        self._rows_waiting += rows
+        future.add_done_callback(lambda f: self._cancelled(pending) if f.cancelled() else None)
+        self._arrived.set()
+        return await future
+
+    def _cancelled(self, pending: _Pending) -> None:
+        if pending.waiting:
+            self._uncount(pending)
+            self.stats.dropped_cancelled += 1
+
+    def _uncount(self, pending: _Pending) -> None:
+        pending.waiting = False
+        self.stats.queued -= 1
+        self._rows_waiting -= pending.rows
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            inputs = _stack([p.inputs for p in batch]) if self._stack else batch[0].inputs
+            started = time.perf_counter()
+            queue_seconds = [started - p.enqueued for p in batch]
+            rows = sum(p.rows for p in batch)
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            except Exception as exc:  # the model failed: every caller in the batch hears why
+                self._observe(rows, queue_seconds, started, ok=False)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            self._observe(rows, queue_seconds, started, ok=True)
+            self.stats.runs += 1
+            self.stats.requests_run += len(batch)
+            self.stats.rows_run += rows
+            start = 0
+            for pending in batch:
+                end = start + pending.rows
+                if not pending.future.done():
+                    if self._stack and len(batch) > 1:
+                        # Views into the batch output: no copy per caller.
+                        pending.future.set_result({k: v[start:end] for k, v in outputs.items()})
+                    else:
+                        pending.future.set_result(outputs)
+                start = end
+
+    async def _next_batch(self) -> list[_Pending]:
+        """Wait for work, give latecomers up to the queue delay, then take a batch."""
+        while not self._live_head():
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self._stack and self._delay > 0:
+            deadline = self._queue[0].enqueued + self._delay
+            while self._rows_waiting < self._max_rows:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue:
+            pending = self._queue[0]
+            if pending.future.done():  # cancelled while waiting: its row is dropped
+                self._queue.popleft()
+                continue
+            if batch and (not self._stack or rows + pending.rows > self._max_rows):
+                break
+            self._queue.popleft()
+            self._uncount(pending)
+            batch.append(pending)
+            rows += pending.rows
+        return batch
+
+    def _live_head(self) -> bool:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+        return bool(self._queue)
+
+    def _observe(self, rows: int, queue_seconds: list[float], started: float, ok: bool) -> None:
+        if self._observer is not None:
+            self._observer.batch_finished(
+                self._model, rows, queue_seconds, time.perf_counter() - started, ok
+            )
+
+
+def _stack(requests: list[Mapping[str, np.ndarray]]) -> Arrays:
+    if len(requests) == 1:
+        return dict(requests[0])
+    return {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}

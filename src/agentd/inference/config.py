@@ -1,0 +1,103 @@
+"""Read a model's ``config.yaml`` into a :class:`ModelConfig`, with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agentd.errors import InvalidArgument
+from agentd.inference.types import BatchingConfig, DataType, ModelConfig, TensorSpec
+
+__all__ = ["CONFIG_FILE", "load_model_config"]
+
+CONFIG_FILE = "config.yaml"
+
+
+class _Tensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        DataType.parse(value)
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in value):
+            raise ValueError("dimensions must be positive, or -1 for any size")
+        return value
+
+
+class _Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_queue_delay_us: int = Field(500, ge=0, le=10_000_000)
+    max_queue_size: int = Field(1024, gt=0)
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    version: str = "1"
+    platform: str = "onnxruntime"
+    max_batch_size: int = Field(0, ge=0)
+    dynamic_batching: _Batching | None = None
+    inputs: list[_Tensor] | None = None
+    outputs: list[_Tensor] | None = None
+    labels: list[str] = []
+    extra: dict[str, Any] = {}
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
+def _tensors(items: list[_Tensor] | None) -> tuple[TensorSpec, ...] | None:
+    if items is None:
+        return None
+    return tuple(TensorSpec(t.name, DataType(t.datatype), tuple(t.shape)) for t in items)
+
+
+def load_model_config(path: Path, default_name: str) -> ModelConfig:
+    """Parse ``path`` (may be absent: defaults with ``default_name``). Raises InvalidArgument."""
+    data: Any = {}
+    if path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidArgument(f"{path}: cannot read model config: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"{path}: a model config must be a mapping")
+    data.setdefault("name", default_name)
+    try:
+        parsed = _Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidArgument(f"{path}: invalid model config: {problems}") from None
+    batching = BatchingConfig(max_batch_size=parsed.max_batch_size)
+    if parsed.dynamic_batching is not None:
+        batching = BatchingConfig(
+            max_batch_size=parsed.max_batch_size,
+            max_queue_delay_us=parsed.dynamic_batching.max_queue_delay_us,
+            max_queue_size=parsed.dynamic_batching.max_queue_size,
+        )
+    return ModelConfig(
+        name=parsed.name,
+        version=parsed.version,
+        platform=parsed.platform,
+        inputs=_tensors(parsed.inputs),
+        outputs=_tensors(parsed.outputs),
+        batching=batching,
+        labels=tuple(parsed.labels),
+        extra=parsed.extra,
+    )

@@ -1,0 +1,131 @@
+"""The model repository: model folders found on disk, their load state, their executors.
+
+Sources are the built-in models shipped in the ``agentd.models`` package and the folders of
+``plugins/models/`` (a plugin model with a built-in's name replaces it). Each folder holds a
+model file and an optional ``config.yaml``. A model that fails to load is marked FAILED with
+the reason; the others keep serving.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, NotFound
+from agentd.inference.config import CONFIG_FILE, load_model_config
+from agentd.inference.protocols import ModelLoader, RuntimeExecutor
+from agentd.inference.types import ModelConfig
+
+__all__ = ["ModelEntry", "ModelRepository", "ModelState", "builtin_models_dir"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    UNLOADED = "UNAVAILABLE"
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    source: Path
+    builtin: bool
+    state: ModelState = ModelState.UNLOADED
+    reason: str = ""
+    executor: RuntimeExecutor | None = None
+    config: ModelConfig | None = None
+
+
+def builtin_models_dir() -> Path:
+    """The folder of models shipped inside the package."""
+    return Path(str(resources.files("agentd.models")))
+
+
+class ModelRepository:
+    """Finds model folders and loads them with the first loader that accepts each."""
+
+    def __init__(self, loaders: Iterable[ModelLoader], folders: Iterable[Path]) -> None:
+        self._loaders = list(loaders)
+        self._folders = list(folders)
+        self._entries: dict[str, ModelEntry] = {}
+        self.scan()
+
+    def scan(self) -> None:
+        """(Re)discover model folders. Known entries keep their state; a later folder's model
+        replaces an earlier one's of the same name unless that one is loaded."""
+        builtin = builtin_models_dir()
+        for folder in self._folders:
+            if not folder.is_dir():
+                continue
+            for source in sorted(p for p in folder.iterdir() if p.is_dir()):
+                if source.name.startswith(("_", ".")):
+                    continue
+                current = self._entries.get(source.name)
+                if current is not None and (
+                    current.source == source or current.state is ModelState.READY
+                ):
+                    continue
+                self._entries[source.name] = ModelEntry(
+                    source.name, source, builtin=folder == builtin
+                )
+        for name, entry in list(self._entries.items()):
+            if entry.executor is None and not entry.source.is_dir():
+                del self._entries[name]
+
+    def entries(self) -> list[ModelEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def entry(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model {name!r}")
+        return entry
+
+    def load(self, name: str) -> ModelEntry:
+        """Load (or reload) one model; blocking, run it off the event loop."""
+        entry = self.entry(name)
+        entry.state = ModelState.LOADING
+        try:
+            config = load_model_config(entry.source / CONFIG_FILE, entry.name)
+            if config.name != entry.name:
+                raise InvalidArgument(
+                    f"{entry.source / CONFIG_FILE}: name {config.name!r} differs from its "
+                    f"folder name {entry.name!r}"
+                )
+            loader = self._loader_for(entry.source, config.platform)
+            executor = loader.load(entry.source, config)
+        except AgentdError as exc:
+            entry.state, entry.reason, entry.executor = ModelState.FAILED, exc.message, None
+            log.error("model %s failed to load: %s", name, exc.message)
+            return entry
+        old, entry.executor, entry.config = entry.executor, executor, config
+        entry.state, entry.reason = ModelState.READY, ""
+        if old is not None:
+            old.close()
+        log.info("model %s loaded from %s", name, entry.source)
+        return entry
+
+    def unload(self, name: str) -> ModelEntry:
+        entry = self.entry(name)
+        if entry.executor is not None:
+            entry.executor.close()
+        entry.state, entry.reason, entry.executor = ModelState.UNLOADED, "", None
+        return entry
+
+    def _loader_for(self, source: Path, platform: str) -> ModelLoader:
+        for loader in self._loaders:
+            if loader.platform == platform and loader.can_load(source):
+                return loader
+        known = sorted({loader.platform for loader in self._loaders})
+        if platform not in known:
+            raise FailedPrecondition(
+                f"no loader for platform {platform!r} (installed: {', '.join(known)})"
+            )
+        raise InvalidArgument(f"{source}: no model file that the {platform} loader accepts")

@@ -1,0 +1,214 @@
+"""The inference data plane: one protocol-neutral service that KServe (REST and gRPC) and
+agents' ``ctx.infer`` call. Validates tensors against model metadata, then batches."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from agentd.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from agentd.inference.batcher import BatchObserver, DynamicBatcher
+from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
+from agentd.inference.types import DataType, ModelMetadata
+
+__all__ = ["InferenceService"]
+
+
+class InferenceService:
+    """Owns the repository's executors, their batchers and the inference threads."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        threads: int = 2,
+        observer: BatchObserver | None = None,
+        server_name: str = "agentd",
+        server_version: str = "",
+    ) -> None:
+        self._repository = repository
+        self._observer = observer
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
+        self._batchers: dict[str, DynamicBatcher] = {}
+        self._ready = False
+        self._server = {
+            "name": server_name,
+            "version": server_version,
+            "extensions": ["binary_tensor_data", "model_repository"],
+        }
+
+    async def start(self) -> None:
+        """Load every model found; failures are recorded per model, never raised."""
+        for entry in self._repository.entries():
+            await self.load(entry.name)
+        self._ready = True
+
+    async def aclose(self) -> None:
+        self._ready = False
+        for name in list(self._batchers):
+            await self._drop_batcher(name)
+        for entry in self._repository.entries():
+            if entry.executor is not None:
+                self._repository.unload(entry.name)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- server and model state ---------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def server_metadata(self) -> dict[str, Any]:
+        return dict(self._server)
+
+    def model_names(self) -> list[str]:
+        return [e.name for e in self._repository.entries()]
+
+    def index(self) -> list[ModelEntry]:
+        self._repository.scan()
+        return self._repository.entries()
+
+    def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        return self._loaded(name, version).metadata
+
+    def is_ready(self, name: str, version: str | None = None) -> bool:
+        entry = self._repository.entry(name)
+        if entry.executor is None or entry.state is not ModelState.READY:
+            return False
+        return version is None or version == entry.executor.metadata.version
+
+    def batcher(self, name: str) -> DynamicBatcher | None:
+        return self._batchers.get(name)
+
+    async def load(self, name: str) -> ModelEntry:
+        self._repository.scan()
+        await self._drop_batcher(name)
+        loop = asyncio.get_running_loop()
+        entry = await loop.run_in_executor(self._pool, self._repository.load, name)
+        if entry.executor is not None and entry.config is not None:
+            batcher = DynamicBatcher(
+                name, entry.executor.run, entry.config.batching, self._pool, self._observer
+            )
+            batcher.start()
+            self._batchers[name] = batcher
+        return entry
+
+    async def unload(self, name: str) -> ModelEntry:
+        self._repository.entry(name)  # NotFound first
+        await self._drop_batcher(name)
+        return self._repository.unload(name)
+
+    async def _drop_batcher(self, name: str) -> None:
+        batcher = self._batchers.pop(name, None)
+        if batcher is not None:
+            await batcher.aclose()
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run ``inputs`` through model ``name`` (batched with other callers).
+
+        Raises NotFound, InvalidArgument (naming the tensor and what was expected),
+        ResourceExhausted (queue full), DeadlineExceeded, Unavailable or Internal.
+        Cancelling the caller drops its rows if their batch has not run yet.
+        """
+        metadata = self.metadata(name, version)
+        rows = _validate(metadata, inputs)
+        wanted = _wanted_outputs(metadata, outputs)
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            raise Unavailable(f"model {name!r} is not loaded")
+        try:
+            async with asyncio.timeout(timeout):
+                result = await batcher.submit(inputs, rows)
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {name!r} did not answer within {timeout:.3f}s") from None
+        return {key: result[key] for key in wanted}
+
+    def _loaded(self, name: str, version: str | None) -> Any:
+        entry = self._repository.entry(name)
+        if entry.executor is None:
+            detail = f": {entry.reason}" if entry.reason else ""
+            raise Unavailable(f"model {name!r} is {entry.state.value.lower()}{detail}")
+        if version not in (None, "", entry.executor.metadata.version):
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        return entry.executor
+
+
+_MAX_ELEMENTS = 1 << 28
+
+
+def _validate(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> int:
+    """Check names, types and shapes; return the batch size (1 for unbatched models)."""
+    expected = {spec.name for spec in metadata.inputs}
+    for name in inputs:
+        if name not in expected:
+            raise InvalidArgument(
+                f"model {metadata.name!r} has no input {name!r}; its inputs are {sorted(expected)}"
+            )
+    rows: int | None = None
+    for spec in metadata.inputs:
+        array = inputs.get(spec.name)
+        if array is None:
+            raise InvalidArgument(f"missing input {spec.name!r} for model {metadata.name!r}")
+        got = _datatype(array)
+        if got is not spec.datatype:
+            raise InvalidArgument(
+                f"input {spec.name!r}: expected datatype {spec.datatype.value}, got {got.value}"
+            )
+        if not spec.accepts_shape(array.shape):
+            raise InvalidArgument(
+                f"input {spec.name!r}: expected shape {list(spec.shape)}, got {list(array.shape)}"
+            )
+        if math.prod(array.shape) > _MAX_ELEMENTS:
+            raise InvalidArgument(f"input {spec.name!r} has too many elements")
+        if metadata.max_batch_size:
+            batch = array.shape[0]
+            if rows is None:
+                rows = batch
+            elif batch != rows:
+                raise InvalidArgument(
+                    f"input {spec.name!r}: batch size {batch} differs from the other inputs' {rows}"
+                )
+    if not metadata.max_batch_size:
+        return 1
+    assert rows is not None
+    if not 1 <= rows <= metadata.max_batch_size:
+        raise InvalidArgument(
+            f"batch size {rows} is outside 1..{metadata.max_batch_size} for model {metadata.name!r}"
+        )
+    return rows
+
+
+def _datatype(array: np.ndarray) -> DataType:
+    try:
+        return DataType.from_numpy(array.dtype)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def _wanted_outputs(metadata: ModelMetadata, outputs: Sequence[str] | None) -> list[str]:
+    names = [spec.name for spec in metadata.outputs]
+    if not outputs:
+        return names
+    for name in outputs:
+        if name not in names:
+            raise InvalidArgument(
+                f"model {metadata.name!r} has no output {name!r}; its outputs are {names}"
+            )
+    return list(outputs)
