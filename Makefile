@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test lint bench proto system-test-deps clean
+.PHONY: run test lint bench proto models system-test-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(VENV)/.installed-dev system-test-deps
 ## bench: run the benchmark suites; JSON results go to benchmarks/results/
 bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench gateway
+
+## models: retrain the built-in int8 decision model (package data) and make the benchmark MLP
+models: $(VENV)/.installed-dev
+	$(BIN)/python scripts/train_decision_model.py --fp32-out build/models/decision-fp32/model.onnx
+	$(BIN)/python scripts/make_mlp_model.py --inputs 256 --hidden 1024 --layers 4 --outputs 16 -o build/models/mlp
 
 ## proto: regenerate Python, gRPC and Connect code from proto/
 proto: $(VENV)/.installed-dev
