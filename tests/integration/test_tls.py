@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 
 import grpc
@@ -12,6 +13,7 @@ from agentd.testing import start_server
 from agentd.testing.certs import make_test_certs
 from agentd.v1 import agent_pb2 as pb
 from agentd.v1 import agent_pb2_grpc as pb_grpc
+from tests.conftest import PLUGINS
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,15 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tls_server(certs):
     running = start_server(
-        ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--http3"]
+        [
+            "--tls-cert",
+            str(certs.server_cert),
+            "--tls-key",
+            str(certs.server_key),
+            "--http3",
+            "--plugins",
+            str(PLUGINS),
+        ]
     )
     yield running
     running.stop()
@@ -128,3 +138,37 @@ def test_mtls_requires_client_certificate(mtls_server, certs):
             pb.InvokeRequest(agent="echo", message=pb.Message(text="mutual"))
         )
     assert reply.message.text == "mutual"
+
+
+def test_http3_and_tcp_share_one_runtime(tls_server, certs):
+    """HTTP/3 requests run on pyvoy's second event loop; agent state must still be shared."""
+    import asyncio
+
+    from tests.integration.h3client import h3_request
+
+    body = b'{"agent":"counter/shared","message":{}}'
+    seen = []
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    with httpx.Client(verify=context, http2=True) as client:
+        for _ in range(3):
+            r = client.post(
+                tls_server.url + "/agentd.v1.AgentService/Invoke",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+            seen.append(int(r.json()["message"]["text"]))
+    for _ in range(3):
+        status, _headers, reply = asyncio.run(
+            h3_request(
+                tls_server.host,
+                tls_server.port,
+                certs.ca_cert,
+                "POST",
+                "/agentd.v1.AgentService/Invoke",
+                [(b"content-type", b"application/json")],
+                body,
+            )
+        )
+        assert status == 200
+        seen.append(int(json.loads(reply)["message"]["text"]))
+    assert seen == [1, 2, 3, 4, 5, 6]

@@ -7,4 +7,5 @@ __all__ = ["SUITES"]
 # Suite name -> "module:function"; imported only when that suite runs.
 SUITES: dict[str, str] = {
     "gateway": "agentd.bench.gateway:run_suite",
+    "inference": "agentd.bench.inference:run_suite",
 }

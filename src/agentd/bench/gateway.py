@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import sys
 import tempfile
 import time
@@ -41,7 +40,13 @@ from agentd.bench.gateway_report import (
     render,
 )
 from agentd.bench.results import utc_stamp, write_results
-from agentd.bench.servers import ServerError, ServerProcess, free_port
+from agentd.bench.servers import (
+    ServerError,
+    ServerProcess,
+    agentd_env,
+    free_port,
+    log_tails,
+)
 
 __all__ = ["FULL", "QUICK", "BenchError", "SuiteConfig", "main", "run_suite"]
 
@@ -67,12 +72,6 @@ QUICK = SuiteConfig(duration_s=2.0, warmup_s=0.5)
 # ---------------------------------------------------------------- servers
 
 
-def _agentd_env() -> dict[str, str]:
-    # Benchmark the defaults: a user's AGENTD_* settings (auth tokens, config file) would
-    # change what is measured or make every request fail.
-    return {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
-
-
 def _agentd_argv(port: int) -> list[str]:
     return [sys.executable, "-m", "agentd", "serve", "--port", str(port)]
 
@@ -86,7 +85,7 @@ def _running(name: str, argv_for: Callable[[int], list[str]], workdir: Path) -> 
     """Start a server on a free port, wait for its port, yield the port, stop it by PID."""
     port = free_port()
     log = workdir / f"{name.replace('+', '-').replace('.', '-')}.log"
-    server = ServerProcess(name, argv_for(port), port, log, env=_agentd_env(), cwd=workdir)
+    server = ServerProcess(name, argv_for(port), port, log, env=agentd_env(), cwd=workdir)
     with server:
         try:
             server.wait_listening(timeout=60)
@@ -152,7 +151,7 @@ def measure_startup(workdir: Path, runs: int, timeout: float = 60.0) -> list[flo
         port = free_port()
         log = workdir / f"agentd-startup-{i}.log"
         server = ServerProcess(
-            "agentd", _agentd_argv(port), port, log, env=_agentd_env(), cwd=workdir
+            "agentd", _agentd_argv(port), port, log, env=agentd_env(), cwd=workdir
         )
         start = time.perf_counter()
         with server:
@@ -239,21 +238,12 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
                 load(FASTAPI, "json", port)
         except (BenchError, echo.EchoCheckError) as exc:
             # The temporary directory (and its server logs) goes away; keep the tails.
-            raise BenchError(f"{exc}\n{_log_tails(workdir)}") from exc
+            raise BenchError(f"{exc}\n{log_tails(workdir)}") from exc
     return {
         "points": points,
         "startup": startup,
         "h2load": h2load.h2load_version(binary),
     }
-
-
-def _log_tails(workdir: Path, lines: int = 15) -> str:
-    parts = []
-    for log in sorted(workdir.glob("*.log")):
-        text = log.read_text(errors="replace").splitlines()[-lines:]
-        if text:
-            parts.append(f"--- {log.name}\n" + "\n".join(text))
-    return "\n".join(parts)
 
 
 def run_suite(

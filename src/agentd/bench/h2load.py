@@ -50,6 +50,8 @@ class LoadSpec:
     concurrency: int
     duration_s: float
     http1: bool = False
+    # When set, send exactly this many requests instead of running for ``duration_s``.
+    requests: int | None = None
 
 
 @dataclass(slots=True)
@@ -124,8 +126,11 @@ def run_load(spec: LoadSpec, binary: str | None = None) -> LoadResult:
             str(streams),
             "--threads",
             "1",
-            "--duration",
-            f"{max(1, round(spec.duration_s * 1000))}ms",
+            *(
+                ["--requests", str(spec.requests)]
+                if spec.requests is not None
+                else ["--duration", f"{max(1, round(spec.duration_s * 1000))}ms"]
+            ),
             "--data",
             str(body_file),
             "--log-file",

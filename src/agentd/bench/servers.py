@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["ServerError", "ServerProcess", "free_port"]
+__all__ = ["ServerError", "ServerProcess", "agentd_env", "free_port", "log_tails"]
 
 
 class ServerError(RuntimeError):
@@ -30,6 +30,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def agentd_env() -> dict[str, str]:
+    """This environment without ``AGENTD_*`` variables, for a server that should run on defaults.
+
+    A user's settings (auth tokens, a config file) would change what is measured or make every
+    request fail.
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+
+
+def log_tails(workdir: Path, lines: int = 15) -> str:
+    """The last lines of every ``*.log`` in ``workdir``: server logs vanish with a temporary
+    directory, so errors carry their tails."""
+    parts = []
+    for log in sorted(workdir.glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        if text:
+            parts.append(f"--- {log.name}\n" + "\n".join(text))
+    return "\n".join(parts)
 
 
 def _start_time(pid: int) -> str | None:

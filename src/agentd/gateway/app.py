@@ -24,6 +24,9 @@ from agentd.gateway.agent_service import AgentServiceImpl
 from agentd.gateway.connect_json import ConnectJsonInvoke
 from agentd.gateway.health import SERVICE as HEALTH_SERVICE
 from agentd.gateway.health import HealthState, Status, health_app
+from agentd.gateway.kserve import OPEN_PATHS as KSERVE_OPEN_PATHS
+from agentd.gateway.kserve import KServeRest, kserve_grpc_app
+from agentd.gateway.model_admin import ModelAdmin
 from agentd.gateway.observe import StatusRecorder
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
 from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
@@ -48,6 +51,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 AGENT_SERVICE = "agentd.v1.AgentService"
 INVOKE_PATH = f"/{AGENT_SERVICE}/Invoke"
+KSERVE_SERVICE = "inference.GRPCInferenceService"
 
 
 class Gateway:
@@ -72,10 +76,17 @@ class Gateway:
         agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
         self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
         reflection = reflection_apps(
-            ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, *REFLECTION_SERVICES])
+            ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, KSERVE_SERVICE, *REFLECTION_SERVICES])
         )
-        self.health = HealthState([AGENT_SERVICE])
-        rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection]
+        kserve_app = kserve_grpc_app(
+            self.inference, limit, default_timeout_s=settings.default_timeout_s
+        )
+        self._kserve = KServeRest(
+            self.inference, max_body_bytes=limit, default_timeout_s=settings.default_timeout_s
+        )
+        self._model_admin = ModelAdmin(self.inference)
+        self.health = HealthState([AGENT_SERVICE, kserve_app.path[1:]])
+        rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
         # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
         self._rpc_apps: dict[str, ASGIApp] = {app.path: app for app in rpc_apps}
         # Known method paths label the metrics; anything else is "other" (bounded labels).
@@ -86,8 +97,10 @@ class Gateway:
         )
         self._ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
         self._tokens = TokenCheck(settings.auth_tokens)
-        self._open_rpc = frozenset(
-            p for p in self._rpc_methods if p.startswith(f"/{HEALTH_SERVICE}/")
+        self._open_paths = (
+            OPEN_PATHS
+            | KSERVE_OPEN_PATHS
+            | {p for p in self._rpc_methods if p.startswith(f"/{HEALTH_SERVICE}/")}
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,7 +118,11 @@ class Gateway:
         if rpc_app is not None:
             label = path if path in self._rpc_methods else "other"
         else:
-            label = path if path in self._ops.routes else "other"
+            label = (
+                self._model_admin.label(path)
+                or self._kserve.route_label(path)
+                or (path if path in self._ops.routes else "other")
+            )
 
         metrics = self.metrics
         metrics.request_started(protocol)
@@ -142,13 +159,15 @@ class Gateway:
         protocol: Protocol,
         path: str,
     ) -> None:
-        open_path = path in OPEN_PATHS or path in self._open_rpc
-        if not open_path and not self._tokens.allows(header(scope, b"authorization")):
+        if path not in self._open_paths and not self._tokens.allows(
+            header(scope, b"authorization")
+        ):
             await send_error(
                 send, protocol, Code.UNAUTHENTICATED, "missing or invalid bearer token"
             )
             return
-        if rpc_app is None:
+        rest_api = rpc_app is None and path.startswith("/v2")
+        if rpc_app is None and not rest_api:
             await self._serve_ops(scope, send, protocol, path)
             return
         limit = self.settings.max_body_bytes
@@ -156,7 +175,7 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > limit:
             await _too_large(send, protocol, limit)
             return
-        if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
+        if rpc_app is not None and protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
             await rpc_app(scope, counting_receive(receive, limit), send)
             return
         try:
@@ -166,6 +185,13 @@ class Gateway:
             return
         if disconnected:
             return
+        if rest_api:
+            if self._model_admin.label(path) is not None:
+                await self._model_admin.handle(scope, send)
+            elif not await self._kserve.handle(scope, body, send):
+                await send_error(send, protocol, Code.NOT_FOUND, f"no route for {path}")
+            return
+        assert rpc_app is not None
         if path == INVOKE_PATH and self._json_invoke.accepts(scope):
             await self._json_invoke(scope, body, send)
             return

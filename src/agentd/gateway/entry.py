@@ -3,12 +3,20 @@
 Envoy runs the app in its own embedded interpreter, so settings travel from the ``agentd
 serve`` process through one environment variable. The real app is built at lifespan
 startup, not at import.
+
+pyvoy runs one event loop per listener filter chain: with HTTP/3 on, the QUIC listener gets
+a second loop on a second thread, with its own lifespan. The gateway (agents, batchers,
+locks) belongs to one loop, so the first loop to start owns it and requests arriving on any
+other loop are forwarded to it, their ``receive``/``send`` calls bridged back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 __all__ = ["SETTINGS_ENV", "app"]
@@ -16,15 +24,69 @@ __all__ = ["SETTINGS_ENV", "app"]
 SETTINGS_ENV = "AGENTD_SERVE_SETTINGS"
 
 
-class _DeferredApp:
+class _OneLoopApp:
     def __init__(self) -> None:
         self._gateway: Any = None
+        self._home: asyncio.AbstractEventLoop | None = None
+        self._claim = threading.Lock()
+
+    def _is_home(self, loop: asyncio.AbstractEventLoop) -> bool:
+        with self._claim:
+            if self._home is None:
+                self._home = loop
+                self._gateway = _build()
+            return self._home is loop
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        gateway = self._gateway
-        if gateway is None:
-            gateway = self._gateway = _build()
-        await gateway(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        if self._is_home(loop):
+            await self._gateway(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _idle_lifespan(receive, send)
+        else:
+            assert self._home is not None
+            await _forward(self._gateway, scope, receive, send, self._home, loop)
+
+
+async def _idle_lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _bridge(
+    call: Callable[..., Awaitable[Any]], loop: asyncio.AbstractEventLoop
+) -> Callable[..., Awaitable[Any]]:
+    async def on_loop(*args: Any) -> Any:
+        # pyvoy's receive/send return awaitables that are not coroutines.
+        return await call(*args)
+
+    async def bridged(*args: Any) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_loop(*args), loop))
+
+    return bridged
+
+
+async def _forward(
+    gateway: Any,
+    scope: dict[str, Any],
+    receive: Any,
+    send: Any,
+    home: asyncio.AbstractEventLoop,
+    here: asyncio.AbstractEventLoop,
+) -> None:
+    handled = asyncio.run_coroutine_threadsafe(
+        gateway(scope, _bridge(receive, here), _bridge(send, here)), home
+    )
+    try:
+        await asyncio.wrap_future(handled)
+    except asyncio.CancelledError:
+        handled.cancel()  # the client went away: cancel the request on the home loop too
+        raise
 
 
 def _build() -> Any:
@@ -39,4 +101,4 @@ def _build() -> Any:
     return Gateway(settings)
 
 
-app = _DeferredApp()
+app = _OneLoopApp()
