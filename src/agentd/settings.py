@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -47,7 +47,13 @@ class Settings(BaseSettings):
         60.0, gt=0, description="turn deadline when the client sends none"
     )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on shutdown")
-    max_agent_instances: int = Field(100_000, gt=0)
+    max_agent_instances: int = Field(1_000_000, gt=0, description="agents kept in memory")
+    workers: int = Field(512, gt=0, description="worker tasks running agent turns")
+    max_queued_turns: int = Field(65536, gt=0, description="run queue bound (backpressure)")
+    max_mailbox: int = Field(10_000, gt=0, description="messages waiting per agent")
+    idle_seconds: float = Field(300.0, gt=0, description="passivate agents idle this long")
+    state_store: Literal["sqlite", "memory"] = "sqlite"
+    state_path: Path = Field(Path("state/agents.db"), description="SQLite file for agent state")
 
     inference_threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1, gt=0, description="threads running models"

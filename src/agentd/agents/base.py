@@ -2,36 +2,91 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentd.agents.address import Address
 from agentd.agents.message import Message
+from agentd.errors import AgentdError, Code
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agentd.runtime.actors import ActorHost
 
 __all__ = ["Agent", "Context", "Reply"]
 
-# What a turn may return: a Message, or plain text / bytes that become one.
+# What a turn may return: a Message, or plain text / bytes that become one. Agents talking
+# to each other in-process (ctx.ask) may exchange any Python object.
 Reply = Message | str | bytes
+
+
+class _NotYet(AgentdError):
+    code = Code.UNIMPLEMENTED
 
 
 class Context:
     """What a turn can see and use. One per turn; not shared between turns."""
 
-    __slots__ = ("address", "deadline", "state")
+    __slots__ = ("_host", "address", "deadline", "state")
 
-    def __init__(self, address: Address, state: dict[str, Any], deadline: float | None) -> None:
+    def __init__(
+        self,
+        address: Address,
+        state: dict[str, Any],
+        deadline: float | None,
+        host: ActorHost | None = None,
+    ) -> None:
         self.address = address
-        # Per-instance state; the actor runtime persists it between turns.
+        # Per-instance state, persisted when a turn changes it (JSON-serialisable values).
         self.state = state
-        # Absolute time.monotonic() deadline of this turn, or None.
+        # Absolute deadline on the event loop's clock (loop.time()), or None.
         self.deadline = deadline
+        self._host = host
 
     def time_left(self) -> float | None:
         """Seconds until the turn's deadline, or None without one."""
         if self.deadline is None:
             return None
-        return max(0.0, self.deadline - time.monotonic())
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    def _require_host(self) -> ActorHost:
+        if self._host is None:
+            raise _NotYet("this context is not attached to a runtime")
+        return self._host
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run a model, batched with other agents' calls; bounded by this turn's deadline."""
+        return await self._require_host().infer(model, inputs, outputs, self.deadline)
+
+    async def send(self, address: str | Address, message: Any) -> None:
+        """Deliver ``message`` to another agent without waiting for its turn."""
+        await self._require_host().tell(address, message)
+
+    async def ask(
+        self, address: str | Address, message: Any, *, timeout: float | None = None
+    ) -> Any:
+        """Send ``message`` and await the other agent's reply (bounded by ``timeout`` and
+        this turn's deadline)."""
+        left = self.time_left()
+        if left is not None:
+            timeout = left if timeout is None else min(timeout, left)
+        return await self._require_host().ask(address, message, timeout=timeout)
+
+    def generate(self, prompt: str, **options: Any) -> AsyncIterator[str]:
+        """Stream tokens from a language model (arrives with the token engine)."""
+        raise _NotYet("ctx.generate is not available yet: the token engine is not built")
+
+    async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
+        """Call a sandboxed tool (arrives with the WASM sandbox)."""
+        raise _NotYet("ctx.tool is not available yet: the tool sandbox is not built")
 
 
 class Agent:
@@ -45,10 +100,10 @@ class Agent:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    async def handle(self, ctx: Context, message: Message) -> Reply:
+    async def handle(self, ctx: Context, message: Any) -> Any:
         raise NotImplementedError(f"agent type {self.name!r} does not handle messages")
 
-    async def stream(self, ctx: Context, message: Message) -> AsyncIterator[Reply]:
+    async def stream(self, ctx: Context, message: Any) -> AsyncIterator[Any]:
         """Stream a turn's events; by default one event, the reply of :meth:`handle`."""
         yield await self.handle(ctx, message)
 

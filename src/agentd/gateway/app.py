@@ -35,7 +35,14 @@ from agentd.gateway.rpc_errors import install_strict_codecs
 from agentd.inference import InferenceService, ModelRepository
 from agentd.inference.repository import builtin_models_dir
 from agentd.observability import Metrics, Tracing
-from agentd.runtime import Runtime
+from agentd.runtime import (
+    ActorHost,
+    MemoryStateStore,
+    Runtime,
+    SQLiteStateStore,
+    StateStore,
+    WorkerPool,
+)
 from agentd.settings import Settings
 from agentd.v1 import agent_pb2
 from agentd.v1.agent_connect import AgentServiceASGIApplication
@@ -66,10 +73,8 @@ class Gateway:
             for agent_type in BUILTIN_AGENTS:
                 registry.register(agent_type)
             registry.load_directory(settings.plugins / "agents")
-        self.runtime = Runtime(
-            registry, max_instances=settings.max_agent_instances, observer=self.metrics
-        )
         self.inference = build_inference(settings, self.metrics)
+        self.runtime = build_runtime(settings, registry, self.inference, self.metrics)
         install_strict_codecs()
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)
@@ -215,6 +220,7 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.inference.start()
+                await self.runtime.start()
                 self.health.set_all(Status.SERVING)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -245,6 +251,28 @@ def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
         observer=metrics,
         server_version=__version__,
     )
+
+
+def build_runtime(
+    settings: Settings, registry: AgentRegistry, inference: InferenceService, metrics: Metrics
+) -> Runtime:
+    """Virtual actors over a worker pool, state in SQLite (or memory) as configured."""
+    store: StateStore
+    if settings.state_store == "sqlite":
+        store = SQLiteStateStore(settings.state_path)
+    else:
+        store = MemoryStateStore()
+    host = ActorHost(
+        registry,
+        store,
+        pool=WorkerPool(settings.workers, settings.max_queued_turns),
+        inference=inference,
+        observer=metrics,
+        idle_seconds=settings.idle_seconds,
+        max_mailbox=settings.max_mailbox,
+        max_active=settings.max_agent_instances,
+    )
+    return Runtime(host)
 
 
 def _has_trace(scope: Scope) -> bool:

@@ -1,5 +1,19 @@
-"""Runtime: runs agent turns."""
+"""Runtime: virtual actors run by a worker pool, with persisted state."""
 
-from agentd.runtime.facade import AgentTypeInfo, Runtime, TurnObserver
+from agentd.runtime.actors import ActorHost, HostStats, TurnObserver
+from agentd.runtime.facade import AgentTypeInfo, Runtime
+from agentd.runtime.pool import PoolStats, WorkerPool
+from agentd.runtime.store import MemoryStateStore, SQLiteStateStore, StateStore
 
-__all__ = ["AgentTypeInfo", "Runtime", "TurnObserver"]
+__all__ = [
+    "ActorHost",
+    "AgentTypeInfo",
+    "HostStats",
+    "MemoryStateStore",
+    "PoolStats",
+    "Runtime",
+    "SQLiteStateStore",
+    "StateStore",
+    "TurnObserver",
+    "WorkerPool",
+]

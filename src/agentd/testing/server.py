@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -56,13 +57,22 @@ class RunningServer:
 def start_server(
     args: Sequence[str] = (), *, env: dict[str, str] | None = None, timeout: float = 30.0
 ) -> RunningServer:
-    """Run ``python -m agentd serve --port 0 ARGS`` and return once it listens."""
+    """Run ``python -m agentd serve --port 0 ARGS`` and return once it listens.
+
+    Agent state goes to a fresh temporary folder unless ``env`` sets ``AGENTD_STATE_PATH``.
+    """
+    state_dir = tempfile.mkdtemp(prefix="agentd-state-")
     process = subprocess.Popen(
         [sys.executable, "-m", "agentd", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "COLUMNS": "250", **(env or {})},
+        env={
+            **os.environ,
+            "COLUMNS": "250",
+            "AGENTD_STATE_PATH": os.path.join(state_dir, "agents.db"),
+            **(env or {}),
+        },
     )
     output: list[str] = []
     found: list[re.Match[str]] = []

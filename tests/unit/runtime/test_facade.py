@@ -1,3 +1,7 @@
+"""The runtime facade and the actor host behind it, with in-memory state."""
+
+from __future__ import annotations
+
 import asyncio
 
 import pytest
@@ -5,7 +9,7 @@ import pytest
 from agentd import Agent, Message
 from agentd.agents import AgentRegistry
 from agentd.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
-from agentd.runtime import Runtime
+from agentd.runtime import ActorHost, MemoryStateStore, Runtime, WorkerPool
 
 
 class Recorder:
@@ -29,11 +33,14 @@ class Sleepy(Agent):
         return Message(text="woke", metadata={"id": ctx.address.id})
 
 
-class Broken(Agent):
-    name = "broken"
+class Flaky(Agent):
+    name = "flaky"
 
     async def handle(self, ctx, message):
-        raise KeyError("missing")
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        if message.text == "fail":
+            raise KeyError("missing")
+        return str(ctx.state["n"])
 
 
 class Streamer(Agent):
@@ -50,10 +57,17 @@ class Sequencer(Agent):
 
     async def handle(self, ctx, message):
         log = ctx.state.setdefault("log", [])
-        log.append(("start", message.text))
+        log.append(["start", message.text])
         await asyncio.sleep(0.001)
-        log.append(("end", message.text))
+        log.append(["end", message.text])
         return str(len(log))
+
+
+class Relay(Agent):
+    name = "relay"
+
+    async def handle(self, ctx, message):
+        return await ctx.ask("seq/relayed", message, timeout=float(message.metadata.get("t", 5)))
 
 
 @pytest.fixture
@@ -62,11 +76,16 @@ def recorder():
 
 
 @pytest.fixture
-def runtime(recorder):
+async def runtime(recorder):
     registry = AgentRegistry()
-    for cls in (Sleepy, Broken, Streamer, Sequencer):
+    for cls in (Sleepy, Flaky, Streamer, Sequencer, Relay):
         registry.register(cls)
-    return Runtime(registry, max_instances=3, observer=recorder)
+    store = MemoryStateStore()
+    host = ActorHost(registry, store, pool=WorkerPool(8, 100), observer=recorder)
+    rt = Runtime(host)
+    await rt.start()
+    yield rt
+    await rt.aclose()
 
 
 async def test_invoke_returns_address_and_reply(runtime, recorder):
@@ -84,9 +103,12 @@ async def test_deadline_cancels_the_turn(runtime, recorder):
     assert recorder.turns == [("sleepy", "deadline")]
 
 
-async def test_agent_exception_becomes_internal(runtime):
+async def test_failed_turn_keeps_last_good_state(runtime):
+    assert (await runtime.invoke("flaky/a", Message()))[1].text == "1"
     with pytest.raises(Internal, match="KeyError"):
-        await runtime.invoke("broken", Message())
+        await runtime.invoke("flaky/a", Message(text="fail"))
+    # The failed turn's increment was rolled back; the agent is still usable.
+    assert (await runtime.invoke("flaky/a", Message()))[1].text == "2"
 
 
 async def test_unknown_and_malformed(runtime):
@@ -98,10 +120,12 @@ async def test_unknown_and_malformed(runtime):
 
 async def test_one_turn_at_a_time_per_instance(runtime):
     await asyncio.gather(*(runtime.invoke("seq/1", Message(text=str(i))) for i in range(20)))
-    _, instance = runtime._instance("seq/1")
-    log = instance.state["log"]
+    reply = await runtime.invoke("seq/1", Message(text="last"))
+    assert reply[1].text == "42"
+    activation = runtime.host._activations[runtime.host._activation("seq/1").address]
+    log = activation.state["log"]
     # Every start is immediately followed by its own end: no interleaving.
-    assert all(log[i][0] == "start" and log[i + 1] == ("end", log[i][1]) for i in range(0, 40, 2))
+    assert all(log[i][0] == "start" and log[i + 1] == ["end", log[i][1]] for i in range(0, 42, 2))
 
 
 async def test_stream_and_stream_deadline(runtime, recorder):
@@ -113,7 +137,30 @@ async def test_stream_and_stream_deadline(runtime, recorder):
     assert recorder.turns[-1] == ("streamer", "deadline")
 
 
-async def test_instances_are_bounded(runtime):
-    for i in range(10):
-        await runtime.invoke(f"sleepy/{i}", Message(text="0"))
-    assert sum(t.active_instances for t in runtime.list_types()) == 3
+async def test_ask_between_agents_and_ask_timeout(runtime):
+    _, reply = await runtime.invoke("relay/1", Message(text="hi"))
+    assert reply.text == "2"
+    with pytest.raises(DeadlineExceeded):
+        await runtime.host.ask("sleepy/t", Message(text="5"), timeout=0.05)
+
+
+async def test_caller_cancellation_cancels_the_running_turn(runtime, recorder):
+    before = Sleepy.cancelled
+    task = asyncio.ensure_future(runtime.invoke("sleepy/c", Message(text="10")))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)
+    assert Sleepy.cancelled == before + 1
+    assert recorder.turns[-1] == ("sleepy", "cancelled")
+    # The instance serves the next message.
+    assert (await runtime.invoke("sleepy/c", Message(text="0")))[1].text == "woke"
+
+
+async def test_passivation_keeps_state(runtime):
+    await runtime.invoke("flaky/p", Message())
+    assert runtime.host.passivate_idle(0) >= 1
+    counts = {t.name: t.active_instances for t in runtime.list_types()}
+    assert counts["flaky"] == 0
+    assert (await runtime.invoke("flaky/p", Message()))[1].text == "2"

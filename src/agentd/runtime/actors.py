@@ -1,0 +1,405 @@
+"""Virtual actors: agent instances activated on their first message, one turn at a time.
+
+An activation is a small object (no task, no queue of its own until messages wait). When
+a message arrives for an idle activation it is put on the worker pool's run queue; a
+worker runs one turn, persists the state if the turn changed it, and puts the activation
+back on the queue if more messages wait. Idle activations are passivated after
+``idle_seconds``; their state is already in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from agentd.agents.address import Address, parse_address
+from agentd.agents.base import Agent, Context
+from agentd.agents.registry import AgentRegistry
+from agentd.errors import (
+    AgentdError,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+)
+from agentd.runtime.pool import WorkerPool
+from agentd.runtime.store import StateStore
+
+__all__ = ["ActorHost", "HostStats", "Inference", "TurnObserver"]
+
+log = logging.getLogger(__name__)
+
+_END = object()  # closes a turn's event stream
+
+
+class TurnObserver(Protocol):
+    def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None: ...
+
+
+class Inference(Protocol):
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HostStats:
+    active: int
+    passivated: int
+    mailbox_max: int
+    store_writes: int
+    turns: int
+
+
+class _Envelope:
+    __slots__ = ("deadline", "events", "message", "reply")
+
+    def __init__(
+        self,
+        message: Any,
+        reply: asyncio.Future | None,
+        deadline: float | None,
+        events: asyncio.Queue | None,
+    ) -> None:
+        self.message = message
+        self.reply = reply
+        self.deadline = deadline
+        self.events = events
+
+
+class _Activation:
+    """One live agent instance. Run by the pool as a job: each ``run`` is one turn."""
+
+    __slots__ = (
+        "address",
+        "agent",
+        "host",
+        "last_turn",
+        "mailbox",
+        "scheduled",
+        "snapshot",
+        "state",
+    )
+
+    def __init__(self, address: Address, agent: Agent, host: ActorHost) -> None:
+        self.address = address
+        self.agent = agent
+        self.host = host
+        self.mailbox: deque[_Envelope] = deque()
+        self.scheduled = False
+        self.state: dict[str, Any] | None = None  # None until loaded from the store
+        self.snapshot = b""
+        self.last_turn = 0.0
+
+    async def run(self) -> None:
+        host = self.host
+        envelope = self.mailbox.popleft()
+        try:
+            reply = envelope.reply
+            if reply is not None and reply.done():
+                return  # the caller gave up before the turn began
+            if self.state is None:
+                await self._restore()
+            await self._turn(envelope)
+        finally:
+            self.last_turn = time.monotonic()
+            if self.mailbox:
+                host._requeue(self)
+            else:
+                self.scheduled = False
+
+    async def _restore(self) -> None:
+        snapshot = await self.host.store.load(str(self.address))
+        self.snapshot = snapshot or b""
+        self.state = orjson.loads(snapshot) if snapshot else {}
+
+    async def _turn(self, envelope: _Envelope) -> None:
+        host = self.host
+        started = time.perf_counter()
+        outcome = "error"
+        reply, events = envelope.reply, envelope.events
+        task = asyncio.current_task()
+        assert task is not None
+        # A caller that gives up (disconnect, its own timeout) cancels this turn.
+        watch = None
+        if reply is not None:
+            watch = _CancelTurnWhenAbandoned(task)
+            reply.add_done_callback(watch)
+        try:
+            ctx = Context(self.address, self.state, envelope.deadline, host)  # type: ignore[arg-type]
+            async with asyncio.timeout_at(envelope.deadline):
+                if events is None:
+                    result = await self.agent.handle(ctx, envelope.message)
+                else:
+                    result = None
+                    async for event in self.agent.stream(ctx, envelope.message):
+                        await events.put(event)
+            await self._persist()
+            outcome = "ok"
+            if reply is not None and not reply.done():
+                reply.set_result(result)
+        except TimeoutError:
+            outcome = "deadline"
+            self._rollback()
+            _fail(reply, DeadlineExceeded(f"agent {self.address} did not finish in time"))
+        except asyncio.CancelledError:
+            self._rollback()
+            if watch is None or not watch.fired:
+                outcome = "cancelled"
+                _fail(reply, Unavailable("the runtime is shutting down"))
+                raise
+            outcome = "cancelled"
+            task.uncancel()
+        except AgentdError as exc:
+            self._rollback()
+            _fail(reply, exc)
+        except Exception as exc:
+            self._rollback()
+            log.exception("agent %s raised", self.address)
+            _fail(reply, Internal(f"agent {self.address} failed: {type(exc).__name__}: {exc}"))
+        finally:
+            if watch is not None and reply is not None:
+                reply.remove_done_callback(watch)
+                watch.turn_over = True
+            if events is not None:
+                events.put_nowait(_END)
+            host._turn_finished(self.address.type, outcome, time.perf_counter() - started)
+
+    async def _persist(self) -> None:
+        try:
+            snapshot = orjson.dumps(self.state)
+        except TypeError as exc:
+            raise Internal(f"agent {self.address} state is not JSON-serialisable: {exc}") from None
+        if snapshot != self.snapshot:
+            await self.host.store.save(str(self.address), snapshot)
+            self.snapshot = snapshot
+
+    def _rollback(self) -> None:
+        # A failed turn leaves the state of the last good turn.
+        self.state = orjson.loads(self.snapshot) if self.snapshot else {}
+
+
+class _CancelTurnWhenAbandoned:
+    __slots__ = ("fired", "task", "turn_over")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.fired = False
+        self.turn_over = False
+
+    def __call__(self, reply: asyncio.Future) -> None:
+        if reply.cancelled() and not self.turn_over:
+            self.fired = True
+            self.task.cancel()
+
+
+def _fail(reply: asyncio.Future | None, error: BaseException) -> None:
+    if reply is not None and not reply.done():
+        reply.set_exception(error)
+
+
+class ActorHost:
+    """Owns the activations of one node, the worker pool and the state store."""
+
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        store: StateStore,
+        *,
+        pool: WorkerPool,
+        inference: Inference | None = None,
+        observer: TurnObserver | None = None,
+        idle_seconds: float = 300.0,
+        max_mailbox: int = 1_000_000,
+        max_active: int = 2_000_000,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.pool = pool
+        self.inference = inference
+        self._observer = observer
+        self._idle_seconds = idle_seconds
+        self._max_mailbox = max_mailbox
+        self._max_active = max_active
+        self._activations: dict[Address, _Activation] = {}
+        self._active_by_type: dict[str, int] = {}
+        self._passivated = 0
+        self._turns = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.store.open()
+        self.pool.start()
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_forever(), name="passivation")
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
+        await self.pool.aclose(timeout=grace)
+        await self.store.aclose()
+
+    # -- messaging ----------------------------------------------------------------------
+
+    async def tell(self, address: str | Address, message: Any) -> None:
+        """Deliver without waiting for the turn; waits while the run queue is full."""
+        activation = self._activation(address)
+        self._enqueue(activation, _Envelope(message, None, None, None))
+        if not activation.scheduled:
+            activation.scheduled = True
+            try:
+                await self.pool.submit(activation)
+            except BaseException:
+                activation.scheduled = False
+                raise
+
+    async def ask(
+        self, address: str | Address, message: Any, *, timeout: float | None = None
+    ) -> Any:
+        """Deliver and await the reply. Raises ResourceExhausted when the run queue is
+        full, DeadlineExceeded past ``timeout`` (the turn is cancelled), or the turn's
+        error."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        reply: asyncio.Future[Any] = loop.create_future()
+        self._deliver_nowait(address, _Envelope(message, reply, deadline, None))
+        try:
+            return await reply
+        except asyncio.CancelledError:
+            reply.cancel()  # reaches the running turn (and its queued inference)
+            raise
+
+    async def ask_stream(
+        self, address: str | Address, message: Any, *, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        """Run a streaming turn and yield its events."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        reply: asyncio.Future[Any] = loop.create_future()
+        events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        self._deliver_nowait(address, _Envelope(message, reply, deadline, events))
+        try:
+            while True:
+                get = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({get, reply}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    event = get.result()
+                    if event is _END:
+                        break
+                    yield event
+                else:
+                    get.cancel()
+                    if reply.exception() is not None:
+                        raise reply.exception()  # type: ignore[misc]
+                    # Finished: drain what is left.
+                    while (event := events.get_nowait()) is not _END:
+                        yield event
+                    return
+            await reply
+        finally:
+            if not reply.done():
+                reply.cancel()
+
+    def _deliver_nowait(self, address: str | Address, envelope: _Envelope) -> None:
+        activation = self._activation(address)
+        self._enqueue(activation, envelope)
+        if not activation.scheduled:
+            try:
+                self.pool.submit_nowait(activation)
+            except AgentdError:
+                activation.mailbox.pop()
+                raise
+            activation.scheduled = True
+
+    def _enqueue(self, activation: _Activation, envelope: _Envelope) -> None:
+        if len(activation.mailbox) >= self._max_mailbox:
+            raise ResourceExhausted(
+                f"agent {activation.address} has {self._max_mailbox} messages waiting"
+            )
+        activation.mailbox.append(envelope)
+
+    def _requeue(self, activation: _Activation) -> None:
+        # Messages already accepted must run: bypass the queue limit.
+        self.pool._push(activation)
+
+    def _activation(self, address: str | Address) -> _Activation:
+        addr = parse_address(address) if isinstance(address, str) else address
+        activation = self._activations.get(addr)
+        if activation is None:
+            agent_type = self.registry.get(addr.type)
+            if len(self._activations) >= self._max_active and not self.passivate_idle(0):
+                raise ResourceExhausted(f"{self._max_active} agents are active (the limit)")
+            activation = _Activation(addr, agent_type(), self)
+            self._activations[addr] = activation
+            self._active_by_type[addr.type] = self._active_by_type.get(addr.type, 0) + 1
+        return activation
+
+    # -- inference for ctx.infer --------------------------------------------------------
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+    ) -> dict[str, np.ndarray]:
+        if self.inference is None:
+            raise Unavailable("this runtime has no inference service")
+        timeout = None
+        if deadline is not None:
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        return await self.inference.infer(model, inputs, outputs=outputs, timeout=timeout)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
+        self._turns += 1
+        if self._observer is not None:
+            self._observer.turn_finished(agent_type, outcome, seconds)
+
+    def passivate_idle(self, older_than: float) -> int:
+        """Drop activations idle for ``older_than`` seconds (their state is stored)."""
+        cutoff = time.monotonic() - older_than
+        idle = [
+            addr
+            for addr, act in self._activations.items()
+            if not act.scheduled and not act.mailbox and act.last_turn <= cutoff
+        ]
+        for addr in idle:
+            del self._activations[addr]
+            self._active_by_type[addr.type] -= 1
+        self._passivated += len(idle)
+        return len(idle)
+
+    async def _sweep_forever(self) -> None:
+        interval = max(1.0, min(60.0, self._idle_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.passivate_idle(self._idle_seconds)
+
+    def active_counts(self) -> dict[str, int]:
+        return dict(self._active_by_type)
+
+    def stats(self) -> HostStats:
+        return HostStats(
+            active=len(self._activations),
+            passivated=self._passivated,
+            mailbox_max=max((len(a.mailbox) for a in self._activations.values()), default=0),
+            store_writes=getattr(self.store, "writes", 0),
+            turns=self._turns,
+        )

@@ -1,0 +1,149 @@
+"""A fixed pool of worker tasks running jobs from one bounded queue.
+
+Jobs are objects with an ``async run()``; an idle agent is not a job and costs no task. A
+full queue pushes back: ``submit`` waits for room, ``submit_nowait`` raises
+ResourceExhausted. Nothing accepted is dropped: ``aclose`` lets queued jobs finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from agentd.errors import ResourceExhausted, Unavailable
+
+__all__ = ["Job", "PoolStats", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+
+class Job(Protocol):
+    async def run(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    num_workers: int
+    max_queued: int
+    queued: int
+    busy: int
+    completed: int
+    rejected: int
+
+
+class WorkerPool:
+    """``num_workers`` tasks share a queue of at most ``max_queued`` jobs."""
+
+    def __init__(self, num_workers: int, max_queued: int) -> None:
+        if num_workers < 1 or max_queued < 1:
+            raise ValueError("a pool needs at least one worker and room for one job")
+        self._num_workers = num_workers
+        self._max_queued = max_queued
+        self._queue: deque[Job] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a job
+        self._room: deque[asyncio.Future[None]] = deque()  # submitters waiting for room
+        self._workers: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._busy = 0
+        self._completed = 0
+        self._rejected = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._workers:
+            self._workers = [
+                loop.create_task(self._work(), name=f"worker-{i}") for i in range(self._num_workers)
+            ]
+
+    def statistics(self) -> PoolStats:
+        return PoolStats(
+            self._num_workers,
+            self._max_queued,
+            len(self._queue),
+            self._busy,
+            self._completed,
+            self._rejected,
+        )
+
+    def submit_nowait(self, job: Job) -> None:
+        """Queue ``job`` or raise ResourceExhausted at once."""
+        if self._closing:
+            raise Unavailable("the worker pool is shutting down")
+        if len(self._queue) >= self._max_queued:
+            self._rejected += 1
+            raise ResourceExhausted(f"the run queue is full ({self._max_queued} jobs)")
+        self._push(job)
+
+    async def submit(self, job: Job) -> None:
+        """Queue ``job``, waiting while the queue is full."""
+        while len(self._queue) >= self._max_queued and not self._closing:
+            room = asyncio.get_running_loop().create_future()
+            self._room.append(room)
+            try:
+                await room
+            except asyncio.CancelledError:
+                if room.done() and not room.cancelled():
+                    self._wake_submitter()  # pass the room on to the next one
+                raise
+        if self._closing:
+            raise Unavailable("the worker pool is shutting down")
+        self._push(job)
+
+    def _push(self, job: Job) -> None:
+        self._queue.append(job)
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _wake_submitter(self) -> None:
+        while self._room:
+            room = self._room.popleft()
+            if not room.done():
+                room.set_result(None)
+                return
+
+    async def _work(self) -> None:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            job = queue.popleft()
+            if self._room:
+                self._wake_submitter()
+            self._busy += 1
+            try:
+                await job.run()
+            except Exception:  # a job's own errors are its to report; keep the worker alive
+                log.exception("job %r failed", job)
+            finally:
+                self._busy -= 1
+                self._completed += 1
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Finish queued jobs, then stop the workers; cancel what runs past ``timeout``."""
+        self._closing = True
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle.clear()
+        for room in self._room:
+            if not room.done():
+                room.set_result(None)
+        if self._workers:
+            _done, pending = await asyncio.wait(self._workers, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self._workers = []

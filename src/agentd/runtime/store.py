@@ -1,0 +1,190 @@
+"""Agent state stores. A store keeps one serialized snapshot per agent address.
+
+``save`` returns once the snapshot is committed; many concurrent saves share one
+transaction (group commit), so durability does not cost a disk sync per turn. ``load``
+calls are grouped the same way. SQLite in WAL mode is the default: embedded, no server,
+and a committed transaction survives the process being killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+__all__ = ["MemoryStateStore", "SQLiteStateStore", "StateStore"]
+
+T = TypeVar("T")
+
+
+class StateStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def load(self, address: str) -> bytes | None: ...
+
+    async def save(self, address: str, snapshot: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryStateStore:
+    """Keeps snapshots in a dict: for tests and for runs that need no persistence."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, bytes] = {}
+        self.writes = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def load(self, address: str) -> bytes | None:
+        return self.snapshots.get(address)
+
+    async def save(self, address: str, snapshot: bytes) -> None:
+        self.snapshots[address] = snapshot
+        self.writes += 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _Grouped:
+    """Group commit: calls arriving while a batch runs wait and go together in the next one.
+
+    ``flush(items)`` starts one batch and returns a future that is done when it is.
+    """
+
+    def __init__(self, flush: Callable[[list], asyncio.Future]) -> None:
+        self.items: list = []
+        self._flush = flush
+        self._scheduled = False
+        self._running: asyncio.Future | None = None
+
+    def add(self, item: object) -> None:
+        self.items.append(item)
+        if not self._scheduled and self._running is None:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self, _done: object = None) -> None:
+        self._scheduled = False
+        self._running = None
+        if not self.items:
+            return
+        items, self.items = self.items, []
+        self._running = self._flush(items)
+        self._running.add_done_callback(self._run)
+
+
+class SQLiteStateStore:
+    """Snapshots in one SQLite table; every statement runs on one dedicated thread."""
+
+    _CHUNK = 500  # keys per SELECT ... IN (...)
+
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
+        self._db: sqlite3.Connection | None = None
+        self._saves = _Grouped(self._flush_saves)
+        self._loads = _Grouped(self._flush_loads)
+        self._inflight: set[asyncio.Future] = set()
+        self.writes = 0
+        self.commits = 0
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a killed process (not a power cut).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS agent_state (address TEXT PRIMARY KEY, state BLOB)"
+            " WITHOUT ROWID"
+        )
+        self._db = db
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def load(self, address: str) -> bytes | None:
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._loads.add((address, future))
+        return await future
+
+    async def save(self, address: str, snapshot: bytes) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._saves.add((address, snapshot, future))
+        await future
+
+    def _flush_loads(self, items: list) -> asyncio.Future:
+        return self._submit(self._select, [a for a, _ in items], [f for _, f in items], items)
+
+    def _flush_saves(self, items: list) -> asyncio.Future:
+        rows = {}
+        for address, snapshot, _ in items:
+            rows[address] = snapshot  # the last write of an address in the group wins
+        return self._submit(self._upsert, list(rows.items()), [f for *_, f in items], None)
+
+    def _submit(self, fn: Callable, arg: list, futures: list, items: list | None) -> asyncio.Future:
+        task = asyncio.ensure_future(self._call(fn, arg))
+        self._inflight.add(task)
+
+        def done(t: asyncio.Future) -> None:
+            self._inflight.discard(t)
+            if t.cancelled():
+                error: BaseException | None = asyncio.CancelledError()
+            else:
+                error = t.exception()
+            if error is not None:
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(error)
+                return
+            result = t.result()
+            for i, f in enumerate(futures):
+                if not f.done():
+                    f.set_result(result.get(items[i][0]) if items is not None else None)
+
+        task.add_done_callback(done)
+        return task
+
+    def _upsert(self, rows: list[tuple[str, bytes]]) -> None:
+        assert self._db is not None
+        with self._db:  # one transaction for the whole group
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO agent_state (address, state) VALUES (?, ?) "
+                "ON CONFLICT(address) DO UPDATE SET state = excluded.state",
+                rows,
+            )
+        self.writes += len(rows)
+        self.commits += 1
+
+    def _select(self, addresses: list[str]) -> dict[str, bytes]:
+        assert self._db is not None
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(addresses))
+        for start in range(0, len(unique), self._CHUNK):
+            chunk = unique[start : start + self._CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                self._db.execute(
+                    f"SELECT address, state FROM agent_state WHERE address IN ({marks})", chunk
+                )
+            )
+        return found
+
+    async def aclose(self) -> None:
+        if self._inflight:
+            await asyncio.wait(list(self._inflight))
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
