@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -24,10 +25,12 @@ class Address(NamedTuple):
         return f"{self.type}/{self.id}"
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_address(text: str) -> Address:
     """Parse ``type/id`` (or a bare ``type``, meaning ``type/default``).
 
-    Raises InvalidArgument naming what is wrong.
+    Raises InvalidArgument naming what is wrong. Recent results are cached: agents send to
+    the same few addresses over and over.
     """
     type_name, sep, instance_id = text.partition("/")
     if not sep:

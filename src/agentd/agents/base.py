@@ -97,6 +97,8 @@ class Agent:
     time, so user code needs no locks.
     """
 
+    # Empty slots: subclasses that declare __slots__ too cost a few bytes per instance.
+    __slots__ = ()
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 

@@ -8,6 +8,7 @@ from agentd.cli.bench import bench
 from agentd.cli.call import call
 from agentd.cli.models import models
 from agentd.cli.serve import serve
+from agentd.cli.swarm import swarm
 
 app = typer.Typer(
     name="agentd",
@@ -20,6 +21,7 @@ app.command()(serve)
 app.command()(call)
 app.command()(bench)
 app.command()(models)
+app.command()(swarm)
 
 
 @app.command()

@@ -128,7 +128,9 @@ class InferenceService:
         Cancelling the caller drops its rows if their batch has not run yet.
         """
         metadata = self.metadata(name, version)
-        rows = _validate(metadata, inputs)
+        rows = _quick_rows(metadata, inputs)
+        if rows is None:
+            rows = _validate(metadata, inputs)  # the slow path explains what is wrong
         wanted = _wanted_outputs(metadata, outputs)
         batcher = self._batchers.get(name)
         if batcher is None:
@@ -195,6 +197,37 @@ def _validate(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> int:
     return rows
 
 
+def _quick_rows(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> int | None:
+    """The batch size if every input is exactly right, else None (then ``_validate``).
+
+    The hot path of ctx.infer: plain comparisons, no messages built.
+    """
+    if len(inputs) != len(metadata.inputs):
+        return None
+    rows = 1 if not metadata.max_batch_size else -1
+    for spec in metadata.inputs:
+        array = inputs.get(spec.name)
+        if array is None or array.dtype != spec.datatype.numpy:
+            return None
+        shape = array.shape
+        want = spec.shape
+        if len(shape) != len(want):
+            return None
+        for got, expected in zip(shape, want, strict=True):
+            if expected != -1 and got != expected:
+                return None
+        if metadata.max_batch_size:
+            if rows == -1:
+                rows = shape[0]
+            elif rows != shape[0]:
+                return None
+    if metadata.max_batch_size and not 1 <= rows <= metadata.max_batch_size:
+        return None
+    if math.prod(next(iter(inputs.values())).shape) > _MAX_ELEMENTS:
+        return None
+    return rows
+
+
 def _datatype(array: np.ndarray) -> DataType:
     try:
         return DataType.from_numpy(array.dtype)
@@ -202,7 +235,7 @@ def _datatype(array: np.ndarray) -> DataType:
         raise InvalidArgument(str(exc)) from None
 
 
-def _wanted_outputs(metadata: ModelMetadata, outputs: Sequence[str] | None) -> list[str]:
+def _wanted_outputs(metadata: ModelMetadata, outputs: Sequence[str] | None) -> Sequence[str]:
     names = [spec.name for spec in metadata.outputs]
     if not outputs:
         return names
@@ -211,4 +244,4 @@ def _wanted_outputs(metadata: ModelMetadata, outputs: Sequence[str] | None) -> l
             raise InvalidArgument(
                 f"model {metadata.name!r} has no output {name!r}; its outputs are {names}"
             )
-    return list(outputs)
+    return outputs

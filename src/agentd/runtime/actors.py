@@ -10,6 +10,7 @@ back on the queue if more messages wait. Idle activations are passivated after
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import deque
@@ -38,6 +39,7 @@ __all__ = ["ActorHost", "HostStats", "Inference", "TurnObserver"]
 log = logging.getLogger(__name__)
 
 _END = object()  # closes a turn's event stream
+_TURNS_PER_RUN = 64
 
 
 class TurnObserver(Protocol):
@@ -99,30 +101,40 @@ class _Activation:
         self.address = address
         self.agent = agent
         self.host = host
-        self.mailbox: deque[_Envelope] = deque()
+        self.mailbox: deque[_Envelope] | None = None  # allocated while messages wait
         self.scheduled = False
         self.state: dict[str, Any] | None = None  # None until loaded from the store
         self.snapshot = b""
         self.last_turn = 0.0
 
     async def run(self) -> None:
+        """Run up to ``_TURNS_PER_RUN`` waiting messages, one turn each, then yield the
+        worker (requeued if more wait) so that busy agents do not starve the others."""
         host = self.host
-        envelope = self.mailbox.popleft()
+        mailbox = self.mailbox
         try:
-            reply = envelope.reply
-            if reply is not None and reply.done():
-                return  # the caller gave up before the turn began
-            if self.state is None:
-                await self._restore()
-            await self._turn(envelope)
+            for _ in range(_TURNS_PER_RUN):
+                if not mailbox:
+                    break
+                envelope = mailbox.popleft()
+                reply = envelope.reply
+                if reply is not None and reply.done():
+                    continue  # the caller gave up before the turn began
+                if self.state is None:
+                    await self._restore()
+                await self._turn(envelope)
         finally:
             self.last_turn = time.monotonic()
-            if self.mailbox:
+            if mailbox:
                 host._requeue(self)
             else:
+                self.mailbox = None
                 self.scheduled = False
 
     async def _restore(self) -> None:
+        if not self.host._may_be_stored(self.address):
+            self.state = {}
+            return
         snapshot = await self.host.store.load(str(self.address))
         self.snapshot = snapshot or b""
         self.state = orjson.loads(snapshot) if snapshot else {}
@@ -141,13 +153,16 @@ class _Activation:
             reply.add_done_callback(watch)
         try:
             ctx = Context(self.address, self.state, envelope.deadline, host)  # type: ignore[arg-type]
-            async with asyncio.timeout_at(envelope.deadline):
-                if events is None:
-                    result = await self.agent.handle(ctx, envelope.message)
-                else:
-                    result = None
-                    async for event in self.agent.stream(ctx, envelope.message):
-                        await events.put(event)
+            if envelope.deadline is None and events is None:
+                result = await self.agent.handle(ctx, envelope.message)  # the common path
+            else:
+                async with asyncio.timeout_at(envelope.deadline):
+                    if events is None:
+                        result = await self.agent.handle(ctx, envelope.message)
+                    else:
+                        result = None
+                        async for event in self.agent.stream(ctx, envelope.message):
+                            await events.put(event)
             await self._persist()
             outcome = "ok"
             if reply is not None and not reply.done():
@@ -185,6 +200,8 @@ class _Activation:
         except TypeError as exc:
             raise Internal(f"agent {self.address} state is not JSON-serialisable: {exc}") from None
         if snapshot != self.snapshot:
+            # orjson's result sits in a ~4 KiB buffer; keep an exact-size copy instead.
+            snapshot = memoryview(snapshot).tobytes()
             await self.host.store.save(str(self.address), snapshot)
             self.snapshot = snapshot
 
@@ -226,6 +243,7 @@ class ActorHost:
         idle_seconds: float = 300.0,
         max_mailbox: int = 1_000_000,
         max_active: int = 2_000_000,
+        freeze_every: int = 0,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -238,6 +256,11 @@ class ActorHost:
         self._activations: dict[Address, _Activation] = {}
         self._active_by_type: dict[str, int] = {}
         self._passivated = 0
+        self._created = 0
+        self._freeze_every = freeze_every
+        # Addresses passivated by this process: the only ones a store that was empty when
+        # opened can hold, so other activations skip the load.
+        self._stored_since_open: set[Address] = set()
         self._turns = 0
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -322,16 +345,20 @@ class ActorHost:
             try:
                 self.pool.submit_nowait(activation)
             except AgentdError:
-                activation.mailbox.pop()
+                if activation.mailbox:
+                    activation.mailbox.pop()
                 raise
             activation.scheduled = True
 
     def _enqueue(self, activation: _Activation, envelope: _Envelope) -> None:
-        if len(activation.mailbox) >= self._max_mailbox:
+        mailbox = activation.mailbox
+        if mailbox is None:
+            mailbox = activation.mailbox = deque()
+        elif len(mailbox) >= self._max_mailbox:
             raise ResourceExhausted(
                 f"agent {activation.address} has {self._max_mailbox} messages waiting"
             )
-        activation.mailbox.append(envelope)
+        mailbox.append(envelope)
 
     def _requeue(self, activation: _Activation) -> None:
         # Messages already accepted must run: bypass the queue limit.
@@ -346,6 +373,11 @@ class ActorHost:
                 raise ResourceExhausted(f"{self._max_active} agents are active (the limit)")
             activation = _Activation(addr, agent_type(), self)
             self._activations[addr] = activation
+            self._created += 1
+            if self._freeze_every and self._created % self._freeze_every == 0:
+                # Activations are long-lived: move them out of the collector's view so that
+                # full collections do not rescan millions of agents (see docs/runtime.md).
+                gc.freeze()
             self._active_by_type[addr.type] = self._active_by_type.get(addr.type, 0) + 1
         return activation
 
@@ -381,8 +413,10 @@ class ActorHost:
             if not act.scheduled and not act.mailbox and act.last_turn <= cutoff
         ]
         for addr in idle:
-            del self._activations[addr]
+            activation = self._activations.pop(addr)
             self._active_by_type[addr.type] -= 1
+            if activation.snapshot:
+                self._stored_since_open.add(addr)
         self._passivated += len(idle)
         return len(idle)
 
@@ -392,6 +426,14 @@ class ActorHost:
             await asyncio.sleep(interval)
             self.passivate_idle(self._idle_seconds)
 
+    @property
+    def turns(self) -> int:
+        """Turns finished so far (cheap; ``stats()`` scans every activation)."""
+        return self._turns
+
+    def _may_be_stored(self, address: Address) -> bool:
+        return not self.store.empty_at_open or address in self._stored_since_open
+
     def active_counts(self) -> dict[str, int]:
         return dict(self._active_by_type)
 
@@ -399,7 +441,9 @@ class ActorHost:
         return HostStats(
             active=len(self._activations),
             passivated=self._passivated,
-            mailbox_max=max((len(a.mailbox) for a in self._activations.values()), default=0),
+            mailbox_max=max(
+                (len(a.mailbox) for a in self._activations.values() if a.mailbox), default=0
+            ),
             store_writes=getattr(self.store, "writes", 0),
             turns=self._turns,
         )

@@ -21,6 +21,10 @@ T = TypeVar("T")
 
 
 class StateStore(Protocol):
+    # True when the store held no state when opened: then only what this process saved
+    # can be loaded, and the host skips loads for agents it never passivated.
+    empty_at_open: bool
+
     async def open(self) -> None: ...
 
     async def load(self, address: str) -> bytes | None: ...
@@ -36,9 +40,10 @@ class MemoryStateStore:
     def __init__(self) -> None:
         self.snapshots: dict[str, bytes] = {}
         self.writes = 0
+        self.empty_at_open = True
 
     async def open(self) -> None:
-        pass
+        self.empty_at_open = not self.snapshots
 
     async def load(self, address: str) -> bytes | None:
         return self.snapshots.get(address)
@@ -83,6 +88,7 @@ class SQLiteStateStore:
     """Snapshots in one SQLite table; every statement runs on one dedicated thread."""
 
     _CHUNK = 500  # keys per SELECT ... IN (...)
+    _ROWS_PER_INSERT = 400  # 800 parameters: under every SQLite build's variable limit
 
     def __init__(self, path: Path | str) -> None:
         path = Path(path)
@@ -95,6 +101,7 @@ class SQLiteStateStore:
         self._inflight: set[asyncio.Future] = set()
         self.writes = 0
         self.commits = 0
+        self.empty_at_open = False
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -108,6 +115,7 @@ class SQLiteStateStore:
             "CREATE TABLE IF NOT EXISTS agent_state (address TEXT PRIMARY KEY, state BLOB)"
             " WITHOUT ROWID"
         )
+        self.empty_at_open = db.execute("SELECT 1 FROM agent_state LIMIT 1").fetchone() is None
         self._db = db
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
@@ -159,11 +167,17 @@ class SQLiteStateStore:
         assert self._db is not None
         with self._db:  # one transaction for the whole group
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO agent_state (address, state) VALUES (?, ?) "
-                "ON CONFLICT(address) DO UPDATE SET state = excluded.state",
-                rows,
-            )
+            # Many rows per statement: executemany would release and retake the GIL for
+            # every row, and each retake can wait out the event loop thread's switch
+            # interval.
+            for start in range(0, len(rows), self._ROWS_PER_INSERT):
+                chunk = rows[start : start + self._ROWS_PER_INSERT]
+                self._db.execute(
+                    "INSERT INTO agent_state (address, state) VALUES "
+                    + ",".join(["(?,?)"] * len(chunk))
+                    + " ON CONFLICT(address) DO UPDATE SET state = excluded.state",
+                    [value for row in chunk for value in row],
+                )
         self.writes += len(rows)
         self.commits += 1
 

@@ -1,0 +1,94 @@
+"""``agentd swarm``: N agents decide with the built-in model and report to a collector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from agentd.swarm import SwarmResult
+
+__all__ = ["swarm"]
+
+
+def swarm(
+    agents: Annotated[int, typer.Option("--agents", "-n", help="Number of agents.")] = 100_000,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    persist: Annotated[
+        bool, typer.Option("--persist/--no-persist", help="Persist agent state in SQLite.")
+    ] = True,
+    state_path: Annotated[
+        Path | None, typer.Option(help="SQLite file (default: a temporary one).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker tasks running turns.")] = 4096,
+) -> None:
+    """Run the multi-agent demo in-process: each agent gets a start message, asks the
+    `decision` model (batched across agents), and reports to a collector that checks it
+    heard from every agent exactly once."""
+    if agents < 1:
+        typer.echo("error: --agents must be at least 1", err=True)
+        raise typer.Exit(2)
+    import uvloop
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from agentd.swarm import run_swarm
+    from agentd.swarm.gc_policy import many_objects_gc
+
+    console = Console(stderr=True)
+    total_turns = 2 * agents  # each agent's turn plus the collector's turn for it
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=json_out,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("turns", total=total_turns)
+
+        def progress(turns: int) -> None:
+            bar.update(task, completed=turns)
+
+        with many_objects_gc():
+            result = uvloop.run(
+                run_swarm(
+                    agents,
+                    persist=persist,
+                    state_path=state_path,
+                    workers=workers,
+                    progress=progress,
+                )
+            )
+    if json_out:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        _print(result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _print(result: SwarmResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"swarm of {result.agents:,} agents", show_header=False)
+    rows = [
+        ("result", "ok" if result.ok else "MISMATCH"),
+        ("distinct results / duplicates", f"{result.distinct_results:,} / {result.duplicates}"),
+        ("wall time", f"{result.wall_s:.2f} s"),
+        ("decisions/s", f"{result.decisions_per_s:,.0f}"),
+        ("peak RSS", f"{result.peak_rss_mb:,.0f} MB"),
+        ("bytes per agent", f"{result.bytes_per_agent:,.0f}"),
+        ("turn latency p50 / p99", f"{result.turn_p50_ms:.1f} / {result.turn_p99_ms:.1f} ms"),
+        ("inference runs (mean batch)", f"{result.inference_runs:,} ({result.mean_batch:,.0f})"),
+        ("state writes", f"{result.store_writes:,} ({'SQLite' if result.persistence else 'off'})"),
+        ("actions", ", ".join(f"{k} {v:,}" for k, v in result.actions.items())),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)

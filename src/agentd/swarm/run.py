@@ -1,0 +1,162 @@
+"""Run a swarm in-process and measure it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agentd.agents import Address, AgentRegistry
+from agentd.inference import InferenceService, ModelRepository
+from agentd.inference.onnx_runtime import OnnxLoader
+from agentd.inference.repository import builtin_models_dir
+from agentd.runtime import ActorHost, MemoryStateStore, SQLiteStateStore, StateStore, WorkerPool
+from agentd.swarm.agents import COLLECTOR, Decider, make_collector
+from agentd.swarm.latency import LatencyHistogram
+
+__all__ = ["SwarmResult", "run_swarm"]
+
+
+@dataclass(frozen=True)
+class SwarmResult:
+    agents: int
+    distinct_results: int
+    duplicates: int
+    ok: bool
+    wall_s: float
+    decisions_per_s: float
+    peak_rss_mb: float
+    bytes_per_agent: float
+    turn_p50_ms: float
+    turn_p99_ms: float
+    inference_runs: int
+    mean_batch: float
+    store_writes: int
+    persistence: bool
+    actions: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _TurnLatency:
+    """Records decider turn times (the collector's turns would swamp the picture)."""
+
+    def __init__(self) -> None:
+        self.histogram = LatencyHistogram()
+
+    def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
+        if agent_type == "decider":
+            self.histogram.record(seconds)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _features(n: int, seed: int) -> np.ndarray:
+    # Situations spread over the model's input range; row i belongs to agent i.
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 16), dtype=np.float32)
+
+
+async def run_swarm(
+    agents: int,
+    *,
+    persist: bool = True,
+    state_path: Path | None = None,
+    workers: int = 4096,
+    seed: int = 0,
+    freeze_every: int = 10_000,
+    progress: Callable[[int], None] | None = None,
+) -> SwarmResult:
+    """Start ``agents`` deciders, wait until the collector has heard from every one."""
+    if agents < 1:
+        raise ValueError("a swarm needs at least one agent")
+    features = _features(agents, seed)
+    collector_type = make_collector(agents)
+    registry = AgentRegistry()
+    registry.register(Decider)
+    registry.register(collector_type)
+    inference = InferenceService(ModelRepository([OnnxLoader()], [builtin_models_dir()]), threads=1)
+    await inference.start()
+    tmp = None
+    store: StateStore
+    if persist:
+        if state_path is None:
+            tmp = tempfile.TemporaryDirectory(prefix="agentd-swarm-")
+            state_path = Path(tmp.name) / "swarm.db"
+        store = SQLiteStateStore(state_path)
+    else:
+        store = MemoryStateStore()
+    latency = _TurnLatency()
+    host = ActorHost(
+        registry,
+        store,
+        pool=WorkerPool(workers, max_queued=max(workers * 4, 16_384)),
+        inference=inference,
+        observer=latency,
+        max_mailbox=agents + 1,
+        max_active=agents + 16,
+        idle_seconds=3600,
+        freeze_every=freeze_every,
+    )
+    await host.start()
+    gc.collect()
+    gc.freeze()  # the long-lived objects made so far need no more GC passes
+    rss_before = _rss_bytes()
+    started = time.perf_counter()
+    try:
+        for index in range(agents):
+            address = Address("decider", str(index))
+            await host.tell(address, (index, features[index : index + 1]))
+            if progress is not None and index % 4096 == 0:
+                progress(host.turns)
+        done = collector_type.done
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.25)
+            if progress is not None:
+                progress(host.turns)
+        wall = time.perf_counter() - started
+        rss_after = _rss_bytes()
+        collector = host._activations[host._activation(COLLECTOR).address].agent
+        stats = host.stats()
+        batcher = inference.batcher("decision")
+        runs = batcher.stats.runs if batcher else 0
+        rows = batcher.stats.rows_run if batcher else 0
+    finally:
+        gc.unfreeze()
+        await host.aclose()
+        await inference.aclose()
+        if tmp is not None:
+            tmp.cleanup()
+    labels = ["wait", "explore", "exploit", "retreat"]
+    return SwarmResult(
+        agents=agents,
+        distinct_results=int(collector.distinct),
+        duplicates=int(collector.duplicates),
+        ok=collector.distinct == agents and collector.duplicates == 0,
+        wall_s=round(wall, 3),
+        decisions_per_s=round(agents / wall, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        bytes_per_agent=round(max(0, rss_after - rss_before) / agents, 1),
+        turn_p50_ms=round(latency.histogram.quantile(0.5) * 1000, 3),
+        turn_p99_ms=round(latency.histogram.quantile(0.99) * 1000, 3),
+        inference_runs=runs,
+        mean_batch=round(rows / runs, 1) if runs else 0.0,
+        store_writes=stats.store_writes,
+        persistence=persist,
+        actions={label: int(c) for label, c in zip(labels, collector.actions, strict=True)},
+    )
