@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -225,35 +226,52 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def _load_server(
-    server: str,
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where one running server answers KServe v2."""
+
+    server: str
+    http_port: int
+    grpc_port: int
+
+
+def _load_all(
+    servers: list[Endpoints],
     models: list[BenchModel],
-    http_port: int,
-    grpc_port: int,
     config: SuiteConfig,
     binary: str,
     progress: Callable[[str], None],
 ) -> list[Point]:
-    """Check every model and protocol with one real call, then load each in turn."""
+    """Check every server, model and protocol with one real call, then load them.
+
+    The servers' points for the same model, protocol and concurrency run back to back, so
+    that a change in background load on a shared machine skews both sides of a ratio alike.
+    """
     points: list[Point] = []
     for model in models:
-        targets = _targets(model, http_port, grpc_port, binary_rest=server == AGENTD)
-        for target in targets:
-            _verify(model, target, grpc_port, http_port)
-        for target in targets:
-            if target.protocol == "grpc":
-                target = replace(target, reply_len=_grpc_reply_len(target, binary))
+        by_protocol: dict[str, list[tuple[str, Target]]] = {}
+        for ep in servers:
+            targets = _targets(model, ep.http_port, ep.grpc_port, binary_rest=ep.server == AGENTD)
+            for target in targets:
+                _verify(model, target, ep.grpc_port, ep.http_port)
+                if target.protocol == "grpc":
+                    target = replace(target, reply_len=_grpc_reply_len(target, binary))
+                by_protocol.setdefault(target.protocol, []).append((ep.server, target))
+        for protocol, pairs in by_protocol.items():
             for c in config.concurrencies:
-                try:
-                    point = measure_point(model.workload.model, server, target, c, config, binary)
-                except h2load.H2LoadError as exc:
-                    raise BenchError(f"{server} {target.protocol} c={c}: {exc}") from exc
-                progress(
-                    f"{model.workload.model:<8} {server:<8} {target.protocol:<11} c={c:<3} "
-                    f"{point.rps:>9,.0f} req/s  p99 {fmt_ms(point.p99_ms)} ms  "
-                    f"errors {point.errors}"
-                )
-                points.append(point)
+                for server, target in pairs:
+                    try:
+                        point = measure_point(
+                            model.workload.model, server, target, c, config, binary
+                        )
+                    except h2load.H2LoadError as exc:
+                        raise BenchError(f"{server} {protocol} c={c}: {exc}") from exc
+                    progress(
+                        f"{model.workload.model:<8} {server:<8} {protocol:<11} c={c:<3} "
+                        f"{point.rps:>9,.0f} req/s  p99 {fmt_ms(point.p99_ms)} ms  "
+                        f"errors {point.errors}"
+                    )
+                    points.append(point)
     return points
 
 
@@ -325,6 +343,8 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
     except mls.MLServerError as exc:
         raise BenchError(str(exc)) from exc
 
+    # Other work on the machine skews every number; the load averages make that visible.
+    load_before = os.getloadavg()
     # First, while no server runs: the in-process microbenchmark wants a quiet machine.
     progress("zero-copy microbenchmark (4 MB tensor)")
     zero = zero_copy.measure(config.zero_copy, progress)
@@ -336,12 +356,6 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
         plugins = workdir / "plugins"
         models = _prepare_models(plugins, progress)
         try:
-            with _running_agentd(workdir, plugins) as port:
-                kserve = _agentd_kserve_ready(port, models)
-                if kserve == "ok":
-                    points += _load_server(AGENTD, models, port, port, config, binary, progress)
-                else:
-                    progress(f"agentd skipped: {kserve}")
             mlserver_models = [
                 mls.MLServerModel(
                     m.workload.model,
@@ -351,12 +365,20 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
                 )
                 for m in models
             ]
-            venv = mls.default_venv_dir()
-            progress("starting MLServer")
-            with mls.running_mlserver(venv, workdir, mlserver_models) as ports:
-                points += _load_server(
-                    MLSERVER, models, ports.http, ports.grpc, config, binary, progress
-                )
+            # Both servers run for the whole load phase; an idle one sleeps in epoll and
+            # takes no CPU from the one under load.
+            progress("starting agentd and MLServer")
+            with (
+                _running_agentd(workdir, plugins) as port,
+                mls.running_mlserver(mls.default_venv_dir(), workdir, mlserver_models) as ports,
+            ):
+                servers = [Endpoints(MLSERVER, ports.http, ports.grpc)]
+                kserve = _agentd_kserve_ready(port, models)
+                if kserve == "ok":
+                    servers.insert(0, Endpoints(AGENTD, port, port))
+                else:
+                    progress(f"agentd skipped: {kserve}")
+                points = _load_all(servers, models, config, binary, progress)
         except (BenchError, kr.CheckError, mls.MLServerError) as exc:
             # The temporary directory (and its server logs) goes away; keep the tails.
             raise BenchError(f"{exc}\n{log_tails(workdir)}") from exc
@@ -382,6 +404,10 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
             "max_batch_time_s": MLSERVER_MAX_BATCH_TIME_S,
         },
         "h2load": h2load.h2load_version(binary),
+        "load_average": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()],
+        },
     }
 
 

@@ -145,6 +145,8 @@ def build_document(
         "timestamp": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "quick": quick,
         "machine": machine_info(),
+        # 1, 5 and 15 minute load averages around the run: the suite itself adds about 2.
+        "load_average": measured["load_average"],
         "versions": {
             **package_versions(
                 ["agentd", "onnxruntime", "numpy", "protobuf", "tritonclient", "pyvoy"]
@@ -154,7 +156,8 @@ def build_document(
             "h2load": measured["h2load"],
         },
         "method": {
-            "load_generator": "h2load, 1 thread; one server process at a time",
+            "load_generator": "h2load, 1 thread; both servers run, one is loaded at a time, "
+            "and their points for the same model, protocol and concurrency run back to back",
             "requests": "batch 1: one row per request, the same seeded row every time",
             "grpc": "KServe v2 ModelInfer over h2c with raw_input_contents; N in flight as "
             "min(N, 4) connections x N/connections streams",
@@ -262,6 +265,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(
         f"[dim]{m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}, onnxruntime "
         f"{v['onnxruntime']}, MLServer {v['mlserver']}, {v['h2load']}; client and servers "
-        "share the machine[/dim]",
+        f"share the machine; load average {doc['load_average']['before'][0]:.1f} before, "
+        f"{doc['load_average']['after'][0]:.1f} after[/dim]",
         soft_wrap=True,
     )

@@ -159,19 +159,22 @@ def _run_logged(
     assert proc.stdout is not None
     tail: deque[str] = deque(maxlen=40)
     collected = 0
-    last_report = time.monotonic()
-    started = last_report
+    installing = False
+    started = last_report = time.monotonic()
     for line in proc.stdout:
         log.write(line)
         tail.append(line.rstrip())
+        now = time.monotonic()
         if line.startswith("Collecting "):
             collected += 1
-        now = time.monotonic()
-        if line.startswith("Installing collected packages"):
+        elif line.startswith("Installing collected packages"):
+            installing = True
             progress(f"  pip: installing {collected} packages ({now - started:.0f}s)")
             last_report = now
-        elif now - last_report >= 5:
-            progress(f"  pip: {collected} packages collected ({now - started:.0f}s)")
+            continue
+        if now - last_report >= 5:
+            doing = "still installing" if installing else f"{collected} packages collected"
+            progress(f"  pip: {doing} ({now - started:.0f}s)")
             last_report = now
     code = proc.wait()
     log.flush()

@@ -136,8 +136,11 @@ class InferenceService:
         if batcher is None:
             raise Unavailable(f"model {name!r} is not loaded")
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is None:
                 result = await batcher.submit(inputs, rows)
+            else:
+                async with asyncio.timeout(timeout):
+                    result = await batcher.submit(inputs, rows)
         except TimeoutError:
             raise DeadlineExceeded(f"model {name!r} did not answer within {timeout:.3f}s") from None
         return {key: result[key] for key in wanted}

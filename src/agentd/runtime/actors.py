@@ -10,6 +10,7 @@ back on the queue if more messages wait. Idle activations are passivated after
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -163,10 +164,15 @@ class _Activation:
                         result = None
                         async for event in self.agent.stream(ctx, envelope.message):
                             await events.put(event)
-            await self._persist()
+            committed = self._persist()
             outcome = "ok"
             if reply is not None and not reply.done():
-                reply.set_result(result)
+                if committed is None:
+                    reply.set_result(result)
+                else:
+                    # The caller hears back once the state it caused is durable; the
+                    # worker does not wait for that and moves on.
+                    committed.add_done_callback(functools.partial(_answer, reply, result))
         except TimeoutError:
             outcome = "deadline"
             self._rollback()
@@ -194,16 +200,17 @@ class _Activation:
                 events.put_nowait(_END)
             host._turn_finished(self.address.type, outcome, time.perf_counter() - started)
 
-    async def _persist(self) -> None:
+    def _persist(self) -> asyncio.Future[None] | None:
+        """Queue the state for commit if the turn changed it; the commit's future."""
         try:
             snapshot = orjson.dumps(self.state)
         except TypeError as exc:
             raise Internal(f"agent {self.address} state is not JSON-serialisable: {exc}") from None
-        if snapshot != self.snapshot:
-            # orjson's result sits in a ~4 KiB buffer; keep an exact-size copy instead.
-            snapshot = memoryview(snapshot).tobytes()
-            await self.host.store.save(str(self.address), snapshot)
-            self.snapshot = snapshot
+        if snapshot == self.snapshot:
+            return None
+        # orjson's result sits in a ~4 KiB buffer; keep an exact-size copy instead.
+        self.snapshot = memoryview(snapshot).tobytes()
+        return self.host.store.save(str(self.address), self.snapshot)
 
     def _rollback(self) -> None:
         # A failed turn leaves the state of the last good turn.
@@ -222,6 +229,17 @@ class _CancelTurnWhenAbandoned:
         if reply.cancelled() and not self.turn_over:
             self.fired = True
             self.task.cancel()
+
+
+def _answer(reply: asyncio.Future, result: Any, committed: asyncio.Future) -> None:
+    if reply.done():
+        return
+    error = None if committed.cancelled() else committed.exception()
+    if committed.cancelled() or error is not None:
+        log.error("agent state commit failed: %s", error)
+        reply.set_exception(Unavailable(f"the agent's state could not be saved: {error}"))
+    else:
+        reply.set_result(result)
 
 
 def _fail(reply: asyncio.Future | None, error: BaseException) -> None:

@@ -42,6 +42,7 @@ class WorkerPool:
             raise ValueError("a pool needs at least one worker and room for one job")
         self._num_workers = num_workers
         self._max_queued = max_queued
+        self._low_water = max_queued // 2
         self._queue: deque[Job] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a job
         self._room: deque[asyncio.Future[None]] = deque()  # submitters waiting for room
@@ -107,6 +108,12 @@ class WorkerPool:
                 room.set_result(None)
                 return
 
+    def _wake_submitters(self) -> None:
+        rooms, self._room = self._room, deque()
+        for room in rooms:
+            if not room.done():
+                room.set_result(None)
+
     async def _work(self) -> None:
         queue = self._queue
         loop = asyncio.get_running_loop()
@@ -119,8 +126,10 @@ class WorkerPool:
                 await waiter
                 continue
             job = queue.popleft()
-            if self._room:
-                self._wake_submitter()
+            if self._room and len(queue) <= self._low_water:
+                # Hysteresis: waiting submitters resume once the queue is half empty and
+                # refill it in one go, instead of one wake-up per finished job.
+                self._wake_submitters()
             self._busy += 1
             try:
                 await job.run()

@@ -29,7 +29,9 @@ class StateStore(Protocol):
 
     async def load(self, address: str) -> bytes | None: ...
 
-    async def save(self, address: str, snapshot: bytes) -> None: ...
+    def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
+        """Queue a write; the future is done once it is committed."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -48,9 +50,12 @@ class MemoryStateStore:
     async def load(self, address: str) -> bytes | None:
         return self.snapshots.get(address)
 
-    async def save(self, address: str, snapshot: bytes) -> None:
+    def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
         self.snapshots[address] = snapshot
         self.writes += 1
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def aclose(self) -> None:
         pass
@@ -73,6 +78,13 @@ class _Grouped:
         if not self._scheduled and self._running is None:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run)
+
+    async def drain(self) -> None:
+        """Wait until every item added so far is flushed."""
+        while self.items or self._running is not None or self._scheduled:
+            if self._running is not None:
+                await asyncio.wait([self._running])
+            await asyncio.sleep(0)
 
     def _run(self, _done: object = None) -> None:
         self._scheduled = False
@@ -98,7 +110,6 @@ class SQLiteStateStore:
         self._db: sqlite3.Connection | None = None
         self._saves = _Grouped(self._flush_saves)
         self._loads = _Grouped(self._flush_loads)
-        self._inflight: set[asyncio.Future] = set()
         self.writes = 0
         self.commits = 0
         self.empty_at_open = False
@@ -126,10 +137,10 @@ class SQLiteStateStore:
         self._loads.add((address, future))
         return await future
 
-    async def save(self, address: str, snapshot: bytes) -> None:
+    def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._saves.add((address, snapshot, future))
-        await future
+        return future
 
     def _flush_loads(self, items: list) -> asyncio.Future:
         return self._submit(self._select, [a for a, _ in items], [f for _, f in items], items)
@@ -142,10 +153,8 @@ class SQLiteStateStore:
 
     def _submit(self, fn: Callable, arg: list, futures: list, items: list | None) -> asyncio.Future:
         task = asyncio.ensure_future(self._call(fn, arg))
-        self._inflight.add(task)
 
         def done(t: asyncio.Future) -> None:
-            self._inflight.discard(t)
             if t.cancelled():
                 error: BaseException | None = asyncio.CancelledError()
             else:
@@ -196,8 +205,8 @@ class SQLiteStateStore:
         return found
 
     async def aclose(self) -> None:
-        if self._inflight:
-            await asyncio.wait(list(self._inflight))
+        await self._saves.drain()
+        await self._loads.drain()
         if self._db is not None:
             await self._call(self._db.close)
             self._db = None

@@ -131,17 +131,17 @@ async def run_swarm(
                 progress(host.turns)
         wall = time.perf_counter() - started
         rss_after = _rss_bytes()
-        collector = host._activations[host._activation(COLLECTOR).address].agent
-        stats = host.stats()
+        collector = host._activation(COLLECTOR).agent
         batcher = inference.batcher("decision")
         runs = batcher.stats.runs if batcher else 0
         rows = batcher.stats.rows_run if batcher else 0
     finally:
         gc.unfreeze()
-        await host.aclose()
+        await host.aclose()  # waits for the last state commits
         await inference.aclose()
         if tmp is not None:
             tmp.cleanup()
+    store_writes = getattr(store, "writes", 0)
     labels = ["wait", "explore", "exploit", "retreat"]
     return SwarmResult(
         agents=agents,
@@ -156,7 +156,7 @@ async def run_swarm(
         turn_p99_ms=round(latency.histogram.quantile(0.99) * 1000, 3),
         inference_runs=runs,
         mean_batch=round(rows / runs, 1) if runs else 0.0,
-        store_writes=stats.store_writes,
+        store_writes=store_writes,
         persistence=persist,
         actions={label: int(c) for label, c in zip(labels, collector.actions, strict=True)},
     )

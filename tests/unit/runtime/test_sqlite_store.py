@@ -39,9 +39,9 @@ async def test_group_commit_and_restart(tmp_path):
     await runtime.start()
     await asyncio.gather(*(runtime.host.ask(f"tally/{i % 50}", None) for i in range(1000)))
     store = runtime.host.store
-    assert store.writes == 1000
-    assert store.commits < 1000  # many turns per transaction
     await runtime.aclose()
+    assert 50 <= store.writes <= 1000  # rows; a group keeps only an agent's last state
+    assert store.commits < 100  # many turns per transaction
 
     again = make_runtime(path)  # a new process would see the same
     await again.start()
