@@ -75,6 +75,7 @@ class Gateway:
             registry.load_directory(settings.plugins / "agents")
         self.inference = build_inference(settings, self.metrics)
         self.runtime = build_runtime(settings, registry, self.inference, self.metrics)
+        self.metrics.watch_runtime(self.runtime.host.gauges)
         install_strict_codecs()
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["Metrics"]
+
+_RUNTIME_SERIES = (
+    ("active_agents", "gauge", "agentd_agents_active", "Agent instances in memory."),
+    ("passivated_agents", "counter", "agentd_agents_passivated", "Agents passivated."),
+    ("messages_waiting", "gauge", "agentd_mailbox_messages", "Messages waiting in mailboxes."),
+    ("pool_queued", "gauge", "agentd_pool_queue_depth", "Agents waiting for a worker."),
+    ("pool_busy", "gauge", "agentd_pool_busy_workers", "Workers running a turn."),
+    ("pool_rejected", "counter", "agentd_pool_rejections", "Messages refused: queue full."),
+    ("state_writes", "counter", "agentd_state_writes", "Agent state rows written."),
+    ("state_commits", "counter", "agentd_state_commits", "State store transactions."),
+)
+
+
+class _RuntimeCollector:
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        values = self._read()
+        for key, kind, name, help_text in _RUNTIME_SERIES:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_text, value=values.get(key, 0))
+
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -146,6 +173,14 @@ class Metrics:
         for seconds in queue_seconds:
             queue.observe(seconds)
         self._child(self._compute_time, model).observe(compute_seconds)
+
+    def watch_runtime(self, read: Callable[[], dict[str, float]]) -> None:
+        """Expose the runtime's gauges and counters, read from ``read()`` at scrape time.
+
+        ``read`` returns: active_agents, passivated_agents, messages_waiting, pool_queued,
+        pool_busy, pool_rejected, state_writes, state_commits.
+        """
+        self.registry.register(_RuntimeCollector(read))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -118,6 +118,7 @@ class _Activation:
                 if not mailbox:
                     break
                 envelope = mailbox.popleft()
+                host._waiting -= 1
                 reply = envelope.reply
                 if reply is not None and reply.done():
                     continue  # the caller gave up before the turn began
@@ -275,6 +276,7 @@ class ActorHost:
         self._active_by_type: dict[str, int] = {}
         self._passivated = 0
         self._created = 0
+        self._waiting = 0  # messages in all mailboxes
         self._freeze_every = freeze_every
         # Addresses passivated by this process: the only ones a store that was empty when
         # opened can hold, so other activations skip the load.
@@ -365,6 +367,7 @@ class ActorHost:
             except AgentdError:
                 if activation.mailbox:
                     activation.mailbox.pop()
+                    self._waiting -= 1
                 raise
             activation.scheduled = True
 
@@ -377,6 +380,7 @@ class ActorHost:
                 f"agent {activation.address} has {self._max_mailbox} messages waiting"
             )
         mailbox.append(envelope)
+        self._waiting += 1
 
     def _requeue(self, activation: _Activation) -> None:
         # Messages already accepted must run: bypass the queue limit.
@@ -454,6 +458,20 @@ class ActorHost:
 
     def active_counts(self) -> dict[str, int]:
         return dict(self._active_by_type)
+
+    def gauges(self) -> dict[str, float]:
+        """Cheap numbers for metrics (no scan over activations)."""
+        pool = self.pool.statistics()
+        return {
+            "active_agents": len(self._activations),
+            "passivated_agents": self._passivated,
+            "messages_waiting": self._waiting,
+            "pool_queued": pool.queued,
+            "pool_busy": pool.busy,
+            "pool_rejected": pool.rejected,
+            "state_writes": getattr(self.store, "writes", 0),
+            "state_commits": getattr(self.store, "commits", 0),
+        }
 
     def stats(self) -> HostStats:
         return HostStats(
