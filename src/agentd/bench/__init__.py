@@ -8,4 +8,5 @@ __all__ = ["SUITES"]
 SUITES: dict[str, str] = {
     "gateway": "agentd.bench.gateway:run_suite",
     "inference": "agentd.bench.inference:run_suite",
+    "swarm": "agentd.bench.swarm:run_suite",
 }

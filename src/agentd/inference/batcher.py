@@ -52,6 +52,7 @@ class _Pending:
     inputs: Mapping[str, np.ndarray]
     rows: int
     future: asyncio.Future[Arrays]
+    outputs: Sequence[str] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # still counted in the queue statistics
 
@@ -102,8 +103,11 @@ class DynamicBatcher:
                 self._uncount(pending)
                 pending.future.set_exception(Unavailable(f"model {self._model!r} was unloaded"))
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
-        """Queue ``inputs`` (``rows`` rows along the batch dimension) and await the outputs.
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], rows: int, outputs: Sequence[str] | None = None
+    ) -> Arrays:
+        """Queue ``inputs`` (``rows`` rows along the batch dimension) and await the outputs
+        (those named in ``outputs``, or all).
 
         Raises ResourceExhausted when the queue is full, Unavailable when closed.
         """
@@ -116,13 +120,16 @@ class DynamicBatcher:
             )
         self.start()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        pending = _Pending(inputs, rows, future)
+        pending = _Pending(inputs, rows, future, outputs)
         self._queue.append(pending)
         self.stats.queued += 1
         self._rows_waiting += rows
-        future.add_done_callback(lambda f: self._cancelled(pending) if f.cancelled() else None)
         self._arrived.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._cancelled(pending)  # its row is dropped if its batch has not formed yet
+            raise
 
     def _cancelled(self, pending: _Pending) -> None:
         if pending.waiting:
@@ -160,11 +167,12 @@ class DynamicBatcher:
             for pending in batch:
                 end = start + pending.rows
                 if not pending.future.done():
+                    keys = pending.outputs or outputs
                     if self._stack and len(batch) > 1:
                         # Views into the batch output: no copy per caller.
-                        pending.future.set_result({k: v[start:end] for k, v in outputs.items()})
+                        pending.future.set_result({k: outputs[k][start:end] for k in keys})
                     else:
-                        pending.future.set_result(outputs)
+                        pending.future.set_result({k: outputs[k] for k in keys})
                 start = end
 
     async def _next_batch(self) -> list[_Pending]:

@@ -137,13 +137,11 @@ class InferenceService:
             raise Unavailable(f"model {name!r} is not loaded")
         try:
             if timeout is None:
-                result = await batcher.submit(inputs, rows)
-            else:
-                async with asyncio.timeout(timeout):
-                    result = await batcher.submit(inputs, rows)
+                return await batcher.submit(inputs, rows, wanted)
+            async with asyncio.timeout(timeout):
+                return await batcher.submit(inputs, rows, wanted)
         except TimeoutError:
             raise DeadlineExceeded(f"model {name!r} did not answer within {timeout:.3f}s") from None
-        return {key: result[key] for key in wanted}
 
     def _loaded(self, name: str, version: str | None) -> Any:
         entry = self._repository.entry(name)
@@ -238,10 +236,13 @@ def _datatype(array: np.ndarray) -> DataType:
         raise InvalidArgument(str(exc)) from None
 
 
-def _wanted_outputs(metadata: ModelMetadata, outputs: Sequence[str] | None) -> Sequence[str]:
-    names = [spec.name for spec in metadata.outputs]
+def _wanted_outputs(
+    metadata: ModelMetadata, outputs: Sequence[str] | None
+) -> Sequence[str] | None:
+    """The outputs to return (None: all), checked against the model."""
     if not outputs:
-        return names
+        return None
+    names = [spec.name for spec in metadata.outputs]
     for name in outputs:
         if name not in names:
             raise InvalidArgument(
