@@ -32,6 +32,8 @@ test: $(VENV)/.installed-dev system-test-deps
 ## bench: run the benchmark suites; JSON results go to benchmarks/results/
 bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench gateway
+	$(BIN)/agentd bench inference
+	$(BIN)/agentd bench swarm
 
 ## models: retrain the built-in int8 decision model (package data) and make the benchmark MLP
 models: $(VENV)/.installed-dev

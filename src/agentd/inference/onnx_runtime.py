@@ -78,6 +78,10 @@ class OnnxLoader:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # ONNX Runtime's threads busy-wait between runs by default; on a small machine that
+        # spin takes the cores the event loop needs (perf: 22% of the server's CPU in one
+        # pause instruction; turning it off took KServe gRPC from 4.2k to 6.9k req/s).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(path), options, providers=self._providers)
         except Exception as exc:  # onnxruntime raises several unrelated types here
