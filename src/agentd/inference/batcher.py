@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -47,14 +47,22 @@ class BatcherStats:
     rejected: int = 0
 
 
-@dataclass(slots=True)
 class _Pending:
-    inputs: Mapping[str, np.ndarray]
-    rows: int
-    future: asyncio.Future[Arrays]
-    outputs: Sequence[str] | None = None
-    enqueued: float = field(default_factory=time.perf_counter)
-    waiting: bool = True  # still counted in the queue statistics
+    __slots__ = ("enqueued", "future", "inputs", "outputs", "rows", "waiting")
+
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        future: asyncio.Future[Arrays],
+        outputs: Sequence[str] | None,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.future = future
+        self.outputs = outputs
+        self.enqueued = time.perf_counter()
+        self.waiting = True  # still counted in the queue statistics
 
 
 class DynamicBatcher:
@@ -118,13 +126,15 @@ class DynamicBatcher:
             raise ResourceExhausted(
                 f"model {self._model!r} has {self.stats.queued} requests queued (the limit)"
             )
-        self.start()
+        if self._worker is None:
+            self.start()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         pending = _Pending(inputs, rows, future, outputs)
         self._queue.append(pending)
         self.stats.queued += 1
         self._rows_waiting += rows
-        self._arrived.set()
+        if not self._arrived.is_set():
+            self._arrived.set()
         try:
             return await future
         except asyncio.CancelledError:

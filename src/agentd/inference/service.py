@@ -201,30 +201,30 @@ def _validate(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> int:
 def _quick_rows(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> int | None:
     """The batch size if every input is exactly right, else None (then ``_validate``).
 
-    The hot path of ctx.infer: plain comparisons, no messages built.
+    The hot path of ctx.infer: plain comparisons against shapes prepared once per model.
     """
-    if len(inputs) != len(metadata.inputs):
+    checks = metadata.input_checks
+    if len(inputs) != len(checks):
         return None
-    rows = 1 if not metadata.max_batch_size else -1
-    for spec in metadata.inputs:
-        array = inputs.get(spec.name)
-        if array is None or array.dtype != spec.datatype.numpy:
+    batched = metadata.max_batch_size > 0
+    rows = 1
+    for index, (name, dtype, shape, fixed) in enumerate(checks):
+        array = inputs.get(name)
+        if array is None or array.dtype != dtype:
             return None
-        shape = array.shape
-        want = spec.shape
-        if len(shape) != len(want):
+        got = array.shape
+        if batched:
+            if len(got) != len(shape) or (fixed and got[1:] != shape[1:]):
+                return None
+            if index == 0:
+                rows = got[0]
+            elif got[0] != rows:
+                return None
+        elif got != shape:
             return None
-        for got, expected in zip(shape, want, strict=True):
-            if expected != -1 and got != expected:
-                return None
-        if metadata.max_batch_size:
-            if rows == -1:
-                rows = shape[0]
-            elif rows != shape[0]:
-                return None
-    if metadata.max_batch_size and not 1 <= rows <= metadata.max_batch_size:
-        return None
-    if math.prod(next(iter(inputs.values())).shape) > _MAX_ELEMENTS:
+        if not fixed:
+            return None  # dimensions of any size: let _validate check them all
+    if batched and not 1 <= rows <= metadata.max_batch_size:
         return None
     return rows
 
@@ -236,16 +236,15 @@ def _datatype(array: np.ndarray) -> DataType:
         raise InvalidArgument(str(exc)) from None
 
 
-def _wanted_outputs(
-    metadata: ModelMetadata, outputs: Sequence[str] | None
-) -> Sequence[str] | None:
+def _wanted_outputs(metadata: ModelMetadata, outputs: Sequence[str] | None) -> Sequence[str] | None:
     """The outputs to return (None: all), checked against the model."""
     if not outputs:
         return None
-    names = [spec.name for spec in metadata.outputs]
+    names = metadata.output_names
     for name in outputs:
         if name not in names:
             raise InvalidArgument(
-                f"model {metadata.name!r} has no output {name!r}; its outputs are {names}"
+                f"model {metadata.name!r} has no output {name!r}; its outputs are "
+                f"{[spec.name for spec in metadata.outputs]}"
             )
     return outputs

@@ -135,6 +135,20 @@ class ModelMetadata:
     execution_providers: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    output_names: frozenset[str] = field(init=False, repr=False, compare=False)
+    # (name, numpy dtype, shape, fixed) per input: "fixed" when no dimension past the batch
+    # dimension is -1. Prepared once; checked on every call.
+    input_checks: tuple[tuple[str, np.dtype, tuple[int, ...], bool], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_names", frozenset(s.name for s in self.outputs))
+        skip = 1 if self.max_batch_size > 0 else 0
+        checks = tuple(
+            (s.name, s.datatype.numpy, s.shape, -1 not in s.shape[skip:]) for s in self.inputs
+        )
+        object.__setattr__(self, "input_checks", checks)
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:

@@ -146,12 +146,10 @@ class _Activation:
         started = time.perf_counter()
         outcome = "error"
         reply, events = envelope.reply, envelope.events
-        task = asyncio.current_task()
-        assert task is not None
         # A caller that gives up (disconnect, its own timeout) cancels this turn.
         watch = None
         if reply is not None:
-            watch = _CancelTurnWhenAbandoned(task)
+            watch = _CancelTurnWhenAbandoned(asyncio.current_task())  # type: ignore[arg-type]
             reply.add_done_callback(watch)
         try:
             ctx = Context(self.address, self.state, envelope.deadline, host)  # type: ignore[arg-type]
@@ -185,7 +183,7 @@ class _Activation:
                 _fail(reply, Unavailable("the runtime is shutting down"))
                 raise
             outcome = "cancelled"
-            task.uncancel()
+            watch.task.uncancel()
         except AgentdError as exc:
             self._rollback()
             _fail(reply, exc)
