@@ -235,6 +235,11 @@ def _metadata_doc(metadata: ModelMetadata) -> dict[str, Any]:
         "platform": metadata.platform,
         "inputs": [_tensor_doc(t) for t in metadata.inputs],
         "outputs": [_tensor_doc(t) for t in metadata.outputs],
+        # Beyond the spec (clients ignore unknown keys): where and how the model runs.
+        "parameters": {
+            "max_batch_size": metadata.max_batch_size,
+            "execution_providers": list(metadata.execution_providers),
+        },
     }
 
 

@@ -1,0 +1,73 @@
+"""Model repository through the API (tritonclient) and `agentd models`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+import tritonclient.http as httpclient
+
+from agentd.inference import DataType
+from agentd.testing import start_server
+from agentd.testing.models import write_identity_model
+
+
+@pytest.fixture(scope="module")
+def repo_server(tmp_path_factory):
+    plugins = tmp_path_factory.mktemp("plugins")
+    write_identity_model(plugins / "models", "ident", DataType.FP32)
+    broken = plugins / "models" / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a model")
+    running = start_server(["--plugins", str(plugins)])
+    yield running
+    running.stop()
+
+
+def agentd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_index_shows_states_and_reasons(repo_server):
+    client = httpclient.InferenceServerClient(repo_server.target)
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index["ident"]["state"] == "READY"
+    assert index["decision"]["state"] == "READY"
+    assert index["broken"]["state"] == "FAILED"
+    assert "not a loadable ONNX model" in index["broken"]["reason"]
+
+
+def test_metadata_reports_execution_providers(repo_server):
+    meta = httpx.get(repo_server.url + "/v2/models/decision").json()
+    assert "CPUExecutionProvider" in meta["parameters"]["execution_providers"]
+
+
+def test_unload_and_load_with_tritonclient(repo_server):
+    client = httpclient.InferenceServerClient(repo_server.target)
+    client.unload_model("ident")
+    assert not client.is_model_ready("ident")
+    client.load_model("ident")
+    assert client.is_model_ready("ident")
+
+
+def test_cli_list_load_unload(repo_server):
+    out = agentd("models", "--url", repo_server.url)
+    assert out.returncode == 0, out.stderr
+    assert "decision" in out.stdout and "READY" in out.stdout and "FAILED" in out.stdout
+    out = agentd("models", "unload", "ident", "--url", repo_server.url)
+    assert out.returncode == 0 and "unloaded" in out.stdout
+    out = agentd("models", "load", "ident", "--url", repo_server.url)
+    assert out.returncode == 0 and "loaded" in out.stdout
+    out = agentd("models", "load", "broken", "--url", repo_server.url)
+    assert out.returncode == 1 and "not a loadable ONNX model" in out.stderr
+    out = agentd("models", "load", "ghost", "--url", repo_server.url)
+    assert out.returncode == 1 and "unknown model" in out.stderr
