@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentd.agents.address import Address
 from agentd.agents.message import Message
-from agentd.errors import AgentdError, Code
+from agentd.errors import AgentdError, Code, DeadlineExceeded
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,8 +63,18 @@ class Context:
         *,
         outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run a model, batched with other agents' calls; bounded by this turn's deadline."""
-        return await self._require_host().infer(model, inputs, outputs, self.deadline)
+        """Run a model, batched with other agents' calls; bounded by this turn's deadline.
+
+        Cancelling the turn drops this call's rows if their batch has not formed yet.
+        """
+        result = self._require_host().infer_nowait(model, inputs, outputs)
+        if self.deadline is None:
+            return await result
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                return await result
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {model!r} did not answer before the deadline") from None
 
     async def send(self, address: str | Address, message: Any) -> None:
         """Deliver ``message`` to another agent without waiting for its turn."""

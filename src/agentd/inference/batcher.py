@@ -8,6 +8,7 @@ at once with ResourceExhausted rather than growing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +49,7 @@ class BatcherStats:
 
 
 class _Pending:
-    __slots__ = ("enqueued", "future", "inputs", "outputs", "rows", "waiting")
+    __slots__ = ("enqueued", "future", "inputs", "outputs", "rows")
 
     def __init__(
         self,
@@ -62,7 +63,6 @@ class _Pending:
         self.future = future
         self.outputs = outputs
         self.enqueued = time.perf_counter()
-        self.waiting = True  # still counted in the queue statistics
 
 
 class DynamicBatcher:
@@ -86,6 +86,8 @@ class DynamicBatcher:
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._rows_waiting = 0
+        # Rows waiting at which an arrival wakes the worker; 0 while it is busy running.
+        self._wake_at = 1
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
@@ -107,15 +109,16 @@ class DynamicBatcher:
             self._worker = None
         while self._queue:
             pending = self._queue.popleft()
+            self._uncount(pending)
             if not pending.future.done():
-                self._uncount(pending)
                 pending.future.set_exception(Unavailable(f"model {self._model!r} was unloaded"))
 
-    async def submit(
+    def submit_nowait(
         self, inputs: Mapping[str, np.ndarray], rows: int, outputs: Sequence[str] | None = None
-    ) -> Arrays:
-        """Queue ``inputs`` (``rows`` rows along the batch dimension) and await the outputs
-        (those named in ``outputs``, or all).
+    ) -> asyncio.Future[Arrays]:
+        """Queue ``inputs`` (``rows`` rows along the batch dimension); the future gets the
+        outputs (those named in ``outputs``, or all). Cancelling the future before its batch
+        forms drops the rows.
 
         Raises ResourceExhausted when the queue is full, Unavailable when closed.
         """
@@ -129,25 +132,20 @@ class DynamicBatcher:
         if self._worker is None:
             self.start()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        pending = _Pending(inputs, rows, future, outputs)
-        self._queue.append(pending)
+        self._queue.append(_Pending(inputs, rows, future, outputs))
         self.stats.queued += 1
         self._rows_waiting += rows
-        if not self._arrived.is_set():
+        if self._wake_at and self._rows_waiting >= self._wake_at:
             self._arrived.set()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._cancelled(pending)  # its row is dropped if its batch has not formed yet
-            raise
+        return future
 
-    def _cancelled(self, pending: _Pending) -> None:
-        if pending.waiting:
-            self._uncount(pending)
-            self.stats.dropped_cancelled += 1
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], rows: int, outputs: Sequence[str] | None = None
+    ) -> Arrays:
+        """``submit_nowait`` and await the result; cancellation drops the rows."""
+        return await self.submit_nowait(inputs, rows, outputs)
 
     def _uncount(self, pending: _Pending) -> None:
-        pending.waiting = False
         self.stats.queued -= 1
         self._rows_waiting -= pending.rows
 
@@ -189,37 +187,43 @@ class DynamicBatcher:
         """Wait for work, give latecomers up to the queue delay, then take a batch."""
         while not self._live_head():
             self._arrived.clear()
+            self._wake_at = 1  # any arrival wakes the worker
             await self._arrived.wait()
-        if self._stack and self._delay > 0:
-            deadline = self._queue[0].enqueued + self._delay
-            while self._rows_waiting < self._max_rows:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
+        if self._stack and self._delay > 0 and self._rows_waiting < self._max_rows:
+            remaining = self._queue[0].enqueued + self._delay - time.perf_counter()
+            if remaining > 0:
+                # Only a full batch ends the wait early: waking on every arrival would cost
+                # a timer and a task switch per request.
                 self._arrived.clear()
-                try:
+                self._wake_at = self._max_rows
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._arrived.wait()
-                except TimeoutError:
-                    break
+        self._wake_at = 0
         batch: list[_Pending] = []
         rows = 0
-        while self._queue:
-            pending = self._queue[0]
+        queue, stats, limit = self._queue, self.stats, self._max_rows
+        while queue:
+            pending = queue[0]
             if pending.future.done():  # cancelled while waiting: its row is dropped
-                self._queue.popleft()
+                queue.popleft()
+                self._uncount(pending)
+                stats.dropped_cancelled += 1
                 continue
-            if batch and (not self._stack or rows + pending.rows > self._max_rows):
+            if batch and (not self._stack or rows + pending.rows > limit):
                 break
-            self._queue.popleft()
-            self._uncount(pending)
+            queue.popleft()
             batch.append(pending)
             rows += pending.rows
+        stats.queued -= len(batch)
+        self._rows_waiting -= rows
         return batch
 
     def _live_head(self) -> bool:
         while self._queue and self._queue[0].future.done():
-            self._queue.popleft()
+            pending = self._queue.popleft()
+            self._uncount(pending)
+            self.stats.dropped_cancelled += 1
         return bool(self._queue)
 
     def _observe(self, rows: int, queue_seconds: list[float], started: float, ok: bool) -> None:

@@ -48,15 +48,14 @@ class TurnObserver(Protocol):
 
 
 class Inference(Protocol):
-    async def infer(
+    def infer_nowait(
         self,
         name: str,
         inputs: Mapping[str, np.ndarray],
         *,
         version: str | None = None,
         outputs: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, np.ndarray]: ...
+    ) -> asyncio.Future[dict[str, np.ndarray]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +123,10 @@ class _Activation:
                     continue  # the caller gave up before the turn began
                 if self.state is None:
                     await self._restore()
-                await self._turn(envelope)
+                if reply is None and envelope.deadline is None and envelope.events is None:
+                    await self._tell_turn(envelope.message)
+                else:
+                    await self._turn(envelope)
         finally:
             self.last_turn = time.monotonic()
             if mailbox:
@@ -140,6 +142,28 @@ class _Activation:
         snapshot = await self.host.store.load(str(self.address))
         self.snapshot = snapshot or b""
         self.state = orjson.loads(snapshot) if snapshot else {}
+
+    async def _tell_turn(self, message: Any) -> None:
+        """A turn nobody waits for (``tell``/``ctx.send``): no deadline, no reply to settle.
+
+        The common case in a swarm, so it skips the bookkeeping ``_turn`` needs for replies
+        and deadlines; failures are logged and rolled back the same way.
+        """
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            await self.agent.handle(Context(self.address, self.state, None, self.host), message)  # type: ignore[arg-type]
+            self._persist()
+        except asyncio.CancelledError:
+            self._rollback()
+            outcome = "cancelled"
+            raise
+        except Exception:
+            self._rollback()
+            outcome = "error"
+            log.exception("agent %s raised", self.address)
+        finally:
+            self.host._turn_finished(self.address.type, outcome, time.perf_counter() - started)
 
     async def _turn(self, envelope: _Envelope) -> None:
         host = self.host
@@ -403,19 +427,12 @@ class ActorHost:
 
     # -- inference for ctx.infer --------------------------------------------------------
 
-    async def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] | None,
-        deadline: float | None,
-    ) -> dict[str, np.ndarray]:
+    def infer_nowait(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
         if self.inference is None:
             raise Unavailable("this runtime has no inference service")
-        timeout = None
-        if deadline is not None:
-            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        return await self.inference.infer(model, inputs, outputs=outputs, timeout=timeout)
+        return self.inference.infer_nowait(model, inputs, outputs=outputs)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -850,6 +850,7 @@ async def test_rest_metadata_and_health() -> None:
         "platform": "onnxruntime",
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 4]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 4]}],
+        "parameters": {"max_batch_size": 8, "execution_providers": []},
     }
     _, status, _, body = await call(handler, "GET", "/v2")
     assert status == 200 and orjson.loads(body)["name"] == "agentd"
