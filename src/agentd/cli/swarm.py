@@ -23,7 +23,7 @@ def swarm(
     state_path: Annotated[
         Path | None, typer.Option(help="SQLite file (default: a temporary one).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Worker tasks running turns.")] = 4096,
+    workers: Annotated[int, typer.Option(help="Worker tasks running turns.")] = 8192,
 ) -> None:
     """Run the multi-agent demo in-process: each agent gets a start message, asks the
     `decision` model (batched across agents), and reports to a collector that checks it
