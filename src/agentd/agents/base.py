@@ -77,8 +77,11 @@ class Context:
             raise DeadlineExceeded(f"model {model!r} did not answer before the deadline") from None
 
     async def send(self, address: str | Address, message: Any) -> None:
-        """Deliver ``message`` to another agent without waiting for its turn."""
-        await self._require_host().tell(address, message)
+        """Deliver ``message`` to another agent without waiting for its turn (waits only
+        while the run queue is full)."""
+        host = self._require_host()
+        if not host.tell_nowait(address, message):
+            await host.tell(address, message)
 
     async def ask(
         self, address: str | Address, message: Any, *, timeout: float | None = None

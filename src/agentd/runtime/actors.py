@@ -323,15 +323,21 @@ class ActorHost:
 
     async def tell(self, address: str | Address, message: Any) -> None:
         """Deliver without waiting for the turn; waits while the run queue is full."""
+        while not self.tell_nowait(address, message):
+            await self.pool.wait_for_room()
+
+    def tell_nowait(self, address: str | Address, message: Any) -> bool:
+        """Deliver without waiting; False (nothing delivered) when the agent would need a
+        place on a full run queue. Raises for unknown or malformed addresses and a full
+        mailbox."""
         activation = self._activation(address)
+        if not activation.scheduled and self.pool.full():
+            return False
         self._enqueue(activation, _Envelope(message, None, None, None))
         if not activation.scheduled:
             activation.scheduled = True
-            try:
-                await self.pool.submit(activation)
-            except BaseException:
-                activation.scheduled = False
-                raise
+            self.pool._push(activation)  # room was checked above
+        return True
 
     async def ask(
         self, address: str | Address, message: Any, *, timeout: float | None = None

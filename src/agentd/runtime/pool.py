@@ -78,9 +78,12 @@ class WorkerPool:
             raise ResourceExhausted(f"the run queue is full ({self._max_queued} jobs)")
         self._push(job)
 
-    async def submit(self, job: Job) -> None:
-        """Queue ``job``, waiting while the queue is full."""
-        while len(self._queue) >= self._max_queued and not self._closing:
+    def full(self) -> bool:
+        return len(self._queue) >= self._max_queued
+
+    async def wait_for_room(self) -> None:
+        """Return once the queue has drained below its bound (or the pool is closing)."""
+        while self.full() and not self._closing:
             room = asyncio.get_running_loop().create_future()
             self._room.append(room)
             try:
@@ -89,6 +92,10 @@ class WorkerPool:
                 if room.done() and not room.cancelled():
                     self._wake_submitter()  # pass the room on to the next one
                 raise
+
+    async def submit(self, job: Job) -> None:
+        """Queue ``job``, waiting while the queue is full."""
+        await self.wait_for_room()
         if self._closing:
             raise Unavailable("the worker pool is shutting down")
         self._push(job)

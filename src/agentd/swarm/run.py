@@ -128,7 +128,9 @@ async def run_swarm(
     try:
         for index in range(agents):
             address = Address("decider", str(index))
-            await host.tell(address, (index, features[index : index + 1]))
+            message = (index, features[index : index + 1])
+            if not host.tell_nowait(address, message):
+                await host.tell(address, message)
             if progress is not None and index % 4096 == 0:
                 progress(host.turns)
         done = collector_type.done
