@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ class RunningServer:
     port: int
     output: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
+    state_dir: str | None = None  # removed on stop
 
     @property
     def url(self) -> str:
@@ -48,6 +50,8 @@ class RunningServer:
             self.reader.join(5)
         if self.process.stdout is not None:
             self.process.stdout.close()
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         return self.process.returncode
 
     def log(self) -> str:
@@ -91,17 +95,17 @@ def start_server(
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     end = time.monotonic() + timeout
-    while not ready.wait(0.05):
-        if time.monotonic() > end:
-            process.kill()
-            process.wait()
-            reader.join(5)
-            process.stdout.close()  # type: ignore[union-attr]
-            raise RuntimeError("agentd serve did not start in time:\n" + "".join(output))
+    while not ready.wait(0.05) and time.monotonic() <= end:
+        pass
     if not found:
+        timed_out = process.poll() is None
+        if timed_out:
+            process.kill()
         process.wait()
         reader.join(5)
         process.stdout.close()  # type: ignore[union-attr]
-        raise RuntimeError(f"agentd serve exited with {process.returncode}:\n" + "".join(output))
+        shutil.rmtree(state_dir, ignore_errors=True)
+        what = "did not start in time" if timed_out else f"exited with {process.returncode}"
+        raise RuntimeError(f"agentd serve {what}:\n" + "".join(output))
     scheme, host, port = found[0].groups()
-    return RunningServer(process, scheme, host, int(port), output, reader)
+    return RunningServer(process, scheme, host, int(port), output, reader, state_dir)
