@@ -153,7 +153,7 @@ class _Activation:
         outcome = "ok"
         try:
             await self.agent.handle(Context(self.address, self.state, None, self.host), message)  # type: ignore[arg-type]
-            self._persist()
+            self._persist(wait=False)
         except asyncio.CancelledError:
             self._rollback()
             outcome = "cancelled"
@@ -223,8 +223,9 @@ class _Activation:
                 events.put_nowait(_END)
             host._turn_finished(self.address.type, outcome, time.perf_counter() - started)
 
-    def _persist(self) -> asyncio.Future[None] | None:
-        """Queue the state for commit if the turn changed it; the commit's future."""
+    def _persist(self, wait: bool = True) -> asyncio.Future[None] | None:
+        """Queue the state for commit if the turn changed it; the commit's future (None
+        when nothing changed, or ``wait`` is false and nobody needs to know)."""
         try:
             snapshot = orjson.dumps(self.state)
         except TypeError as exc:
@@ -233,6 +234,9 @@ class _Activation:
             return None
         # orjson's result sits in a ~4 KiB buffer; keep an exact-size copy instead.
         self.snapshot = memoryview(snapshot).tobytes()
+        if not wait:
+            self.host.store.save_nowait(str(self.address), self.snapshot)
+            return None
         return self.host.store.save(str(self.address), self.snapshot)
 
     def _rollback(self) -> None:

@@ -9,6 +9,7 @@ and a committed transaction survives the process being killed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 __all__ = ["MemoryStateStore", "SQLiteStateStore", "StateStore"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -31,6 +34,10 @@ class StateStore(Protocol):
 
     def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
         """Queue a write; the future is done once it is committed."""
+        ...
+
+    def save_nowait(self, address: str, snapshot: bytes) -> None:
+        """Queue a write nobody waits for."""
         ...
 
     async def aclose(self) -> None: ...
@@ -56,6 +63,10 @@ class MemoryStateStore:
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+    def save_nowait(self, address: str, snapshot: bytes) -> None:
+        self.snapshots[address] = snapshot
+        self.writes += 1
 
     async def aclose(self) -> None:
         pass
@@ -142,6 +153,10 @@ class SQLiteStateStore:
         self._saves.add((address, snapshot, future))
         return future
 
+    def save_nowait(self, address: str, snapshot: bytes) -> None:
+        """Queue a write nobody waits for (a failed commit is logged)."""
+        self._saves.add((address, snapshot, None))
+
     def _flush_loads(self, items: list) -> asyncio.Future:
         return self._submit(self._select, [a for a, _ in items], [f for _, f in items], items)
 
@@ -149,7 +164,8 @@ class SQLiteStateStore:
         rows = {}
         for address, snapshot, _ in items:
             rows[address] = snapshot  # the last write of an address in the group wins
-        return self._submit(self._upsert, list(rows.items()), [f for *_, f in items], None)
+        waiting = [f for *_, f in items if f is not None]
+        return self._submit(self._upsert, list(rows.items()), waiting, None)
 
     def _submit(self, fn: Callable, arg: list, futures: list, items: list | None) -> asyncio.Future:
         task = asyncio.ensure_future(self._call(fn, arg))
@@ -160,6 +176,7 @@ class SQLiteStateStore:
             else:
                 error = t.exception()
             if error is not None:
+                log.error("state store %s failed: %s", fn.__name__, error)
                 for f in futures:
                     if not f.done():
                         f.set_exception(error)
