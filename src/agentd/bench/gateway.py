@@ -8,14 +8,11 @@ What is measured, all in one run so that ratios compare like with like:
 
 h2load drives every load point (1, 16 and 64 requests in flight). Only one server runs at a
 time, so on a small machine the server under test gets the cores the client does not use.
-Run directly with ``python -m agentd.bench.gateway [--quick] [--json]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
-import json
 import sys
 import tempfile
 import time
@@ -39,7 +36,7 @@ from agentd.bench.gateway_report import (
     fmt_ms,
     render,
 )
-from agentd.bench.results import utc_stamp, write_results
+from agentd.bench.results import publish, utc_stamp
 from agentd.bench.servers import (
     ServerError,
     ServerProcess,
@@ -48,7 +45,7 @@ from agentd.bench.servers import (
     log_tails,
 )
 
-__all__ = ["FULL", "QUICK", "BenchError", "SuiteConfig", "main", "run_suite"]
+__all__ = ["FULL", "QUICK", "BenchError", "SuiteConfig", "run_suite"]
 
 
 class BenchError(RuntimeError):
@@ -268,30 +265,13 @@ def run_suite(
     doc = build_document(
         measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
     )
-    path = write_results(SUITE, doc, results_dir, stamp=utc_stamp(now))
-    latest = path.parent / f"{SUITE}-latest.json"
-    if json_out:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        progress(f"wrote {path} (and {latest})")
-    else:
-        render(doc, console)
-        console.print(f"wrote {path} (and {latest})", soft_wrap=True)
+    publish(
+        SUITE,
+        doc,
+        results_dir=results_dir,
+        stamp=utc_stamp(now),
+        json_out=json_out,
+        show=lambda: render(doc, console),
+        note=progress if json_out else lambda line: console.print(line, soft_wrap=True),
+    )
     return doc
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="agentd gateway benchmark")
-    parser.add_argument("--quick", action="store_true", help="short points (for tests)")
-    parser.add_argument("--json", action="store_true", help="print the JSON, not a table")
-    parser.add_argument("--out-dir", type=Path, default=None, help="results folder")
-    args = parser.parse_args(argv)
-    try:
-        run_suite(quick=args.quick, json_out=args.json, results_dir=args.out_dir)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,12 +6,20 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_RESULTS_DIR", "machine_info", "package_versions", "utc_stamp", "write_results"]
+__all__ = [
+    "DEFAULT_RESULTS_DIR",
+    "machine_info",
+    "package_versions",
+    "publish",
+    "utc_stamp",
+    "write_results",
+]
 
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
 
@@ -74,4 +82,26 @@ def write_results(
     tmp = latest.with_suffix(".json.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(latest)
+    return path
+
+
+def publish(
+    suite: str,
+    doc: dict[str, Any],
+    *,
+    results_dir: Path | None,
+    stamp: str,
+    json_out: bool,
+    show: Callable[[], None],
+    note: Callable[[str], None],
+) -> Path:
+    """Write the result files, then print the JSON (``json_out``) or ``show()`` a table;
+    ``note`` tells where the files went."""
+    path = write_results(suite, doc, results_dir, stamp=stamp)
+    where = f"wrote {path} (and {path.parent / f'{suite}-latest.json'})"
+    if json_out:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        show()
+    note(where)
     return path
