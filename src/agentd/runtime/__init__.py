@@ -1,6 +1,6 @@
 """Runtime: virtual actors run by a worker pool, with persisted state."""
 
-from agentd.runtime.actors import ActorHost, HostStats, TurnObserver
+from agentd.runtime.actors import ActorHost, TurnObserver
 from agentd.runtime.facade import AgentTypeInfo, Runtime
 from agentd.runtime.pool import PoolStats, WorkerPool
 from agentd.runtime.store import MemoryStateStore, SQLiteStateStore, StateStore
@@ -8,7 +8,6 @@ from agentd.runtime.store import MemoryStateStore, SQLiteStateStore, StateStore
 __all__ = [
     "ActorHost",
     "AgentTypeInfo",
-    "HostStats",
     "MemoryStateStore",
     "PoolStats",
     "Runtime",

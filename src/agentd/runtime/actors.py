@@ -16,7 +16,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,7 +34,7 @@ from agentd.errors import (
 from agentd.runtime.pool import WorkerPool
 from agentd.runtime.store import StateStore
 
-__all__ = ["ActorHost", "HostStats", "Inference", "TurnObserver"]
+__all__ = ["ActorHost", "Inference", "TurnObserver"]
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,6 @@ class Inference(Protocol):
         version: str | None = None,
         outputs: Sequence[str] | None = None,
     ) -> asyncio.Future[dict[str, np.ndarray]]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class HostStats:
-    active: int
-    passivated: int
-    mailbox_max: int
-    store_writes: int
-    turns: int
 
 
 class _Envelope:
@@ -337,10 +327,7 @@ class ActorHost:
         activation = self._activation(address)
         if not activation.scheduled and self.pool.full():
             return False
-        self._enqueue(activation, _Envelope(message, None, None, None))
-        if not activation.scheduled:
-            activation.scheduled = True
-            self.pool._push(activation)  # room was checked above
+        self._deliver_nowait(activation, _Envelope(message, None, None, None))
         return True
 
     async def ask(
@@ -352,7 +339,7 @@ class ActorHost:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         reply: asyncio.Future[Any] = loop.create_future()
-        self._deliver_nowait(address, _Envelope(message, reply, deadline, None))
+        self._deliver_nowait(self._activation(address), _Envelope(message, reply, deadline, None))
         try:
             return await reply
         except asyncio.CancelledError:
@@ -367,7 +354,7 @@ class ActorHost:
         deadline = None if timeout is None else loop.time() + timeout
         reply: asyncio.Future[Any] = loop.create_future()
         events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
-        self._deliver_nowait(address, _Envelope(message, reply, deadline, events))
+        self._deliver_nowait(self._activation(address), _Envelope(message, reply, deadline, events))
         try:
             while True:
                 get = asyncio.ensure_future(events.get())
@@ -390,8 +377,9 @@ class ActorHost:
             if not reply.done():
                 reply.cancel()
 
-    def _deliver_nowait(self, address: str | Address, envelope: _Envelope) -> None:
-        activation = self._activation(address)
+    def _deliver_nowait(self, activation: _Activation, envelope: _Envelope) -> None:
+        """Enqueue, scheduling the agent if idle; undone and re-raised when the run queue
+        refuses it (full or closing)."""
         self._enqueue(activation, envelope)
         if not activation.scheduled:
             try:
@@ -415,8 +403,7 @@ class ActorHost:
         self._waiting += 1
 
     def _requeue(self, activation: _Activation) -> None:
-        # Messages already accepted must run: bypass the queue limit.
-        self.pool._push(activation)
+        self.pool.requeue(activation)
 
     def _activation(self, address: str | Address) -> _Activation:
         addr = parse_address(address) if isinstance(address, str) else address
@@ -473,6 +460,10 @@ class ActorHost:
             await asyncio.sleep(interval)
             self.passivate_idle(self._idle_seconds)
 
+    def instance(self, address: str | Address) -> Agent:
+        """The agent object behind ``address`` (activating it if needed)."""
+        return self._activation(address).agent
+
     @property
     def turns(self) -> int:
         """Turns finished so far (cheap; ``stats()`` scans every activation)."""
@@ -497,14 +488,3 @@ class ActorHost:
             "state_writes": getattr(self.store, "writes", 0),
             "state_commits": getattr(self.store, "commits", 0),
         }
-
-    def stats(self) -> HostStats:
-        return HostStats(
-            active=len(self._activations),
-            passivated=self._passivated,
-            mailbox_max=max(
-                (len(a.mailbox) for a in self._activations.values() if a.mailbox), default=0
-            ),
-            store_writes=getattr(self.store, "writes", 0),
-            turns=self._turns,
-        )

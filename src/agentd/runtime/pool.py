@@ -100,6 +100,11 @@ class WorkerPool:
             raise Unavailable("the worker pool is shutting down")
         self._push(job)
 
+    def requeue(self, job: Job) -> None:
+        """Queue work that was already accepted (an agent with more messages waiting):
+        past the bound, since nothing accepted may be dropped."""
+        self._push(job)
+
     def _push(self, job: Job) -> None:
         self._queue.append(job)
         while self._idle:

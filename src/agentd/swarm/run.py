@@ -141,7 +141,7 @@ async def run_swarm(
                 progress(host.turns)
         wall = time.perf_counter() - started
         rss_after = _rss_bytes()
-        collector = host._activation(COLLECTOR).agent
+        collector = host.instance(COLLECTOR)
         batcher = inference.batcher("decision")
         runs = batcher.stats.runs if batcher else 0
         rows = batcher.stats.rows_run if batcher else 0
