@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from connectrpc.code import Code as ConnectCode
-from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from agentd.agents.message import Message
 from agentd.errors import AgentdError
-from agentd.gateway.rpc_errors import to_connect_error
+from agentd.gateway.rpc_errors import call_timeout, to_connect_error
 from agentd.runtime import Runtime
 from agentd.v1 import agent_pb2 as pb
 
@@ -32,16 +30,8 @@ class AgentServiceImpl:
         self._runtime = runtime
         self._default_timeout_s = default_timeout_s
 
-    def _timeout(self, ctx: RequestContext) -> float | None:
-        remaining_ms = ctx.timeout_ms()
-        if remaining_ms is None:
-            return self._default_timeout_s
-        if remaining_ms <= 0:
-            raise ConnectError(ConnectCode.DEADLINE_EXCEEDED, "deadline passed before the call")
-        return remaining_ms / 1000.0
-
     async def invoke(self, request: pb.InvokeRequest, ctx: RequestContext) -> pb.InvokeResponse:
-        timeout = self._timeout(ctx)
+        timeout = call_timeout(ctx, self._default_timeout_s)
         try:
             address, reply = await self._runtime.invoke(
                 request.agent, message_from_pb(request.message), timeout=timeout
@@ -53,7 +43,7 @@ class AgentServiceImpl:
     async def invoke_stream(
         self, request: pb.InvokeRequest, ctx: RequestContext
     ) -> AsyncIterator[pb.AgentEvent]:
-        timeout = self._timeout(ctx)
+        timeout = call_timeout(ctx, self._default_timeout_s)
         events = self._runtime.stream(
             request.agent, message_from_pb(request.message), timeout=timeout
         )

@@ -7,13 +7,25 @@ from typing import Any
 from connectrpc import _codec as connect_codec
 from connectrpc.code import Code as ConnectCode
 from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
 from google.protobuf.json_format import ParseError
 from google.protobuf.message import DecodeError
 
 from agentd.errors import AgentdError
 from agentd.gateway.protocol import connect_code
 
-__all__ = ["install_strict_codecs", "to_connect_error"]
+__all__ = ["call_timeout", "install_strict_codecs", "to_connect_error"]
+
+
+def call_timeout(ctx: RequestContext, default_s: float | None) -> float | None:
+    """Seconds left of the client's deadline (``grpc-timeout`` / ``connect-timeout-ms``),
+    ``default_s`` without one; DEADLINE_EXCEEDED when it has already passed."""
+    remaining_ms = ctx.timeout_ms()
+    if remaining_ms is None:
+        return default_s
+    if remaining_ms <= 0:
+        raise ConnectError(ConnectCode.DEADLINE_EXCEEDED, "deadline passed before the call")
+    return remaining_ms / 1000.0
 
 
 def to_connect_error(exc: AgentdError) -> ConnectError:

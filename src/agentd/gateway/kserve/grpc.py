@@ -19,7 +19,7 @@ from connectrpc.request import RequestContext
 
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.kserve.codec import datatype_of, decode_contents, decode_raw, encode_raw
-from agentd.gateway.rpc_errors import to_connect_error
+from agentd.gateway.rpc_errors import call_timeout, to_connect_error
 from agentd.inference.types import ModelMetadata
 from agentd.kserve.v2 import grpc_service_pb2 as pb
 from agentd.kserve.v2.grpc_service_connect import GRPCInferenceServiceASGIApplication
@@ -87,7 +87,7 @@ class KServeGrpcService:
     async def model_infer(
         self, request: pb.ModelInferRequest, ctx: RequestContext
     ) -> pb.ModelInferResponse:
-        timeout = self._timeout(ctx)
+        timeout = call_timeout(ctx, self._default_timeout_s)
         name, version = request.model_name, request.model_version or None
         try:
             meta = self._service.metadata(name, version)
@@ -105,14 +105,6 @@ class KServeGrpcService:
             # A bug, not the client's fault: keep the details in the log, not on the wire.
             log.exception("KServe ModelInfer for %r failed", name)
             raise ConnectError(ConnectCode.INTERNAL, "internal error") from exc
-
-    def _timeout(self, ctx: RequestContext) -> float | None:
-        remaining_ms = ctx.timeout_ms()
-        if remaining_ms is None:
-            return self._default_timeout_s
-        if remaining_ms <= 0:
-            raise ConnectError(ConnectCode.DEADLINE_EXCEEDED, "deadline passed before the call")
-        return remaining_ms / 1000.0
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
