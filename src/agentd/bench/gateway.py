@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from agentd.bench.gateway_report import (
     fmt_ms,
     render,
 )
-from agentd.bench.results import publish, utc_stamp
+from agentd.bench.results import run_and_publish
 from agentd.bench.servers import (
     ServerError,
     ServerProcess,
@@ -254,24 +253,14 @@ def run_suite(
     Raises BenchError when a server cannot be started or answers wrongly.
     """
     config = QUICK if quick else FULL
-    console = console or Console()
-    progress_console = Console(stderr=True, highlight=False)
-
-    def progress(line: str) -> None:
-        progress_console.print(f"[dim]{line}[/dim]")
-
-    now = datetime.now(UTC)
-    measured = collect(config, progress)
-    doc = build_document(
-        measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
-    )
-    publish(
+    return run_and_publish(
         SUITE,
-        doc,
-        results_dir=results_dir,
-        stamp=utc_stamp(now),
+        measure=lambda progress: collect(config, progress),
+        build=lambda measured, now: build_document(
+            measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
+        ),
+        render=render,
         json_out=json_out,
-        show=lambda: render(doc, console),
-        note=progress if json_out else lambda line: console.print(line, soft_wrap=True),
+        results_dir=results_dir,
+        console=console,
     )
-    return doc

@@ -191,6 +191,22 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def point_row(point: dict[str, Any], label: str, ratio: float | None) -> list[str]:
+    """One load point as table cells: label, in flight, server, req/s, p50, p99, errors,
+    ratio against the peer (agentd rows only)."""
+    errors = point["errors"]
+    return [
+        label,
+        str(point["concurrency"]),
+        point["server"],
+        f"{point['rps']:,.0f}",
+        fmt_ms(point["p50_ms"]),
+        fmt_ms(point["p99_ms"]),
+        str(errors) if errors == 0 else f"[red]{errors}[/red]",
+        "" if ratio is None else f"{ratio:.2f}x",
+    ]
+
+
 def render(doc: dict[str, Any], console: Console) -> None:
     """The result table, start-up times and target verdicts, for a terminal."""
     # No vertical rules and no edge padding: the table fits 80 columns (pipes, CI logs).
@@ -219,20 +235,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
         if previous is not None and key != previous:
             table.add_section()
         previous = key
-        ratio = ""
+        ratio = None
         if p["server"] == AGENTD:
-            r = doc["ratios"].get(p["protocol"], {}).get(str(p["concurrency"]), {}).get("rps")
-            ratio = "" if r is None else f"{r:.2f}x"
-        table.add_row(
-            labels.get(p["protocol"], p["protocol"]),
-            str(p["concurrency"]),
-            p["server"],
-            f"{p['rps']:,.0f}",
-            fmt_ms(p["p50_ms"]),
-            fmt_ms(p["p99_ms"]),
-            str(p["errors"]) if p["errors"] == 0 else f"[red]{p['errors']}[/red]",
-            ratio,
-        )
+            ratio = doc["ratios"].get(p["protocol"], {}).get(str(p["concurrency"]), {}).get("rps")
+        table.add_row(*point_row(p, labels.get(p["protocol"], p["protocol"]), ratio))
     console.print(table)
 
     startup = doc["startup"]

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from agentd.bench import kserve_requests as kr
 from agentd.bench import mlserver as mls
 from agentd.bench.gateway_report import fmt_ms
 from agentd.bench.inference_report import AGENTD, MLSERVER, SUITE, Point, build_document, render
-from agentd.bench.results import publish, utc_stamp
+from agentd.bench.results import run_and_publish
 from agentd.bench.servers import ServerError, ServerProcess, agentd_env, free_port, log_tails
 
 __all__ = ["FULL", "QUICK", "BenchError", "SuiteConfig", "run_suite"]
@@ -419,24 +418,14 @@ def run_suite(
     Raises BenchError when a tool is missing or a server cannot be started or answers wrongly.
     """
     config = QUICK if quick else FULL
-    console = console or Console()
-    progress_console = Console(stderr=True, highlight=False)
-
-    def progress(line: str) -> None:
-        progress_console.print(f"[dim]{line}[/dim]", soft_wrap=True)
-
-    now = datetime.now(UTC)
-    measured = collect(config, progress)
-    doc = build_document(
-        measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
-    )
-    publish(
+    return run_and_publish(
         SUITE,
-        doc,
-        results_dir=results_dir,
-        stamp=utc_stamp(now),
+        measure=lambda progress: collect(config, progress),
+        build=lambda measured, now: build_document(
+            measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
+        ),
+        render=render,
         json_out=json_out,
-        show=lambda: render(doc, console),
-        note=progress if json_out else lambda line: console.print(line, soft_wrap=True),
+        results_dir=results_dir,
+        console=console,
     )
-    return doc

@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from agentd.bench.gateway_report import fmt_ms
+from agentd.bench.gateway_report import fmt_ms, point_row
 from agentd.bench.results import machine_info, package_versions
 
 __all__ = [
@@ -221,21 +221,11 @@ def render(doc: dict[str, Any], console: Console) -> None:
             if previous is not None and key != previous:
                 table.add_section()
             previous = key
-            ratio = ""
+            ratio = None
             if p["server"] == AGENTD:
                 by_c = doc["ratios"].get(name, {}).get(p["protocol"], {})
-                r = by_c.get(str(p["concurrency"]), {}).get("rps")
-                ratio = "" if r is None else f"{r:.2f}x"
-            table.add_row(
-                LABELS.get(p["protocol"], p["protocol"]),
-                str(p["concurrency"]),
-                p["server"],
-                f"{p['rps']:,.0f}",
-                fmt_ms(p["p50_ms"]),
-                fmt_ms(p["p99_ms"]),
-                str(p["errors"]) if p["errors"] == 0 else f"[red]{p['errors']}[/red]",
-                ratio,
-            )
+                ratio = by_c.get(str(p["concurrency"]), {}).get("rps")
+            table.add_row(*point_row(p, LABELS.get(p["protocol"], p["protocol"]), ratio))
         console.print(table)
         console.print()
     if doc["agentd_kserve"] != "ok":

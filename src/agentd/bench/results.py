@@ -12,11 +12,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 __all__ = [
     "DEFAULT_RESULTS_DIR",
     "machine_info",
     "package_versions",
-    "publish",
+    "run_and_publish",
     "utc_stamp",
     "write_results",
 ]
@@ -85,23 +87,32 @@ def write_results(
     return path
 
 
-def publish(
+def run_and_publish(
     suite: str,
-    doc: dict[str, Any],
     *,
-    results_dir: Path | None,
-    stamp: str,
+    measure: Callable[[Callable[[str], None]], Any],
+    build: Callable[[Any, datetime], dict[str, Any]],
+    render: Callable[[dict[str, Any], Console], None],
     json_out: bool,
-    show: Callable[[], None],
-    note: Callable[[str], None],
-) -> Path:
-    """Write the result files, then print the JSON (``json_out``) or ``show()`` a table;
-    ``note`` tells where the files went."""
-    path = write_results(suite, doc, results_dir, stamp=stamp)
+    results_dir: Path | None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """The frame every suite shares: measure (telling progress on stderr), build the JSON
+    document, write the result files, then print the JSON (``json_out``) or a table."""
+    console = console or Console()
+    progress_console = Console(stderr=True, highlight=False)
+
+    def progress(line: str) -> None:
+        progress_console.print(f"[dim]{line}[/dim]", soft_wrap=True)
+
+    now = datetime.now(UTC)
+    doc = build(measure(progress), now)
+    path = write_results(suite, doc, results_dir, stamp=utc_stamp(now))
     where = f"wrote {path} (and {path.parent / f'{suite}-latest.json'})"
     if json_out:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        progress(where)
     else:
-        show()
-    note(where)
-    return path
+        render(doc, console)
+        console.print(where, soft_wrap=True)
+    return doc
