@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentd.agents.address import Address
 from agentd.agents.message import Message
-from agentd.errors import AgentdError, Code, DeadlineExceeded
+from agentd.errors import AgentdError, Code, DeadlineExceeded, InvalidArgument
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,9 +93,66 @@ class Context:
             timeout = left if timeout is None else min(timeout, left)
         return await self._require_host().ask(address, message, timeout=timeout)
 
-    def generate(self, prompt: str, **options: Any) -> AsyncIterator[str]:
-        """Stream tokens from a language model (arrives with the token engine)."""
-        raise _NotYet("ctx.generate is not available yet: the token engine is not built")
+    async def generate(
+        self,
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        model: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncIterator[str]:
+        """Stream text from a language model, piece by piece.
+
+        ``prompt`` is raw text, or chat messages (``[{"role": "user", "content": ...}]``)
+        rendered with the model's chat template. ``model`` defaults to the built-in
+        ``tinylm``. Generation shares the token engine's batch with every other caller and
+        stops at this turn's deadline; leaving the loop early frees its cache at once.
+        """
+        from agentd.generate.types import SamplingParams
+
+        service = self._require_host().generation
+        if service is None:
+            raise _NotYet("this runtime has no language models")
+        lm = service.get(model) if model else service.default()
+        ids = lm.completion_prompt(prompt) if isinstance(prompt, str) else lm.chat_prompt(prompt)
+        if max_tokens < 1:
+            raise InvalidArgument("max_tokens must be at least 1")
+        room = lm.config.context_length - len(ids)
+        if room < 1:
+            raise InvalidArgument(
+                f"the prompt is {len(ids)} tokens; {lm.name}'s context is "
+                f"{lm.config.context_length}"
+            )
+        params = SamplingParams(
+            max_tokens=min(max_tokens, room),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(stop),
+        )
+        pieces = lm.complete(ids, params).__aiter__()
+        try:
+            while True:
+                left = self.time_left()
+                try:
+                    if left is None:
+                        piece = await anext(pieces)
+                    else:
+                        piece = await asyncio.wait_for(anext(pieces), left)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"model {lm.name!r} did not finish before the deadline"
+                    ) from None
+                yield piece
+        finally:
+            await pieces.aclose()
 
     async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
         """Call a sandboxed tool (arrives with the WASM sandbox)."""

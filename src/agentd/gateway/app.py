@@ -28,14 +28,17 @@ from agentd.gateway.health import HealthState, Status, health_app
 from agentd.gateway.kserve import OPEN_PATHS as KSERVE_OPEN_PATHS
 from agentd.gateway.kserve import KServeRest, kserve_grpc_app
 from agentd.gateway.model_admin import ModelAdmin
+from agentd.gateway.openai import OpenAIRoutes
 from agentd.gateway.observe import StatusRecorder
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
 from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
 from agentd.gateway.rpc_errors import install_strict_codecs
+from agentd.generate.service import GenerationService
 from agentd.inference import InferenceService, ModelRepository
 from agentd.inference.repository import builtin_models_dir
 from agentd.observability import Metrics, Tracing
+from agentd.observability.generation_metrics import GenerationMetrics
 from agentd.runtime import (
     ActorHost,
     MemoryStateStore,
@@ -75,7 +78,9 @@ class Gateway:
                 registry.register(agent_type)
             registry.load_directory(settings.plugins / "agents")
         self.inference = build_inference(settings, self.metrics)
+        self.generation = build_generation(settings, self.metrics)
         self.runtime = build_runtime(settings, registry, self.inference, self.metrics)
+        self.runtime.host.generation = self.generation
         self.metrics.watch_runtime(self.runtime.host.gauges)
         install_strict_codecs()
         limit = settings.max_body_bytes
@@ -92,6 +97,7 @@ class Gateway:
             self.inference, max_body_bytes=limit, default_timeout_s=settings.default_timeout_s
         )
         self._model_admin = ModelAdmin(self.inference)
+        self._openai = OpenAIRoutes(self.generation, max_body_bytes=limit)
         self.health = HealthState([AGENT_SERVICE, kserve_app.path[1:]])
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
         # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
@@ -128,6 +134,7 @@ class Gateway:
             label = (
                 self._model_admin.label(path)
                 or self._kserve.route_label(path)
+                or self._openai.label(path)
                 or (path if path in self._ops.routes else "other")
             )
 
@@ -172,6 +179,9 @@ class Gateway:
             await send_error(
                 send, protocol, Code.UNAUTHENTICATED, "missing or invalid bearer token"
             )
+            return
+        if rpc_app is None and self._openai.label(path) is not None:
+            await self._openai.handle(scope, receive, send)
             return
         rest_api = rpc_app is None and path.startswith("/v2")
         if rpc_app is None and not rest_api:
@@ -222,6 +232,7 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.inference.start()
+                await self.generation.start()
                 await self.runtime.start()
                 # Everything built so far (modules, models, the app) lives as long as the
                 # process: take it out of the cyclic collector's full passes.
@@ -237,6 +248,7 @@ class Gateway:
     async def aclose(self) -> None:
         self.health.set_all(Status.NOT_SERVING)
         await self.runtime.aclose()
+        await self.generation.aclose()
         await self.inference.aclose()
         self.tracing.aclose()
         log.info("gateway stopped")
@@ -257,6 +269,20 @@ def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
         observer=metrics,
         server_version=__version__,
     )
+
+
+def build_generation(settings: Settings, metrics: Metrics) -> GenerationService:
+    """Language models (``kind: language-model`` folders) for the OpenAI API and
+    ctx.generate: the built-in tinylm and any under ``plugins/models``."""
+    observer = GenerationMetrics(metrics.registry)
+    service = GenerationService(
+        [builtin_models_dir(), settings.plugins / "models"],
+        threads=settings.inference_threads,
+        providers=settings.execution_providers or None,
+        observer=observer,
+    )
+    observer.watch(service.gauges)
+    return service
 
 
 def build_runtime(

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, NotFound
+from agentd.generate.config import is_language_model
 from agentd.inference.config import CONFIG_FILE, load_model_config
 from agentd.inference.protocols import ModelLoader, RuntimeExecutor
 from agentd.inference.types import ModelConfig
@@ -65,8 +66,8 @@ class ModelRepository:
             if not folder.is_dir():
                 continue
             for source in sorted(p for p in folder.iterdir() if p.is_dir()):
-                if source.name.startswith(("_", ".")):
-                    continue
+                if source.name.startswith(("_", ".")) or is_language_model(source):
+                    continue  # language models are served by agentd.generate
                 current = self._entries.get(source.name)
                 if current is not None and (
                     current.source == source or current.state is ModelState.READY

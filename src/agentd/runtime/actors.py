@@ -284,6 +284,8 @@ class ActorHost:
         self.store = store
         self.pool = pool
         self.inference = inference
+        # The node's language models for ctx.generate (a GenerationService), set by the app.
+        self.generation: Any = None
         self._observer = observer
         self._idle_seconds = idle_seconds
         self._max_mailbox = max_mailbox

@@ -1,0 +1,183 @@
+"""Validate OpenAI-style completion and chat requests into plain values.
+
+Shapes follow the public OpenAI API reference. Every problem raises :class:`RequestError`
+naming the offending field (OpenAI's ``param``), so clients get a 400 they can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agentd.errors import InvalidArgument
+from agentd.generate.chat import ROLES
+from agentd.generate.types import SamplingParams
+
+__all__ = ["ChatRequest", "CompletionRequest", "RequestError", "parse_chat", "parse_completion"]
+
+_MAX_STOPS = 4
+
+
+class RequestError(InvalidArgument):
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    prompt: str
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _number(
+    body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False
+) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(f"'{name}' must be a number", name)
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise RequestError(f"'{name}' must be in {bracket}{low}, {high}], got {value}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer", name)
+    if value < low:
+        raise RequestError(f"'{name}' must be at least {low}, got {value}", name)
+    return value
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError(
+            "'stream_options.include_usage' must be a boolean", "stream_options.include_usage"
+        )
+    return stream, include_usage
+
+
+def _common(body: Any, default_max_tokens: int | None) -> tuple[str, SamplingParams]:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", None)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a string", "model")
+    n = _integer(body, "n", 1, 1)
+    if n != 1:
+        raise RequestError("only n=1 is supported", "n")
+    if body.get("logprobs") not in (None, False) or body.get("echo") not in (None, False):
+        param = "logprobs" if body.get("logprobs") not in (None, False) else "echo"
+        raise RequestError(f"'{param}' is not supported", param)
+    max_tokens = _integer(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", default_max_tokens, 1)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise RequestError("'stop' must be a string or a list of strings", "stop")
+    if len(stops) > _MAX_STOPS:
+        raise RequestError(f"'stop' takes at most {_MAX_STOPS} sequences", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("'seed' must be an integer", "seed")
+    params = SamplingParams(
+        # None means "as much as the context allows"; the caller fills it in.
+        max_tokens=max_tokens if max_tokens is not None else 0,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_integer(body, "top_k", 0, 0) or 0,
+        seed=seed,
+        stop=stops,
+    )
+    return model, params
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    """``POST /v1/completions``; max_tokens defaults to 16 as in the OpenAI API."""
+    model, params = _common(body, 16)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string (one prompt per request)", "prompt")
+    stream, include_usage = _stream_flags(body)
+    return CompletionRequest(model, prompt, params, stream, include_usage)
+
+
+def _content(value: Any, index: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise RequestError(
+                    f"messages[{index}].content parts must be {{'type': 'text', 'text': ...}}",
+                    f"messages[{index}].content",
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(
+        f"messages[{index}].content must be a string or a list of text parts",
+        f"messages[{index}].content",
+    )
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """``POST /v1/chat/completions``; without max_tokens the reply may fill the context."""
+    model, params = _common(body, None)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    parsed = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{index}] must be an object", f"messages[{index}]")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ROLES:
+            raise RequestError(
+                f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                f"messages[{index}].role",
+            )
+        parsed.append({"role": role, "content": _content(message.get("content"), index)})
+    stream, include_usage = _stream_flags(body)
+    return ChatRequest(model, parsed, params, stream, include_usage)

@@ -1,0 +1,339 @@
+"""ASGI handlers for the OpenAI-compatible routes, over the generation service.
+
+The gateway has already checked the bearer token; this module reads the body within its
+limit, validates it (requests.py), runs the completion and answers in OpenAI's shapes:
+JSON, or server-sent events ending with ``data: [DONE]`` when ``stream`` is true. Errors use
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``. A client that goes away stops
+its generation, which returns the sequence's KV-cache blocks to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from agentd.errors import AgentdError, Code
+from agentd.gateway.admission import BodyTooLarge, buffer_body
+from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
+from agentd.gateway.protocol import http_status
+
+if TYPE_CHECKING:
+    from agentd.generate.service import GenerationService, LanguageModel
+    from agentd.generate.text_stream import TextStream
+
+__all__ = ["OpenAIRoutes"]
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_MODELS = "/v1/models"
+_COMPLETIONS = "/v1/completions"
+_CHAT = "/v1/chat/completions"
+_ERROR_TYPES = {
+    Code.NOT_FOUND: "not_found_error",
+    Code.RESOURCE_EXHAUSTED: "rate_limit_error",
+    Code.UNAUTHENTICATED: "authentication_error",
+}
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class OpenAIRoutes:
+    def __init__(self, service: GenerationService, *, max_body_bytes: int) -> None:
+        self._service = service
+        self._limit = max_body_bytes
+        self._created = int(time.time())
+
+    def label(self, path: str) -> str | None:
+        """The metrics label for ``path``, or None when the path is not one of ours."""
+        if path in (_MODELS, _COMPLETIONS, _CHAT):
+            return path
+        if path.startswith(_MODELS + "/"):
+            return _MODELS + "/{model}"
+        return None
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        try:
+            if path.startswith(_MODELS):
+                if method not in ("GET", "HEAD"):
+                    raise _MethodNotAllowed("GET")
+                await self._models(path, send)
+                return
+            if method != "POST":
+                raise _MethodNotAllowed("POST")
+            try:
+                body, gone = await buffer_body(receive, self._limit)
+            except BodyTooLarge:
+                await _send_error(
+                    send,
+                    413,
+                    f"request body is larger than {self._limit} bytes",
+                    "invalid_request_error",
+                )
+                return
+            if gone:
+                return
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise RequestError(f"the body is not valid JSON: {exc}", None) from None
+            if path == _COMPLETIONS:
+                await self._completion(data, receive, send)
+            else:
+                await self._chat(data, receive, send)
+        except _ClientGone:
+            log.debug("client left before its completion finished")
+        except _MethodNotAllowed as exc:
+            await _send_error(send, 405, f"use {exc.allowed} for {path}", "invalid_request_error")
+        except RequestError as exc:
+            await _send_error(send, 400, exc.message, "invalid_request_error", param=exc.param)
+        except AgentdError as exc:
+            code = "model_not_found" if exc.code is Code.NOT_FOUND else None
+            await _send_error(
+                send,
+                http_status(exc.code),
+                exc.message,
+                _ERROR_TYPES.get(
+                    exc.code,
+                    "invalid_request_error" if http_status(exc.code) < 500 else "server_error",
+                ),
+                code=code,
+            )
+
+    async def _models(self, path: str, send: Send) -> None:
+        if path == _MODELS:
+            data = {"object": "list", "data": [self._card(m) for m in self._service.models()]}
+        else:
+            data = self._card(self._service.get(path[len(_MODELS) + 1 :]))
+        await _send_json(send, 200, data)
+
+    def _card(self, model: LanguageModel) -> dict[str, Any]:
+        return {
+            "id": model.name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "agentd",
+            "context_length": model.config.context_length,
+            "platform": model.config.platform,
+        }
+
+    # -- completions ---------------------------------------------------------------------
+
+    async def _completion(self, data: Any, receive: Receive, send: Send) -> None:
+        request = parse_completion(data)
+        model = self._service.get(request.model)
+        stream = _start(model, model.completion_prompt(request.prompt), request.params, "prompt")
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": model.name,
+                "choices": [choice],
+            }
+
+        if not request.stream:
+            text = await _until_gone(stream.text(), receive)
+            body = chunk(text, stream.finish_reason)
+            body["usage"] = _usage(stream)
+            await _send_json(send, 200, body)
+            return
+        await _send_events(
+            send,
+            receive,
+            stream,
+            lambda piece: chunk(piece, None),
+            lambda: chunk("", stream.finish_reason),
+            lambda: (
+                {**chunk("", None), "choices": [], "usage": _usage(stream)}
+                if request.include_usage
+                else None
+            ),
+        )
+
+    async def _chat(self, data: Any, receive: Receive, send: Send) -> None:
+        request = parse_chat(data)
+        model = self._service.get(request.model)
+        stream = _start(model, model.chat_prompt(request.messages), request.params, "messages")
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def frame(choice: dict[str, Any], kind: str) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": model.name,
+                "choices": [choice],
+            }
+
+        if not request.stream:
+            text = await _until_gone(stream.text(), receive)
+            message = {"role": "assistant", "content": text}
+            body = frame(
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": stream.finish_reason,
+                },
+                "chat.completion",
+            )
+            body["usage"] = _usage(stream)
+            await _send_json(send, 200, body)
+            return
+        kind = "chat.completion.chunk"
+        first = True
+
+        def delta(piece: str) -> dict[str, Any]:
+            nonlocal first
+            content: dict[str, Any] = {"content": piece}
+            if first:
+                content = {"role": "assistant", "content": piece}
+                first = False
+            return frame(
+                {"index": 0, "delta": content, "logprobs": None, "finish_reason": None}, kind
+            )
+
+        await _send_events(
+            send,
+            receive,
+            stream,
+            delta,
+            lambda: frame(
+                {"index": 0, "delta": {}, "logprobs": None, "finish_reason": stream.finish_reason},
+                kind,
+            ),
+            lambda: (
+                {**frame({}, kind), "choices": [], "usage": _usage(stream)}
+                if request.include_usage
+                else None
+            ),
+        )
+
+
+class _MethodNotAllowed(Exception):
+    def __init__(self, allowed: str) -> None:
+        self.allowed = allowed
+
+
+def _start(model: LanguageModel, prompt_ids: list[int], params: Any, field: str) -> TextStream:
+    context = model.config.context_length
+    if len(prompt_ids) >= context:
+        raise RequestError(
+            f"'{field}' is {len(prompt_ids)} tokens; the model's context is {context} tokens",
+            field,
+        )
+    room = context - len(prompt_ids)
+    max_tokens = room if params.max_tokens == 0 else min(params.max_tokens, room)
+    return model.complete(prompt_ids, dataclasses.replace(params, max_tokens=max_tokens))
+
+
+def _usage(stream: TextStream) -> dict[str, int]:
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "completion_tokens": stream.completion_tokens,
+        "total_tokens": stream.prompt_tokens + stream.completion_tokens,
+    }
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_gone(work: Awaitable[Any], receive: Receive) -> Any:
+    """Run ``work``; cancel it (freeing what it holds) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
+async def _send_events(
+    send: Send,
+    receive: Receive,
+    stream: TextStream,
+    piece_event: Callable[[str], dict[str, Any]],
+    final_event: Callable[[], dict[str, Any]],
+    usage_event: Callable[[], dict[str, Any] | None],
+) -> None:
+    async def produce() -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        async for piece in stream:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": _event(piece_event(piece)),
+                    "more_body": True,
+                }
+            )
+        tail = _event(final_event())
+        usage = usage_event()
+        if usage is not None:
+            tail += _event(usage)
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+
+    try:
+        await _until_gone(produce(), receive)
+    except _ClientGone:
+        log.debug("client left a stream after %d tokens", stream.completion_tokens)
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _send_json(send: Send, status: int, data: dict[str, Any]) -> None:
+    body = orjson.dumps(data)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(
+    send: Send,
+    status: int,
+    message: str,
+    kind: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> None:
+    await _send_json(
+        send, status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    )

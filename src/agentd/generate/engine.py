@@ -1,0 +1,302 @@
+"""TokenEngine: continuous batching of token generation over one ONNX session.
+
+Sequences wait in a FIFO until the :class:`TokenBlockPool` can lend the blocks they will
+need (prompt + max_tokens, reserved up front so a running sequence never runs out). Between
+decode steps, waiting sequences join (one prefill run each) and finished or abandoned ones
+leave; each decode step runs every active sequence in one batch. Model runs, cache writes
+and sampling happen on one worker thread; the event loop only hands tokens to consumers.
+
+A consumer that stops reading (client disconnect, cancellation) releases its blocks at once,
+or at the end of the step in flight if its sequence is part of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from agentd.errors import InvalidArgument
+from agentd.generate.kv_pool import TokenBlockPool
+from agentd.generate.sampling import Sampler
+from agentd.generate.types import LMInfo, SamplingParams
+
+__all__ = ["EngineObserver", "TokenEngine"]
+
+_DONE = None
+
+
+class EngineObserver(Protocol):
+    """Where the engine reports timings (the Prometheus metrics implement it)."""
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+    def token_gap(self, model: str, seconds: float) -> None: ...
+
+    def sequence_finished(self, model: str, reason: str, tokens: int) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    prompt: np.ndarray
+    params: SamplingParams
+    sampler: Sampler
+    queue: asyncio.Queue
+    submitted: float
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the cache
+    generated: int = 0
+    next_token: int = 0
+    last_emit: float = 0.0
+    cancelled: bool = False
+    finished: bool = False
+
+
+class TokenEngine:
+    """A :class:`~agentd.generate.types.TextGenerator` over a paged-cache ONNX graph."""
+
+    def __init__(
+        self,
+        session,  # onnxruntime.InferenceSession of a graph from onnx_export (paged layout)
+        info: LMInfo,
+        pool: TokenBlockPool,
+        *,
+        max_batch: int = 64,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._session = session
+        self._info = info
+        self.pool = pool
+        self.max_batch = max_batch
+        self._observer = observer
+        self._eos = frozenset(info.eos_token_ids)
+        self._keys = ort.OrtValue.ortvalue_from_numpy(pool.model_keys)
+        self._values = ort.OrtValue.ortvalue_from_numpy(pool.model_values)
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._in_flight: frozenset[_Sequence] = frozenset()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentd-tokens")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.steps = 0
+        self.tokens_out = 0
+
+    @property
+    def info(self) -> LMInfo:
+        return self._info
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "active": len(self._active),
+            "waiting": len(self._waiting),
+            "blocks_free": self.pool.free,
+            "blocks_used": self.pool.used,
+        }
+
+    # -- consumer side -------------------------------------------------------------------
+
+    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raise InvalidArgument when a request can never run here."""
+        context = self._info.context_length
+        if prompt_len < 1:
+            raise InvalidArgument("the prompt is empty")
+        if prompt_len >= context:
+            raise InvalidArgument(
+                f"the prompt is {prompt_len} tokens; this model's context is {context} tokens"
+            )
+        need = self.pool.blocks_for(min(prompt_len + params.max_tokens, context))
+        if need > self.pool.total:
+            raise InvalidArgument(
+                f"prompt + max_tokens needs {need} cache blocks; the pool has {self.pool.total}"
+            )
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+        self.check_request(len(prompt_ids), params)
+        return self._stream(np.asarray(prompt_ids, dtype=np.int64), params)
+
+    async def _stream(self, prompt: np.ndarray, params: SamplingParams) -> AsyncIterator[int]:
+        seq = _Sequence(
+            prompt=prompt,
+            params=params,
+            sampler=Sampler(params),
+            queue=asyncio.Queue(),
+            submitted=time.perf_counter(),
+        )
+        self._ensure_running()
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                token = await seq.queue.get()
+                if token is _DONE:
+                    return
+                yield token
+        finally:
+            self._abandon(seq)
+
+    def _abandon(self, seq: _Sequence) -> None:
+        if seq.finished:
+            return
+        seq.cancelled = True
+        if seq in self._in_flight:
+            return  # released when its step ends
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(seq)
+        self._release(seq, "cancelled")
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="token-engine")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    # -- the step loop -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        run = loop.run_in_executor
+        while True:
+            joined = self._admit()
+            if not joined and not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            for seq in joined:
+                self._in_flight = frozenset((seq,))
+                try:
+                    token = await run(self._executor, self._prefill, seq)
+                finally:
+                    self._in_flight = frozenset()
+                self._deliver(seq, token)
+            batch = self._active.copy()
+            if batch:
+                self._in_flight = frozenset(batch)
+                try:
+                    tokens = await run(self._executor, self._decode, batch)
+                finally:
+                    self._in_flight = frozenset()
+                for seq, token in zip(batch, tokens, strict=True):
+                    self._deliver(seq, token)
+
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting sequences in, oldest first, while the batch and the pool have room."""
+        joined: list[_Sequence] = []
+        context = self._info.context_length
+        while self._waiting and len(self._active) + len(joined) < self.max_batch:
+            seq = self._waiting[0]
+            tokens = min(len(seq.prompt) + seq.params.max_tokens, context)
+            blocks = self.pool.borrow(self.pool.blocks_for(tokens))
+            if blocks is None:
+                break  # the head waits for blocks; later ones must not overtake it
+            self._waiting.popleft()
+            seq.blocks = blocks
+            joined.append(seq)
+        return joined
+
+    def _deliver(self, seq: _Sequence, token: int) -> None:
+        if seq.cancelled:
+            self._release(seq, "cancelled")
+            return
+        now = time.perf_counter()
+        if token in self._eos:
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        self.tokens_out += 1
+        if self._observer is not None:
+            if seq.generated == 1:
+                self._observer.first_token(self._info.name, now - seq.submitted)
+            else:
+                self._observer.token_gap(self._info.name, now - seq.last_emit)
+        seq.last_emit = now
+        seq.queue.put_nowait(token)
+        seq.next_token = token
+        if seq.generated >= seq.params.max_tokens or seq.length + 1 > self._info.context_length:
+            self._finish(seq, "length")
+        elif seq.generated == 1:
+            self._active.append(seq)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.queue.put_nowait(_DONE)
+        self._release(seq, reason)
+
+    def _release(self, seq: _Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.blocks:
+            self.pool.give_back(seq.blocks)
+            seq.blocks = []
+        if seq in self._active:
+            self._active.remove(seq)
+        if self._observer is not None:
+            self._observer.sequence_finished(self._info.name, reason, seq.generated)
+        if self._wake is not None and self._waiting:
+            self._wake.set()
+
+    # -- on the worker thread ------------------------------------------------------------
+
+    def _forward(
+        self, ids: np.ndarray, positions: np.ndarray, past_len: np.ndarray, table: np.ndarray
+    ) -> list[np.ndarray]:
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("positions", positions)
+        binding.bind_cpu_input("past_len", past_len)
+        binding.bind_cpu_input("block_table", table)
+        binding.bind_ortvalue_input("k_cache", self._keys)
+        binding.bind_ortvalue_input("v_cache", self._values)
+        for name in ("logits", "new_k", "new_v"):
+            binding.bind_output(name)
+        self._session.run_with_iobinding(binding)
+        self.steps += 1
+        return binding.copy_outputs_to_cpu()
+
+    def _prefill(self, seq: _Sequence) -> int:
+        count = len(seq.prompt)
+        positions = np.arange(count, dtype=np.int64)
+        logits, new_k, new_v = self._forward(
+            seq.prompt[None, :],
+            positions[None, :],
+            np.zeros(1, np.int64),
+            np.asarray(seq.blocks[:1], dtype=np.int64)[None, :],
+        )
+        blocks = np.asarray(seq.blocks, dtype=np.int64)
+        size = self.pool.block_size
+        self.pool.write(blocks[positions // size], positions % size, new_k[:, 0], new_v[:, 0])
+        seq.length = count
+        return seq.sampler(logits[0])
+
+    def _decode(self, batch: list[_Sequence]) -> list[int]:
+        size = self.pool.block_size
+        width = max(self.pool.blocks_for(seq.length) for seq in batch)
+        table = np.zeros((len(batch), width), np.int64)
+        ids = np.empty((len(batch), 1), np.int64)
+        lengths = np.empty(len(batch), np.int64)
+        targets = np.empty(len(batch), np.int64)
+        for row, seq in enumerate(batch):
+            used = self.pool.blocks_for(seq.length)
+            table[row, :used] = seq.blocks[:used]
+            ids[row, 0] = seq.next_token
+            lengths[row] = seq.length
+            targets[row] = seq.blocks[seq.length // size]
+        logits, new_k, new_v = self._forward(ids, lengths[:, None], lengths, table)
+        self.pool.write(targets, lengths % size, new_k[:, :, 0], new_v[:, :, 0])
+        for seq in batch:
+            seq.length += 1
+        return [seq.sampler(logits[row]) for row, seq in enumerate(batch)]

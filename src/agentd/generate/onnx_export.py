@@ -1,0 +1,317 @@
+"""Export a Llama-style HF checkpoint to ONNX graphs the token engine runs.
+
+The graph is written op by op (no torch exporter), so it reads the same as the engine that
+feeds it. Two cache layouts:
+
+``paged`` (the engine's): the KV cache is a pool of fixed-size blocks, one input per K and V
+  of shape [layers * blocks, block_size, heads, head_dim]. Each sequence names its blocks in
+  a ``block_table`` row; the graph gathers them, attends, and returns only the new tokens'
+  keys and values, which the engine writes into the pool in place.
+
+``dense`` (the baseline it is measured against): the past keys and values come in as one
+  contiguous [layers, batch, past, heads, head_dim] array that the caller grows by
+  concatenation every token.
+
+Both take ``input_ids`` and ``positions`` [batch, tokens] and ``past_len`` [batch] and
+return ``logits`` [batch, vocab] for the last position plus ``new_k``/``new_v``
+[layers, batch, tokens, heads, head_dim].
+
+    python -m agentd.generate.onnx_export models/tinylm/hf OUT_DIR [--int8] [--dense]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["export_onnx", "quantize_int8"]
+
+_OPSET = 17
+_NEG = -1.0e9  # added to masked scores; finite so a row never turns into NaN
+
+
+class _Graph:
+    """A small builder over onnx.helper: unique names, initializers from numpy."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+
+        self._helper = helper
+        self._numpy_helper = numpy_helper
+        self.nodes: list = []
+        self.initializers: list = []
+        self._count = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(self._numpy_helper.from_array(np.array(value, order="C"), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        self._count += 1
+        names = [f"{op_type.lower()}_{self._count}_{i}" for i in range(outputs)]
+        self.nodes.append(self._helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+
+def _load_hf(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    return config, {k: v.astype(np.float32) for k, v in weights.items()}
+
+
+def _rope_tables(config: dict) -> tuple[np.ndarray, np.ndarray]:
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    theta = float(config.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    positions = np.arange(config["max_position_embeddings"], dtype=np.float64)
+    freqs = np.outer(positions, inv_freq)
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "paged"):
+    """The ONNX ModelProto for ``config``/``weights`` with the given cache layout."""
+    from onnx import TensorProto, helper
+
+    if layout not in ("paged", "dense"):
+        raise ValueError(f"layout must be 'paged' or 'dense', not {layout!r}")
+    if (
+        config.get("num_key_value_heads", config["num_attention_heads"])
+        != config["num_attention_heads"]
+    ):
+        raise ValueError("grouped-query attention is not supported by this exporter")
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    head_dim = hidden // heads
+    eps = float(config.get("rms_norm_eps", 1e-5))
+    vocab = config["vocab_size"]
+
+    g = _Graph()
+    i64 = np.int64
+    c_eps = g.const("eps", np.array(eps, np.float32))
+    c_scale = g.const("scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
+    c_zero_f = g.const("zero_f", np.array(0.0, np.float32))
+    c_neg = g.const("neg", np.array(_NEG, np.float32))
+    c_heads_shape = g.const("heads_shape", np.array([0, 0, heads, head_dim], i64))
+    c_merge_shape = g.const("merge_shape", np.array([0, 0, hidden], i64))
+    c_axis0 = g.const("axis0", np.array([0], i64))
+    c_axis1 = g.const("axis1", np.array([1], i64))
+    c_axis2 = g.const("axis2", np.array([2], i64))
+    c_last = g.const("last", np.array(-1, i64))
+    c_zero_i = g.const("zero_i", np.array(0, i64))
+    c_one_i = g.const("one_i", np.array(1, i64))
+    cos, sin = _rope_tables(config)
+    c_cos = g.const("rope_cos", cos)
+    c_sin = g.const("rope_sin", sin)
+    embed = weights["model.embed_tokens.weight"]
+    c_embed = g.const("embed", embed)
+    lm_head = weights.get("lm_head.weight", embed)
+    c_lm_head = g.const("lm_head_t", lm_head.T)
+
+    def linear(x: str, name: str) -> str:
+        return g.op("MatMul", x, g.const(name + "_t", weights[name].T))
+
+    def rms_norm(x: str, name: str) -> str:
+        mean = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
+        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, c_eps)))
+        return g.op("Mul", g.op("Mul", x, inv), g.const(name, weights[name]))
+
+    def rotate(x: str, cos_b: str, sin_b: str) -> str:
+        first, second = g.op("Split", x, axis=-1, outputs=2)
+        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos_b), g.op("Mul", rotated, sin_b))
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
+        helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", "tokens"]),
+        helper.make_tensor_value_info("past_len", TensorProto.INT64, ["batch"]),
+    ]
+    if layout == "paged":
+        inputs += [
+            helper.make_tensor_value_info("block_table", TensorProto.INT64, ["batch", "blocks"]),
+            helper.make_tensor_value_info(
+                "k_cache", TensorProto.FLOAT, ["slots", "block_size", heads, head_dim]
+            ),
+            helper.make_tensor_value_info(
+                "v_cache", TensorProto.FLOAT, ["slots", "block_size", heads, head_dim]
+            ),
+        ]
+        c_past_shape = g.const("past_shape", np.array([0, -1, heads, head_dim], i64))
+        n_blocks = g.op(
+            "Div",
+            g.op("Gather", g.op("Shape", "k_cache"), c_zero_i, axis=0),
+            g.const("layers", np.array(layers, i64)),
+        )
+    else:
+        inputs += [
+            helper.make_tensor_value_info(
+                "past_k", TensorProto.FLOAT, [layers, "batch", "past", heads, head_dim]
+            ),
+            helper.make_tensor_value_info(
+                "past_v", TensorProto.FLOAT, [layers, "batch", "past", heads, head_dim]
+            ),
+        ]
+
+    # Additive mask [batch, 1, tokens, past + tokens]: a past slot counts when it is below
+    # the sequence's past_len; a new token sees itself and the new tokens before it.
+    x = g.op("Gather", c_embed, "input_ids", axis=0)
+    tokens = g.op("Gather", g.op("Shape", "input_ids"), c_one_i, axis=0)
+    if layout == "paged":
+        table_shape = g.op("Shape", "block_table")
+        block_size = g.op("Gather", g.op("Shape", "k_cache"), c_one_i, axis=0)
+        past_slots = g.op("Mul", g.op("Gather", table_shape, c_one_i, axis=0), block_size)
+    else:
+        past_slots = g.op(
+            "Gather", g.op("Shape", "past_k"), g.const("two_i", np.array(2, i64)), axis=0
+        )
+    slot_ids = g.op("Range", c_zero_i, past_slots, c_one_i)
+    past_ok = g.op(
+        "Less",
+        g.op("Unsqueeze", slot_ids, c_axis0),
+        g.op("Unsqueeze", "past_len", c_axis1),
+    )
+    past_mask = g.op("Where", past_ok, c_zero_f, c_neg)  # [batch, past]
+    past_mask = g.op("Unsqueeze", past_mask, g.const("axes12", np.array([1, 2], i64)))
+    token_ids = g.op("Range", c_zero_i, tokens, c_one_i)
+    causal_ok = g.op(
+        "LessOrEqual",
+        g.op("Unsqueeze", token_ids, c_axis0),
+        g.op("Unsqueeze", token_ids, c_axis1),
+    )
+    causal_mask = g.op("Where", causal_ok, c_zero_f, c_neg)  # [tokens, tokens]
+    batch = g.op("Gather", g.op("Shape", "input_ids"), c_axis0, axis=0)
+    one = g.const("one_1", np.array([1], i64))
+    tokens_1 = g.op("Unsqueeze", tokens, c_axis0)
+    past_1 = g.op("Unsqueeze", past_slots, c_axis0)
+    past_mask = g.op("Expand", past_mask, g.op("Concat", batch, one, tokens_1, past_1, axis=0))
+    causal_mask = g.op(
+        "Expand", causal_mask, g.op("Concat", batch, one, tokens_1, tokens_1, axis=0)
+    )
+    mask = g.op("Concat", past_mask, causal_mask, axis=-1)
+
+    cos_b = g.op("Unsqueeze", g.op("Gather", c_cos, "positions", axis=0), c_axis2)
+    sin_b = g.op("Unsqueeze", g.op("Gather", c_sin, "positions", axis=0), c_axis2)
+
+    new_ks, new_vs = [], []
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        h = rms_norm(x, p + "input_layernorm.weight")
+        q = g.op("Reshape", linear(h, p + "self_attn.q_proj.weight"), c_heads_shape)
+        k = g.op("Reshape", linear(h, p + "self_attn.k_proj.weight"), c_heads_shape)
+        v = g.op("Reshape", linear(h, p + "self_attn.v_proj.weight"), c_heads_shape)
+        q = rotate(q, cos_b, sin_b)
+        k = rotate(k, cos_b, sin_b)
+        new_ks.append(g.op("Unsqueeze", k, c_axis0))
+        new_vs.append(g.op("Unsqueeze", v, c_axis0))
+        if layout == "paged":
+            rows = g.op(
+                "Add",
+                "block_table",
+                g.op("Mul", n_blocks, g.const(f"layer_{layer}", np.array(layer, i64))),
+            )
+            past_k = g.op("Reshape", g.op("Gather", "k_cache", rows, axis=0), c_past_shape)
+            past_v = g.op("Reshape", g.op("Gather", "v_cache", rows, axis=0), c_past_shape)
+        else:
+            index = g.const(f"layer_{layer}", np.array(layer, i64))
+            past_k = g.op("Gather", "past_k", index, axis=0)
+            past_v = g.op("Gather", "past_v", index, axis=0)
+        keys = g.op("Concat", past_k, k, axis=1)  # [batch, past + tokens, heads, head_dim]
+        values = g.op("Concat", past_v, v, axis=1)
+        scores = g.op(
+            "MatMul",
+            g.op("Transpose", q, perm=[0, 2, 1, 3]),
+            g.op("Transpose", keys, perm=[0, 2, 3, 1]),
+        )
+        scores = g.op("Add", g.op("Mul", scores, c_scale), mask)
+        attn = g.op("Softmax", scores, axis=-1)
+        out = g.op("MatMul", attn, g.op("Transpose", values, perm=[0, 2, 1, 3]))
+        out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), c_merge_shape)
+        x = g.op("Add", x, linear(out, p + "self_attn.o_proj.weight"))
+        h = rms_norm(x, p + "post_attention_layernorm.weight")
+        gate = linear(h, p + "mlp.gate_proj.weight")
+        up = linear(h, p + "mlp.up_proj.weight")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        x = g.op("Add", x, linear(act, p + "mlp.down_proj.weight"))
+
+    x = rms_norm(x, "model.norm.weight")
+    last = g.op("Gather", x, c_last, axis=1)  # [batch, hidden]
+    g.nodes.append(helper.make_node("MatMul", [last, c_lm_head], ["logits"]))
+    g.nodes.append(helper.make_node("Concat", new_ks, ["new_k"], axis=0))
+    g.nodes.append(helper.make_node("Concat", new_vs, ["new_v"], axis=0))
+    new_shape = [layers, "batch", "tokens", heads, head_dim]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab]),
+        helper.make_tensor_value_info("new_k", TensorProto.FLOAT, new_shape),
+        helper.make_tensor_value_info("new_v", TensorProto.FLOAT, new_shape),
+    ]
+    graph = helper.make_graph(g.nodes, f"llama_{layout}", inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="agentd"
+    )
+    model.ir_version = 8
+    model.doc_string = json.dumps(
+        {
+            "layout": layout,
+            "layers": layers,
+            "heads": heads,
+            "head_dim": head_dim,
+            "vocab_size": vocab,
+            "context_length": config["max_position_embeddings"],
+        }
+    )
+    return model
+
+
+def export_onnx(hf_dir: Path, out: Path, *, layout: str = "paged") -> Path:
+    """Write the fp32 graph for the checkpoint in ``hf_dir`` to ``out``."""
+    import onnx
+
+    config, weights = _load_hf(Path(hf_dir))
+    model = build_model(config, weights, layout=layout)
+    onnx.checker.check_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def quantize_int8(fp32: Path, out: Path) -> Path:
+    """Dynamic int8 quantisation of the weight matmuls (activations stay float)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(
+        str(fp32),
+        str(out),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("hf_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--int8", type=Path, help="also write the int8 graph here")
+    parser.add_argument("--dense", action="store_true", help="also write the dense baseline")
+    args = parser.parse_args(argv)
+    fp32 = export_onnx(args.hf_dir, args.out_dir / "model.fp32.onnx")
+    print(f"wrote {fp32} ({fp32.stat().st_size / 1e6:.1f} MB)")
+    if args.int8:
+        int8 = quantize_int8(fp32, args.int8)
+        print(f"wrote {int8} ({int8.stat().st_size / 1e6:.1f} MB)")
+    if args.dense:
+        dense = export_onnx(args.hf_dir, args.out_dir / "model.dense.fp32.onnx", layout="dense")
+        print(f"wrote {dense}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Load an ONNX language model (a paged-cache graph from onnx_export) into a TokenEngine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agentd.errors import InvalidArgument
+from agentd.generate.config import LMConfig
+from agentd.generate.engine import EngineObserver, TokenEngine
+from agentd.generate.kv_pool import TokenBlockPool
+from agentd.generate.types import LMInfo
+
+__all__ = ["engine_for_session", "load_onnx_lm", "open_session"]
+
+_INPUTS = {"input_ids", "positions", "past_len", "block_table", "k_cache", "v_cache"}
+
+
+def open_session(path: Path, *, threads: int = 2, providers: list[str] | None = None):
+    """An onnxruntime session for a paged graph; raises InvalidArgument for anything else."""
+    import onnxruntime as ort
+
+    from agentd.inference.onnx_runtime import choose_providers
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning threads would burn the cores the gateway needs between decode steps.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=choose_providers(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise InvalidArgument(f"{path}: cannot load: {exc}") from None
+    names = {i.name for i in session.get_inputs()}
+    if names != _INPUTS:
+        raise InvalidArgument(
+            f"{path}: not a paged-cache language model graph (inputs {sorted(names)}; "
+            "export one with python -m agentd.generate.onnx_export)"
+        )
+    return session
+
+
+def engine_for_session(
+    session,
+    *,
+    name: str,
+    eos_token_ids: tuple[int, ...],
+    blocks: int,
+    block_size: int,
+    max_batch: int = 64,
+    context_length: int | None = None,
+    observer: EngineObserver | None = None,
+) -> TokenEngine:
+    """A TokenEngine with a fresh block pool shaped for the session's graph."""
+    try:
+        shape = json.loads(session.get_modelmeta().description or "{}")
+        layers, heads, head_dim = shape["layers"], shape["heads"], shape["head_dim"]
+        vocab, graph_context = shape["vocab_size"], shape["context_length"]
+    except (KeyError, ValueError):
+        raise InvalidArgument("the graph lacks its shape description (re-export it)") from None
+    pool = TokenBlockPool(
+        layers=layers, blocks=blocks, block_size=block_size, heads=heads, head_dim=head_dim
+    )
+    context = min(context_length or graph_context, graph_context)
+    info = LMInfo(name, "onnxruntime", context, vocab, tuple(eos_token_ids))
+    return TokenEngine(session, info, pool, max_batch=max_batch, observer=observer)
+
+
+def load_onnx_lm(
+    config: LMConfig,
+    *,
+    threads: int = 2,
+    providers: list[str] | None = None,
+    observer: EngineObserver | None = None,
+) -> TokenEngine:
+    """Blocking (builds the session); run it off the event loop."""
+    return engine_for_session(
+        open_session(config.model_path, threads=threads, providers=providers),
+        name=config.name,
+        eos_token_ids=config.eos_token_ids,
+        blocks=config.cache_blocks,
+        block_size=config.block_size,
+        max_batch=config.max_batch,
+        context_length=config.context_length,
+        observer=observer,
+    )

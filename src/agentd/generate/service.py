@@ -1,0 +1,150 @@
+"""GenerationService: the node's language models, found in model folders and loaded at start.
+
+A folder under the built-in models or ``plugins/models`` whose config.yaml says
+``kind: language-model`` is served here (the tensor models' repository skips it). The ONNX
+form runs on the token engine; GGUF and HF forms run through their optional extras.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentd.errors import AgentdError, NotFound
+from agentd.generate.chat import BOS, render_chat
+from agentd.generate.config import LMConfig, is_language_model, load_lm_config
+from agentd.generate.engine import EngineObserver
+from agentd.generate.text_stream import TextStream
+from agentd.generate.tokenizer import Tokenizer
+from agentd.generate.types import SamplingParams, TextGenerator
+
+__all__ = ["GenerationService", "LanguageModel"]
+
+log = logging.getLogger("agentd.generate")
+
+
+@dataclass(frozen=True, slots=True)
+class LanguageModel:
+    config: LMConfig
+    generator: TextGenerator
+    tokenizer: Tokenizer
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def completion_prompt(self, text: str) -> list[int]:
+        """A raw prompt, after the beginning-of-sequence token the model was trained with."""
+        return self.tokenizer.encode(BOS + text)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
+        return self.tokenizer.encode(render_chat(messages))
+
+    def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> TextStream:
+        return TextStream(self.generator, self.tokenizer, prompt_ids, params)
+
+
+def load_language_model(
+    config: LMConfig,
+    *,
+    threads: int = 2,
+    providers: list[str] | None = None,
+    observer: EngineObserver | None = None,
+) -> LanguageModel:
+    """Blocking: read the tokenizer and build the backend for ``config.platform``."""
+    tokenizer = Tokenizer(config.tokenizer_path)
+    if config.platform == "onnxruntime":
+        from agentd.generate.onnx_lm import load_onnx_lm
+
+        generator: TextGenerator = load_onnx_lm(
+            config, threads=threads, providers=providers, observer=observer
+        )
+    elif config.platform == "gguf":
+        from agentd.generate.gguf_backend import load_gguf
+
+        generator = load_gguf(config.model_path, config.name)
+    else:
+        from agentd.generate.hf_backend import load_hf
+
+        generator = load_hf(config.model_path, config.name)
+    return LanguageModel(config, generator, tokenizer)
+
+
+class GenerationService:
+    def __init__(
+        self,
+        folders: Iterable[Path],
+        *,
+        threads: int = 2,
+        providers: list[str] | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self._folders = list(folders)
+        self._threads = threads
+        self._providers = providers
+        self._observer = observer
+        self._models: dict[str, LanguageModel] = {}
+        self.failed: dict[str, str] = {}
+
+    def discover(self) -> list[Path]:
+        found: dict[str, Path] = {}
+        for folder in self._folders:
+            if not folder.is_dir():
+                continue
+            for source in sorted(p for p in folder.iterdir() if p.is_dir()):
+                if not source.name.startswith(("_", ".")) and is_language_model(source):
+                    found[source.name] = source  # a later folder overrides an earlier one
+        return list(found.values())
+
+    async def start(self) -> None:
+        for source in self.discover():
+            try:
+                config = load_lm_config(source)
+                model = await asyncio.to_thread(
+                    load_language_model,
+                    config,
+                    threads=self._threads,
+                    providers=self._providers,
+                    observer=self._observer,
+                )
+            except AgentdError as exc:
+                self.failed[source.name] = exc.message
+                log.error("language model %s failed to load: %s", source.name, exc.message)
+                continue
+            self._models[model.name] = model
+            log.info("language model %s loaded (%s)", model.name, config.platform)
+
+    def add(self, model: LanguageModel) -> None:
+        self._models[model.name] = model
+
+    def models(self) -> list[LanguageModel]:
+        return sorted(self._models.values(), key=lambda m: m.name)
+
+    def get(self, name: str) -> LanguageModel:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"The model '{name}' does not exist")
+        return model
+
+    def default(self) -> LanguageModel:
+        if not self._models:
+            raise NotFound("no language model is loaded")
+        return self._models.get("tinylm") or self.models()[0]
+
+    def gauges(self) -> dict[str, dict[str, float]]:
+        return {
+            name: model.generator.gauges()
+            for name, model in self._models.items()
+            if hasattr(model.generator, "gauges")
+        }
+
+    async def aclose(self) -> None:
+        for model in self._models.values():
+            await model.generator.close()
+        self._models.clear()

@@ -1,0 +1,93 @@
+"""Token ids to text deltas: incremental detokenizing, stop sequences, finish reasons."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from agentd.generate.tokenizer import Detokenizer, Tokenizer
+from agentd.generate.types import SamplingParams, TextGenerator
+
+__all__ = ["TextStream"]
+
+
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop sequence in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that could begin a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class TextStream:
+    """Iterate for text deltas; afterwards ``finish_reason`` and ``completion_tokens`` are
+    set. Leaving the loop early stops generation and frees the sequence's cache."""
+
+    def __init__(
+        self,
+        generator: TextGenerator,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+    ) -> None:
+        self._generator = generator
+        self._tokenizer = tokenizer
+        self._params = params
+        self.prompt_ids = list(prompt_ids)
+        # Checks the request now (empty or too long prompt) rather than at first iteration.
+        self._tokens = generator.stream(self.prompt_ids, params)
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        stops = [s for s in self._params.stop if s]
+        detokenizer = Detokenizer(self._tokenizer)
+        pending = ""
+        try:
+            async for token in self._tokens:
+                self.completion_tokens += 1
+                pending += detokenizer.push(token)
+                if not pending:
+                    continue
+                if stops:
+                    cut = _stop_at(pending, stops)
+                    if cut is not None:
+                        if cut:
+                            yield pending[:cut]
+                        self.finish_reason = "stop"
+                        return
+                    keep = _held_back(pending, stops)
+                    ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                else:
+                    ready, pending = pending, ""
+                if ready:
+                    yield ready
+            pending += detokenizer.flush()
+            cut = _stop_at(pending, stops) if stops else None
+            if cut is not None:
+                pending = pending[:cut]
+                self.finish_reason = "stop"
+            elif self.completion_tokens >= self._params.max_tokens:
+                self.finish_reason = "length"
+            else:
+                self.finish_reason = "stop"
+            if pending:
+                yield pending
+        finally:
+            await self._tokens.aclose()
+
+    async def text(self) -> str:
+        """The whole completion as one string."""
+        return "".join([piece async for piece in self])

@@ -1,0 +1,70 @@
+"""Text <-> token ids for language models, and incremental detokenizing for streams.
+
+Wraps a HF ``tokenizers`` tokenizer.json (a small Rust library; no transformers needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from agentd.errors import InvalidArgument
+
+__all__ = ["Detokenizer", "Tokenizer"]
+
+
+class Tokenizer:
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        try:
+            self._tokenizer = _RustTokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises plain Exception on a bad file
+            raise InvalidArgument(f"cannot read tokenizer {path}: {exc}") from None
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text (``<|end|>``) map to
+        their ids. Nothing is added (the chat template and prompts carry their own BOS)."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Byte-level BPE tokens can split a UTF-8 character; a delta is held back until the
+    bytes complete it. Only a short window of recent ids is decoded per token.
+    """
+
+    __slots__ = ("_ids", "_prefix", "_read", "_tokenizer")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # ids before this are already emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the new text it completes ("" while a character is split)."""
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        before = decode(self._ids[self._prefix : self._read])
+        after = decode(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix = self._read
+            self._read = len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (a dangling partial character decodes as U+FFFD)."""
+        before = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        after = self._tokenizer.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]

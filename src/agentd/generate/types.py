@@ -1,0 +1,82 @@
+"""What every token-generating backend shares: request parameters and the backend protocols.
+
+Plain Python only. Backends yield token ids; turning ids into text deltas, stop sequences and
+finish reasons happens once, above them (``text_stream.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["LMInfo", "SamplingParams", "SequenceBackend", "TextGenerator"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each next token. Validated by the API layer before it gets here."""
+
+    max_tokens: int = 64
+    # 0 means greedy (argmax); top_k 0 means no top-k cut; top_p 1.0 means no nucleus cut.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    # Text-level stop sequences; handled in text_stream, not by backends.
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LMInfo:
+    """What the API layer needs to know about a loaded language model."""
+
+    name: str
+    platform: str  # "onnxruntime", "gguf", "hf"
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+@runtime_checkable
+class TextGenerator(Protocol):
+    """A loaded language model that streams token ids for a prompt."""
+
+    @property
+    def info(self) -> LMInfo: ...
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Yield generated token ids (eos excluded) until eos or ``params.max_tokens``.
+
+        Closing the iterator early (``aclose()``, or the consuming task being cancelled)
+        stops generation and frees what the sequence held at once.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SequenceBackend(Protocol):
+    """One sequence at a time, blocking: the shape of the GGUF and HF backends.
+
+    ``serial.SerialGenerator`` drives one on a thread (sampling, max_tokens, eos,
+    cancellation) and so turns it into a :class:`TextGenerator`.
+    """
+
+    info: LMInfo
+
+    def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Reset, run the prompt, return the next-token logits (float32, shape [vocab])."""
+        ...
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one token, return the next-token logits."""
+        ...
+
+    def close(self) -> None: ...

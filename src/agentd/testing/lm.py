@@ -1,0 +1,95 @@
+"""Small random Llama checkpoints and engines over them, for tests and benchmarks.
+
+Needs the ``onnx`` and ``safetensors`` packages (dev extras).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from agentd.generate.engine import EngineObserver, TokenEngine
+from agentd.generate.onnx_lm import engine_for_session, open_session
+
+__all__ = ["build_engine", "write_random_llama"]
+
+
+def write_random_llama(
+    folder: Path,
+    *,
+    vocab: int = 64,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    intermediate: int = 64,
+    context: int = 256,
+    seed: int = 0,
+) -> Path:
+    """An HF-format Llama folder (config.json + model.safetensors) with random weights."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": weight(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": 1 + weight(hidden) * 0.1,
+            p + "post_attention_layernorm.weight": 1 + weight(hidden) * 0.1,
+            p + "self_attn.q_proj.weight": weight(hidden, hidden),
+            p + "self_attn.k_proj.weight": weight(hidden, hidden),
+            p + "self_attn.v_proj.weight": weight(hidden, hidden),
+            p + "self_attn.o_proj.weight": weight(hidden, hidden),
+            p + "mlp.gate_proj.weight": weight(intermediate, hidden),
+            p + "mlp.up_proj.weight": weight(intermediate, hidden),
+            p + "mlp.down_proj.weight": weight(hidden, intermediate),
+        }
+    tensors["model.norm.weight"] = 1 + weight(hidden) * 0.1
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": context,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def build_engine(
+    onnx_path: Path,
+    *,
+    blocks: int,
+    block_size: int,
+    max_batch: int = 64,
+    eos: tuple[int, ...] = (1,),
+    observer: EngineObserver | None = None,
+    threads: int = 1,
+) -> TokenEngine:
+    """A TokenEngine over a paged graph written by ``agentd.generate.onnx_export``."""
+    return engine_for_session(
+        open_session(onnx_path, threads=threads),
+        name="test-lm",
+        eos_token_ids=eos,
+        blocks=blocks,
+        block_size=block_size,
+        max_batch=max_batch,
+        observer=observer,
+    )

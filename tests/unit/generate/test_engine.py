@@ -1,0 +1,184 @@
+"""The token engine over a small random model: continuous batching must not change what a
+sequence generates, the block pool must always balance, and bad requests fail up front."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentd.errors import InvalidArgument
+from agentd.generate.types import SamplingParams
+from agentd.testing.lm import build_engine
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+async def collect(engine, prompt, params=GREEDY):
+    return [t async for t in engine.stream(prompt, params)]
+
+
+def prompts(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 64, size=int(rng.integers(1, 40))).tolist() for _ in range(count)]
+
+
+async def solo_results(random_lm, items, params=GREEDY):
+    engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
+    try:
+        return [await collect(engine, p, params) for p in items]
+    finally:
+        await engine.close()
+
+
+async def test_batched_greedy_equals_one_at_a_time(random_lm):
+    items = prompts(8)
+    alone = await solo_results(random_lm, items)
+    engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
+    try:
+        together = await asyncio.gather(*(collect(engine, p) for p in items))
+        assert together == alone
+        assert all(len(tokens) == GREEDY.max_tokens for tokens in together)
+        # Eight sequences of twelve tokens in far fewer model runs than 8 * 12.
+        assert engine.steps < 8 * GREEDY.max_tokens
+        assert engine.pool.free == engine.pool.total
+        engine.pool.check()
+    finally:
+        await engine.close()
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(random_lm):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=7)
+    items = prompts(4, seed=3)
+    alone = await solo_results(random_lm, items, params)
+    engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
+    try:
+        together = await asyncio.gather(*(collect(engine, p, params) for p in items))
+    finally:
+        await engine.close()
+    assert together == alone
+    unseeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=8)
+    assert await solo_results(random_lm, items[:1], unseeded) != alone[:1]
+
+
+async def test_eos_ends_a_sequence_without_emitting_it(random_lm):
+    prompt = prompts(1, seed=5)[0]
+    (free_run,) = await solo_results(random_lm, [prompt])
+    eos = free_run[3]
+    engine = build_engine(random_lm, blocks=16, block_size=4, eos=(eos,))
+    try:
+        tokens = await collect(engine, prompt)
+    finally:
+        await engine.close()
+    assert tokens == free_run[: free_run.index(eos)]
+
+
+async def test_pool_exhaustion_queues_sequences_and_all_finish(random_lm):
+    # Each sequence needs ceil((len + 12) / 4) blocks; 12 blocks fit one or two at a time.
+    engine = build_engine(random_lm, blocks=12, block_size=4, eos=())
+    items = [p[:20] for p in prompts(6, seed=9)]
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(collect(engine, p) for p in items)), timeout=60
+        )
+        assert results == await solo_results(random_lm, items)
+        stats = engine.pool.stats()
+        assert stats.peak_used <= stats.total and stats.free == stats.total
+    finally:
+        await engine.close()
+
+
+async def test_closing_a_stream_returns_its_blocks(random_lm):
+    engine = build_engine(random_lm, blocks=32, block_size=4, eos=())
+    try:
+        stream = engine.stream(prompts(1)[0], SamplingParams(max_tokens=60, temperature=0))
+        got = []
+        async for token in stream:
+            got.append(token)
+            if len(got) == 3:
+                break
+        await stream.aclose()
+        for _ in range(200):  # at most the step in flight
+            if engine.pool.free == engine.pool.total:
+                break
+            await asyncio.sleep(0.005)
+        assert engine.pool.free == engine.pool.total
+        assert engine.gauges()["active"] == 0
+    finally:
+        await engine.close()
+
+
+async def test_requests_that_can_never_run_fail_up_front(random_lm):
+    engine = build_engine(random_lm, blocks=8, block_size=4, eos=())
+    try:
+        with pytest.raises(InvalidArgument, match="empty"):
+            engine.stream([], GREEDY)
+        with pytest.raises(InvalidArgument, match="context"):
+            engine.stream([3] * 256, GREEDY)
+        with pytest.raises(InvalidArgument, match="cache blocks"):
+            engine.stream([3] * 30, SamplingParams(max_tokens=10))
+    finally:
+        await engine.close()
+
+
+@st.composite
+def plans(draw):
+    count = draw(st.integers(1, 7))
+    return [
+        (
+            draw(st.integers(1, 24)),  # prompt length
+            draw(st.integers(1, 10)),  # max_tokens
+            draw(st.one_of(st.none(), st.integers(0, 8))),  # stop reading after n tokens
+            draw(st.integers(0, 3)),  # event-loop ticks before joining
+        )
+        for _ in range(count)
+    ]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(plan=plans(), eos=st.sampled_from([(), (7,), (3, 11)]))
+def test_any_interleaving_leaves_the_pool_consistent(random_lm, plan, eos):
+    async def scenario():
+        engine = build_engine(random_lm, blocks=10, block_size=4, max_batch=3, eos=eos)
+
+        async def client(length, max_tokens, stop_after, delay):
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            params = SamplingParams(max_tokens=max_tokens, temperature=0)
+            stream = engine.stream(list(range(2, 2 + length)), params)
+            got = []
+            async for token in stream:
+                got.append(token)
+                if stop_after is not None and len(got) >= stop_after:
+                    break
+            await stream.aclose()
+            return got
+
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(client(*p) for p in plan)), timeout=60
+            )
+            for _ in range(200):
+                if engine.pool.free == engine.pool.total:
+                    break
+                await asyncio.sleep(0.005)
+            engine.pool.check()
+            assert engine.pool.free == engine.pool.total
+            assert engine.gauges() == {
+                "active": 0,
+                "waiting": 0,
+                "blocks_free": 10,
+                "blocks_used": 0,
+            }
+            for (_length, max_tokens, stop_after, _), got in zip(plan, results, strict=True):
+                assert len(got) <= max_tokens
+                if stop_after is not None:
+                    assert len(got) <= max(stop_after, 1)
+                assert not set(got) & set(eos)
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
