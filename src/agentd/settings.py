@@ -62,6 +62,23 @@ class Settings(BaseSettings):
         default_factory=list, description="ONNX Runtime providers; empty: best installed"
     )
 
+    tools_cache_dir: Path = Field(
+        default_factory=lambda: _cache_home() / "agentd" / "tools",
+        description="compiled tool components, one folder per content hash",
+    )
+    tool_max_fuel: int = Field(5_000_000_000, gt=0, description="CPU budget per tool call")
+    tool_max_memory_bytes: int = Field(128 * 1024 * 1024, gt=0, description="memory per call")
+    tool_timeout_s: float = Field(5.0, gt=0, description="wall-clock deadline per tool call")
+    tool_max_output_bytes: int = Field(1024 * 1024, gt=0, description="JSON result size limit")
+    tool_max_input_bytes: int = Field(1024 * 1024, gt=0, description="JSON arguments size limit")
+    tool_threads: int = Field(
+        default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)),
+        gt=0,
+        description="threads running tool calls",
+    )
+    max_queued_tool_calls: int = Field(4096, gt=0, description="tool calls waiting (backpressure)")
+    tool_pool_size: int = Field(2, ge=0, description="sandbox instances prepared ahead of calls")
+
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint")
     service_name: str = "agentd"
     log_level: str = "info"
@@ -126,6 +143,10 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings")
         return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 def load_settings(**flags: Any) -> Settings:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentd.agents.address import Address
 from agentd.agents.message import Message
-from agentd.errors import AgentdError, Code, DeadlineExceeded, InvalidArgument
+from agentd.errors import AgentdError, Code, DeadlineExceeded, InvalidArgument, Unavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -154,9 +154,24 @@ class Context:
         finally:
             await pieces.aclose()
 
-    async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
-        """Call a sandboxed tool (arrives with the WASM sandbox)."""
-        raise _NotYet("ctx.tool is not available yet: the tool sandbox is not built")
+    async def tool(
+        self, name: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Call sandboxed tool ``name`` with keyword ``args`` (JSON-serialisable); return its
+        result (parsed JSON). Runs in a fresh WebAssembly instance off the event loop,
+        bounded by the tool limits, ``timeout`` and this turn's deadline.
+
+        Raises (all from :mod:`agentd.tools.errors`): ToolNotFound, ToolArgumentsInvalid,
+        ToolError (the tool raised; its message), ToolOutOfFuel, ToolOutOfMemory,
+        ToolDeadlineExceeded, ToolOutputTooLarge, ToolsUnavailable.
+        """
+        tools = self._require_host().tools
+        if tools is None:
+            raise Unavailable("this runtime has no tool service")
+        left = self.time_left()
+        if left is not None:
+            timeout = left if timeout is None else min(timeout, left)
+        return await tools.call(name, args, timeout=timeout)
 
 
 class Agent:

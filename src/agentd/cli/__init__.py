@@ -9,6 +9,7 @@ from agentd.cli.call import call
 from agentd.cli.models import models
 from agentd.cli.serve import serve
 from agentd.cli.swarm import swarm
+from agentd.cli.tools import tools
 
 app = typer.Typer(
     name="agentd",
@@ -22,6 +23,7 @@ app.command()(call)
 app.command()(bench)
 app.command()(models)
 app.command()(swarm)
+app.add_typer(tools)
 
 
 @app.command()

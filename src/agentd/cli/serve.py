@@ -68,6 +68,10 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
+    from agentd.cli.tools import ensure_tools
+
+    ensure_tools(settings, console)
+
     envoy = EnvoyProcess(settings)
     try:
         listening = envoy.start()

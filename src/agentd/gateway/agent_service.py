@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
 from connectrpc.request import RequestContext
 
 from agentd.agents.message import Message
-from agentd.errors import AgentdError
+from agentd.errors import AgentdError, Unavailable
 from agentd.gateway.rpc_errors import call_timeout, to_connect_error
 from agentd.runtime import Runtime
+from agentd.tools.service import ToolService
 from agentd.v1 import agent_pb2 as pb
 
 __all__ = ["AgentServiceImpl", "message_from_pb", "message_to_pb"]
@@ -26,9 +28,16 @@ def message_to_pb(msg: Message) -> pb.Message:
 class AgentServiceImpl:
     """The connect-python service object; one per gateway."""
 
-    def __init__(self, runtime: Runtime, default_timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        default_timeout_s: float | None,
+        *,
+        tools: ToolService | None = None,
+    ) -> None:
         self._runtime = runtime
         self._default_timeout_s = default_timeout_s
+        self._tools = tools
 
     async def invoke(self, request: pb.InvokeRequest, ctx: RequestContext) -> pb.InvokeResponse:
         timeout = call_timeout(ctx, self._default_timeout_s)
@@ -76,3 +85,32 @@ class AgentServiceImpl:
                 for info in self._runtime.list_types()
             ]
         )
+
+    async def list_tools(
+        self, request: pb.ListToolsRequest, ctx: RequestContext
+    ) -> pb.ListToolsResponse:
+        tools = self._tools.list_tools() if self._tools is not None else []
+        return pb.ListToolsResponse(
+            tools=[
+                pb.Tool(
+                    name=t.name,
+                    description=t.description,
+                    parameters_json=orjson.dumps(t.parameters).decode(),
+                )
+                for t in tools
+            ]
+        )
+
+    async def call_tool(
+        self, request: pb.CallToolRequest, ctx: RequestContext
+    ) -> pb.CallToolResponse:
+        timeout = call_timeout(ctx, self._default_timeout_s)
+        try:
+            if self._tools is None:
+                raise Unavailable("this server has no tool service")
+            result = await self._tools.call_json(
+                request.name, request.arguments_json, timeout=timeout
+            )
+        except AgentdError as exc:
+            raise to_connect_error(exc) from exc
+        return pb.CallToolResponse(result_json=result)

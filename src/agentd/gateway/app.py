@@ -34,6 +34,7 @@ from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
 from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
 from agentd.gateway.rpc_errors import install_strict_codecs
+from agentd.gateway.tools_api import TOOLS_PATH, ToolsApi
 from agentd.generate.service import GenerationService
 from agentd.inference import InferenceService, ModelRepository
 from agentd.inference.repository import builtin_models_dir
@@ -48,6 +49,7 @@ from agentd.runtime import (
     WorkerPool,
 )
 from agentd.settings import Settings
+from agentd.tools.factory import open_tool_service
 from agentd.v1 import agent_pb2
 from agentd.v1.agent_connect import AgentServiceASGIApplication
 
@@ -81,10 +83,14 @@ class Gateway:
         self.generation = build_generation(settings, self.metrics)
         self.runtime = build_runtime(settings, registry, self.inference, self.metrics)
         self.runtime.host.generation = self.generation
+        self.tools = open_tool_service(settings, self.metrics)
+        self.runtime.host.tools = self.tools
         self.metrics.watch_runtime(self.runtime.host.gauges)
         install_strict_codecs()
         limit = settings.max_body_bytes
-        agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s)
+        agent_service = AgentServiceImpl(
+            self.runtime, settings.default_timeout_s, tools=self.tools
+        )
         agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
         self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
         reflection = reflection_apps(
@@ -109,6 +115,7 @@ class Gateway:
             + [path for app in rpc_apps[1:] for path in app.method_paths]
         )
         self._ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
+        self._ops.routes[TOOLS_PATH] = ToolsApi(self.tools).list
         self._tokens = TokenCheck(settings.auth_tokens)
         self._open_paths = (
             OPEN_PATHS
@@ -233,6 +240,7 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 await self.inference.start()
                 await self.generation.start()
+                await self.tools.start()
                 await self.runtime.start()
                 # Everything built so far (modules, models, the app) lives as long as the
                 # process: take it out of the cyclic collector's full passes.
@@ -249,6 +257,7 @@ class Gateway:
         self.health.set_all(Status.NOT_SERVING)
         await self.runtime.aclose()
         await self.generation.aclose()
+        await self.tools.aclose()
         await self.inference.aclose()
         self.tracing.aclose()
         log.info("gateway stopped")

@@ -132,6 +132,32 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._tool_calls = Counter(
+            "agentd_tool_calls",
+            "Sandboxed tool calls, by tool and outcome (ok or the error kind).",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self._tool_errors = Counter(
+            "agentd_tool_errors",
+            "Tool calls that failed, by tool and kind (raised, out_of_fuel, deadline, ...).",
+            ["tool", "kind"],
+            registry=r,
+        )
+        self._tool_latency = Histogram(
+            "agentd_tool_call_duration_seconds",
+            "Tool call time in the sandbox (instance, call, result).",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._tool_fuel = Histogram(
+            "agentd_tool_fuel_used",
+            "Fuel (wasmtime instruction budget) a tool call used.",
+            ["tool"],
+            buckets=(1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11),
+            registry=r,
+        )
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):
@@ -173,6 +199,15 @@ class Metrics:
         for seconds in queue_seconds:
             queue.observe(seconds)
         self._child(self._compute_time, model).observe(compute_seconds)
+
+    def tool_call_finished(self, tool: str, outcome: str, seconds: float, fuel: int) -> None:
+        """One tool call ended (on any thread): ``outcome`` is "ok" or an error kind."""
+        self._child(self._tool_calls, tool, outcome).inc()
+        if outcome != "ok":
+            self._child(self._tool_errors, tool, outcome).inc()
+        self._child(self._tool_latency, tool).observe(seconds)
+        if fuel:
+            self._child(self._tool_fuel, tool).observe(fuel)
 
     def watch_runtime(self, read: Callable[[], dict[str, float]]) -> None:
         """Expose the runtime's gauges and counters, read from ``read()`` at scrape time.

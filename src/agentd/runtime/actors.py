@@ -286,6 +286,8 @@ class ActorHost:
         self.inference = inference
         # The node's language models for ctx.generate (a GenerationService), set by the app.
         self.generation: Any = None
+        # The node's sandboxed tools for ctx.tool (a ToolService), set by the app.
+        self.tools: Any = None
         self._observer = observer
         self._idle_seconds = idle_seconds
         self._max_mailbox = max_mailbox

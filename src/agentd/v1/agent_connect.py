@@ -26,6 +26,12 @@ class AgentService(Protocol):
     async def list_agents(self, request: agentd_dot_v1_dot_agent__pb2.ListAgentsRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.ListAgentsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def list_tools(self, request: agentd_dot_v1_dot_agent__pb2.ListToolsRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.ListToolsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def call_tool(self, request: agentd_dot_v1_dot_agent__pb2.CallToolRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.CallToolResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AgentServiceASGIApplication(ConnectASGIApplication[AgentService]):
     def __init__(self, service: AgentService | AsyncGenerator[AgentService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -61,6 +67,26 @@ class AgentServiceASGIApplication(ConnectASGIApplication[AgentService]):
                         idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
                     ),
                     function=svc.list_agents,
+                ),
+                "/agentd.v1.AgentService/ListTools": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListTools",
+                        service_name="agentd.v1.AgentService",
+                        input=agentd_dot_v1_dot_agent__pb2.ListToolsRequest,
+                        output=agentd_dot_v1_dot_agent__pb2.ListToolsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.list_tools,
+                ),
+                "/agentd.v1.AgentService/CallTool": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CallTool",
+                        service_name="agentd.v1.AgentService",
+                        input=agentd_dot_v1_dot_agent__pb2.CallToolRequest,
+                        output=agentd_dot_v1_dot_agent__pb2.CallToolResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.call_tool,
                 ),
             },
             interceptors=interceptors,
@@ -137,6 +163,48 @@ class AgentServiceClient(ConnectClient):
             use_get=use_get,
         )
 
+    async def list_tools(
+        self,
+        request: agentd_dot_v1_dot_agent__pb2.ListToolsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> agentd_dot_v1_dot_agent__pb2.ListToolsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListTools",
+                service_name="agentd.v1.AgentService",
+                input=agentd_dot_v1_dot_agent__pb2.ListToolsRequest,
+                output=agentd_dot_v1_dot_agent__pb2.ListToolsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    async def call_tool(
+        self,
+        request: agentd_dot_v1_dot_agent__pb2.CallToolRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> agentd_dot_v1_dot_agent__pb2.CallToolResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CallTool",
+                service_name="agentd.v1.AgentService",
+                input=agentd_dot_v1_dot_agent__pb2.CallToolRequest,
+                output=agentd_dot_v1_dot_agent__pb2.CallToolResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class AgentServiceSync(Protocol):
     def invoke(self, request: agentd_dot_v1_dot_agent__pb2.InvokeRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.InvokeResponse:
@@ -144,6 +212,10 @@ class AgentServiceSync(Protocol):
     def invoke_stream(self, request: agentd_dot_v1_dot_agent__pb2.InvokeRequest, ctx: RequestContext) -> Iterator[agentd_dot_v1_dot_agent__pb2.AgentEvent]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def list_agents(self, request: agentd_dot_v1_dot_agent__pb2.ListAgentsRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.ListAgentsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def list_tools(self, request: agentd_dot_v1_dot_agent__pb2.ListToolsRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.ListToolsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def call_tool(self, request: agentd_dot_v1_dot_agent__pb2.CallToolRequest, ctx: RequestContext) -> agentd_dot_v1_dot_agent__pb2.CallToolResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -180,6 +252,26 @@ class AgentServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
                     ),
                     function=service.list_agents,
+                ),
+                "/agentd.v1.AgentService/ListTools": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListTools",
+                        service_name="agentd.v1.AgentService",
+                        input=agentd_dot_v1_dot_agent__pb2.ListToolsRequest,
+                        output=agentd_dot_v1_dot_agent__pb2.ListToolsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.list_tools,
+                ),
+                "/agentd.v1.AgentService/CallTool": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CallTool",
+                        service_name="agentd.v1.AgentService",
+                        input=agentd_dot_v1_dot_agent__pb2.CallToolRequest,
+                        output=agentd_dot_v1_dot_agent__pb2.CallToolResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.call_tool,
                 ),
             },
             interceptors=interceptors,
@@ -254,4 +346,46 @@ class AgentServiceClientSync(ConnectClientSync):
             headers=headers,
             timeout_ms=timeout_ms,
             use_get=use_get,
+        )
+
+    def list_tools(
+        self,
+        request: agentd_dot_v1_dot_agent__pb2.ListToolsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> agentd_dot_v1_dot_agent__pb2.ListToolsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListTools",
+                service_name="agentd.v1.AgentService",
+                input=agentd_dot_v1_dot_agent__pb2.ListToolsRequest,
+                output=agentd_dot_v1_dot_agent__pb2.ListToolsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    def call_tool(
+        self,
+        request: agentd_dot_v1_dot_agent__pb2.CallToolRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> agentd_dot_v1_dot_agent__pb2.CallToolResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CallTool",
+                service_name="agentd.v1.AgentService",
+                input=agentd_dot_v1_dot_agent__pb2.CallToolRequest,
+                output=agentd_dot_v1_dot_agent__pb2.CallToolResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
         )

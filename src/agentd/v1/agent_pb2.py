@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61gentd/v1/agent.proto\x12\tagentd.v1\"\x8a\x01\n\x07Message\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .agentd.v1.Message.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\rInvokeRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12#\n\x07message\x18\x02 \x01(\x0b\x32\x12.agentd.v1.Message\"D\n\x0eInvokeResponse\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12#\n\x07message\x18\x02 \x01(\x0b\x32\x12.agentd.v1.Message\"m\n\nAgentEvent\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x05token\x18\x03 \x01(\tH\x00\x12%\n\x07message\x18\x04 \x01(\x0b\x32\x12.agentd.v1.MessageH\x00\x42\t\n\x07payload\"\x13\n\x11ListAgentsRequest\"[\n\tAgentType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x18\n\x10\x61\x63tive_instances\x18\x04 \x01(\x04\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.agentd.v1.AgentType2\xe0\x01\n\x0c\x41gentService\x12=\n\x06Invoke\x12\x18.agentd.v1.InvokeRequest\x1a\x19.agentd.v1.InvokeResponse\x12\x41\n\x0cInvokeStream\x12\x18.agentd.v1.InvokeRequest\x1a\x15.agentd.v1.AgentEvent0\x01\x12N\n\nListAgents\x12\x1c.agentd.v1.ListAgentsRequest\x1a\x1d.agentd.v1.ListAgentsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61gentd/v1/agent.proto\x12\tagentd.v1\"\x8a\x01\n\x07Message\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .agentd.v1.Message.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\rInvokeRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12#\n\x07message\x18\x02 \x01(\x0b\x32\x12.agentd.v1.Message\"D\n\x0eInvokeResponse\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12#\n\x07message\x18\x02 \x01(\x0b\x32\x12.agentd.v1.Message\"m\n\nAgentEvent\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x05token\x18\x03 \x01(\tH\x00\x12%\n\x07message\x18\x04 \x01(\x0b\x32\x12.agentd.v1.MessageH\x00\x42\t\n\x07payload\"\x13\n\x11ListAgentsRequest\"[\n\tAgentType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x18\n\x10\x61\x63tive_instances\x18\x04 \x01(\x04\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.agentd.v1.AgentType\"\x12\n\x10ListToolsRequest\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"3\n\x11ListToolsResponse\x12\x1e\n\x05tools\x18\x01 \x03(\x0b\x32\x0f.agentd.v1.Tool\"7\n\x0f\x43\x61llToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\"\'\n\x10\x43\x61llToolResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t2\xf2\x02\n\x0c\x41gentService\x12=\n\x06Invoke\x12\x18.agentd.v1.InvokeRequest\x1a\x19.agentd.v1.InvokeResponse\x12\x41\n\x0cInvokeStream\x12\x18.agentd.v1.InvokeRequest\x1a\x15.agentd.v1.AgentEvent0\x01\x12N\n\nListAgents\x12\x1c.agentd.v1.ListAgentsRequest\x1a\x1d.agentd.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12K\n\tListTools\x12\x1b.agentd.v1.ListToolsRequest\x1a\x1c.agentd.v1.ListToolsResponse\"\x03\x90\x02\x01\x12\x43\n\x08\x43\x61llTool\x12\x1a.agentd.v1.CallToolRequest\x1a\x1b.agentd.v1.CallToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_AGENTSERVICE'].methods_by_name['ListAgents']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['ListAgents']._serialized_options = b'\220\002\001'
+  _globals['_AGENTSERVICE'].methods_by_name['ListTools']._loaded_options = None
+  _globals['_AGENTSERVICE'].methods_by_name['ListTools']._serialized_options = b'\220\002\001'
   _globals['_MESSAGE']._serialized_start=37
   _globals['_MESSAGE']._serialized_end=175
   _globals['_MESSAGE_METADATAENTRY']._serialized_start=128
@@ -51,6 +53,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTTYPE']._serialized_end=539
   _globals['_LISTAGENTSRESPONSE']._serialized_start=541
   _globals['_LISTAGENTSRESPONSE']._serialized_end=599
-  _globals['_AGENTSERVICE']._serialized_start=602
-  _globals['_AGENTSERVICE']._serialized_end=826
+  _globals['_LISTTOOLSREQUEST']._serialized_start=601
+  _globals['_LISTTOOLSREQUEST']._serialized_end=619
+  _globals['_TOOL']._serialized_start=621
+  _globals['_TOOL']._serialized_end=687
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=689
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=740
+  _globals['_CALLTOOLREQUEST']._serialized_start=742
+  _globals['_CALLTOOLREQUEST']._serialized_end=797
+  _globals['_CALLTOOLRESPONSE']._serialized_start=799
+  _globals['_CALLTOOLRESPONSE']._serialized_end=838
+  _globals['_AGENTSERVICE']._serialized_start=841
+  _globals['_AGENTSERVICE']._serialized_end=1211
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class AgentServiceStub(object):
                 request_serializer=agentd_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.ListTools = channel.unary_unary(
+                '/agentd.v1.AgentService/ListTools',
+                request_serializer=agentd_dot_v1_dot_agent__pb2.ListToolsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__pb2.ListToolsResponse.FromString,
+                _registered_method=True)
+        self.CallTool = channel.unary_unary(
+                '/agentd.v1.AgentService/CallTool',
+                request_serializer=agentd_dot_v1_dot_agent__pb2.CallToolRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__pb2.CallToolResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer(object):
@@ -72,6 +82,21 @@ class AgentServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallTool(self, request, context):
+        """Runs a tool in a fresh sandbox. Errors: NOT_FOUND (unknown tool), INVALID_ARGUMENT
+        (arguments), UNKNOWN (the tool raised), RESOURCE_EXHAUSTED (fuel, memory, output size),
+        DEADLINE_EXCEEDED (wall-clock limit), UNAVAILABLE (no tool component loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +114,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=agentd_dot_v1_dot_agent__pb2.ListAgentsRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_agent__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'ListTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTools,
+                    request_deserializer=agentd_dot_v1_dot_agent__pb2.ListToolsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'CallTool': grpc.unary_unary_rpc_method_handler(
+                    servicer.CallTool,
+                    request_deserializer=agentd_dot_v1_dot_agent__pb2.CallToolRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__pb2.CallToolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +207,60 @@ class AgentService(object):
             '/agentd.v1.AgentService/ListAgents',
             agentd_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
             agentd_dot_v1_dot_agent__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/ListTools',
+            agentd_dot_v1_dot_agent__pb2.ListToolsRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallTool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/CallTool',
+            agentd_dot_v1_dot_agent__pb2.CallToolRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__pb2.CallToolResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,44 @@
+"""``GET /v1/tools``: the sandboxed tools as JSON (name, description, parameter schema).
+
+Calls go through ``agentd.v1.AgentService/CallTool`` (gRPC, gRPC-Web, Connect JSON).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from agentd.tools.service import ToolService
+
+__all__ = ["TOOLS_PATH", "ToolsApi"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+TOOLS_PATH = "/v1/tools"
+
+
+class ToolsApi:
+    def __init__(self, service: ToolService) -> None:
+        self._service = service
+
+    async def list(self, send: Send) -> None:
+        """``{"tools": [...], "available": bool, "reason"?: str}`` with status 200."""
+        body: dict[str, Any] = {
+            "tools": [spec.to_json() for spec in self._service.list_tools()],
+            "available": self._service.available,
+        }
+        if (reason := self._service.unavailable_reason) is not None:
+            body["reason"] = reason
+        payload = orjson.dumps(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,282 @@
+"""The protocol-neutral tool service: validate, queue, run off the event loop, observe.
+
+Agents (``ctx.tool``) and the gateway (``ListTools``, ``CallTool``, ``GET /v1/tools``)
+call this. It knows nothing of wasmtime: calls go to a :class:`ToolRuntime` (the WASM
+sandbox in production) on a fixed pool of threads, so a long tool never blocks the event
+loop or other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import orjson
+
+from agentd.tools.errors import (
+    ToolArgumentsInvalid,
+    ToolCallFailed,
+    ToolDeadlineExceeded,
+    ToolInputTooLarge,
+    ToolNotFound,
+    ToolQueueFull,
+    ToolResultInvalid,
+    ToolsUnavailable,
+)
+from agentd.tools.schema import check_arguments
+from agentd.tools.types import CallOutcome, ToolLimits, ToolSpec
+
+__all__ = ["ToolObserver", "ToolRuntime", "ToolService"]
+
+log = logging.getLogger(__name__)
+
+# Waiting this long past a call's deadline before deciding it never started: a running call
+# ends at its own deadline (the sandbox's epoch check), within about one epoch.
+_DEADLINE_GRACE_S = 0.05
+
+
+class ToolRuntime(Protocol):
+    """Runs one call synchronously (on a pool thread) and reports every failure in the
+    outcome. ``refill`` prepares instances ahead of calls; ``close`` frees everything."""
+
+    def call(
+        self, name: str, arguments_json: str, *, deadline: float | None = None
+    ) -> CallOutcome: ...
+
+    def refill(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ToolObserver(Protocol):
+    def tool_call_finished(self, tool: str, outcome: str, seconds: float, fuel: int) -> None: ...
+
+
+class ToolService:
+    """Tool calls for one node.
+
+    Owns a thread pool of ``threads`` workers and the runtime ``open_runtime`` returns at
+    :meth:`start`; :meth:`aclose` lets running calls end (each within its deadline) and
+    frees both. At most ``threads + max_queued`` calls are admitted at once; more get
+    ToolQueueFull. With ``open_runtime=None`` the service lists no tools and every call
+    gets ToolsUnavailable with ``unavailable_reason``.
+    """
+
+    def __init__(
+        self,
+        tools: Sequence[ToolSpec],
+        open_runtime: Callable[[], ToolRuntime] | None,
+        *,
+        limits: ToolLimits,
+        threads: int = 4,
+        max_queued: int = 4096,
+        observer: ToolObserver | None = None,
+        unavailable_reason: str = "no tool component is loaded",
+    ) -> None:
+        self._specs = {spec.name: spec for spec in tools}
+        self._open_runtime = open_runtime
+        self._limits = limits
+        self._threads = threads
+        self._capacity = threads + max_queued
+        self._observer = observer
+        self._unavailable = unavailable_reason
+        self._runtime: ToolRuntime | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the runtime and prepare the first instances (off the event loop)."""
+        if self._open_runtime is None or self._runtime is not None:
+            return
+        executor = ThreadPoolExecutor(self._threads, thread_name_prefix="agentd-tool")
+        try:
+            runtime = await asyncio.wrap_future(executor.submit(self._open_runtime))
+        except ToolCallFailed as exc:
+            executor.shutdown(wait=False)
+            self._unavailable = exc.message
+            self._specs = {}
+            return
+        self._executor = executor
+        self._runtime = runtime
+        executor.submit(runtime.refill)
+
+    async def aclose(self) -> None:
+        executor, runtime = self._executor, self._runtime
+        self._executor = self._runtime = None
+        self._unavailable = "the tool service is shut down"
+        if executor is not None:
+            # Queued calls are cancelled; running ones end by their own deadline.
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        if runtime is not None:
+            runtime.close()
+
+    # -- queries -------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self._runtime is not None
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return None if self._runtime is not None else self._unavailable
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def list_tools(self) -> list[ToolSpec]:
+        return [self._specs[name] for name in sorted(self._specs)]
+
+    def spec(self, name: str) -> ToolSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            if self._runtime is None:
+                raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
+            raise ToolNotFound(f"no tool named {name!r}")
+        return spec
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def call(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call tool ``name`` with keyword ``arguments``; return its result (parsed JSON).
+
+        Bounded by the configured limits and by ``timeout`` (seconds). Raises a
+        :class:`ToolCallFailed` subclass: ToolNotFound, ToolArgumentsInvalid, ToolError (the
+        tool raised), ToolOutOfFuel, ToolOutOfMemory, ToolDeadlineExceeded, ... Cancelling
+        the caller cancels a call still queued; a running one ends by its deadline.
+        """
+        return orjson.loads(await self.call_json(name, arguments or {}, timeout=timeout))
+
+    async def call_json(
+        self,
+        name: str,
+        arguments: str | bytes | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """Like :meth:`call` with the arguments as a JSON text (or a mapping) and the result
+        as JSON text (checked to be valid JSON)."""
+        started = time.perf_counter()
+        try:
+            spec = self.spec(name)
+            arguments_json = self._encode_arguments(spec, arguments)
+            if self._in_flight >= self._capacity:
+                raise ToolQueueFull(
+                    f"too many tool calls in flight ({self._in_flight}); try again later"
+                )
+        except ToolCallFailed as exc:
+            self._observe(name if name in self._specs else "unknown", exc.kind, started, 0)
+            raise
+        outcome = await self._run(name, arguments_json, timeout, started)
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.result_json is not None
+        try:
+            orjson.loads(outcome.result_json)
+        except orjson.JSONDecodeError as exc:
+            raise ToolResultInvalid(f"tool {name!r} returned malformed JSON: {exc}") from None
+        return outcome.result_json
+
+    def _encode_arguments(self, spec: ToolSpec, arguments: str | bytes | Mapping[str, Any]) -> str:
+        limit = self._limits.max_input_bytes
+        if isinstance(arguments, str | bytes):
+            if len(arguments) > limit:
+                raise ToolInputTooLarge(
+                    f"tool {spec.name!r}: arguments are larger than the limit of {limit:,} bytes"
+                )
+            try:
+                parsed = orjson.loads(arguments or b"{}")
+            except orjson.JSONDecodeError as exc:
+                raise ToolArgumentsInvalid(
+                    f"tool {spec.name!r}: arguments are not valid JSON: {exc}"
+                ) from None
+            check_arguments(spec, parsed)
+            if isinstance(arguments, bytes):
+                return arguments.decode() if arguments else "{}"
+            return arguments or "{}"
+        check_arguments(spec, arguments)
+        try:
+            encoded = orjson.dumps(arguments)
+        except TypeError as exc:
+            raise ToolArgumentsInvalid(
+                f"tool {spec.name!r}: arguments are not JSON-serialisable: {exc}"
+            ) from None
+        if len(encoded) > limit:
+            raise ToolInputTooLarge(
+                f"tool {spec.name!r}: arguments are larger than the limit of {limit:,} bytes"
+            )
+        return encoded.decode()
+
+    async def _run(
+        self, name: str, arguments_json: str, timeout: float | None, started: float
+    ) -> CallOutcome:
+        executor = self._executor
+        if executor is None:
+            raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
+        budget = self._limits.timeout_s
+        if timeout is not None:
+            budget = min(budget, max(0.0, timeout))
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        job = executor.submit(self._job, name, arguments_json, time.monotonic() + budget)
+        # Admission counts a call until its thread is free, even when the caller is gone.
+        job.add_done_callback(lambda _: _call_soon(loop, self._release))
+        future = asyncio.wrap_future(job)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=budget + _DEADLINE_GRACE_S)
+        except asyncio.CancelledError:
+            if job.cancel():  # still queued: it will never run
+                self._observe(name, "cancelled", started, 0)
+            raise
+        if done:
+            return future.result()
+        if job.cancel():
+            self._observe(name, ToolDeadlineExceeded.kind, started, 0)
+            message = f"tool {name!r} waited past its deadline to start"
+        else:
+            # Running but past its deadline: blocked in a host call, which the epoch check
+            # cannot interrupt. The caller gets its answer now; the thread is released when
+            # the host call returns (and the sandbox then traps on the deadline).
+            log.warning("tool %r is past its %.3g s deadline in a host call", name, budget)
+            message = f"tool {name!r} did not finish within {budget:.3g} s"
+        return CallOutcome(None, ToolDeadlineExceeded(message), 0)
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+
+    def _job(self, name: str, arguments_json: str, deadline: float | None) -> CallOutcome:
+        # Runs on a pool thread.
+        runtime = self._runtime
+        if runtime is None:
+            return CallOutcome(None, ToolsUnavailable("the tool service is shut down"), 0)
+        started = time.perf_counter()
+        outcome = runtime.call(name, arguments_json, deadline=deadline)
+        kind = "ok" if outcome.error is None else outcome.error.kind
+        self._observe(name, kind, started, outcome.fuel_used)
+        executor = self._executor
+        if executor is not None:
+            with contextlib.suppress(RuntimeError):  # shutting down
+                executor.submit(runtime.refill)
+        return outcome
+
+    def _observe(self, tool: str, outcome: str, started: float, fuel: int) -> None:
+        if self._observer is not None:
+            self._observer.tool_call_finished(tool, outcome, time.perf_counter() - started, fuel)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody counts any more
+        loop.call_soon_threadsafe(callback)

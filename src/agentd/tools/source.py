@@ -1,0 +1,92 @@
+"""Which Python files make up the tool component, and the content hash that names a build."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "BUILTIN_DIR",
+    "BUILTIN_PACKAGE",
+    "GUEST_APP",
+    "PLUGIN_PACKAGE",
+    "WIT_DIR",
+    "ToolSource",
+    "collect_sources",
+    "sources_digest",
+]
+
+_HERE = Path(__file__).parent
+BUILTIN_DIR = _HERE / "builtin"
+WIT_DIR = _HERE / "wit"
+GUEST_APP = _HERE / "guest" / "agentd_guest.py"
+# Staged package names inside the component: tool files never shadow standard modules.
+BUILTIN_PACKAGE = "agentd_builtin_tools"
+PLUGIN_PACKAGE = "agentd_plugin_tools"
+# Bumped when the build layout changes in a way the inputs below do not show.
+_FORMAT = "agentd-tools-1"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSource:
+    """One tool file: the module name it gets in the component, where it came from, its text."""
+
+    module: str
+    file: str
+    text: bytes
+
+
+def _module_name(stem: str) -> str:
+    name = re.sub(r"\W", "_", stem)
+    return f"_{name}" if name[:1].isdigit() else name
+
+
+def _collect(directory: Path, package: str, label: str) -> list[ToolSource]:
+    if not directory.is_dir():
+        return []
+    return [
+        ToolSource(
+            f"{package}.{_module_name(path.stem)}", f"{label}/{path.name}", path.read_bytes()
+        )
+        for path in sorted(directory.glob("*.py"))
+        if not path.name.startswith("_")
+    ]
+
+
+def collect_sources(plugin_tools: Path | None) -> list[ToolSource]:
+    """The built-in tools, then ``plugin_tools/*.py`` (files starting with ``_`` skipped)."""
+    sources = _collect(BUILTIN_DIR, BUILTIN_PACKAGE, "builtin")
+    if plugin_tools is not None:
+        sources += _collect(plugin_tools, PLUGIN_PACKAGE, "tools")
+    return sources
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def sources_digest(sources: list[ToolSource]) -> str:
+    """A hash of everything that changes the compiled artefact: tool files, the guest app,
+    the WIT world, and the versions of componentize-py and wasmtime."""
+    h = hashlib.sha256()
+
+    def part(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    part(_FORMAT.encode())
+    part(_version("componentize-py").encode())
+    part(_version("wasmtime").encode())
+    part(GUEST_APP.read_bytes())
+    for wit in sorted(WIT_DIR.glob("*.wit")):
+        part(wit.read_bytes())
+    for source in sources:
+        part(source.module.encode())
+        part(source.text)
+    return h.hexdigest()[:32]

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from agentd.tools.build import ToolArtefact
+from agentd.tools.sandbox import WasmSandbox
+from tests.tools.support import LIMITS, session_artefact
+
+
+@pytest.fixture(scope="session")
+def artefact(tmp_path_factory: pytest.TempPathFactory) -> ToolArtefact:
+    return session_artefact(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sandbox(artefact: ToolArtefact) -> Iterator[WasmSandbox]:
+    box = WasmSandbox(artefact.component_path, LIMITS, pool_size=2)
+    yield box
+    box.close()

@@ -1,0 +1,5 @@
+import module_that_does_not_exist  # noqa: F401
+
+
+def never_loaded() -> None:
+    pass

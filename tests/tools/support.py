@@ -1,0 +1,31 @@
+"""Shared by the tool tests and the tools API integration test: one build per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentd.tools.build import ToolArtefact, build_tools
+from agentd.tools.types import ToolLimits
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+# Tight limits keep hostile tests short: ~0.1-0.3 s of CPU, 256 MiB, 2 s, 64 KiB out.
+LIMITS = ToolLimits(
+    max_fuel=1_000_000_000,
+    max_memory_bytes=256 * 1024 * 1024,
+    timeout_s=2.0,
+    max_output_bytes=64 * 1024,
+    max_input_bytes=64 * 1024,
+)
+
+
+def cache_dir(factory: pytest.TempPathFactory) -> Path:
+    # The session's base temp folder is shared by every fixture of the session, so the
+    # unit tests and the server test find one build (the compile takes ~10-25 s).
+    return factory.getbasetemp() / "tools-cache"
+
+
+def session_artefact(factory: pytest.TempPathFactory) -> ToolArtefact:
+    return build_tools(cache_dir(factory), PLUGINS / "tools").artefact

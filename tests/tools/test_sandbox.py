@@ -1,0 +1,141 @@
+"""Hostile and careless tools against the real sandbox: each ends in its own clear error,
+within its limit, and the sandbox keeps serving."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from agentd.errors import Code
+from agentd.tools import (
+    ToolArgumentsInvalid,
+    ToolDeadlineExceeded,
+    ToolError,
+    ToolLimits,
+    ToolNotFound,
+    ToolOutOfFuel,
+    ToolOutOfMemory,
+    ToolOutputTooLarge,
+    ToolResultInvalid,
+    ToolStackOverflow,
+)
+from agentd.tools.sandbox import WasmSandbox
+from tests.tools.support import LIMITS
+
+HOSTILE = [
+    # tool, error class, message fragment
+    ("read_passwd", ToolError, "FileNotFoundError: [Errno 44] No such file or directory"),
+    ("list_root", ToolError, "FileNotFoundError"),
+    ("open_socket", ToolError, "PermissionError"),
+    ("loop_forever", ToolOutOfFuel, "ran out of fuel (CPU budget of 1,000,000,000 units)"),
+    ("allocate_4gib", ToolOutOfMemory, "ran out of memory (limit 268,435,456 bytes)"),
+    ("allocate_at_once", ToolOutOfMemory, "ran out of memory"),
+    ("recurse", ToolStackOverflow, "recursed too deeply (RecursionError"),
+    ("deep_json", ToolStackOverflow, "exhausted its stack"),
+    ("return_100mb", ToolOutputTooLarge, "more than the output limit of 65,536 bytes"),
+    ("raise_error", ToolError, "raised ValueError: this tool always fails"),
+    ("return_set", ToolResultInvalid, "not JSON: TypeError: Object of type set"),
+    ("os_system", ToolError, "AttributeError: module 'os' has no attribute 'system'"),
+    ("sleep_long", ToolError, "PermissionError: waiting is not allowed in the tool sandbox"),
+    ("recreate_time", ToolError, "AttributeError"),
+    ("exit_process", ToolError, "raised SystemExit: 3"),
+]
+
+
+@pytest.mark.parametrize(("tool", "error", "fragment"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_tool_gets_its_error_within_its_limits(sandbox, tool, error, fragment):
+    started = time.monotonic()
+    outcome = sandbox.call(tool, "{}")
+    elapsed = time.monotonic() - started
+    assert outcome.result_json is None
+    assert type(outcome.error) is error, outcome.error
+    assert fragment in outcome.error.message
+    assert outcome.error.message.startswith(f"tool {tool!r}")
+    assert elapsed < LIMITS.timeout_s
+    assert outcome.fuel_used <= LIMITS.max_fuel
+    # ... and the sandbox still serves the next call.
+    assert sandbox.call("calc", '{"expression": "2 + 2"}').result_json == "4"
+
+
+def test_error_codes_tell_the_causes_apart(sandbox):
+    codes = {t: sandbox.call(t, "{}").error.code for t in ("raise_error", "loop_forever")}
+    assert codes == {"raise_error": Code.UNKNOWN, "loop_forever": Code.RESOURCE_EXHAUSTED}
+    assert ToolDeadlineExceeded("x").code is Code.DEADLINE_EXCEEDED
+    assert ToolNotFound("x").code is Code.NOT_FOUND
+    assert ToolArgumentsInvalid("x").code is Code.INVALID_ARGUMENT
+
+
+def test_no_environment_files_or_network(sandbox):
+    assert sandbox.call("read_env", "{}").result_json == "{}"
+
+
+def test_deadline_stops_a_loop_that_has_fuel_to_spare(artefact):
+    limits = ToolLimits(max_fuel=10**15, timeout_s=0.3)
+    box = WasmSandbox(artefact.component_path, limits)
+    try:
+        started = time.monotonic()
+        outcome = box.call("loop_forever", "{}")
+        elapsed = time.monotonic() - started
+    finally:
+        box.close()
+    assert isinstance(outcome.error, ToolDeadlineExceeded)
+    assert outcome.error.message == "tool 'loop_forever' did not finish within 0.3 s"
+    assert 0.25 < elapsed < 1.0
+
+
+def test_a_caller_deadline_shorter_than_the_limit_wins(sandbox):
+    outcome = sandbox.call("spin", '{"iterations": 100000000}', deadline=time.monotonic() + 0.05)
+    assert isinstance(outcome.error, (ToolDeadlineExceeded, ToolOutOfFuel))
+    late = sandbox.call("calc", '{"expression": "1"}', deadline=time.monotonic() - 1)
+    assert isinstance(late.error, ToolDeadlineExceeded)
+    assert late.fuel_used == 0
+
+
+def test_every_call_gets_a_fresh_instance(sandbox):
+    assert [sandbox.call("count_calls", "{}").result_json for _ in range(3)] == ["1", "1", "1"]
+    draws = {sandbox.call("rand", "{}").result_json for _ in range(3)}
+    assert len(draws) == 3  # the PRNG is reseeded per call, not replayed from the snapshot
+
+
+def test_results_and_arguments_are_json(sandbox):
+    value = {"a": [1, 2.5, None, True, "ü"], "b": {"c": "d"}}
+    out = sandbox.call("echo", json.dumps({"value": value}))
+    assert json.loads(out.result_json) == value
+    assert sandbox.call("add", '{"a": 2, "b": 3}').result_json == "5"
+    assert sandbox.call("options", '{"x": 1}').result_json == '{"x":1}'
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ("not json", "arguments are not JSON"),
+        ("[1, 2]", "arguments must be a JSON object"),
+        ('{"b": 2}', "missing a required argument: 'a'"),
+        ('{"a": 1, "c": 2}', "unexpected keyword argument 'c'"),
+    ],
+)
+def test_bad_arguments_are_invalid_argument(sandbox, arguments, fragment):
+    error = sandbox.call("add", arguments).error
+    assert isinstance(error, ToolArgumentsInvalid)
+    assert fragment in error.message
+
+
+def test_unknown_tool_is_not_found(sandbox):
+    error = sandbox.call("no_such_tool", "{}").error
+    assert isinstance(error, ToolNotFound)
+    assert error.message == "no tool named 'no_such_tool'"
+
+
+def test_prepared_instances_are_used_and_refilled(artefact):
+    box = WasmSandbox(artefact.component_path, LIMITS, pool_size=2)
+    try:
+        box.refill()
+        assert len(box._ready) == 2
+        assert box.call("count_calls", "{}").result_json == "1"
+        assert len(box._ready) == 1
+        box.refill()
+        assert len(box._ready) == 2
+    finally:
+        box.close()

@@ -1,0 +1,201 @@
+"""The tool service: validation, thread pool, limits, backpressure, cancellation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agentd.observability import Metrics
+from agentd.tools import (
+    ToolArgumentsInvalid,
+    ToolDeadlineExceeded,
+    ToolError,
+    ToolInputTooLarge,
+    ToolLimits,
+    ToolNotFound,
+    ToolOutOfFuel,
+    ToolQueueFull,
+    ToolsUnavailable,
+)
+from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.service import ToolService
+from tests.tools.support import LIMITS
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def tool_call_finished(self, tool: str, outcome: str, seconds: float, fuel: int) -> None:
+        self.calls.append((tool, outcome, fuel))
+
+
+def make_service(artefact, *, limits=LIMITS, threads=2, max_queued=256, observer=None):
+    return ToolService(
+        artefact.tools,
+        lambda: WasmSandbox(artefact.component_path, limits, pool_size=2),
+        limits=limits,
+        threads=threads,
+        max_queued=max_queued,
+        observer=observer,
+    )
+
+
+@pytest.fixture
+async def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def service(artefact, recorder) -> AsyncIterator[ToolService]:
+    svc = make_service(artefact, observer=recorder)
+    await svc.start()
+    yield svc
+    await svc.aclose()
+
+
+async def test_lists_tools_sorted_with_specs(service):
+    names = [t.name for t in service.list_tools()]
+    assert names == sorted(names)
+    assert service.spec("calc").parameters["required"] == ["expression"]
+
+
+async def test_call_returns_parsed_json_and_call_json_the_text(service, recorder):
+    assert await service.call("calc", {"expression": "2 ** 8"}) == 256
+    assert await service.call_json("add", '{"a": 1, "b": 2}') == "3"
+    assert await service.call_json("add", b'{"a": 5}') == "6"
+    tool, outcome, fuel = recorder.calls[0]
+    assert (tool, outcome) == ("calc", "ok")
+    assert fuel > 0
+
+
+async def test_unknown_tool_and_bad_arguments_fail_before_any_sandbox(service, recorder):
+    with pytest.raises(ToolNotFound, match="no tool named 'nope'"):
+        await service.call("nope", {})
+    with pytest.raises(ToolArgumentsInvalid, match="argument 'a' must be an integer, not string"):
+        await service.call("add", {"a": "1"})
+    with pytest.raises(ToolArgumentsInvalid, match="not valid JSON"):
+        await service.call_json("add", "{oops")
+    with pytest.raises(ToolArgumentsInvalid, match="not JSON-serialisable"):
+        await service.call("echo", {"value": object()})
+    with pytest.raises(ToolInputTooLarge, match="larger than the limit of 65,536 bytes"):
+        await service.call("echo", {"value": "x" * 70_000})
+    assert recorder.calls == [
+        ("unknown", "not_found", 0),
+        ("add", "invalid_arguments", 0),
+        ("add", "invalid_arguments", 0),
+        ("echo", "invalid_arguments", 0),
+        ("echo", "input_too_large", 0),
+    ]
+
+
+async def test_a_long_tool_does_not_block_the_event_loop(service):
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(ToolOutOfFuel):
+            await service.call("loop_forever")
+    finally:
+        tick.cancel()
+    assert len(gaps) > 5
+    assert max(gaps) < 0.1
+
+
+async def test_hundred_concurrent_calls_with_a_hostile_one(service):
+    calls = [service.call("add", {"a": i, "b": 1}) for i in range(99)]
+    calls.insert(50, service.call("loop_forever"))
+    started = time.monotonic()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    elapsed = time.monotonic() - started
+    hostile = results.pop(50)
+    assert isinstance(hostile, ToolOutOfFuel)
+    assert results == [i + 1 for i in range(99)]
+    assert elapsed < 10
+    assert service.in_flight == 0
+
+
+async def test_timeout_shorter_than_the_limit(artefact):
+    svc = make_service(artefact, limits=ToolLimits(max_fuel=10**15, timeout_s=5.0))
+    await svc.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ToolDeadlineExceeded, match=r"did not finish within 0\.2 s"):
+            await svc.call("loop_forever", timeout=0.2)
+        assert time.monotonic() - started < 1.0
+    finally:
+        await svc.aclose()
+
+
+async def test_full_queue_pushes_back_and_queued_calls_can_be_cancelled(artefact, recorder):
+    limits = ToolLimits(max_fuel=10**15, timeout_s=1.0)
+    svc = make_service(artefact, limits=limits, threads=1, max_queued=1, observer=recorder)
+    await svc.start()
+    try:
+        running = asyncio.create_task(svc.call("loop_forever"))
+        queued = asyncio.create_task(svc.call("count_calls"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ToolQueueFull, match="too many tool calls in flight"):
+            await svc.call("count_calls")
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        with pytest.raises(ToolDeadlineExceeded):
+            await running
+    finally:
+        await svc.aclose()
+    outcomes = [(tool, outcome) for tool, outcome, _ in recorder.calls]
+    assert ("count_calls", "queue_full") in outcomes
+    assert ("count_calls", "cancelled") in outcomes
+    assert ("count_calls", "ok") not in outcomes  # the cancelled call never ran
+    assert ("loop_forever", "deadline") in outcomes
+
+
+async def test_without_a_component_calls_are_unavailable():
+    svc = ToolService([], None, limits=LIMITS, unavailable_reason="not built")
+    await svc.start()
+    assert svc.list_tools() == []
+    assert not svc.available
+    with pytest.raises(ToolsUnavailable, match="tools are unavailable: not built"):
+        await svc.call("calc", {"expression": "1"})
+    await svc.aclose()
+
+
+async def test_closed_service_refuses_calls(artefact):
+    svc = make_service(artefact)
+    await svc.start()
+    assert await svc.call("add", {"a": 1}) == 2
+    await svc.aclose()
+    with pytest.raises(ToolsUnavailable):
+        await svc.call("add", {"a": 1})
+
+
+async def test_metrics_count_calls_errors_duration_and_fuel(artefact):
+    metrics = Metrics()
+    svc = make_service(artefact, observer=metrics)
+    await svc.start()
+    try:
+        await svc.call("add", {"a": 1})
+        with pytest.raises(ToolError):
+            await svc.call("raise_error")
+        with pytest.raises(ToolOutOfFuel):
+            await svc.call("loop_forever")
+    finally:
+        await svc.aclose()
+    text = metrics.render()[0].decode()
+    assert 'agentd_tool_calls_total{outcome="ok",tool="add"} 1.0' in text
+    assert 'agentd_tool_errors_total{kind="raised",tool="raise_error"} 1.0' in text
+    assert 'agentd_tool_errors_total{kind="out_of_fuel",tool="loop_forever"} 1.0' in text
+    assert 'agentd_tool_call_duration_seconds_count{tool="add"} 1.0' in text
+    assert 'agentd_tool_fuel_used_sum{tool="loop_forever"} 1e+09' in text
