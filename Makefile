@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test lint bench proto models system-test-deps clean
+.PHONY: run test lint bench proto models train-lm system-test-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,20 @@ bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench gateway
 	$(BIN)/agentd bench inference
 	$(BIN)/agentd bench swarm
+	$(BIN)/agentd bench tools
 
-## models: retrain the built-in int8 decision model (package data) and make the benchmark MLP
+## models: retrain the built-in int8 decision model (package data), make the benchmark MLP,
+## and export the tiny language model (models/tinylm/hf) to ONNX and GGUF
 models: $(VENV)/.installed-dev
 	$(BIN)/python scripts/train_decision_model.py --fp32-out build/models/decision-fp32/model.onnx
 	$(BIN)/python scripts/make_mlp_model.py --inputs 256 --hidden 1024 --layers 4 --outputs 16 -o build/models/mlp
+	# tinylm ONNX (fp32 + int8 package data): python -m agentd.generate.onnx_export ...
+	$(BIN)/python -m agentd.generate.gguf_export models/tinylm/hf build/models/tinylm/model.f32.gguf
+	$(BIN)/python -m agentd.generate.gguf_export models/tinylm/hf build/models/tinylm/model.f16.gguf --dtype f16
+
+## train-lm: retrain the tiny language model from scratch (~7 min on 2 cores) into models/tinylm/hf
+train-lm: $(VENV)/.installed-dev
+	$(BIN)/python scripts/train_tiny_lm.py
 
 ## proto: regenerate Python, gRPC and Connect code from proto/
 proto: $(VENV)/.installed-dev
