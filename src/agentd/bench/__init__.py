@@ -9,4 +9,6 @@ SUITES: dict[str, str] = {
     "gateway": "agentd.bench.gateway:run_suite",
     "inference": "agentd.bench.inference:run_suite",
     "swarm": "agentd.bench.swarm:run_suite",
+    "generate": "agentd.bench.generate:run_suite",
+    "tools": "agentd.bench.tools:run_suite",
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agentd.errors import InvalidArgument
+from agentd.errors import Internal, InvalidArgument
 from agentd.generate.kv_pool import TokenBlockPool
 from agentd.generate.sampling import Sampler
 from agentd.generate.types import LMInfo, SamplingParams
@@ -31,6 +32,7 @@ from agentd.generate.types import LMInfo, SamplingParams
 __all__ = ["EngineObserver", "TokenEngine"]
 
 _DONE = None
+log = logging.getLogger("agentd.generate")
 
 
 class EngineObserver(Protocol):
@@ -139,6 +141,8 @@ class TokenEngine:
                 token = await seq.queue.get()
                 if token is _DONE:
                     return
+                if isinstance(token, Internal):
+                    raise token
                 yield token
         finally:
             self._abandon(seq)
@@ -180,16 +184,22 @@ class TokenEngine:
                 self._in_flight = frozenset((seq,))
                 try:
                     token = await run(self._executor, self._prefill, seq)
-                finally:
+                except Exception as exc:  # a model failure ends its sequences, not the engine
                     self._in_flight = frozenset()
+                    self._fail([seq], exc)
+                    continue
+                self._in_flight = frozenset()
                 self._deliver(seq, token)
             batch = self._active.copy()
             if batch:
                 self._in_flight = frozenset(batch)
                 try:
                     tokens = await run(self._executor, self._decode, batch)
-                finally:
+                except Exception as exc:
                     self._in_flight = frozenset()
+                    self._fail(batch, exc)
+                    continue
+                self._in_flight = frozenset()
                 for seq, token in zip(batch, tokens, strict=True):
                     self._deliver(seq, token)
 
@@ -230,6 +240,13 @@ class TokenEngine:
             self._finish(seq, "length")
         elif seq.generated == 1:
             self._active.append(seq)
+
+    def _fail(self, batch: list[_Sequence], exc: Exception) -> None:
+        log.error("token engine step failed for %s: %s", self._info.name, exc)
+        error = Internal(f"model {self._info.name!r} failed: {exc}")
+        for seq in batch:
+            seq.queue.put_nowait(error)
+            self._release(seq, "error")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.queue.put_nowait(_DONE)

@@ -3,10 +3,12 @@
 The graph is written op by op (no torch exporter), so it reads the same as the engine that
 feeds it. Two cache layouts:
 
-``paged`` (the engine's): the KV cache is a pool of fixed-size blocks, one input per K and V
-  of shape [layers * blocks, block_size, heads, head_dim]. Each sequence names its blocks in
-  a ``block_table`` row; the graph gathers them, attends, and returns only the new tokens'
-  keys and values, which the engine writes into the pool in place.
+``paged`` (the engine's): the KV cache is a pool of fixed-size blocks, K as
+  [layers * blocks, heads, head_dim, block_size] and V as [layers * blocks, heads,
+  block_size, head_dim] (each block already in the layout its matmul wants). Each sequence
+  names its blocks in a ``block_table`` row; the graph gathers them, attends block by block,
+  and returns only the new tokens' keys and values, which the engine writes into the pool in
+  place.
 
 ``dense`` (the baseline it is measured against): the past keys and values come in as one
   contiguous [layers, batch, past, heads, head_dim] array that the caller grows by
@@ -107,6 +109,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     c_last = g.const("last", np.array(-1, i64))
     c_zero_i = g.const("zero_i", np.array(0, i64))
     c_one_i = g.const("one_i", np.array(1, i64))
+    c_two_i = g.const("two_i", np.array(2, i64))
     cos, sin = _rope_tables(config)
     c_cos = g.const("rope_cos", cos)
     c_sin = g.const("rope_sin", sin)
@@ -137,13 +140,12 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         inputs += [
             helper.make_tensor_value_info("block_table", TensorProto.INT64, ["batch", "blocks"]),
             helper.make_tensor_value_info(
-                "k_cache", TensorProto.FLOAT, ["slots", "block_size", heads, head_dim]
+                "k_cache", TensorProto.FLOAT, ["slots", heads, head_dim, "block_size"]
             ),
             helper.make_tensor_value_info(
-                "v_cache", TensorProto.FLOAT, ["slots", "block_size", heads, head_dim]
+                "v_cache", TensorProto.FLOAT, ["slots", heads, "block_size", head_dim]
             ),
         ]
-        c_past_shape = g.const("past_shape", np.array([0, -1, heads, head_dim], i64))
         n_blocks = g.op(
             "Div",
             g.op("Gather", g.op("Shape", "k_cache"), c_zero_i, axis=0),
@@ -165,12 +167,10 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     tokens = g.op("Gather", g.op("Shape", "input_ids"), c_one_i, axis=0)
     if layout == "paged":
         table_shape = g.op("Shape", "block_table")
-        block_size = g.op("Gather", g.op("Shape", "k_cache"), c_one_i, axis=0)
+        block_size = g.op("Gather", g.op("Shape", "v_cache"), c_two_i, axis=0)
         past_slots = g.op("Mul", g.op("Gather", table_shape, c_one_i, axis=0), block_size)
     else:
-        past_slots = g.op(
-            "Gather", g.op("Shape", "past_k"), g.const("two_i", np.array(2, i64)), axis=0
-        )
+        past_slots = g.op("Gather", g.op("Shape", "past_k"), c_two_i, axis=0)
     slot_ids = g.op("Range", c_zero_i, past_slots, c_one_i)
     past_ok = g.op(
         "Less",
@@ -195,9 +195,47 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         "Expand", causal_mask, g.op("Concat", batch, one, tokens_1, tokens_1, axis=0)
     )
     mask = g.op("Concat", past_mask, causal_mask, axis=-1)
+    if layout == "paged":
+        c_rows_shape = g.const("rows_shape", np.array([0, 0, 0, -1], i64))
+        split_sizes = g.op("Concat", past_1, tokens_1, axis=0)
+        zeros3 = g.const("zeros3", np.array([0, 0, 0], i64))
+        blocks_1 = g.op("Gather", table_shape, c_axis1, axis=0)
+        blocks_shape = g.op(
+            "Concat", zeros3, blocks_1, g.op("Unsqueeze", block_size, c_axis0), axis=0
+        )
 
     cos_b = g.op("Unsqueeze", g.op("Gather", c_cos, "positions", axis=0), c_axis2)
     sin_b = g.op("Unsqueeze", g.op("Gather", c_sin, "positions", axis=0), c_axis2)
+
+    def dense_attention(q: str, k: str, v: str, past_k: str, past_v: str) -> str:
+        """[batch, heads, tokens, head_dim] over past + new keys laid end to end."""
+        keys = g.op("Concat", past_k, k, axis=1)  # [batch, past + tokens, heads, head_dim]
+        values = g.op("Concat", past_v, v, axis=1)
+        scores = g.op(
+            "MatMul",
+            g.op("Transpose", q, perm=[0, 2, 1, 3]),
+            g.op("Transpose", keys, perm=[0, 2, 3, 1]),
+        )
+        attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), mask), axis=-1)
+        return g.op("MatMul", attn, g.op("Transpose", values, perm=[0, 2, 1, 3]))
+
+    def paged_attention(q: str, k: str, v: str, rows: str) -> str:
+        """Attention block by block: the gathered cache is multiplied where it lands, never
+        transposed or joined to the new keys; only the small score rows are reshaped."""
+        blocks_k = g.op("Gather", "k_cache", rows, axis=0)  # [batch, M, heads, dim, block]
+        blocks_v = g.op("Gather", "v_cache", rows, axis=0)  # [batch, M, heads, block, dim]
+        q_heads = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [batch, heads, tokens, dim]
+        past = g.op("MatMul", g.op("Unsqueeze", q_heads, c_axis1), blocks_k)
+        past = g.op("Reshape", g.op("Transpose", past, perm=[0, 2, 3, 1, 4]), c_rows_shape)
+        new = g.op("MatMul", q_heads, g.op("Transpose", k, perm=[0, 2, 3, 1]))
+        scores = g.op("Concat", past, new, axis=-1)
+        attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), mask), axis=-1)
+        attn_past, attn_new = g.op("Split", attn, split_sizes, axis=-1, outputs=2)
+        attn_past = g.op("Reshape", attn_past, blocks_shape)  # [batch, heads, tokens, M, block]
+        attn_past = g.op("Transpose", attn_past, perm=[0, 3, 1, 2, 4])
+        out_past = g.op("ReduceSum", g.op("MatMul", attn_past, blocks_v), c_axis1, keepdims=0)
+        out_new = g.op("MatMul", attn_new, g.op("Transpose", v, perm=[0, 2, 1, 3]))
+        return g.op("Add", out_past, out_new)
 
     new_ks, new_vs = [], []
     for layer in range(layers):
@@ -216,22 +254,12 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
                 "block_table",
                 g.op("Mul", n_blocks, g.const(f"layer_{layer}", np.array(layer, i64))),
             )
-            past_k = g.op("Reshape", g.op("Gather", "k_cache", rows, axis=0), c_past_shape)
-            past_v = g.op("Reshape", g.op("Gather", "v_cache", rows, axis=0), c_past_shape)
+            out = paged_attention(q, k, v, rows)
         else:
             index = g.const(f"layer_{layer}", np.array(layer, i64))
             past_k = g.op("Gather", "past_k", index, axis=0)
             past_v = g.op("Gather", "past_v", index, axis=0)
-        keys = g.op("Concat", past_k, k, axis=1)  # [batch, past + tokens, heads, head_dim]
-        values = g.op("Concat", past_v, v, axis=1)
-        scores = g.op(
-            "MatMul",
-            g.op("Transpose", q, perm=[0, 2, 1, 3]),
-            g.op("Transpose", keys, perm=[0, 2, 3, 1]),
-        )
-        scores = g.op("Add", g.op("Mul", scores, c_scale), mask)
-        attn = g.op("Softmax", scores, axis=-1)
-        out = g.op("MatMul", attn, g.op("Transpose", values, perm=[0, 2, 1, 3]))
+            out = dense_attention(q, k, v, past_k, past_v)
         out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), c_merge_shape)
         x = g.op("Add", x, linear(out, p + "self_attn.o_proj.weight"))
         h = rms_norm(x, p + "post_attention_layernorm.weight")

@@ -182,3 +182,63 @@ def test_any_interleaving_leaves_the_pool_consistent(random_lm, plan, eos):
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def dense_greedy(dense_path, prompt, count):
+    """Reference decoding: the dense graph with its cache grown by concatenation."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(dense_path), providers=["CPUExecutionProvider"])
+    meta = __import__("json").loads(session.get_modelmeta().description)
+    empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
+    logits, past_k, past_v = session.run(
+        None,
+        {
+            "input_ids": np.array([prompt]),
+            "positions": np.arange(len(prompt))[None],
+            "past_len": np.array([0]),
+            "past_k": empty,
+            "past_v": empty,
+        },
+    )
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(logits[0].argmax()))
+        position = past_k.shape[2]
+        logits, new_k, new_v = session.run(
+            None,
+            {
+                "input_ids": np.array([[tokens[-1]]]),
+                "positions": np.array([[position]]),
+                "past_len": np.array([position]),
+                "past_k": past_k,
+                "past_v": past_v,
+            },
+        )
+        past_k = np.concatenate([past_k, new_k], axis=2)
+        past_v = np.concatenate([past_v, new_v], axis=2)
+    return tokens
+
+
+async def test_paged_engine_matches_the_dense_reference(random_lm, random_lm_dense):
+    items = prompts(3, seed=11)
+    engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
+    try:
+        got = await asyncio.gather(*(collect(engine, p) for p in items))
+    finally:
+        await engine.close()
+    assert got == [dense_greedy(random_lm_dense, p, GREEDY.max_tokens) for p in items]
+
+
+async def test_a_failing_model_run_fails_its_streams_and_the_engine_goes_on(random_lm):
+    from agentd.errors import Internal
+
+    engine = build_engine(random_lm, blocks=16, block_size=4, eos=())
+    try:
+        # Out-of-vocabulary ids make the embedding Gather fail inside onnxruntime.
+        with pytest.raises(Internal, match="failed"):
+            await asyncio.wait_for(collect(engine, [3, 10_000]), timeout=30)
+        assert engine.pool.free == engine.pool.total
+        assert len(await collect(engine, [3, 4])) == GREEDY.max_tokens
+    finally:
+        await engine.close()

@@ -1,0 +1,306 @@
+"""``agentd bench generate``: the token engine against its two baselines, in one run.
+
+* Continuous batching: N concurrent streams (1, 8, 32, 64) on the engine as served (the
+  built-in int8 model, one decode step for every active sequence), against the same engine
+  limited to one sequence at a time. Target: >= 5x tokens/s at 32 streams.
+* Pooled KV cache: one stream decoding from 448 to 512 tokens of context, the engine's
+  block pool (fp32 paged graph) against a loop that grows the cache by concatenation every
+  token (fp32 dense graph, the way a past_key_values cache is often kept). Target: p99
+  inter-token latency >= 1.6x lower.
+
+Streams ignore end-of-sequence so every run decodes the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from agentd.bench.results import machine_info, package_versions, run_and_publish, utc_stamp
+from agentd.generate.types import SamplingParams
+
+__all__ = ["BenchError", "run_suite"]
+
+SUITE = "generate"
+TARGET_BATCH_RATIO = 5.0
+TARGET_CACHE_RATIO = 1.6
+CONTEXT_START, CONTEXT_END = 448, 512
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _hf_folder() -> Path:
+    folder = Path("models/tinylm/hf")
+    if not (folder / "model.safetensors").is_file():
+        raise BenchError(f"{folder} is missing: run from a source checkout (make models)")
+    return folder
+
+
+def _builtin_model() -> Path:
+    from agentd.inference.repository import builtin_models_dir
+
+    path = builtin_models_dir() / "tinylm" / "model.onnx"
+    if not path.is_file():
+        raise BenchError(f"{path} is missing: run make models")
+    return path
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    array = np.asarray(values) * 1e3
+    return {
+        "p50_ms": round(float(np.percentile(array, 50)), 3),
+        "p99_ms": round(float(np.percentile(array, 99)), 3),
+    }
+
+
+async def _streams(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    first: list[float] = []
+    gaps: list[float] = []
+
+    async def one(prompt: list[int]) -> int:
+        start = last = time.perf_counter()
+        count = 0
+        async for _ in engine.stream(prompt, params):
+            now = time.perf_counter()
+            (first if count == 0 else gaps).append(now - (start if count == 0 else last))
+            last = now
+            count += 1
+        return count
+
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - started
+    return {
+        "streams": len(prompts),
+        "tokens": sum(counts),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(sum(counts) / wall, 1),
+        "ttft": _percentiles(first),
+        "inter_token": _percentiles(gaps),
+    }
+
+
+def _prompts(count: int, vocab: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # Ids above the special tokens (0..5), a BOS first as the model was trained.
+    return [[0, *rng.integers(6, vocab, size=length - 1).tolist()] for _ in range(count)]
+
+
+def _batching(progress, quick: bool) -> dict[str, Any]:
+    from agentd.testing.lm import build_engine
+
+    model = _builtin_model()
+    levels = [1, 8, 32] if quick else [1, 8, 32, 64]
+    max_tokens = 32 if quick else 128
+    vocab = json.loads(_session_meta(model))["vocab_size"]
+
+    async def measure(max_batch: int, streams: int) -> dict[str, Any]:
+        engine = build_engine(
+            model, blocks=1024, block_size=16, max_batch=max_batch, eos=(), threads=2
+        )
+        try:
+            await _streams(engine, _prompts(2, vocab, 16, seed=1), 4)  # warm up
+            return await _streams(engine, _prompts(streams, vocab, 16, seed=2), max_tokens)
+        finally:
+            await engine.close()
+
+    batched = {}
+    for streams in levels:
+        progress(f"continuous batching, {streams} streams x {max_tokens} tokens ...")
+        batched[str(streams)] = asyncio.run(measure(64, streams))
+    progress(f"one sequence at a time, 32 streams x {max_tokens} tokens ...")
+    serial = asyncio.run(measure(1, 32))
+    return {
+        "model": str(model.name),
+        "max_tokens": max_tokens,
+        "continuous": batched,
+        "one_at_a_time_32": serial,
+    }
+
+
+def _session_meta(path: Path) -> str:
+    import onnxruntime as ort
+
+    return (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        .get_modelmeta()
+        .description
+    )
+
+
+def _pooled(engine, prompt: list[int], steps: int) -> list[float]:
+    async def run() -> list[float]:
+        gaps: list[float] = []
+        last = None
+        params = SamplingParams(max_tokens=steps + 1, temperature=0.0)
+        async for _ in engine.stream(prompt, params):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+        await engine.close()
+        return gaps
+
+    return asyncio.run(run())
+
+
+def _concatenated(dense: Path, prompt: list[int], steps: int) -> list[float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(dense), options, providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().description)
+    empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
+    logits, past_k, past_v = session.run(
+        None,
+        {
+            "input_ids": np.array([prompt]),
+            "positions": np.arange(len(prompt))[None],
+            "past_len": np.array([0]),
+            "past_k": empty,
+            "past_v": empty,
+        },
+    )
+    gaps = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        token = int(logits[0].argmax())
+        position = past_k.shape[2]
+        logits, new_k, new_v = session.run(
+            None,
+            {
+                "input_ids": np.array([[token]]),
+                "positions": np.array([[position]]),
+                "past_len": np.array([position]),
+                "past_k": past_k,
+                "past_v": past_v,
+            },
+        )
+        past_k = np.concatenate([past_k, new_k], axis=2)
+        past_v = np.concatenate([past_v, new_v], axis=2)
+        gaps.append(time.perf_counter() - started)
+    return gaps
+
+
+def _cache(progress, quick: bool) -> dict[str, Any]:
+    from agentd.generate.onnx_export import export_onnx
+    from agentd.testing.lm import build_engine
+
+    rounds = 2 if quick else 5
+    steps = CONTEXT_END - CONTEXT_START
+    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+        paged = export_onnx(_hf_folder(), Path(tmp) / "paged.onnx")
+        dense = export_onnx(_hf_folder(), Path(tmp) / "dense.onnx", layout="dense")
+        vocab = json.loads(_session_meta(paged))["vocab_size"]
+        pooled: list[float] = []
+        grown: list[float] = []
+        for round_ in range(rounds):
+            progress(f"KV cache at {CONTEXT_START}-{CONTEXT_END} tokens, round {round_ + 1} ...")
+            (prompt,) = _prompts(1, vocab, CONTEXT_START, seed=10 + round_)
+            engine = build_engine(paged, blocks=64, block_size=16, eos=(), threads=2)
+            pooled += _pooled(engine, prompt, steps)
+            grown += _concatenated(dense, prompt, steps)
+    return {
+        "context": [CONTEXT_START, CONTEXT_END],
+        "rounds": rounds,
+        "pooled": _percentiles(pooled),
+        "concatenated": _percentiles(grown),
+    }
+
+
+def _measure(progress, quick: bool) -> dict[str, Any]:
+    return {"batching": _batching(progress, quick), "cache": _cache(progress, quick)}
+
+
+def _build(measured: dict[str, Any], now: datetime, quick: bool) -> dict[str, Any]:
+    batching, cache = measured["batching"], measured["cache"]
+    at32 = batching["continuous"]["32"]["tokens_per_s"]
+    serial = batching["one_at_a_time_32"]["tokens_per_s"]
+    batch_ratio = at32 / serial
+    cache_ratio = cache["concatenated"]["p99_ms"] / cache["pooled"]["p99_ms"]
+    return {
+        "suite": SUITE,
+        "timestamp": utc_stamp(now),
+        "quick": quick,
+        "machine": machine_info(),
+        "versions": package_versions(["agentd", "onnxruntime", "numpy"]),
+        **measured,
+        "targets": [
+            {
+                "name": "continuous_batching",
+                "description": f"tokens/s at 32 streams >= {TARGET_BATCH_RATIO:g}x "
+                "one sequence at a time",
+                "value": round(batch_ratio, 2),
+                "met": batch_ratio >= TARGET_BATCH_RATIO,
+            },
+            {
+                "name": "pooled_kv_cache",
+                "description": f"p99 inter-token latency at {CONTEXT_END} tokens of context >= "
+                f"{TARGET_CACHE_RATIO:g}x lower than growing the cache by concatenation",
+                "value": round(cache_ratio, 2),
+                "met": cache_ratio >= TARGET_CACHE_RATIO,
+            },
+        ],
+    }
+
+
+def _render(doc: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"token engine, {doc['batching']['model']} "
+        f"({doc['batching']['max_tokens']} tokens per stream)"
+    )
+    for column in ("mode", "streams", "tokens/s", "TTFT p50/p99 ms", "inter-token p50/p99 ms"):
+        table.add_column(column)
+
+    def row(name: str, point: dict[str, Any]) -> None:
+        table.add_row(
+            name,
+            str(point["streams"]),
+            f"{point['tokens_per_s']:,.0f}",
+            f"{point['ttft']['p50_ms']:.1f} / {point['ttft']['p99_ms']:.1f}",
+            f"{point['inter_token']['p50_ms']:.2f} / {point['inter_token']['p99_ms']:.2f}",
+        )
+
+    for point in doc["batching"]["continuous"].values():
+        row("continuous batching", point)
+    row("one at a time", doc["batching"]["one_at_a_time_32"])
+    console.print(table)
+    cache = doc["cache"]
+    console.print(
+        f"KV cache, {cache['context'][0]}-{cache['context'][1]} tokens of context, inter-token "
+        f"p50/p99 ms: pooled {cache['pooled']['p50_ms']:.2f} / {cache['pooled']['p99_ms']:.2f}, "
+        f"concatenated {cache['concatenated']['p50_ms']:.2f} / "
+        f"{cache['concatenated']['p99_ms']:.2f}"
+    )
+    for target in doc["targets"]:
+        mark = "met" if target["met"] else "NOT met"
+        console.print(f"{target['description']}: {target['value']}x ({mark})")
+
+
+def run_suite(
+    quick: bool = False, json_out: bool = False, results_dir: Path | None = None
+) -> dict[str, Any]:
+    return run_and_publish(
+        SUITE,
+        measure=lambda progress: _measure(progress, quick),
+        build=lambda measured, now: _build(measured, now, quick),
+        render=_render,
+        json_out=json_out,
+        results_dir=results_dir,
+    )
