@@ -43,7 +43,7 @@ bench: $(VENV)/.installed-dev system-test-deps
 models: $(VENV)/.installed-dev
 	$(BIN)/python scripts/train_decision_model.py --fp32-out build/models/decision-fp32/model.onnx
 	$(BIN)/python scripts/make_mlp_model.py --inputs 256 --hidden 1024 --layers 4 --outputs 16 -o build/models/mlp
-	# tinylm ONNX (fp32 + int8 package data): python -m agentd.generate.onnx_export ...
+	$(BIN)/python -m agentd.generate.onnx_export models/tinylm/hf build/models/tinylm --dense --int8 src/agentd/models/tinylm/model.onnx
 	$(BIN)/python -m agentd.generate.gguf_export models/tinylm/hf build/models/tinylm/model.f32.gguf
 	$(BIN)/python -m agentd.generate.gguf_export models/tinylm/hf build/models/tinylm/model.f16.gguf --dtype f16
 
