@@ -1,0 +1,245 @@
+"""The OpenAI-compatible API on a real server, driven by the ``openai`` package."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from agentd.v1 import agent_pb2, agent_pb2_grpc
+from tests.conftest import metric_value
+
+MODEL = "tinylm"
+QUESTION = [{"role": "user", "content": "what colour is the sky?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+async def aclient(server):
+    async with openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key="unused", max_retries=0
+    ) as async_client:
+        yield async_client
+
+
+def test_models_lists_the_builtin_language_model(client):
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids
+    assert client.models.retrieve(MODEL).owned_by == "agentd"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"
+
+
+def test_completion_and_its_stream_agree(client):
+    kwargs = {"model": MODEL, "prompt": "A bee has", "max_tokens": 12, "temperature": 0}
+    whole = client.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.text and choice.finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    pieces = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == choice.text
+    assert pieces[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_max_tokens_reports_length(client):
+    result = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=3, temperature=0)
+    assert result.usage.completion_tokens == 3
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_chat_answers_and_streams_the_same_text(client):
+    whole = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
+    )
+    message = whole.choices[0].message
+    assert message.role == "assistant"
+    assert "blue" in message.content.lower()
+    assert whole.choices[0].finish_reason == "stop"  # ended at <|end|>, not by the limit
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_stop_sequences_cut_the_text(client):
+    free = (
+        client.completions.create(model=MODEL, prompt="The sky is", max_tokens=20, temperature=0)
+        .choices[0]
+        .text
+    )
+    stop = free.strip().split(" ")[1]
+    cut = client.completions.create(
+        model=MODEL, prompt="The sky is", max_tokens=20, temperature=0, stop=[stop]
+    ).choices[0]
+    assert cut.text == free[: free.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed: int) -> str:
+        return (
+            client.completions.create(
+                model=MODEL, prompt="A fox", max_tokens=24, temperature=1.0, top_p=0.95, seed=seed
+            )
+            .choices[0]
+            .text
+        )
+
+    assert sample(11) == sample(11)
+    assert len({sample(11), sample(12), sample(13)}) > 1
+
+
+async def test_32_concurrent_streams_match_their_solo_answers(aclient):
+    prompts = [f"what is {i} plus {i % 5}?" for i in range(32)]
+
+    async def ask(prompt: str) -> str:
+        stream = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    together = await asyncio.wait_for(asyncio.gather(*(ask(p) for p in prompts)), 120)
+    alone = [await ask(p) for p in prompts[:4]]
+    assert together[:4] == alone
+    assert all(together)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_blocks(client, http):
+    total = metric_value(http.get("/metrics").text, "agentd_lm_kv_blocks_free", model=MODEL)
+    assert total > 0
+    stream = client.completions.create(
+        model=MODEL, prompt="Once", max_tokens=900, temperature=0.7, seed=1, stream=True
+    )
+    for received, _ in enumerate(stream, start=1):
+        if received == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = http.get("/metrics").text
+        if metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL) == 0:
+            break
+        time.sleep(0.05)
+    assert metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL) == 0
+    assert metric_value(text, "agentd_lm_kv_blocks_free", model=MODEL) == total
+    assert metric_value(text, "agentd_lm_sequences_total", model=MODEL, reason="cancelled") >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"stop": [1, 2]}, "stop"),
+        ({"n": 3}, "n"),
+        ({"prompt": "word " * 3000}, "prompt"),
+        ({"prompt": None}, "prompt"),
+    ],
+)
+def test_bad_completion_parameters_are_400_naming_the_field(client, body, param):
+    request = {"model": MODEL, "prompt": "hi", **body}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**request)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param
+    assert param in caught.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ("not a list", "messages"),
+        ([], "messages"),
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+    ],
+)
+def test_bad_chat_messages_are_400(http, messages, param):
+    response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_and_malformed_bodies(http):
+    response = http.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    response = http.post(
+        "/v1/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert http.get("/v1/completions").status_code == 405
+
+
+def test_agents_stream_tokens_through_invoke_stream(channel):
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    request = agent_pb2.InvokeRequest(
+        agent="chat/streamer", message=agent_pb2.Message(text="what colour is grass?")
+    )
+    events = list(stub.InvokeStream(request, timeout=30))
+    tokens = [e.token for e in events if e.WhichOneof("payload") == "token"]
+    assert len(tokens) > 1
+    assert "green" in "".join(tokens).lower()
+    assert [e.index for e in events] == list(range(len(events)))
+
+
+def test_chat_agent_with_an_unknown_model_is_not_found_and_stays_usable(channel):
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+
+    def say(text: str) -> str:
+        request = agent_pb2.InvokeRequest(agent="chat/memo", message=agent_pb2.Message(text=text))
+        return stub.Invoke(request, timeout=30).message.text
+
+    first = say("hello")
+    assert first
+    try:
+        stub.Invoke(
+            agent_pb2.InvokeRequest(
+                agent="chat/memo",
+                message=agent_pb2.Message(text="hi", metadata={"model": "nope"}),
+            ),
+            timeout=30,
+        )
+    except grpc.RpcError as exc:
+        assert exc.code() is grpc.StatusCode.NOT_FOUND
+    else:
+        pytest.fail("an unknown model must be NOT_FOUND")
+    assert say("what is 2 plus 2?")
