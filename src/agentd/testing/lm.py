@@ -93,3 +93,40 @@ def build_engine(
         max_batch=max_batch,
         observer=observer,
     )
+
+
+def teacher_forced_argmax(
+    onnx_path: Path, prompt: list[int], continuation: list[int], *, block_size: int = 16
+) -> list[int]:
+    """The paged graph's greedy pick at each position of ``continuation`` when fed the
+    true prefix (prompt, then continuation tokens): how often it agrees with a reference."""
+    session = open_session(onnx_path, threads=2)
+    total = len(prompt) + len(continuation)
+    engine = engine_for_session(
+        session,
+        name="check",
+        eos_token_ids=(),
+        blocks=-(-total // block_size) + 1,
+        block_size=block_size,
+    )
+    pool = engine.pool
+    blocks = np.asarray(pool.borrow(pool.total), dtype=np.int64)
+    picks = []
+    tokens = list(prompt)
+    start = 0
+    for step in range(len(continuation)):
+        new = np.asarray(tokens[start:], dtype=np.int64)
+        positions = np.arange(start, len(tokens), dtype=np.int64)
+        logits, new_k, new_v = engine._forward(
+            new[None, :],
+            positions[None, :],
+            np.array([start], np.int64),
+            blocks[None, : pool.blocks_for(max(start, 1))],
+        )
+        pool.write(
+            blocks[positions // block_size], positions % block_size, new_k[:, 0], new_v[:, 0]
+        )
+        picks.append(int(logits[0].argmax()))
+        start = len(tokens)
+        tokens.append(continuation[step])
+    return picks
