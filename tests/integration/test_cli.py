@@ -51,6 +51,7 @@ def test_serve_rejects_bad_settings(tmp_path):
 def test_banner_shows_example_calls(server):
     log = server.log()
     assert "curl" in log and "grpcurl" in log and "agentd call" in log
+    assert "/v1/chat/completions" in log
 
 
 def test_version():

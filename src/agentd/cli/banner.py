@@ -21,6 +21,7 @@ def banner(listening: Listening, auth: bool) -> str:
     grpc_flag = "-insecure" if listening.tls else "-plaintext"
     grpc_auth = " -H 'authorization: Bearer $TOKEN'" if auth else ""
     body = '{"agent":"echo","message":{"text":"hello"}}'
+    chat = '{"model":"tinylm","messages":[{"role":"user","content":"hello"}],"stream":true}'
     lines = [
         f"agentd listening on {url} ({protocols})",
         "",
@@ -30,6 +31,8 @@ def banner(listening: Listening, auth: bool) -> str:
         f"  grpcurl {grpc_flag}{grpc_auth} -d '{body}' {host}:{listening.port} "
         "agentd.v1.AgentService/Invoke",
         f"  agentd call echo 'hello streaming world' --stream --url {url}",
+        f"  curl {curl_k}-N {url}/v1/chat/completions -H 'content-type: application/json'"
+        f"{auth_h} -d '{chat}'",
         f"  curl {curl_k}{url}/metrics",
         "",
         "Ctrl-C drains in-flight calls and stops.",
