@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agentd.errors import Internal, InvalidArgument
+from agentd.errors import Internal, InvalidArgument, ResourceExhausted
 from agentd.generate.kv_pool import TokenBlockPool
 from agentd.generate.sampling import Sampler
 from agentd.generate.types import LMInfo, SamplingParams
@@ -71,6 +71,7 @@ class TokenEngine:
         pool: TokenBlockPool,
         *,
         max_batch: int = 64,
+        max_waiting: int = 4096,
         observer: EngineObserver | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -79,6 +80,7 @@ class TokenEngine:
         self._info = info
         self.pool = pool
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
         self._observer = observer
         self._eos = frozenset(info.eos_token_ids)
         self._keys = ort.OrtValue.ortvalue_from_numpy(pool.model_keys)
@@ -107,7 +109,8 @@ class TokenEngine:
     # -- consumer side -------------------------------------------------------------------
 
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
-        """Raise InvalidArgument when a request can never run here."""
+        """Raise InvalidArgument when a request can never run here, ResourceExhausted when
+        the queue of waiting sequences is full."""
         context = self._info.context_length
         if prompt_len < 1:
             raise InvalidArgument("the prompt is empty")
@@ -119,6 +122,10 @@ class TokenEngine:
         if need > self.pool.total:
             raise InvalidArgument(
                 f"prompt + max_tokens needs {need} cache blocks; the pool has {self.pool.total}"
+            )
+        if len(self._waiting) >= self.max_waiting:
+            raise ResourceExhausted(
+                f"{len(self._waiting)} sequences are already waiting for {self._info.name!r}"
             )
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:

@@ -242,3 +242,22 @@ async def test_a_failing_model_run_fails_its_streams_and_the_engine_goes_on(rand
         assert len(await collect(engine, [3, 4])) == GREEDY.max_tokens
     finally:
         await engine.close()
+
+
+async def test_a_full_waiting_queue_refuses_new_sequences(random_lm):
+    from agentd.errors import ResourceExhausted
+
+    engine = build_engine(random_lm, blocks=4, block_size=4, max_batch=1, eos=())
+    engine.max_waiting = 2
+    params = SamplingParams(max_tokens=4, temperature=0)
+    try:
+        first = [engine.stream([3, 4], params) for _ in range(2)]
+        started = [asyncio.ensure_future(anext(s)) for s in first]
+        await asyncio.sleep(0)  # both are queued now
+        with pytest.raises(ResourceExhausted, match="waiting"):
+            engine.stream([3, 4], params)
+        await asyncio.gather(*started)
+        for stream in first:
+            await stream.aclose()
+    finally:
+        await engine.close()
