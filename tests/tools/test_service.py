@@ -10,6 +10,7 @@ import pytest
 
 from agentd.observability import Metrics
 from agentd.tools import (
+    CallOutcome,
     ToolArgumentsInvalid,
     ToolDeadlineExceeded,
     ToolError,
@@ -18,6 +19,7 @@ from agentd.tools import (
     ToolNotFound,
     ToolOutOfFuel,
     ToolQueueFull,
+    ToolSpec,
     ToolsUnavailable,
 )
 from agentd.tools.sandbox import WasmSandbox
@@ -199,3 +201,38 @@ async def test_metrics_count_calls_errors_duration_and_fuel(artefact):
     assert 'agentd_tool_errors_total{kind="out_of_fuel",tool="loop_forever"} 1.0' in text
     assert 'agentd_tool_call_duration_seconds_count{tool="add"} 1.0' in text
     assert 'agentd_tool_fuel_used_sum{tool="loop_forever"} 1e+09' in text
+
+
+class BlockedInHostCall:
+    """A runtime whose call blocks like a host call the epoch deadline cannot interrupt
+    (the guest refuses sleep, but the service must not rely on that)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def call(self, name, arguments_json, *, deadline=None):
+        time.sleep(self.seconds)
+        return CallOutcome("null", None, 0)
+
+    def refill(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_caller_gets_its_deadline_even_when_the_call_is_stuck():
+    spec = ToolSpec("stuck", "", {"type": "object", "properties": {}})
+    limits = ToolLimits(timeout_s=0.2)
+    svc = ToolService([spec], lambda: BlockedInHostCall(0.8), limits=limits, threads=1)
+    await svc.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ToolDeadlineExceeded, match=r"did not finish within 0\.2 s"):
+            await svc.call("stuck")
+        assert time.monotonic() - started < 0.6
+        assert svc.in_flight == 1  # its thread is still held, and admission counts it
+        while svc.in_flight:
+            await asyncio.sleep(0.05)
+    finally:
+        await svc.aclose()

@@ -237,7 +237,8 @@ def _componentize(stage: Path, out: Path, timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         raise ToolBuildError(f"componentize-py did not finish within {timeout_s:g} s") from None
     if done.returncode != 0 or not out.is_file():
-        detail = (done.stderr or done.stdout).strip()[-3000:]
+        # componentize-py reports the cause first, then a long Rust backtrace.
+        detail = (done.stderr or done.stdout).split("Stack backtrace:")[0].strip()[-3000:]
         if "No module named 'componentize_py'" in detail:
             detail = "componentize-py is not installed (pip install componentize-py)"
         raise ToolBuildError(f"componentize-py failed:\n{detail}")

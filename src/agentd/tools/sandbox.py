@@ -42,6 +42,7 @@ from agentd.tools.types import CallOutcome, LoadError, ToolLimits, ToolSpec
 __all__ = ["WasmSandbox", "compile_component"]
 
 _TICK_S = 0.01  # epoch length: deadlines are kept to about this precision
+_IDLE_TICKS = 100  # the ticker sleeps after this many epochs without a call
 _SETUP_FUEL = 1 << 40  # instantiation's budget; a call gets its own limit after
 _NO_DEADLINE = 1 << 40  # epochs: until a call sets its own deadline
 
@@ -70,7 +71,7 @@ class _Instance:
 class WasmSandbox:
     """Runs tool calls in fresh instances of one precompiled component.
 
-    Owns a ticker thread (runs only while calls do) and up to ``pool_size`` prepared
+    Owns a ticker thread (runs while calls do) and up to ``pool_size`` prepared
     instances; ``close`` stops and frees them. Raises ToolsUnavailable when the artefact
     cannot be loaded.
     """
@@ -91,6 +92,7 @@ class WasmSandbox:
         self._refilling = threading.Lock()
         self._running = 0
         self._closed = False
+        self._ticker_asleep = False
         self._wake = threading.Condition()
         self._ticker = threading.Thread(target=self._tick, name="agentd-tool-epoch", daemon=True)
         self._ticker.start()
@@ -191,7 +193,7 @@ class WasmSandbox:
     def _started(self) -> None:
         with self._wake:
             self._running += 1
-            if self._running == 1:
+            if self._ticker_asleep:
                 self._wake.notify()
 
     def _finished(self) -> None:
@@ -199,11 +201,19 @@ class WasmSandbox:
             self._running -= 1
 
     def _tick(self) -> None:
-        # Epochs advance only while a call runs, so an idle server does not wake up.
+        # Epochs advance while calls run and for a second after the last one; an idle
+        # server does not wake up, and a busy one does not wake the ticker for each call.
+        idle_ticks = 0
         while True:
             with self._wake:
-                while self._running == 0 and not self._closed:
+                if self._running:
+                    idle_ticks = 0
+                else:
+                    idle_ticks += 1
+                while idle_ticks > _IDLE_TICKS and not self._running and not self._closed:
+                    self._ticker_asleep = True
                     self._wake.wait()
+                    self._ticker_asleep = False
                 if self._closed:
                     return
             time.sleep(_TICK_S)
@@ -250,7 +260,7 @@ class WasmSandbox:
                 f"tool {name!r} ran out of fuel (CPU budget of {self._limits.max_fuel:,} units)"
             )
         if "interrupt" in cause:
-            return ToolDeadlineExceeded(f"tool {name!r} did not finish within {budget:.3g} s")
+            return ToolDeadlineExceeded(f"tool {name!r} did not finish within {budget:.2g} s")
         if "stack" in cause:
             return ToolStackOverflow(f"tool {name!r} exhausted its stack ({cause})")
         if "memory" in cause or "alloc" in cause:
