@@ -158,49 +158,9 @@ def _pooled(engine, prompt: list[int], steps: int) -> list[float]:
     return asyncio.run(run())
 
 
-def _concatenated(dense: Path, prompt: list[int], steps: int) -> list[float]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(dense), options, providers=["CPUExecutionProvider"])
-    meta = json.loads(session.get_modelmeta().description)
-    empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
-    logits, past_k, past_v = session.run(
-        None,
-        {
-            "input_ids": np.array([prompt]),
-            "positions": np.arange(len(prompt))[None],
-            "past_len": np.array([0]),
-            "past_k": empty,
-            "past_v": empty,
-        },
-    )
-    gaps = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        token = int(logits[0].argmax())
-        position = past_k.shape[2]
-        logits, new_k, new_v = session.run(
-            None,
-            {
-                "input_ids": np.array([[token]]),
-                "positions": np.array([[position]]),
-                "past_len": np.array([position]),
-                "past_k": past_k,
-                "past_v": past_v,
-            },
-        )
-        past_k = np.concatenate([past_k, new_k], axis=2)
-        past_v = np.concatenate([past_v, new_v], axis=2)
-        gaps.append(time.perf_counter() - started)
-    return gaps
-
-
 def _cache(progress, quick: bool) -> dict[str, Any]:
     from agentd.generate.onnx_export import export_onnx
-    from agentd.testing.lm import build_engine
+    from agentd.testing.lm import build_engine, dense_greedy
 
     rounds = 2 if quick else 5
     steps = CONTEXT_END - CONTEXT_START
@@ -215,7 +175,7 @@ def _cache(progress, quick: bool) -> dict[str, Any]:
             (prompt,) = _prompts(1, vocab, CONTEXT_START, seed=10 + round_)
             engine = build_engine(paged, blocks=64, block_size=16, eos=(), threads=2)
             pooled += _pooled(engine, prompt, steps)
-            grown += _concatenated(dense, prompt, steps)
+            grown += dense_greedy(dense, prompt, steps)[1]
     return {
         "context": [CONTEXT_START, CONTEXT_END],
         "rounds": rounds,

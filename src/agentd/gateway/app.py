@@ -28,8 +28,8 @@ from agentd.gateway.health import HealthState, Status, health_app
 from agentd.gateway.kserve import OPEN_PATHS as KSERVE_OPEN_PATHS
 from agentd.gateway.kserve import KServeRest, kserve_grpc_app
 from agentd.gateway.model_admin import ModelAdmin
-from agentd.gateway.openai import OpenAIRoutes
 from agentd.gateway.observe import StatusRecorder
+from agentd.gateway.openai import OpenAIRoutes
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
 from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps

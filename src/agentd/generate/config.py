@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentd.errors import InvalidArgument
+from agentd.validation import describe
 
 __all__ = ["LANGUAGE_MODEL_KIND", "LMConfig", "is_language_model", "load_lm_config"]
 
@@ -93,10 +94,7 @@ def load_lm_config(folder: Path) -> LMConfig:
     try:
         parsed = _Config.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidArgument(f"{path}: invalid model config: {problems}") from None
+        raise InvalidArgument(f"{path}: invalid model config: {describe(exc)}") from None
     if parsed.kind != LANGUAGE_MODEL_KIND:
         raise InvalidArgument(f"{path}: kind must be {LANGUAGE_MODEL_KIND!r}")
     model_path = (folder / parsed.model).resolve()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agentd.errors import InvalidArgument
 from agentd.inference.types import BatchingConfig, DataType, ModelConfig, TensorSpec
+from agentd.validation import describe
 
 __all__ = ["CONFIG_FILE", "load_model_config"]
 
@@ -80,10 +81,7 @@ def load_model_config(path: Path, default_name: str) -> ModelConfig:
     try:
         parsed = _Config.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidArgument(f"{path}: invalid model config: {problems}") from None
+        raise InvalidArgument(f"{path}: invalid model config: {describe(exc)}") from None
     batching = BatchingConfig(max_batch_size=parsed.max_batch_size)
     if parsed.dynamic_batching is not None:
         batching = BatchingConfig(

@@ -130,3 +130,51 @@ def teacher_forced_argmax(
         start = len(tokens)
         tokens.append(continuation[step])
     return picks
+
+
+def dense_greedy(dense_path: Path, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding with the dense graph, its cache grown by concatenation every token
+    (the reference for the engine and the baseline of ``agentd bench generate``).
+
+    Returns the tokens and the seconds each decode step took.
+    """
+    import time
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(dense_path), options, providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().description)
+    empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
+    logits, past_k, past_v = session.run(
+        None,
+        {
+            "input_ids": np.array([prompt]),
+            "positions": np.arange(len(prompt))[None],
+            "past_len": np.array([0]),
+            "past_k": empty,
+            "past_v": empty,
+        },
+    )
+    tokens: list[int] = []
+    gaps: list[float] = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        tokens.append(int(logits[0].argmax()))
+        position = past_k.shape[2]
+        logits, new_k, new_v = session.run(
+            None,
+            {
+                "input_ids": np.array([[tokens[-1]]]),
+                "positions": np.array([[position]]),
+                "past_len": np.array([position]),
+                "past_k": past_k,
+                "past_v": past_v,
+            },
+        )
+        past_k = np.concatenate([past_k, new_k], axis=2)
+        past_v = np.concatenate([past_v, new_v], axis=2)
+        gaps.append(time.perf_counter() - started)
+    return tokens, gaps

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agentd.errors import InvalidArgument
 from agentd.generate.types import SamplingParams
-from agentd.testing.lm import build_engine
+from agentd.testing.lm import build_engine, dense_greedy
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
@@ -184,42 +184,6 @@ def test_any_interleaving_leaves_the_pool_consistent(random_lm, plan, eos):
     asyncio.run(scenario())
 
 
-def dense_greedy(dense_path, prompt, count):
-    """Reference decoding: the dense graph with its cache grown by concatenation."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(dense_path), providers=["CPUExecutionProvider"])
-    meta = __import__("json").loads(session.get_modelmeta().description)
-    empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
-    logits, past_k, past_v = session.run(
-        None,
-        {
-            "input_ids": np.array([prompt]),
-            "positions": np.arange(len(prompt))[None],
-            "past_len": np.array([0]),
-            "past_k": empty,
-            "past_v": empty,
-        },
-    )
-    tokens = []
-    for _ in range(count):
-        tokens.append(int(logits[0].argmax()))
-        position = past_k.shape[2]
-        logits, new_k, new_v = session.run(
-            None,
-            {
-                "input_ids": np.array([[tokens[-1]]]),
-                "positions": np.array([[position]]),
-                "past_len": np.array([position]),
-                "past_k": past_k,
-                "past_v": past_v,
-            },
-        )
-        past_k = np.concatenate([past_k, new_k], axis=2)
-        past_v = np.concatenate([past_v, new_v], axis=2)
-    return tokens
-
-
 async def test_paged_engine_matches_the_dense_reference(random_lm, random_lm_dense):
     items = prompts(3, seed=11)
     engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
@@ -227,7 +191,7 @@ async def test_paged_engine_matches_the_dense_reference(random_lm, random_lm_den
         got = await asyncio.gather(*(collect(engine, p) for p in items))
     finally:
         await engine.close()
-    assert got == [dense_greedy(random_lm_dense, p, GREEDY.max_tokens) for p in items]
+    assert got == [dense_greedy(random_lm_dense, p, GREEDY.max_tokens)[0] for p in items]
 
 
 async def test_a_failing_model_run_fails_its_streams_and_the_engine_goes_on(random_lm):
