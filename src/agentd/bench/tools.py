@@ -125,16 +125,20 @@ async def _throughput(service: ToolService, calls: int, in_flight: int) -> dict[
             await service.call(TOOL, ARGUMENTS)
             times.append(time.perf_counter() - started)
 
+    cpu_before = os.times()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     wall = time.perf_counter() - started
-    cpu = os.times()
+    cpu_after = os.times()
+    cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
     return {
         "calls": calls,
         "in_flight": in_flight,
         "wall_s": round(wall, 3),
         "calls_per_s": round(calls / wall, 1),
-        "cpu_user_s_total": round(cpu.user, 2),
+        # This process's CPU per call (user + system, all threads): what a call costs
+        # whatever else shares the machine.
+        "cpu_ms_per_call": round(cpu / calls * 1000, 3),
         **_percentiles(times),
     }
 
@@ -196,10 +200,16 @@ def _baseline(calls: int) -> dict[str, Any]:
     _baseline_call()
     sequential = [_baseline_call() for _ in range(calls)]
     in_flight = os.cpu_count() or 1
+    cpu_before = os.times()
     started = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
         concurrent = list(pool.map(lambda _: _baseline_call(), range(calls)))
     wall = time.perf_counter() - started
+    cpu_after = os.times()
+    cpu = sum(
+        getattr(cpu_after, f) - getattr(cpu_before, f)
+        for f in ("user", "system", "children_user", "children_system")
+    )
     return {
         "command": f"{Path(sys.executable).name} -I {BASELINE_SCRIPT.name} (one process per call)",
         "sequential": {"calls": calls, **_percentiles(sequential)},
@@ -208,6 +218,7 @@ def _baseline(calls: int) -> dict[str, Any]:
             "in_flight": in_flight,
             "wall_s": round(wall, 3),
             "calls_per_s": round(calls / wall, 1),
+            "cpu_ms_per_call": round(cpu / calls * 1000, 3),
             **_percentiles(concurrent),
         },
     }

@@ -33,6 +33,7 @@ def banner(listening: Listening, auth: bool) -> str:
         f"  agentd call echo 'hello streaming world' --stream --url {url}",
         f"  curl {curl_k}-N {url}/v1/chat/completions -H 'content-type: application/json'"
         f"{auth_h} -d '{chat}'",
+        f"  agentd tools call calc '{{\"expression\": \"6 * 7\"}}' --url {url}",
         f"  curl {curl_k}{url}/metrics",
         "",
         "Ctrl-C drains in-flight calls and stops.",
