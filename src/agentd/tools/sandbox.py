@@ -14,6 +14,7 @@ Thread-safe: the engine, component and linker are shared; a store is used by one
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -40,6 +41,8 @@ from agentd.tools.errors import (
 from agentd.tools.types import CallOutcome, LoadError, ToolLimits, ToolSpec
 
 __all__ = ["WasmSandbox", "compile_component"]
+
+log = logging.getLogger(__name__)
 
 _TICK_S = 0.01  # epoch length: deadlines are kept to about this precision
 _IDLE_TICKS = 100  # the ticker sleeps after this many epochs without a call
@@ -128,6 +131,10 @@ class WasmSandbox:
         except WasmtimeError as exc:
             fuel_used = limits.max_fuel - _fuel_left(store)
             return CallOutcome(None, self._trap_error(name, exc, store, budget), fuel_used)
+        except Exception as exc:  # converting values across the boundary failed
+            log.exception("tool %r: unexpected error from the sandbox", name)
+            error = ToolCrashed(f"tool {name!r} crashed: {type(exc).__name__}: {exc}")
+            return CallOutcome(None, error, limits.max_fuel - _fuel_left(store))
         finally:
             self._finished()
         fuel_used = limits.max_fuel - _fuel_left(store)
@@ -263,7 +270,7 @@ class WasmSandbox:
             return ToolDeadlineExceeded(f"tool {name!r} did not finish within {budget:.2g} s")
         if "stack" in cause:
             return ToolStackOverflow(f"tool {name!r} exhausted its stack ({cause})")
-        if "memory" in cause or "alloc" in cause:
+        if "allocation" in cause:  # wasmtime's "allocation size too large"
             return self._out_of_memory(name)
         return ToolCrashed(f"tool {name!r} crashed: {cause}")
 

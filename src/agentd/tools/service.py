@@ -173,6 +173,8 @@ class ToolService:
         try:
             spec = self.spec(name)
             arguments_json = self._encode_arguments(spec, arguments)
+            if self._executor is None:
+                raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
             if self._in_flight >= self._capacity:
                 raise ToolQueueFull(
                     f"too many tool calls in flight ({self._in_flight}); try again later"
@@ -224,8 +226,7 @@ class ToolService:
         self, name: str, arguments_json: str, timeout: float | None, started: float
     ) -> CallOutcome:
         executor = self._executor
-        if executor is None:
-            raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
+        assert executor is not None  # checked by the caller, on this loop, with no await since
         budget = self._limits.timeout_s
         if timeout is not None:
             budget = min(budget, max(0.0, timeout))
@@ -260,7 +261,7 @@ class ToolService:
     def _release(self) -> None:
         self._in_flight -= 1
 
-    def _job(self, name: str, arguments_json: str, deadline: float | None) -> CallOutcome:
+    def _job(self, name: str, arguments_json: str, deadline: float) -> CallOutcome:
         # Runs on a pool thread.
         runtime = self._runtime
         if runtime is None:
