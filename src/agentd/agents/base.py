@@ -67,7 +67,8 @@ class Context:
 
         Cancelling the turn drops this call's rows if their batch has not formed yet.
         """
-        result = self._require_host().infer_nowait(model, inputs, outputs)
+        host = self._host or self._require_host()
+        result = host.infer_nowait(model, inputs, outputs)
         if self.deadline is None:
             return await result
         try:
@@ -79,7 +80,7 @@ class Context:
     async def send(self, address: str | Address, message: Any) -> None:
         """Deliver ``message`` to another agent without waiting for its turn (waits only
         while the run queue is full)."""
-        host = self._require_host()
+        host = self._host or self._require_host()
         if not host.tell_nowait(address, message):
             await host.tell(address, message)
 

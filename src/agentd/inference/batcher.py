@@ -90,14 +90,16 @@ class DynamicBatcher:
         self._wake_at = 1
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        # The loop the worker runs on; cached because asyncio.get_running_loop() costs a
+        # getpid() system call on every call (CPython's fork check).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.stats = BatcherStats()
 
     def start(self) -> None:
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(
-                self._work(), name=f"batcher:{self._model}"
-            )
+            self._loop = loop = asyncio.get_running_loop()
+            self._worker = loop.create_task(self._work(), name=f"batcher:{self._model}")
 
     async def aclose(self) -> None:
         """Stop the worker; calls still queued fail with UNAVAILABLE."""
@@ -131,7 +133,7 @@ class DynamicBatcher:
             )
         if self._worker is None:
             self.start()
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Arrays] = self._loop.create_future()  # type: ignore[union-attr]
         self._queue.append(_Pending(inputs, rows, future, outputs))
         self.stats.queued += 1
         self._rows_waiting += rows
@@ -171,17 +173,15 @@ class DynamicBatcher:
             self.stats.runs += 1
             self.stats.requests_run += len(batch)
             self.stats.rows_run += rows
-            start = 0
-            for pending in batch:
-                end = start + pending.rows
-                if not pending.future.done():
-                    keys = pending.outputs or outputs
-                    if self._stack and len(batch) > 1:
-                        # Views into the batch output: no copy per caller.
-                        pending.future.set_result({k: outputs[k][start:end] for k in keys})
-                    else:
+            if not self._stack or len(batch) == 1:
+                for pending in batch:
+                    if not pending.future.done():
+                        keys = pending.outputs or outputs
                         pending.future.set_result({k: outputs[k] for k in keys})
-                start = end
+            elif rows == len(batch):
+                _split_rows(batch, outputs)
+            else:
+                _split(batch, outputs)
 
     async def _next_batch(self) -> list[_Pending]:
         """Wait for work, give latecomers up to the queue delay, then take a batch."""
@@ -231,6 +231,44 @@ class DynamicBatcher:
             self._observer.batch_finished(
                 self._model, rows, queue_seconds, time.perf_counter() - started, ok
             )
+
+
+def _split(batch: list[_Pending], outputs: Arrays) -> None:
+    """Give each caller views of its rows of the batch output: no copy per caller."""
+    start = 0
+    for pending in batch:
+        end = start + pending.rows
+        if not pending.future.done():
+            keys = pending.outputs or outputs
+            pending.future.set_result({k: outputs[k][start:end] for k in keys})
+        start = end
+
+
+def _split_rows(batch: list[_Pending], outputs: Arrays) -> None:
+    """``_split`` for a batch of one-row calls (the common case: one agent, one row).
+
+    An output's rows are cut into one-row views in one C loop (``list`` over a reshaped
+    view), taken only for outputs somebody asked for: slicing in Python per caller cost
+    more than the model itself.
+    """
+    rows: dict[str, list[np.ndarray]] = {}
+    n = len(batch)
+    for index, pending in enumerate(batch):
+        future = pending.future
+        if future.done():
+            continue
+        result = {}
+        for key in pending.outputs or outputs:
+            views = rows.get(key)
+            if views is None:
+                array = outputs[key]
+                if array.ndim and array.shape[0] == n:
+                    views = list(array.reshape(n, 1, *array.shape[1:]))
+                else:  # not one row per call: cut it as _split would
+                    views = [array[i : i + 1] for i in range(n)]
+                rows[key] = views
+            result[key] = views[index]
+        future.set_result(result)
 
 
 def _stack(requests: list[Mapping[str, np.ndarray]]) -> Arrays:

@@ -35,6 +35,9 @@ class InferenceService:
         self._observer = observer
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
         self._batchers: dict[str, DynamicBatcher] = {}
+        # name -> (metadata, batcher) of every model that has a batcher: the hot path of
+        # ctx.infer (version None) takes both from one lookup.
+        self._serving: dict[str, tuple[ModelMetadata, DynamicBatcher]] = {}
         self._ready = False
         self._server = {
             "name": server_name,
@@ -98,6 +101,7 @@ class InferenceService:
             )
             batcher.start()
             self._batchers[name] = batcher
+            self._serving[name] = (entry.executor.metadata, batcher)
         return entry
 
     async def unload(self, name: str) -> ModelEntry:
@@ -106,6 +110,7 @@ class InferenceService:
         return self._repository.unload(name)
 
     async def _drop_batcher(self, name: str) -> None:
+        self._serving.pop(name, None)
         batcher = self._batchers.pop(name, None)
         if batcher is not None:
             await batcher.aclose()
@@ -147,14 +152,18 @@ class InferenceService:
         """Validate and queue; the future gets the outputs. The hot path of ``ctx.infer``:
         one future, no coroutine per layer. Cancelling the future drops the rows if their
         batch has not formed yet."""
-        metadata = self.metadata(name, version)
+        serving = self._serving.get(name) if version is None else None
+        if serving is None:
+            metadata = self.metadata(name, version)  # NotFound / Unavailable, explained
+            batcher = self._batchers.get(name)
+            if batcher is None:
+                raise Unavailable(f"model {name!r} is not loaded")
+        else:
+            metadata, batcher = serving
         rows = _quick_rows(metadata, inputs)
         if rows is None:
             rows = _validate(metadata, inputs)  # the slow path explains what is wrong
-        wanted = _wanted_outputs(metadata, outputs)
-        batcher = self._batchers.get(name)
-        if batcher is None:
-            raise Unavailable(f"model {name!r} is not loaded")
+        wanted = _wanted_outputs(metadata, outputs) if outputs else None
         return batcher.submit_nowait(inputs, rows, wanted)
 
     def _loaded(self, name: str, version: str | None) -> Any:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 _END = object()  # closes a turn's event stream
 _TURNS_PER_RUN = 64
+_perf_counter = time.perf_counter
+_monotonic = time.monotonic
 
 
 class TurnObserver(Protocol):
@@ -91,7 +93,7 @@ class _Activation:
         self.address = address
         self.agent = agent
         self.host = host
-        self.mailbox: deque[_Envelope] | None = None  # allocated while messages wait
+        self.mailbox: deque[Any] | None = None  # allocated while messages wait
         self.scheduled = False
         self.state: dict[str, Any] | None = None  # None until loaded from the store
         self.snapshot = b""
@@ -99,65 +101,79 @@ class _Activation:
 
     async def run(self) -> None:
         """Run up to ``_TURNS_PER_RUN`` waiting messages, one turn each, then yield the
-        worker (requeued if more wait) so that busy agents do not starve the others."""
+        worker (requeued if more wait) so that busy agents do not starve the others.
+
+        A mailbox holds bare messages for tells (nobody waits for them: the common case in
+        a swarm, run inline here without the bookkeeping replies and deadlines need) and
+        ``_Envelope`` objects for asks and streams (run by ``_turn``).
+        """
         host = self.host
         mailbox = self.mailbox
+        observer = host._observer
         try:
             for _ in range(_TURNS_PER_RUN):
                 if not mailbox:
                     break
-                envelope = mailbox.popleft()
+                message = mailbox.popleft()
                 host._waiting -= 1
-                reply = envelope.reply
-                if reply is not None and reply.done():
-                    continue  # the caller gave up before the turn began
-                if self.state is None:
-                    await self._restore()
-                if reply is None and envelope.deadline is None and envelope.events is None:
-                    await self._tell_turn(envelope.message)
-                else:
-                    await self._turn(envelope)
+                if type(message) is _Envelope:
+                    reply = message.reply
+                    if reply is not None and reply.done():
+                        continue  # the caller gave up before the turn began
+                    if self.state is None and not self._start_fresh():
+                        await self._load()
+                    await self._turn(message)
+                    continue
+                if self.state is None and not self._start_fresh():
+                    await self._load()
+                started = _perf_counter() if observer is not None else 0.0
+                outcome = "ok"
+                try:
+                    await self.agent.handle(Context(self.address, self.state, None, host), message)  # type: ignore[arg-type]
+                    self._save_nowait()
+                except asyncio.CancelledError:
+                    self._rollback()
+                    outcome = "cancelled"
+                    raise
+                except Exception:
+                    self._rollback()
+                    outcome = "error"
+                    log.exception("agent %s raised", self.address)
+                finally:
+                    host._turns += 1
+                    if observer is not None:
+                        observer.turn_finished(
+                            self.address.type, outcome, _perf_counter() - started
+                        )
         finally:
-            self.last_turn = time.monotonic()
+            self.last_turn = _monotonic()
             if mailbox:
-                host._requeue(self)
+                host.pool.requeue(self)
             else:
                 self.mailbox = None
                 self.scheduled = False
 
-    async def _restore(self) -> None:
-        if not self.host._may_be_stored(self.address):
+    def _start_fresh(self) -> bool:
+        """Give a new activation an empty state when the store cannot hold one for it
+        (then no load is needed: True)."""
+        host = self.host
+        if host.store.empty_at_open and self.address not in host._stored_since_open:
             self.state = {}
-            return
-        snapshot = await self.host.store.load(str(self.address))
+            return True
+        return False
+
+    async def _load(self) -> None:
+        snapshot = await self.host.store.load(self._key())
         self.snapshot = snapshot or b""
         self.state = orjson.loads(snapshot) if snapshot else {}
 
-    async def _tell_turn(self, message: Any) -> None:
-        """A turn nobody waits for (``tell``/``ctx.send``): no deadline, no reply to settle.
-
-        The common case in a swarm, so it skips the bookkeeping ``_turn`` needs for replies
-        and deadlines; failures are logged and rolled back the same way.
-        """
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            await self.agent.handle(Context(self.address, self.state, None, self.host), message)  # type: ignore[arg-type]
-            self._persist(wait=False)
-        except asyncio.CancelledError:
-            self._rollback()
-            outcome = "cancelled"
-            raise
-        except Exception:
-            self._rollback()
-            outcome = "error"
-            log.exception("agent %s raised", self.address)
-        finally:
-            self.host._turn_finished(self.address.type, outcome, time.perf_counter() - started)
+    def _key(self) -> str:
+        address = self.address
+        return address.type + "/" + address.id  # str(address), without a call into Python
 
     async def _turn(self, envelope: _Envelope) -> None:
         host = self.host
-        started = time.perf_counter()
+        started = _perf_counter()
         outcome = "error"
         reply, events = envelope.reply, envelope.events
         # A caller that gives up (disconnect, its own timeout) cancels this turn.
@@ -211,11 +227,11 @@ class _Activation:
                 watch.turn_over = True
             if events is not None:
                 events.put_nowait(_END)
-            host._turn_finished(self.address.type, outcome, time.perf_counter() - started)
+            host._turn_finished(self.address.type, outcome, _perf_counter() - started)
 
-    def _persist(self, wait: bool = True) -> asyncio.Future[None] | None:
-        """Queue the state for commit if the turn changed it; the commit's future (None
-        when nothing changed, or ``wait`` is false and nobody needs to know)."""
+    def _snapshot_if_changed(self) -> bytes | None:
+        """The state serialised, when it differs from the last snapshot (then it becomes
+        the snapshot); None when the turn left it as it was."""
         try:
             snapshot = orjson.dumps(self.state)
         except TypeError as exc:
@@ -223,11 +239,22 @@ class _Activation:
         if snapshot == self.snapshot:
             return None
         # orjson's result sits in a ~4 KiB buffer; keep an exact-size copy instead.
-        self.snapshot = memoryview(snapshot).tobytes()
-        if not wait:
-            self.host.store.save_nowait(str(self.address), self.snapshot)
+        self.snapshot = snapshot = memoryview(snapshot).tobytes()
+        return snapshot
+
+    def _save_nowait(self) -> None:
+        """Queue the state for commit if the turn changed it; nobody waits for the commit."""
+        snapshot = self._snapshot_if_changed()
+        if snapshot is not None:
+            self.host.store.save_nowait(self._key(), snapshot)
+
+    def _persist(self) -> asyncio.Future[None] | None:
+        """Queue the state for commit if the turn changed it; the commit's future (None
+        when nothing changed)."""
+        snapshot = self._snapshot_if_changed()
+        if snapshot is None:
             return None
-        return self.host.store.save(str(self.address), self.snapshot)
+        return self.host.store.save(self._key(), snapshot)
 
     def _rollback(self) -> None:
         # A failed turn leaves the state of the last good turn.
@@ -328,10 +355,23 @@ class ActorHost:
         """Deliver without waiting; False (nothing delivered) when the agent would need a
         place on a full run queue. Raises for unknown or malformed addresses and a full
         mailbox."""
-        activation = self._activation(address)
-        if not activation.scheduled and self.pool.full():
+        activation = self._activations.get(address)  # type: ignore[call-overload]
+        if activation is None:
+            activation = self._activation(address)
+        if activation.scheduled:
+            # Already on the run queue (or running): it will see the message.
+            mailbox = activation.mailbox
+            assert mailbox is not None
+            if len(mailbox) >= self._max_mailbox:
+                raise ResourceExhausted(
+                    f"agent {activation.address} has {self._max_mailbox} messages waiting"
+                )
+            mailbox.append(message)
+            self._waiting += 1
+            return True
+        if self.pool.full():
             return False
-        self._deliver_nowait(activation, _Envelope(message, None, None, None))
+        self._deliver_nowait(activation, message)  # a bare message: nobody waits for it
         return True
 
     async def ask(
@@ -381,7 +421,7 @@ class ActorHost:
             if not reply.done():
                 reply.cancel()
 
-    def _deliver_nowait(self, activation: _Activation, envelope: _Envelope) -> None:
+    def _deliver_nowait(self, activation: _Activation, envelope: Any) -> None:
         """Enqueue, scheduling the agent if idle; undone and re-raised when the run queue
         refuses it (full or closing)."""
         self._enqueue(activation, envelope)
@@ -395,7 +435,7 @@ class ActorHost:
                 raise
             activation.scheduled = True
 
-    def _enqueue(self, activation: _Activation, envelope: _Envelope) -> None:
+    def _enqueue(self, activation: _Activation, envelope: Any) -> None:
         mailbox = activation.mailbox
         if mailbox is None:
             mailbox = activation.mailbox = deque()
@@ -405,9 +445,6 @@ class ActorHost:
             )
         mailbox.append(envelope)
         self._waiting += 1
-
-    def _requeue(self, activation: _Activation) -> None:
-        self.pool.requeue(activation)
 
     def _activation(self, address: str | Address) -> _Activation:
         addr = parse_address(address) if isinstance(address, str) else address
@@ -472,9 +509,6 @@ class ActorHost:
     def turns(self) -> int:
         """Turns finished so far (cheap; ``stats()`` scans every activation)."""
         return self._turns
-
-    def _may_be_stored(self, address: Address) -> bool:
-        return not self.store.empty_at_open or address in self._stored_since_open
 
     def active_counts(self) -> dict[str, int]:
         return dict(self._active_by_type)
