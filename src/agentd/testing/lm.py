@@ -95,13 +95,24 @@ def build_engine(
     )
 
 
-def teacher_forced_argmax(
-    onnx_path: Path, prompt: list[int], continuation: list[int], *, block_size: int = 16
-) -> list[int]:
-    """The paged graph's greedy pick at each position of ``continuation`` when fed the
-    true prefix (prompt, then continuation tokens): how often it agrees with a reference."""
+def paged_decode(
+    onnx_path: Path,
+    prompt: list[int],
+    steps: int,
+    *,
+    forced: list[int] | None = None,
+    block_size: int = 16,
+) -> tuple[list[int], list[float]]:
+    """Decode with the paged graph and a block pool, one sequence, no engine around it.
+
+    Greedy unless ``forced`` is given: then the true next tokens are fed whatever the
+    graph picked (teacher forcing), to count how often its picks agree with a reference.
+    Returns the picks and the seconds each decode step took (prefill not included).
+    """
+    import time
+
     session = open_session(onnx_path, threads=2)
-    total = len(prompt) + len(continuation)
+    total = len(prompt) + steps
     engine = engine_for_session(
         session,
         name="check",
@@ -111,25 +122,28 @@ def teacher_forced_argmax(
     )
     pool = engine.pool
     blocks = np.asarray(pool.borrow(pool.total), dtype=np.int64)
-    picks = []
+    picks: list[int] = []
+    gaps: list[float] = []
     tokens = list(prompt)
     start = 0
-    for step in range(len(continuation)):
-        new = np.asarray(tokens[start:], dtype=np.int64)
+    for step in range(steps):
+        started = time.perf_counter()
         positions = np.arange(start, len(tokens), dtype=np.int64)
         logits, new_k, new_v = engine._forward(
-            new[None, :],
+            np.asarray(tokens[start:], dtype=np.int64)[None, :],
             positions[None, :],
             np.array([start], np.int64),
-            blocks[None, : pool.blocks_for(max(start, 1))],
+            blocks[None, : pool.blocks_for(start)],
         )
         pool.write(
             blocks[positions // block_size], positions % block_size, new_k[:, 0], new_v[:, 0]
         )
         picks.append(int(logits[0].argmax()))
+        if step:  # the first run is the prefill
+            gaps.append(time.perf_counter() - started)
         start = len(tokens)
-        tokens.append(continuation[step])
-    return picks
+        tokens.append(forced[step] if forced is not None else picks[-1])
+    return picks, gaps
 
 
 def dense_greedy(dense_path: Path, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:

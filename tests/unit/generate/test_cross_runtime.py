@@ -18,7 +18,7 @@ from agentd.generate.onnx_export import export_onnx
 from agentd.generate.tokenizer import Tokenizer
 from agentd.generate.types import SamplingParams
 from agentd.inference.repository import builtin_models_dir
-from agentd.testing.lm import build_engine, teacher_forced_argmax
+from agentd.testing.lm import build_engine, paged_decode
 
 HF_DIR = Path(__file__).resolve().parents[3] / "models" / "tinylm" / "hf"
 TOKENS = 32
@@ -78,7 +78,7 @@ def test_int8_graph_agrees_on_most_tokens(prompt_ids, reference):
     graph = builtin_models_dir() / "tinylm" / "model.onnx"
     agree = total = 0
     for ids, expected in zip(prompt_ids, reference, strict=True):
-        picks = teacher_forced_argmax(graph, ids, expected)
+        picks, _ = paged_decode(graph, ids, len(expected), forced=expected)
         agree += sum(p == e for p, e in zip(picks, expected, strict=True))
         total += len(expected)
     rate = agree / total
