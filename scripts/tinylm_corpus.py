@@ -243,16 +243,18 @@ def _number(rng: random.Random, n: int) -> str:
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    op = rng.choice(("plus", "plus", "minus", "times"))
+    # Mostly small operands: a model this size can learn the tables it sees often.
+    op = rng.choice(("plus", "plus", "plus", "minus", "minus", "times"))
+    top = 20 if rng.random() < 0.85 else 50
     if op == "plus":
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        a, b = rng.randint(0, top), rng.randint(0, top)
         result = a + b
     elif op == "minus":
-        a = rng.randint(0, 60)
+        a = rng.randint(0, top)
         b = rng.randint(0, a)
         result = a - b
     else:
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
+        a, b = rng.randint(0, 10), rng.randint(0, 10)
         result = a * b
     symbol = {"plus": "+", "minus": "-", "times": "*"}[op]
     style = rng.randrange(5)
@@ -275,7 +277,7 @@ def _counting(rng: random.Random) -> tuple[str, str]:
     style = rng.randrange(4)
     if style == 0:
         start = rng.randint(0, 20)
-        end = start + rng.randint(2, 8)
+        end = start + rng.randint(2, 6)
         numbers = ", ".join(str(n) for n in range(start, end + 1))
         return f"count from {start} to {end}", f"{numbers}."
     if style == 1:
@@ -411,8 +413,8 @@ def _story_request(rng: random.Random) -> tuple[str, str]:
 
 
 CHAT_TOPICS: tuple[tuple[Callable[[random.Random], tuple[str, str]], int], ...] = (
-    (_arithmetic, 6),
-    (_counting, 3),
+    (_arithmetic, 9),
+    (_counting, 4),
     (_compare, 1),
     (_colour, 2),
     (_animal, 3),

@@ -96,7 +96,8 @@ TOKENIZER_CONFIG = {
 
 DEMO_PROMPTS = (
     [{"role": "user", "content": "what is 3 plus 4?"}],
-    [{"role": "user", "content": "what is 12 plus 25?"}],
+    [{"role": "user", "content": "what is 7 plus 8?"}],
+    [{"role": "user", "content": "what is 12 minus 5?"}],
     [{"role": "user", "content": "count from 5 to 9"}],
     [{"role": "user", "content": "what colour is the sky?"}],
     [{"role": "user", "content": "what sound does a cow make?"}],
@@ -144,6 +145,42 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def greedy_reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 40) -> str:
+    """The model's greedy answer to a chat, up to (not including) <|end|>."""
+    import torch
+
+    ids = tokenizer.encode(render_chat(messages), add_special_tokens=False).ids
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=5
+        )
+    return tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+
+
+def evaluate(model, tokenizer, seed: int, questions: int = 50) -> dict[str, float]:
+    """Exact-answer accuracy on fresh seeded questions (held out only by chance: the
+    small-number tables are in the corpus too)."""
+    rng = np.random.default_rng(seed + 1)
+    results: dict[str, float] = {}
+    for task in ("plus", "minus", "count"):
+        correct = 0
+        for _ in range(questions):
+            a, b = (int(x) for x in rng.integers(0, 21, size=2))
+            if task == "plus":
+                question, answer = f"what is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+            elif task == "minus":
+                a, b = max(a, b), min(a, b)
+                question, answer = f"what is {a} minus {b}?", f"{a} minus {b} is {a - b}."
+            else:
+                b = a + 2 + b % 5
+                question = f"count from {a} to {b}"
+                answer = ", ".join(str(n) for n in range(a, b + 1)) + "."
+            reply = greedy_reply(model, tokenizer, [{"role": "user", "content": question}])
+            correct += reply == answer
+        results[f"{task}_accuracy"] = correct / questions
+    return results
 
 
 def main() -> None:
@@ -249,6 +286,7 @@ def main() -> None:
         package_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.out / "tokenizer.json", package_dir / "tokenizer.json")
 
+    evaluation = evaluate(model, tokenizer, args.seed)
     report = {
         "seed": args.seed,
         "steps": args.steps,
@@ -267,6 +305,7 @@ def main() -> None:
         "corpus_tokens": len(stream),
         "tokens_seen": args.steps * tokens_per_step,
         "tokenizer_size": vocab_size,
+        "evaluation": evaluation,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),
@@ -275,13 +314,8 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
     print("greedy samples:")
-    with torch.no_grad():
-        for messages in DEMO_PROMPTS:
-            prompt = render_chat(messages)
-            ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
-            out = model.generate(ids, max_new_tokens=40, do_sample=False)
-            text = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=False)
-            print(f"  {messages[-1]['content']!r} -> {text!r}")
+    for messages in DEMO_PROMPTS:
+        print(f"  {messages[-1]['content']!r} -> {greedy_reply(model, tokenizer, messages)!r}")
 
 
 if __name__ == "__main__":
