@@ -1,0 +1,78 @@
+"""Mailboxes: the first waiting message sits in a slot, more in a deque; order and bounds
+hold across both, and tells and asks to one agent run in the order they arrived."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agentd import Agent
+from agentd.agents import AgentRegistry
+from agentd.errors import ResourceExhausted
+from agentd.runtime import ActorHost, MemoryStateStore, WorkerPool
+
+
+class Log(Agent):
+    name = "log"
+
+    async def handle(self, ctx, message):
+        await asyncio.sleep(0)  # let more messages arrive while this turn runs
+        ctx.state.setdefault("seen", []).append(message)
+        return len(ctx.state["seen"])
+
+
+@pytest.fixture
+async def host():
+    registry = AgentRegistry()
+    registry.register(Log)
+    host = ActorHost(registry, MemoryStateStore(), pool=WorkerPool(4, 8), max_mailbox=5)
+    await host.start()
+    yield host
+    await host.aclose()
+
+
+async def _idle(host: ActorHost) -> None:
+    while host.gauges()["messages_waiting"] or host.pool.statistics().busy:
+        await asyncio.sleep(0.001)
+
+
+async def test_tells_and_asks_run_in_arrival_order(host):
+    assert host.tell_nowait("log/a", 0)  # the slot
+    assert host.tell_nowait("log/a", 1)  # the deque from here on
+    asked = asyncio.ensure_future(host.ask("log/a", 2))
+    await asyncio.sleep(0)
+    assert host.tell_nowait("log/a", 3)
+    assert await asked == 3
+    await _idle(host)
+    assert host.tell_nowait("log/a", 4)  # idle again: the slot again
+    await _idle(host)
+    assert host.instance("log/a") is not None
+    activation = host._activations[host._activation("log/a").address]
+    assert activation.state == {"seen": [0, 1, 2, 3, 4]}
+    assert activation.mailbox is None and activation.waiting() == 0
+
+
+async def test_a_full_mailbox_refuses_and_keeps_what_it_has(host):
+    for i in range(5):
+        assert host.tell_nowait("log/b", i)
+    with pytest.raises(ResourceExhausted, match="5 messages waiting"):
+        host.tell_nowait("log/b", 5)
+    assert host.gauges()["messages_waiting"] == 5
+    await _idle(host)
+    activation = host._activations[host._activation("log/b").address]
+    assert activation.state == {"seen": [0, 1, 2, 3, 4]}
+
+
+def test_a_full_run_queue_delivers_nothing():
+    registry = AgentRegistry()
+    registry.register(Log)
+    # Not started: queued agents stay queued.
+    host = ActorHost(registry, MemoryStateStore(), pool=WorkerPool(1, 3))
+    for i in range(3):
+        assert host.tell_nowait(f"log/q{i}", i)
+    assert host.tell_nowait("log/q0", "again")  # already queued: needs no new place
+    assert not host.tell_nowait("log/late", 0)
+    late = host._activations[host._activation("log/late").address]
+    assert late.waiting() == 0 and not late.scheduled
+    assert host.gauges()["messages_waiting"] == 4
