@@ -69,7 +69,11 @@ def _load_hf(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _rope_tables(config: dict) -> tuple[np.ndarray, np.ndarray]:
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    theta = float(config.get("rope_theta", 10000.0))
+    # transformers 5 nests it under rope_parameters; older configs keep it at the top.
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported by this exporter")
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     positions = np.arange(config["max_position_embeddings"], dtype=np.float64)
     freqs = np.outer(positions, inv_freq)
