@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -48,21 +48,19 @@ class BatcherStats:
     rejected: int = 0
 
 
-class _Pending:
-    __slots__ = ("enqueued", "future", "inputs", "outputs", "rows")
+class _Pending(NamedTuple):
+    """A queued call. Made with ``_new_pending`` (tuple.__new__, no Python-level
+    constructor): one per ctx.infer, so its cost counts."""
 
-    def __init__(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        rows: int,
-        future: asyncio.Future[Arrays],
-        outputs: Sequence[str] | None,
-    ) -> None:
-        self.inputs = inputs
-        self.rows = rows
-        self.future = future
-        self.outputs = outputs
-        self.enqueued = time.perf_counter()
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[Arrays]
+    outputs: Sequence[str] | None
+    enqueued: float
+
+
+_new_pending = tuple.__new__
+_perf_counter = time.perf_counter
 
 
 class DynamicBatcher:
@@ -134,7 +132,7 @@ class DynamicBatcher:
         if self._worker is None:
             self.start()
         future: asyncio.Future[Arrays] = self._loop.create_future()  # type: ignore[union-attr]
-        self._queue.append(_Pending(inputs, rows, future, outputs))
+        self._queue.append(_new_pending(_Pending, (inputs, rows, future, outputs, _perf_counter())))
         self.stats.queued += 1
         self._rows_waiting += rows
         if self._wake_at and self._rows_waiting >= self._wake_at:
@@ -249,26 +247,36 @@ def _split_rows(batch: list[_Pending], outputs: Arrays) -> None:
 
     An output's rows are cut into one-row views in one C loop (``list`` over a reshaped
     view), taken only for outputs somebody asked for: slicing in Python per caller cost
-    more than the model itself.
+    more than the model itself. Callers asking for the same outputs share one plan.
     """
-    rows: dict[str, list[np.ndarray]] = {}
+    views: dict[str, list[np.ndarray]] = {}
+    plans: dict[int, list[tuple[str, list[np.ndarray]]]] = {}
     n = len(batch)
     for index, pending in enumerate(batch):
         future = pending.future
         if future.done():
             continue
-        result = {}
-        for key in pending.outputs or outputs:
-            views = rows.get(key)
-            if views is None:
-                array = outputs[key]
-                if array.ndim and array.shape[0] == n:
-                    views = list(array.reshape(n, 1, *array.shape[1:]))
-                else:  # not one row per call: cut it as _split would
-                    views = [array[i : i + 1] for i in range(n)]
-                rows[key] = views
-            result[key] = views[index]
-        future.set_result(result)
+        wanted = pending.outputs
+        plan = plans.get(id(wanted))  # the batch holds every ``wanted``: ids stay unique
+        if plan is None:
+            plan = plans[id(wanted)] = []
+            for key in wanted or outputs:
+                rows = views.get(key)
+                if rows is None:
+                    rows = views[key] = _row_views(outputs[key], n)
+                plan.append((key, rows))
+        if len(plan) == 1:
+            key, rows = plan[0]
+            future.set_result({key: rows[index]})
+        else:
+            future.set_result({key: rows[index] for key, rows in plan})
+
+
+def _row_views(array: np.ndarray, n: int) -> list[np.ndarray]:
+    """``array`` cut into ``n`` one-row views."""
+    if array.ndim and array.shape[0] == n:
+        return list(array.reshape(n, 1, *array.shape[1:]))
+    return [array[i : i + 1] for i in range(n)]  # not one row per call: as _split would
 
 
 def _stack(requests: list[Mapping[str, np.ndarray]]) -> Arrays:

@@ -37,7 +37,7 @@ class InferenceService:
         self._batchers: dict[str, DynamicBatcher] = {}
         # name -> (metadata, batcher) of every model that has a batcher: the hot path of
         # ctx.infer (version None) takes both from one lookup.
-        self._serving: dict[str, tuple[ModelMetadata, DynamicBatcher]] = {}
+        self._serving: dict[str, tuple[ModelMetadata, DynamicBatcher, _OneInput | None]] = {}
         self._ready = False
         self._server = {
             "name": server_name,
@@ -101,7 +101,8 @@ class InferenceService:
             )
             batcher.start()
             self._batchers[name] = batcher
-            self._serving[name] = (entry.executor.metadata, batcher)
+            metadata = entry.executor.metadata
+            self._serving[name] = (metadata, batcher, _one_input(metadata))
         return entry
 
     async def unload(self, name: str) -> ModelEntry:
@@ -158,9 +159,25 @@ class InferenceService:
             batcher = self._batchers.get(name)
             if batcher is None:
                 raise Unavailable(f"model {name!r} is not loaded")
+            one = None
         else:
-            metadata, batcher = serving
-        rows = _quick_rows(metadata, inputs)
+            metadata, batcher, one = serving
+        rows = None
+        if one is not None and len(inputs) == 1:
+            # One batched input of fixed inner shape (the decision model): checked inline.
+            input_name, dtype, ndim, inner, max_rows = one
+            array = inputs.get(input_name)
+            if array is not None:
+                shape = array.shape
+                if (
+                    len(shape) == ndim
+                    and shape[1:] == inner
+                    and 1 <= shape[0] <= max_rows
+                    and (array.dtype is dtype or array.dtype == dtype)
+                ):
+                    rows = shape[0]
+        else:
+            rows = _quick_rows(metadata, inputs)
         if rows is None:
             rows = _validate(metadata, inputs)  # the slow path explains what is wrong
         wanted = _wanted_outputs(metadata, outputs) if outputs else None
@@ -177,6 +194,19 @@ class InferenceService:
 
 
 _MAX_ELEMENTS = 1 << 28
+
+# (input name, numpy dtype, dimensions, shape past the batch dimension, max batch size)
+_OneInput = tuple[str, np.dtype, int, tuple[int, ...], int]
+
+
+def _one_input(metadata: ModelMetadata) -> _OneInput | None:
+    """The check for a model with one batched input of fixed inner shape, else None."""
+    if metadata.max_batch_size <= 0 or len(metadata.input_checks) != 1:
+        return None
+    name, dtype, shape, fixed = metadata.input_checks[0]
+    if not fixed:
+        return None
+    return name, dtype, len(shape), tuple(shape[1:]), metadata.max_batch_size
 
 
 def _validate(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> int:

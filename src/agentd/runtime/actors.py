@@ -194,7 +194,9 @@ class _Activation:
         """Give a new activation an empty state when the store cannot hold one for it
         (then no load is needed: True)."""
         host = self.host
-        if host.store.empty_at_open and self.address not in host._stored_since_open:
+        if host.store.empty_at_open and (
+            not host._stored_since_open or self.address not in host._stored_since_open
+        ):
             self.state = {}
             return True
         return False
