@@ -76,3 +76,30 @@ def test_a_full_run_queue_delivers_nothing():
     late = host._activations[host._activation("log/late").address]
     assert late.waiting() == 0 and not late.scheduled
     assert host.gauges()["messages_waiting"] == 4
+
+
+async def test_told_turns_are_reported_one_in_observe_every():
+    class Recorder:
+        def __init__(self):
+            self.turns = []
+
+        def turn_finished(self, agent_type, outcome, seconds):
+            self.turns.append((agent_type, outcome, seconds))
+
+    registry = AgentRegistry()
+    registry.register(Log)
+    recorder = Recorder()
+    host = ActorHost(
+        registry, MemoryStateStore(), pool=WorkerPool(4, 64), observer=recorder, observe_every=3
+    )
+    await host.start()
+    try:
+        for i in range(9):
+            assert host.tell_nowait(f"log/s{i}", i)
+        assert await host.ask("log/s0", "asked") == 2  # asks are always reported
+        await _idle(host)
+    finally:
+        await host.aclose()
+    assert host.turns == 10
+    assert len(recorder.turns) == 3 + 1
+    assert all(t[:2] == ("log", "ok") and t[2] >= 0 for t in recorder.turns)
