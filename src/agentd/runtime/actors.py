@@ -439,6 +439,48 @@ class ActorHost:
         activation.scheduled = True
         return True
 
+    def tell_many_nowait(
+        self, addresses: Sequence[str | Address], messages: Sequence[Any], start: int = 0
+    ) -> int:
+        """``tell_nowait(addresses[i], messages[i])`` for ``i`` from ``start`` on, in order,
+        in one pass (a burst of tells, e.g. to many new agents); stops before the first
+        message whose agent would need a place on a full run queue. Returns the index of
+        the first message not delivered (``len(addresses)`` when all were). Raises as
+        ``tell_nowait`` does; the messages before the failing one stay delivered.
+        """
+        pool = self.pool
+        room = pool.room()
+        activations = self._activations
+        limit = self._max_mailbox
+        newly: list[_Activation] = []  # idle agents that now have a message: to queue
+        index, end = start, len(addresses)
+        try:
+            while index < end:
+                address = addresses[index]
+                activation = activations.get(address)  # type: ignore[call-overload]
+                if activation is None:
+                    if isinstance(address, str):
+                        activation = self._activation(address)
+                    else:
+                        activation = self._activate(address)
+                if activation.scheduled:
+                    activation.push(messages[index], limit)
+                else:
+                    # Idle, so nothing waits: the message takes the slot (or the empty deque).
+                    if len(newly) == room:
+                        break
+                    if activation.mailbox is None:
+                        activation.next_message = messages[index]
+                    else:
+                        activation.push(messages[index], limit)
+                    activation.scheduled = True
+                    newly.append(activation)
+                self._waiting += 1
+                index += 1
+        finally:
+            pool.submit_many_nowait(newly)  # fits: room was counted and nothing ran since
+        return index
+
     async def ask(
         self, address: str | Address, message: Any, *, timeout: float | None = None
     ) -> Any:

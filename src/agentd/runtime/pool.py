@@ -81,6 +81,27 @@ class WorkerPool:
     def full(self) -> bool:
         return len(self._queue) >= self._max_queued
 
+    def room(self) -> int:
+        """Places left on the queue; raises Unavailable when the pool is shutting down."""
+        if self._closing:
+            raise Unavailable("the worker pool is shutting down")
+        return max(0, self._max_queued - len(self._queue))
+
+    def submit_many_nowait(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` in order, all or none: ResourceExhausted (nothing queued) when
+        they do not fit (see ``room``), Unavailable when closing."""
+        if len(jobs) > self.room():
+            self._rejected += len(jobs)
+            raise ResourceExhausted(f"the run queue has no room for {len(jobs)} jobs")
+        self._queue.extend(jobs)
+        woken = 0
+        idle = self._idle
+        while idle and woken < len(jobs):
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                woken += 1
+
     async def wait_for_room(self) -> None:
         """Return once the queue has drained below its bound (or the pool is closing)."""
         while self.full() and not self._closing:

@@ -43,17 +43,18 @@ class Collector(Agent):
     done: ClassVar[asyncio.Event]
 
     def __init__(self) -> None:
-        self.seen = np.zeros(self.expected, dtype=np.bool_)
+        # A byte per agent and plain ints: numpy scalar indexing per message cost more.
+        self.seen = bytearray(self.expected)
         self.distinct = 0
         self.duplicates = 0
-        self.actions = np.zeros(4, dtype=np.int64)
+        self.actions = [0, 0, 0, 0]
 
     async def handle(self, ctx: Context, message: tuple[int, int]) -> None:
         index, action = message
         if self.seen[index]:
             self.duplicates += 1
         else:
-            self.seen[index] = True
+            self.seen[index] = 1
             self.distinct += 1
             self.actions[action] += 1
             if self.distinct == self.expected:

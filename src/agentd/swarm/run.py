@@ -66,6 +66,9 @@ class _TurnLatency:
             self.histogram.record(seconds)
 
 
+_BURST = 4096  # start messages handed to the host per tell_many_nowait
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -126,12 +129,14 @@ async def run_swarm(
     started = time.perf_counter()
     try:
         new_address = tuple.__new__  # Address(...) without its Python-level __new__
-        for index in range(agents):
-            address = new_address(Address, ("decider", str(index)))
-            message = (index, features[index : index + 1])
-            if not host.tell_nowait(address, message):
-                await host.tell(address, message)
-            if progress is not None and index % 4096 == 0:
+        for first in range(0, agents, _BURST):
+            ids = range(first, min(agents, first + _BURST))
+            addresses = [new_address(Address, ("decider", str(i))) for i in ids]
+            messages = [(i, features[i : i + 1]) for i in ids]
+            sent = 0
+            while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
+                await host.pool.wait_for_room()  # backpressure: the run queue is full
+            if progress is not None:
                 progress(host.turns)
         done = collector_type.done
         while not done.is_set():

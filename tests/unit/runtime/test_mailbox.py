@@ -9,7 +9,7 @@ import pytest
 
 from agentd import Agent
 from agentd.agents import AgentRegistry
-from agentd.errors import ResourceExhausted
+from agentd.errors import NotFound, ResourceExhausted
 from agentd.runtime import ActorHost, MemoryStateStore, WorkerPool
 
 
@@ -103,3 +103,34 @@ async def test_told_turns_are_reported_one_in_observe_every():
     assert host.turns == 10
     assert len(recorder.turns) == 3 + 1
     assert all(t[:2] == ("log", "ok") and t[2] >= 0 for t in recorder.turns)
+
+
+def test_tell_many_stops_at_a_full_run_queue_and_resumes():
+    registry = AgentRegistry()
+    registry.register(Log)
+    host = ActorHost(registry, MemoryStateStore(), pool=WorkerPool(1, 3))  # not started
+    addresses = ["log/m0", "log/m1", "log/m0", "log/m2", "log/m3", "log/m1"]
+    # m0, m1, m2 take the three places; m0's second message needs none; m3 does not fit.
+    assert host.tell_many_nowait(addresses, list(range(6))) == 4
+    assert host.gauges()["messages_waiting"] == 4
+    assert host.pool.statistics().queued == 3
+    m0 = host._activations[host._activation("log/m0").address]
+    assert m0.next_message == 0 and list(m0.mailbox) == [2]
+    assert host.tell_many_nowait(addresses, list(range(6)), 4) == 4  # still full
+    host.pool._queue.clear()  # as if the workers took them (they stay scheduled)
+    assert host.tell_many_nowait(addresses, list(range(6)), 4) == 6
+    m1 = host._activations[host._activation("log/m1").address]
+    assert m1.next_message == 1 and list(m1.mailbox) == [5]
+    assert host.pool.statistics().queued == 1  # only m3 was idle
+
+
+async def test_tell_many_delivers_in_order_and_runs_every_turn(host):
+    addresses = [f"log/b{i % 3}" for i in range(5)]
+    assert host.tell_many_nowait(addresses, list(range(5))) == 5
+    await _idle(host)
+    states = [host._activations[host._activation(f"log/b{i}").address].state for i in range(3)]
+    assert states == [{"seen": [0, 3]}, {"seen": [1, 4]}, {"seen": [2]}]
+    with pytest.raises(NotFound):
+        host.tell_many_nowait(["log/b0", "ghost/x", "log/b1"], [5, 6, 7])
+    await _idle(host)
+    assert host._activations[host._activation("log/b0").address].state == {"seen": [0, 3, 5]}
