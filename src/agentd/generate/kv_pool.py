@@ -3,8 +3,8 @@
 Keys and values for every layer live in two arrays allocated once at start. A sequence
 borrows the blocks it will need when it joins and returns them when it ends (or its client
 goes away), so a decode step writes one token's keys and values in place and allocates
-nothing. The model sees them as [layers * blocks, ...] and reads a sequence's tokens
-through its row of block ids (paged attention, as in vLLM).
+nothing. The model sees them as [heads, layers * blocks, block_size, head_dim] and reads
+a sequence's tokens through its row of block ids (paged attention, as in vLLM).
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ class TokenBlockPool:
     ) -> None:
         if blocks < 1 or block_size < 1:
             raise ValueError("a pool needs at least one block of at least one token")
-        # Keys are stored transposed within a block ([head_dim, block]) and values not, so
-        # the model multiplies each gathered block as it lies (see onnx_export).
-        self.keys = np.zeros((layers, blocks, heads, head_dim, block_size), np.float32)
-        self.values = np.zeros((layers, blocks, heads, block_size, head_dim), np.float32)
+        # Head-major: the blocks a sequence gathers for one head lie end to end, so the
+        # model attends over them with one matmul per head and sequence (see onnx_export).
+        shape = (heads, layers, blocks, block_size, head_dim)
+        self.keys = np.zeros(shape, np.float32)
+        self.values = np.zeros(shape, np.float32)
         # The arrays the model reads: views, so writes through keys/values are seen at once.
-        self.model_keys = self.keys.reshape(layers * blocks, heads, head_dim, block_size)
-        self.model_values = self.values.reshape(layers * blocks, heads, block_size, head_dim)
+        flat = (heads, layers * blocks, block_size, head_dim)
+        self.model_keys = self.keys.reshape(flat)
+        self.model_values = self.values.reshape(flat)
         self.block_size = block_size
         self.total = blocks
         # A stack of free block ids; low ids first so a small load stays in a small region.
@@ -82,10 +84,9 @@ class TokenBlockPool:
     ) -> None:
         """Store new tokens: ``keys``/``values`` [layers, n, heads, head_dim] at
         (``blocks[i]``, ``offsets[i]``) for each of the n tokens."""
-        # Index arrays on non-adjacent axes put the token axis first: [n, layers, heads, dim].
-        tokens_first = keys.transpose(1, 0, 2, 3)
-        self.keys[:, blocks, :, :, offsets] = tokens_first
-        self.values[:, blocks, :, offsets] = values.transpose(1, 0, 2, 3)
+        # The indexed view is [heads, layers, n, head_dim].
+        self.keys[:, :, blocks, offsets] = keys.transpose(2, 0, 1, 3)
+        self.values[:, :, blocks, offsets] = values.transpose(2, 0, 1, 3)
 
     def stats(self) -> PoolStats:
         return PoolStats(

@@ -3,12 +3,11 @@
 The graph is written op by op (no torch exporter), so it reads the same as the engine that
 feeds it. Two cache layouts:
 
-``paged`` (the engine's): the KV cache is a pool of fixed-size blocks, K as
-  [layers * blocks, heads, head_dim, block_size] and V as [layers * blocks, heads,
-  block_size, head_dim] (each block already in the layout its matmul wants). Each sequence
-  names its blocks in a ``block_table`` row; the graph gathers them, attends block by block,
-  and returns only the new tokens' keys and values, which the engine writes into the pool in
-  place.
+``paged`` (the engine's): the KV cache is a pool of fixed-size blocks, K and V each
+  [heads, layers * blocks, block_size, head_dim] (head-major, so one sequence's blocks for
+  one head gather into one matrix). Each sequence names its blocks in a ``block_table`` row;
+  the graph gathers them, attends with one matmul per head and sequence, and returns only
+  the new tokens' keys and values, which the engine writes into the pool in place.
 
 ``dense`` (the baseline it is measured against): the past keys and values come in as one
   contiguous [layers, batch, past, heads, head_dim] array that the caller grows by
@@ -144,15 +143,15 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         inputs += [
             helper.make_tensor_value_info("block_table", TensorProto.INT64, ["batch", "blocks"]),
             helper.make_tensor_value_info(
-                "k_cache", TensorProto.FLOAT, ["slots", heads, head_dim, "block_size"]
+                "k_cache", TensorProto.FLOAT, [heads, "slots", "block_size", head_dim]
             ),
             helper.make_tensor_value_info(
-                "v_cache", TensorProto.FLOAT, ["slots", heads, "block_size", head_dim]
+                "v_cache", TensorProto.FLOAT, [heads, "slots", "block_size", head_dim]
             ),
         ]
         n_blocks = g.op(
             "Div",
-            g.op("Gather", g.op("Shape", "k_cache"), c_zero_i, axis=0),
+            g.op("Gather", g.op("Shape", "k_cache"), c_one_i, axis=0),
             g.const("layers", np.array(layers, i64)),
         )
     else:
@@ -200,19 +199,15 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     )
     mask = g.op("Concat", past_mask, causal_mask, axis=-1)
     if layout == "paged":
-        c_rows_shape = g.const("rows_shape", np.array([0, 0, 0, -1], i64))
+        c_cache_shape = g.const("cache_shape", np.array([0, 0, -1, head_dim], i64))
         split_sizes = g.op("Concat", past_1, tokens_1, axis=0)
-        zeros3 = g.const("zeros3", np.array([0, 0, 0], i64))
-        blocks_1 = g.op("Gather", table_shape, c_axis1, axis=0)
-        blocks_shape = g.op(
-            "Concat", zeros3, blocks_1, g.op("Unsqueeze", block_size, c_axis0), axis=0
-        )
+        head_mask = g.op("Transpose", mask, perm=[1, 0, 2, 3])  # [1, batch, tokens, all]
 
     cos_b = g.op("Unsqueeze", g.op("Gather", c_cos, "positions", axis=0), c_axis2)
     sin_b = g.op("Unsqueeze", g.op("Gather", c_sin, "positions", axis=0), c_axis2)
 
     def dense_attention(q: str, k: str, v: str, past_k: str, past_v: str) -> str:
-        """[batch, heads, tokens, head_dim] over past + new keys laid end to end."""
+        """Attention over past + new keys laid end to end; [batch, tokens, heads, dim]."""
         keys = g.op("Concat", past_k, k, axis=1)  # [batch, past + tokens, heads, head_dim]
         values = g.op("Concat", past_v, v, axis=1)
         scores = g.op(
@@ -221,25 +216,29 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
             g.op("Transpose", keys, perm=[0, 2, 3, 1]),
         )
         attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), mask), axis=-1)
-        return g.op("MatMul", attn, g.op("Transpose", values, perm=[0, 2, 1, 3]))
+        out = g.op("MatMul", attn, g.op("Transpose", values, perm=[0, 2, 1, 3]))
+        return g.op("Transpose", out, perm=[0, 2, 1, 3])  # [batch, tokens, heads, dim]
 
     def paged_attention(q: str, k: str, v: str, rows: str) -> str:
-        """Attention block by block: the gathered cache is multiplied where it lands, never
-        transposed or joined to the new keys; only the small score rows are reshaped."""
-        blocks_k = g.op("Gather", "k_cache", rows, axis=0)  # [batch, M, heads, dim, block]
-        blocks_v = g.op("Gather", "v_cache", rows, axis=0)  # [batch, M, heads, block, dim]
-        q_heads = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [batch, heads, tokens, dim]
-        past = g.op("MatMul", g.op("Unsqueeze", q_heads, c_axis1), blocks_k)
-        past = g.op("Reshape", g.op("Transpose", past, perm=[0, 2, 3, 1, 4]), c_rows_shape)
-        new = g.op("MatMul", q_heads, g.op("Transpose", k, perm=[0, 2, 3, 1]))
+        """The pool is head-major, so the gathered blocks of one sequence and head lie end to
+        end: one matmul per (head, sequence) over its whole cache, and the cache is never
+        transposed or joined to the new keys (only the small score rows are)."""
+        keys = g.op("Reshape", g.op("Gather", "k_cache", rows, axis=1), c_cache_shape)
+        values = g.op("Reshape", g.op("Gather", "v_cache", rows, axis=1), c_cache_shape)
+        # keys/values: [heads, batch, past, dim]; q: [batch, tokens, heads, dim]
+        past = g.op("MatMul", keys, g.op("Transpose", q, perm=[2, 0, 3, 1]))
+        past = g.op("Transpose", past, perm=[0, 1, 3, 2])  # [heads, batch, tokens, past]
+        q_heads = g.op("Transpose", q, perm=[2, 0, 1, 3])  # [heads, batch, tokens, dim]
+        new = g.op("MatMul", q_heads, g.op("Transpose", k, perm=[2, 0, 3, 1]))
         scores = g.op("Concat", past, new, axis=-1)
-        attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), mask), axis=-1)
+        attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), head_mask), axis=-1)
         attn_past, attn_new = g.op("Split", attn, split_sizes, axis=-1, outputs=2)
-        attn_past = g.op("Reshape", attn_past, blocks_shape)  # [batch, heads, tokens, M, block]
-        attn_past = g.op("Transpose", attn_past, perm=[0, 3, 1, 2, 4])
-        out_past = g.op("ReduceSum", g.op("MatMul", attn_past, blocks_v), c_axis1, keepdims=0)
-        out_new = g.op("MatMul", attn_new, g.op("Transpose", v, perm=[0, 2, 1, 3]))
-        return g.op("Add", out_past, out_new)
+        out = g.op(
+            "Add",
+            g.op("MatMul", attn_past, values),
+            g.op("MatMul", attn_new, g.op("Transpose", v, perm=[2, 0, 1, 3])),
+        )
+        return g.op("Transpose", out, perm=[1, 2, 0, 3])  # [batch, tokens, heads, dim]
 
     new_ks, new_vs = [], []
     for layer in range(layers):
@@ -264,7 +263,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
             past_k = g.op("Gather", "past_k", index, axis=0)
             past_v = g.op("Gather", "past_v", index, axis=0)
             out = dense_attention(q, k, v, past_k, past_v)
-        out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), c_merge_shape)
+        out = g.op("Reshape", out, c_merge_shape)
         x = g.op("Add", x, linear(out, p + "self_attn.o_proj.weight"))
         h = rms_norm(x, p + "post_attention_layernorm.weight")
         gate = linear(h, p + "mlp.gate_proj.weight")
