@@ -147,8 +147,11 @@ class _Activation:
                 outcome = "ok"
                 try:
                     await self.agent.handle(Context(self.address, self.state, None, host), message)  # type: ignore[arg-type]
+                    state = self.state
+                    if not state and self.snapshot == b"{}":
+                        continue  # still empty: nothing to serialise or store
                     try:
-                        snapshot = _dumps(self.state)
+                        snapshot = _dumps(state)
                     except TypeError as exc:
                         raise Internal(
                             f"agent {self.address} state is not JSON-serialisable: {exc}"

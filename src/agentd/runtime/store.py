@@ -9,10 +9,12 @@ and a committed transaction survives the process being killed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -72,6 +74,15 @@ class MemoryStateStore:
         pass
 
 
+@functools.lru_cache(maxsize=8)
+def _upsert_sql(rows: int) -> str:
+    return (
+        "INSERT INTO agent_state (address, state) VALUES "
+        + ",".join(["(?,?)"] * rows)
+        + " ON CONFLICT(address) DO UPDATE SET state = excluded.state"
+    )
+
+
 class _Grouped:
     """Group commit: calls arriving while a batch runs wait and go together in the next one.
 
@@ -86,6 +97,15 @@ class _Grouped:
 
     def add(self, item: object) -> None:
         self.items.append(item)
+        if not self._scheduled and self._running is None:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def add_pair(self, first: object, second: object) -> None:
+        """``add`` for groups kept flat (two list entries per item, no tuple)."""
+        items = self.items
+        items.append(first)
+        items.append(second)
         if not self._scheduled and self._running is None:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run)
@@ -119,7 +139,8 @@ class SQLiteStateStore:
         self._path = path
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
         self._db: sqlite3.Connection | None = None
-        self._saves = _Grouped(self._flush_saves)
+        self._saves = _Grouped(self._flush_saves)  # flat: address, snapshot, address, ...
+        self._save_waiters: list[asyncio.Future[None]] = []
         self._loads = _Grouped(self._flush_loads)
         self.writes = 0
         self.commits = 0
@@ -150,22 +171,22 @@ class SQLiteStateStore:
 
     def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._saves.add((address, snapshot, future))
+        self._save_waiters.append(future)
+        self._saves.add_pair(address, snapshot)
         return future
 
     def save_nowait(self, address: str, snapshot: bytes) -> None:
         """Queue a write nobody waits for (a failed commit is logged)."""
-        self._saves.add((address, snapshot, None))
+        self._saves.add_pair(address, snapshot)
 
     def _flush_loads(self, items: list) -> asyncio.Future:
         return self._submit(self._select, [a for a, _ in items], [f for _, f in items], items)
 
     def _flush_saves(self, items: list) -> asyncio.Future:
-        rows = {}
-        for address, snapshot, _ in items:
-            rows[address] = snapshot  # the last write of an address in the group wins
-        waiting = [f for *_, f in items if f is not None]
-        return self._submit(self._upsert, list(rows.items()), waiting, None)
+        # ``items`` is flat (address, snapshot, address, ...); the waiters of this group
+        # are those of ``save`` calls since the last flush.
+        waiting, self._save_waiters = self._save_waiters, []
+        return self._submit(self._upsert, items, waiting, None)
 
     def _submit(self, fn: Callable, arg: list, futures: list, items: list | None) -> asyncio.Future:
         task = asyncio.ensure_future(self._call(fn, arg))
@@ -189,21 +210,21 @@ class SQLiteStateStore:
         task.add_done_callback(done)
         return task
 
-    def _upsert(self, rows: list[tuple[str, bytes]]) -> None:
+    def _upsert(self, flat: list) -> None:
+        """Write a group: ``flat`` is address, snapshot, address, snapshot, ..."""
         assert self._db is not None
+        rows = dict(zip(flat[0::2], flat[1::2], strict=True))  # an address's last write wins
+        if 2 * len(rows) != len(flat):
+            flat = list(chain.from_iterable(rows.items()))
+        step = 2 * self._ROWS_PER_INSERT
         with self._db:  # one transaction for the whole group
             self._db.execute("BEGIN")
             # Many rows per statement: executemany would release and retake the GIL for
             # every row, and each retake can wait out the event loop thread's switch
             # interval.
-            for start in range(0, len(rows), self._ROWS_PER_INSERT):
-                chunk = rows[start : start + self._ROWS_PER_INSERT]
-                self._db.execute(
-                    "INSERT INTO agent_state (address, state) VALUES "
-                    + ",".join(["(?,?)"] * len(chunk))
-                    + " ON CONFLICT(address) DO UPDATE SET state = excluded.state",
-                    [value for row in chunk for value in row],
-                )
+            for start in range(0, len(flat), step):
+                chunk = flat[start : start + step]
+                self._db.execute(_upsert_sql(len(chunk) // 2), chunk)
         self.writes += len(rows)
         self.commits += 1
 

@@ -132,7 +132,9 @@ async def run_swarm(
         for first in range(0, agents, _BURST):
             ids = range(first, min(agents, first + _BURST))
             addresses = [new_address(Address, ("decider", str(i))) for i in ids]
-            messages = [(i, features[i : i + 1]) for i in ids]
+            # One-row views of the agents' features, cut in one C loop.
+            rows = features[first : first + len(ids)].reshape(len(ids), 1, -1)
+            messages = list(zip(ids, rows, strict=True))
             sent = 0
             while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
                 await host.pool.wait_for_room()  # backpressure: the run queue is full

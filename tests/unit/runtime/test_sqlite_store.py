@@ -59,6 +59,19 @@ async def test_loads_are_grouped_and_missing_is_empty(tmp_path):
     await store.aclose()
 
 
+async def test_last_write_in_a_group_wins(tmp_path):
+    store = SQLiteStateStore(tmp_path / "s.db")
+    await store.open()
+    store.save_nowait("a/1", b"1")
+    store.save_nowait("a/2", b"x")
+    store.save_nowait("a/1", b"2")
+    await store.save("a/3", b"3")  # the same group: committed together
+    assert await store.load("a/1") == b"2"
+    assert await store.load("a/2") == b"x"
+    assert store.writes == 3 and store.commits == 1
+    await store.aclose()
+
+
 WRITER = textwrap.dedent(
     """
     import asyncio, sys
