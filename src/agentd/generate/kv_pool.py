@@ -36,8 +36,12 @@ class TokenBlockPool:
         # Head-major: the blocks a sequence gathers for one head lie end to end, so the
         # model attends over them with one matmul per head and sequence (see onnx_export).
         shape = (heads, layers, blocks, block_size, head_dim)
-        self.keys = np.zeros(shape, np.float32)
-        self.values = np.zeros(shape, np.float32)
+        # np.empty + fill touches every page now: zeroed-on-demand pages would otherwise
+        # fault in, one by one, inside decode steps the first time each block is used.
+        self.keys = np.empty(shape, np.float32)
+        self.values = np.empty(shape, np.float32)
+        self.keys.fill(0.0)
+        self.values.fill(0.0)
         # The arrays the model reads: views, so writes through keys/values are seen at once.
         flat = (heads, layers * blocks, block_size, head_dim)
         self.model_keys = self.keys.reshape(flat)

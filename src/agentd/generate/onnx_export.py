@@ -75,8 +75,9 @@ def _rope_tables(config: dict) -> tuple[np.ndarray, np.ndarray]:
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     positions = np.arange(config["max_position_embeddings"], dtype=np.float64)
-    freqs = np.outer(positions, inv_freq)
-    angles = np.concatenate([freqs, freqs], axis=-1)
+    # Half-width tables: RotaryEmbedding (non-interleaved) applies each angle to both halves,
+    # as transformers' rotate_half does.
+    angles = np.outer(positions, inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -101,6 +102,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     g = _Graph()
     i64 = np.int64
     c_eps = g.const("eps", np.array(eps, np.float32))
+    c_two_f = g.const("two_f", np.array(2.0, np.float32))
     c_scale = g.const("scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
     c_zero_f = g.const("zero_f", np.array(0.0, np.float32))
     c_neg = g.const("neg", np.array(_NEG, np.float32))
@@ -108,7 +110,6 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     c_merge_shape = g.const("merge_shape", np.array([0, 0, hidden], i64))
     c_axis0 = g.const("axis0", np.array([0], i64))
     c_axis1 = g.const("axis1", np.array([1], i64))
-    c_axis2 = g.const("axis2", np.array([2], i64))
     c_last = g.const("last", np.array(-1, i64))
     c_zero_i = g.const("zero_i", np.array(0, i64))
     c_one_i = g.const("one_i", np.array(1, i64))
@@ -125,14 +126,24 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         return g.op("MatMul", x, g.const(name + "_t", weights[name].T))
 
     def rms_norm(x: str, name: str) -> str:
-        mean = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, c_eps)))
-        return g.op("Mul", g.op("Mul", x, inv), g.const(name, weights[name]))
+        # Written as Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern onnxruntime fuses into
+        # one SimplifiedLayerNormalization kernel.
+        mean = g.op("ReduceMean", g.op("Pow", x, c_two_f), axes=[-1], keepdims=1)
+        scaled = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, c_eps)))
+        return g.op("Mul", scaled, g.const(name, weights[name]))
 
-    def rotate(x: str, cos_b: str, sin_b: str) -> str:
-        first, second = g.op("Split", x, axis=-1, outputs=2)
-        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-        return g.op("Add", g.op("Mul", x, cos_b), g.op("Mul", rotated, sin_b))
+    def rotate(x: str) -> str:
+        """Rotary position embedding of [batch, tokens, hidden] (onnxruntime's kernel)."""
+        node = helper.make_node(
+            "RotaryEmbedding",
+            [x, "positions", c_cos, c_sin],
+            [f"rotary_{len(g.nodes)}"],
+            domain="com.microsoft",
+            interleaved=0,
+            num_heads=heads,
+        )
+        g.nodes.append(node)
+        return node.output[0]
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
@@ -203,9 +214,6 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         split_sizes = g.op("Concat", past_1, tokens_1, axis=0)
         head_mask = g.op("Transpose", mask, perm=[1, 0, 2, 3])  # [1, batch, tokens, all]
 
-    cos_b = g.op("Unsqueeze", g.op("Gather", c_cos, "positions", axis=0), c_axis2)
-    sin_b = g.op("Unsqueeze", g.op("Gather", c_sin, "positions", axis=0), c_axis2)
-
     def dense_attention(q: str, k: str, v: str, past_k: str, past_v: str) -> str:
         """Attention over past + new keys laid end to end; [batch, tokens, heads, dim]."""
         keys = g.op("Concat", past_k, k, axis=1)  # [batch, past + tokens, heads, head_dim]
@@ -244,11 +252,9 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     for layer in range(layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, p + "input_layernorm.weight")
-        q = g.op("Reshape", linear(h, p + "self_attn.q_proj.weight"), c_heads_shape)
-        k = g.op("Reshape", linear(h, p + "self_attn.k_proj.weight"), c_heads_shape)
+        q = g.op("Reshape", rotate(linear(h, p + "self_attn.q_proj.weight")), c_heads_shape)
+        k = g.op("Reshape", rotate(linear(h, p + "self_attn.k_proj.weight")), c_heads_shape)
         v = g.op("Reshape", linear(h, p + "self_attn.v_proj.weight"), c_heads_shape)
-        q = rotate(q, cos_b, sin_b)
-        k = rotate(k, cos_b, sin_b)
         new_ks.append(g.op("Unsqueeze", k, c_axis0))
         new_vs.append(g.op("Unsqueeze", v, c_axis0))
         if layout == "paged":
@@ -284,7 +290,9 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     ]
     graph = helper.make_graph(g.nodes, f"llama_{layout}", inputs, outputs, g.initializers)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="agentd"
+        graph,
+        opset_imports=[helper.make_opsetid("", _OPSET), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="agentd",
     )
     model.ir_version = 8
     model.doc_string = json.dumps(
