@@ -85,6 +85,7 @@ class TokenEngine:
         self._eos = frozenset(info.eos_token_ids)
         self._keys = ort.OrtValue.ortvalue_from_numpy(pool.model_keys)
         self._values = ort.OrtValue.ortvalue_from_numpy(pool.model_values)
+        self._decode_outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._in_flight: frozenset[_Sequence] = frozenset()
@@ -277,7 +278,7 @@ class TokenEngine:
 
     def _forward(
         self, ids: np.ndarray, positions: np.ndarray, past_len: np.ndarray, table: np.ndarray
-    ) -> list[np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("positions", positions)
@@ -285,11 +286,29 @@ class TokenEngine:
         binding.bind_cpu_input("block_table", table)
         binding.bind_ortvalue_input("k_cache", self._keys)
         binding.bind_ortvalue_input("v_cache", self._values)
-        for name in ("logits", "new_k", "new_v"):
-            binding.bind_output(name)
+        outputs = self._outputs(ids.shape[0], ids.shape[1])
+        for name, array in zip(("logits", "new_k", "new_v"), outputs, strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
         self._session.run_with_iobinding(binding)
         self.steps += 1
-        return binding.copy_outputs_to_cpu()
+        return outputs
+
+    def _outputs(self, batch: int, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Arrays the session writes its outputs into: kept per batch size for decode steps
+        (valid until the next step), so a step allocates no output memory."""
+        cached = self._decode_outputs.get(batch) if tokens == 1 else None
+        if cached is None:
+            pool = self.pool
+            layers, heads, head_dim = pool.keys.shape[1], pool.keys.shape[0], pool.keys.shape[4]
+            new = (layers, batch, tokens, heads, head_dim)
+            cached = (
+                np.empty((batch, self._info.vocab_size), np.float32),
+                np.empty(new, np.float32),
+                np.empty(new, np.float32),
+            )
+            if tokens == 1:
+                self._decode_outputs[batch] = cached
+        return cached
 
     def _prefill(self, seq: _Sequence) -> int:
         count = len(seq.prompt)
