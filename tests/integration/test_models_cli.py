@@ -63,6 +63,7 @@ def test_cli_list_load_unload(repo_server):
     out = agentd("models", "--url", repo_server.url)
     assert out.returncode == 0, out.stderr
     assert "decision" in out.stdout and "READY" in out.stdout and "FAILED" in out.stdout
+    assert "language models" in out.stdout and "tinylm" in out.stdout
     out = agentd("models", "unload", "ident", "--url", repo_server.url)
     assert out.returncode == 0 and "unloaded" in out.stdout
     out = agentd("models", "load", "ident", "--url", repo_server.url)

@@ -16,7 +16,8 @@ def models(
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
     token: Annotated[str | None, typer.Option(help="Bearer token [env: AGENTD_TOKEN].")] = None,
 ) -> None:
-    """Show the model repository of a running server, or load / unload a model."""
+    """Show the models of a running server (tensor models and language models), or load /
+    unload a tensor model."""
     import httpx
     from rich.console import Console
     from rich.table import Table
@@ -29,10 +30,12 @@ def models(
     if action != "list" and not name:
         typer.echo(f"error: {action} needs a model name", err=True)
         raise typer.Exit(2)
+    language_models = None
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
             if action == "list":
                 response = client.post("/v2/repository/index")
+                language_models = client.get("/v1/models")
             else:
                 response = client.post(f"/v2/repository/models/{name}/{action}")
     except httpx.HTTPError as exc:
@@ -48,7 +51,12 @@ def models(
     if action != "list":
         typer.echo(f"{name}: {action}ed")
         return
-    table = Table("model", "version", "state", "reason")
+    table = Table("model", "version", "state", "reason", title="tensor models (KServe v2)")
     for item in response.json():
         table.add_row(item["name"], item["version"], item["state"], item.get("reason", ""))
     Console().print(table)
+    if language_models is not None and language_models.status_code == 200:
+        table = Table("model", "platform", "context", title="language models (OpenAI API)")
+        for item in language_models.json().get("data", []):
+            table.add_row(item["id"], item.get("platform", ""), str(item.get("context_length", "")))
+        Console().print(table)
