@@ -189,6 +189,8 @@ class TokenEngine:
                 await self._wake.wait()
                 continue
             for seq in joined:
+                if seq.finished:  # its client left while an earlier prefill ran
+                    continue
                 self._in_flight = frozenset((seq,))
                 try:
                     token = await run(self._executor, self._prefill, seq)

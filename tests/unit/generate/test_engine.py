@@ -225,3 +225,23 @@ async def test_a_full_waiting_queue_refuses_new_sequences(random_lm):
             await stream.aclose()
     finally:
         await engine.close()
+
+
+async def test_a_client_leaving_before_its_prefill_costs_no_model_run(random_lm, caplog):
+    engine = build_engine(random_lm, blocks=32, block_size=4, eos=())
+    params = SamplingParams(max_tokens=4, temperature=0)
+    try:
+        streams = [engine.stream([3, 4, 5], params) for _ in range(3)]
+        firsts = [asyncio.ensure_future(anext(s)) for s in streams]
+        await asyncio.sleep(0)  # all three joined; prefills run one by one
+        firsts[2].cancel()
+        await asyncio.gather(*firsts[:2])
+        steps_before = engine.steps
+        for stream in streams[:2]:
+            assert len([t async for t in stream]) == 3
+        await streams[2].aclose()
+        assert engine.pool.free == engine.pool.total
+        assert "failed" not in caplog.text
+        assert engine.steps - steps_before <= 3  # decode steps only, no third prefill
+    finally:
+        await engine.close()
