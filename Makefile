@@ -37,6 +37,7 @@ bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench inference
 	$(BIN)/agentd bench swarm
 	$(BIN)/agentd bench tools
+	$(BIN)/agentd bench generate
 
 ## models: retrain the built-in int8 decision model (package data), make the benchmark MLP,
 ## and export the tiny language model (models/tinylm/hf) to ONNX and GGUF
