@@ -1,0 +1,96 @@
+"""OpenAI request validation: any JSON value gives a valid request or a RequestError that
+names a field, never another exception."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+fields = {
+    "model": st.one_of(st.just("tinylm"), json_values),
+    "prompt": json_values,
+    "messages": st.one_of(
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system", "assistant", "developer", "x"])},
+                optional={"content": json_values},
+            ),
+            max_size=3,
+        ),
+        json_values,
+    ),
+    "max_tokens": json_values,
+    "temperature": json_values,
+    "top_p": json_values,
+    "top_k": json_values,
+    "seed": json_values,
+    "stop": json_values,
+    "stream": json_values,
+    "stream_options": json_values,
+    "n": json_values,
+}
+bodies = st.one_of(json_values, st.fixed_dictionaries({}, optional=fields))
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=bodies)
+def test_any_body_parses_or_names_its_problem(body):
+    for parse in (parse_completion, parse_chat):
+        try:
+            request = parse(body)
+        except RequestError as exc:
+            assert exc.message
+            assert exc.param is None or isinstance(exc.param, str)
+        else:
+            params = request.params
+            assert params.max_tokens >= 0
+            assert 0.0 <= params.temperature <= 2.0
+            assert 0.0 < params.top_p <= 1.0
+            assert params.top_k >= 0
+            assert all(isinstance(s, str) for s in params.stop) and len(params.stop) <= 4
+
+
+def test_valid_requests_keep_their_values():
+    request = parse_chat(
+        {
+            "model": "tinylm",
+            "messages": [{"role": "developer", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 7,
+            "temperature": 0,
+            "stop": "\n",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert request.messages == [{"role": "system", "content": "hi"}]
+    assert request.params.max_tokens == 7 and request.params.greedy
+    assert request.params.stop == ("\n",)
+    assert request.stream and request.include_usage
+    assert parse_completion({"model": "m", "prompt": ["one"]}).params.max_tokens == 16
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"model": "m", "prompt": "x", "seed": 1.5}, "seed"),
+        ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x"}, "model"),
+    ],
+)
+def test_each_bad_field_is_named(body, param):
+    with pytest.raises(RequestError) as caught:
+        parse_completion(body)
+    assert caught.value.param == param
