@@ -88,9 +88,7 @@ class Gateway:
         self.metrics.watch_runtime(self.runtime.host.gauges)
         install_strict_codecs()
         limit = settings.max_body_bytes
-        agent_service = AgentServiceImpl(
-            self.runtime, settings.default_timeout_s, tools=self.tools
-        )
+        agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s, tools=self.tools)
         agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
         self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
         reflection = reflection_apps(

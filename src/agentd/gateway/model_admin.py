@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-
 from agentd.errors import AgentdError, Code
-from agentd.gateway.protocol import http_status
+from agentd.gateway.protocol import http_status, send_json
 from agentd.inference import InferenceService, ModelState
 
 __all__ = ["ModelAdmin"]
@@ -40,7 +38,7 @@ class ModelAdmin:
     async def handle(self, scope: dict[str, Any], send: Send) -> None:
         path: str = scope["path"]
         if scope["method"] != "POST":
-            await _json(send, 405, {"error": f"use POST for {path}"})
+            await send_json(send, 405, {"error": f"use POST for {path}"})
             return
         try:
             if path == PREFIX + "index":
@@ -53,32 +51,18 @@ class ModelAdmin:
                     }
                     for e in self._service.index()
                 ]
-                await _json(send, 200, body)
+                await send_json(send, 200, body)
                 return
             name, action = path[len(PREFIX + "models/") :].rsplit("/", 1)
             if action == "load":
                 entry = await self._service.load(name)
                 if entry.state is not ModelState.READY:
-                    await _json(send, 400, {"error": f"failed to load {name!r}: {entry.reason}"})
+                    message = f"failed to load {name!r}: {entry.reason}"
+                    await send_json(send, 400, {"error": message})
                     return
             else:
                 await self._service.unload(name)
-            await _json(send, 200, {})
+            await send_json(send, 200, {})
         except AgentdError as exc:
             status = 404 if exc.code is Code.NOT_FOUND else http_status(exc.code)
-            await _json(send, status, {"error": exc.message})
-
-
-async def _json(send: Send, status: int, body: Any) -> None:
-    payload = orjson.dumps(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+            await send_json(send, status, {"error": exc.message})

@@ -9,6 +9,7 @@ import orjson
 
 from agentd import __version__
 from agentd.gateway.health import HealthState
+from agentd.gateway.protocol import send_body
 from agentd.observability import Metrics
 
 __all__ = ["OPEN_PATHS", "OpsRoutes"]
@@ -17,20 +18,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Probes must work without credentials (load balancers and kubelets send none).
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class OpsRoutes:
@@ -53,17 +40,17 @@ class OpsRoutes:
         }
 
     async def _root(self, send: Send) -> None:
-        await _respond(send, 200, self._index, b"application/json")
+        await send_body(send, 200, self._index, b"application/json")
 
     async def _healthz(self, send: Send) -> None:
-        await _respond(send, 200, b"ok\n", b"text/plain; charset=utf-8")
+        await send_body(send, 200, b"ok\n", b"text/plain; charset=utf-8")
 
     async def _readyz(self, send: Send) -> None:
         if self._health.serving:
-            await _respond(send, 200, b"ready\n", b"text/plain; charset=utf-8")
+            await send_body(send, 200, b"ready\n", b"text/plain; charset=utf-8")
         else:
-            await _respond(send, 503, b"not ready\n", b"text/plain; charset=utf-8")
+            await send_body(send, 503, b"not ready\n", b"text/plain; charset=utf-8")
 
     async def _metrics_route(self, send: Send) -> None:
         body, content_type = self._metrics.render()
-        await _respond(send, 200, body, content_type.encode())
+        await send_body(send, 200, body, content_type.encode())

@@ -13,7 +13,15 @@ import orjson
 
 from agentd.errors import Code
 
-__all__ = ["Protocol", "detect_protocol", "header", "http_status", "send_error"]
+__all__ = [
+    "Protocol",
+    "detect_protocol",
+    "header",
+    "http_status",
+    "send_body",
+    "send_error",
+    "send_json",
+]
 
 Scope = dict[str, Any]
 
@@ -84,11 +92,31 @@ async def send_error(
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
         return
-    body = orjson.dumps({"code": connect_code(code), "message": message})
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    extra = None
     if code is Code.UNAUTHENTICATED:
-        headers.append((b"www-authenticate", b'Bearer realm="agentd"'))
-    await send(
-        {"type": "http.response.start", "status": status or http_status(code), "headers": headers}
+        extra = [(b"www-authenticate", b'Bearer realm="agentd"')]
+    await send_json(
+        send, status or http_status(code), {"code": connect_code(code), "message": message}, extra
     )
+
+
+async def send_body(
+    send: Any,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """A whole HTTP response in one body message, with its length."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra_headers:
+        headers += extra_headers
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(
+    send: Any, status: int, data: Any, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """``data`` as a JSON response (orjson)."""
+    await send_body(send, status, orjson.dumps(data), extra_headers=extra_headers)

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-
+from agentd.gateway.protocol import send_json
 from agentd.tools.service import ToolService
 
 __all__ = ["TOOLS_PATH", "ToolsApi"]
@@ -30,15 +29,4 @@ class ToolsApi:
         }
         if (reason := self._service.unavailable_reason) is not None:
             body["reason"] = reason
-        payload = orjson.dumps(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await send_json(send, 200, body)

@@ -22,7 +22,7 @@ import orjson
 from agentd.errors import AgentdError, Code
 from agentd.gateway.admission import BodyTooLarge, buffer_body
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
-from agentd.gateway.protocol import http_status
+from agentd.gateway.protocol import http_status, send_json
 
 if TYPE_CHECKING:
     from agentd.generate.service import GenerationService, LanguageModel
@@ -122,7 +122,7 @@ class OpenAIRoutes:
             data = {"object": "list", "data": [self._card(m) for m in self._service.models()]}
         else:
             data = self._card(self._service.get(path[len(_MODELS) + 1 :]))
-        await _send_json(send, 200, data)
+        await send_json(send, 200, data)
 
     def _card(self, model: LanguageModel) -> dict[str, Any]:
         return {
@@ -156,7 +156,7 @@ class OpenAIRoutes:
             text = await _until_gone(stream.text(), receive)
             body = chunk(text, stream.finish_reason)
             body["usage"] = _usage(stream)
-            await _send_json(send, 200, body)
+            await send_json(send, 200, body)
             return
         await _send_events(
             send,
@@ -199,7 +199,7 @@ class OpenAIRoutes:
                 "chat.completion",
             )
             body["usage"] = _usage(stream)
-            await _send_json(send, 200, body)
+            await send_json(send, 200, body)
             return
         kind = "chat.completion.chunk"
         first = True
@@ -310,21 +310,6 @@ def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-async def _send_json(send: Send, status: int, data: dict[str, Any]) -> None:
-    body = orjson.dumps(data)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _send_error(
     send: Send,
     status: int,
@@ -334,6 +319,6 @@ async def _send_error(
     param: str | None = None,
     code: str | None = None,
 ) -> None:
-    await _send_json(
+    await send_json(
         send, status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
     )
