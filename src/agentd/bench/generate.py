@@ -15,7 +15,6 @@ Streams ignore end-of-sequence so every run decodes the same number of tokens.
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 import time
 from datetime import datetime
@@ -107,7 +106,7 @@ def _batching(progress, quick: bool) -> dict[str, Any]:
     model = _builtin_model()
     levels = [1, 8, 32] if quick else [1, 8, 32, 64]
     max_tokens = 32 if quick else 128
-    vocab = json.loads(_session_meta(model))["vocab_size"]
+    vocab = _vocab(model)
 
     async def measure(max_batch: int, streams: int) -> dict[str, Any]:
         engine = build_engine(
@@ -133,14 +132,10 @@ def _batching(progress, quick: bool) -> dict[str, Any]:
     }
 
 
-def _session_meta(path: Path) -> str:
-    import onnxruntime as ort
+def _vocab(path: Path) -> int:
+    from agentd.generate.onnx_lm import graph_shape, open_session
 
-    return (
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        .get_modelmeta()
-        .description
-    )
+    return graph_shape(open_session(path))["vocab_size"]
 
 
 def _cache(progress, quick: bool) -> dict[str, Any]:
@@ -152,7 +147,7 @@ def _cache(progress, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
         paged = export_onnx(_hf_folder(), Path(tmp) / "paged.onnx")
         dense = export_onnx(_hf_folder(), Path(tmp) / "dense.onnx", layout="dense")
-        vocab = json.loads(_session_meta(paged))["vocab_size"]
+        vocab = _vocab(paged)
         pooled: list[float] = []
         grown: list[float] = []
         for round_ in range(rounds):

@@ -278,9 +278,12 @@ class TokenEngine:
 
     # -- on the worker thread ------------------------------------------------------------
 
-    def _forward(
+    def forward(
         self, ids: np.ndarray, positions: np.ndarray, past_len: np.ndarray, table: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One run of the graph over the pool: logits of the last position and the new
+        tokens' keys and values (to be written with ``pool.write``). The arrays are reused by
+        the next run of the same batch size. Blocking; the engine calls it on its thread."""
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("positions", positions)
@@ -301,8 +304,7 @@ class TokenEngine:
         cached = self._decode_outputs.get(batch) if tokens == 1 else None
         if cached is None:
             pool = self.pool
-            layers, heads, head_dim = pool.keys.shape[1], pool.keys.shape[0], pool.keys.shape[4]
-            new = (layers, batch, tokens, heads, head_dim)
+            new = (pool.layers, batch, tokens, pool.heads, pool.head_dim)
             cached = (
                 np.empty((batch, self._info.vocab_size), np.float32),
                 np.empty(new, np.float32),
@@ -315,7 +317,7 @@ class TokenEngine:
     def _prefill(self, seq: _Sequence) -> int:
         count = len(seq.prompt)
         positions = np.arange(count, dtype=np.int64)
-        logits, new_k, new_v = self._forward(
+        logits, new_k, new_v = self.forward(
             seq.prompt[None, :],
             positions[None, :],
             np.zeros(1, np.int64),
@@ -340,7 +342,7 @@ class TokenEngine:
             ids[row, 0] = seq.next_token
             lengths[row] = seq.length
             targets[row] = seq.blocks[seq.length // size]
-        logits, new_k, new_v = self._forward(ids, lengths[:, None], lengths, table)
+        logits, new_k, new_v = self.forward(ids, lengths[:, None], lengths, table)
         self.pool.write(targets, lengths % size, new_k[:, :, 0], new_v[:, :, 0])
         for seq in batch:
             seq.length += 1

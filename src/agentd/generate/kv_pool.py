@@ -46,6 +46,7 @@ class TokenBlockPool:
         flat = (heads, layers * blocks, block_size, head_dim)
         self.model_keys = self.keys.reshape(flat)
         self.model_values = self.values.reshape(flat)
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.block_size = block_size
         self.total = blocks
         # A stack of free block ids; low ids first so a small load stays in a small region.

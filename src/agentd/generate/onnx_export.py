@@ -134,16 +134,16 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
 
     def rotate(x: str) -> str:
         """Rotary position embedding of [batch, tokens, hidden] (onnxruntime's kernel)."""
-        node = helper.make_node(
+        return g.op(
             "RotaryEmbedding",
-            [x, "positions", c_cos, c_sin],
-            [f"rotary_{len(g.nodes)}"],
+            x,
+            "positions",
+            c_cos,
+            c_sin,
             domain="com.microsoft",
             interleaved=0,
             num_heads=heads,
         )
-        g.nodes.append(node)
-        return node.output[0]
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),

@@ -11,13 +11,19 @@ from agentd.generate.engine import EngineObserver, TokenEngine
 from agentd.generate.kv_pool import TokenBlockPool
 from agentd.generate.types import LMInfo
 
-__all__ = ["engine_for_session", "load_onnx_lm", "open_session"]
+__all__ = ["engine_for_session", "graph_shape", "load_onnx_lm", "open_session"]
 
-_INPUTS = {"input_ids", "positions", "past_len", "block_table", "k_cache", "v_cache"}
+_INPUTS = {
+    "paged": {"input_ids", "positions", "past_len", "block_table", "k_cache", "v_cache"},
+    "dense": {"input_ids", "positions", "past_len", "past_k", "past_v"},
+}
 
 
-def open_session(path: Path, *, threads: int = 2, providers: list[str] | None = None):
-    """An onnxruntime session for a paged graph; raises InvalidArgument for anything else."""
+def open_session(
+    path: Path, *, threads: int = 2, providers: list[str] | None = None, layout: str = "paged"
+):
+    """An onnxruntime session for a graph from onnx_export in ``layout`` (paged, or the dense
+    baseline); raises InvalidArgument for anything else."""
     import onnxruntime as ort
 
     from agentd.inference.onnx_runtime import choose_providers
@@ -32,12 +38,24 @@ def open_session(path: Path, *, threads: int = 2, providers: list[str] | None = 
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise InvalidArgument(f"{path}: cannot load: {exc}") from None
     names = {i.name for i in session.get_inputs()}
-    if names != _INPUTS:
+    if names != _INPUTS[layout]:
         raise InvalidArgument(
-            f"{path}: not a paged-cache language model graph (inputs {sorted(names)}; "
+            f"{path}: not a {layout}-cache language model graph (inputs {sorted(names)}; "
             "export one with python -m agentd.generate.onnx_export)"
         )
     return session
+
+
+def graph_shape(session) -> dict:
+    """The shape description onnx_export writes into the graph: layers, heads, head_dim,
+    vocab_size, context_length."""
+    try:
+        shape = json.loads(session.get_modelmeta().description or "{}")
+        for key in ("layers", "heads", "head_dim", "vocab_size", "context_length"):
+            int(shape[key])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidArgument("the graph lacks its shape description (re-export it)") from None
+    return shape
 
 
 def engine_for_session(
@@ -52,14 +70,14 @@ def engine_for_session(
     observer: EngineObserver | None = None,
 ) -> TokenEngine:
     """A TokenEngine with a fresh block pool shaped for the session's graph."""
-    try:
-        shape = json.loads(session.get_modelmeta().description or "{}")
-        layers, heads, head_dim = shape["layers"], shape["heads"], shape["head_dim"]
-        vocab, graph_context = shape["vocab_size"], shape["context_length"]
-    except (KeyError, ValueError):
-        raise InvalidArgument("the graph lacks its shape description (re-export it)") from None
+    shape = graph_shape(session)
+    vocab, graph_context = shape["vocab_size"], shape["context_length"]
     pool = TokenBlockPool(
-        layers=layers, blocks=blocks, block_size=block_size, heads=heads, head_dim=head_dim
+        layers=shape["layers"],
+        blocks=blocks,
+        block_size=block_size,
+        heads=shape["heads"],
+        head_dim=shape["head_dim"],
     )
     context = min(context_length or graph_context, graph_context)
     info = LMInfo(name, "onnxruntime", context, vocab, tuple(eos_token_ids))

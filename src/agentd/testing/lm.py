@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from agentd.generate.engine import EngineObserver, TokenEngine
-from agentd.generate.onnx_lm import engine_for_session, open_session
+from agentd.generate.onnx_lm import engine_for_session, graph_shape, open_session
 
 __all__ = ["build_engine", "write_random_llama"]
 
@@ -129,7 +129,7 @@ def paged_decode(
     for step in range(steps):
         started = time.perf_counter()
         positions = np.arange(start, len(tokens), dtype=np.int64)
-        logits, new_k, new_v = engine._forward(
+        logits, new_k, new_v = engine.forward(
             np.asarray(tokens[start:], dtype=np.int64)[None, :],
             positions[None, :],
             np.array([start], np.int64),
@@ -154,13 +154,8 @@ def dense_greedy(dense_path: Path, prompt: list[int], steps: int) -> tuple[list[
     """
     import time
 
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(dense_path), options, providers=["CPUExecutionProvider"])
-    meta = json.loads(session.get_modelmeta().description)
+    session = open_session(dense_path, threads=2, layout="dense")
+    meta = graph_shape(session)
     empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
     logits, past_k, past_v = session.run(
         None,
