@@ -92,8 +92,7 @@ class TokenEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentd-tokens")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self.steps = 0
-        self.tokens_out = 0
+        self.steps = 0  # graph runs, prefills included
 
     @property
     def info(self) -> LMInfo:
@@ -237,7 +236,6 @@ class TokenEngine:
             self._finish(seq, "stop")
             return
         seq.generated += 1
-        self.tokens_out += 1
         if self._observer is not None:
             if seq.generated == 1:
                 self._observer.first_token(self._info.name, now - seq.submitted)

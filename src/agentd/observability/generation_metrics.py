@@ -65,14 +65,28 @@ class GenerationMetrics:
             registry=registry,
         )
         self._registry = registry
+        # Per-model children, looked up once: token_gap runs for every token.
+        self._per_model: dict[str, tuple] = {}
+
+    def _children(self, model: str) -> tuple:
+        children = self._per_model.get(model)
+        if children is None:
+            children = self._per_model[model] = (
+                self._ttft.labels(model),
+                self._gap.labels(model),
+                self._tokens.labels(model),
+            )
+        return children
 
     def first_token(self, model: str, seconds: float) -> None:
-        self._ttft.labels(model).observe(seconds)
-        self._tokens.labels(model).inc()
+        ttft, _, tokens = self._children(model)
+        ttft.observe(seconds)
+        tokens.inc()
 
     def token_gap(self, model: str, seconds: float) -> None:
-        self._gap.labels(model).observe(seconds)
-        self._tokens.labels(model).inc()
+        _, gap, tokens = self._children(model)
+        gap.observe(seconds)
+        tokens.inc()
 
     def sequence_finished(self, model: str, reason: str, tokens: int) -> None:
         self._sequences.labels(model, reason).inc()
