@@ -36,9 +36,6 @@ class LanguageModel:
     def name(self) -> str:
         return self.config.name
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
     def completion_prompt(self, text: str) -> list[int]:
         """A raw prompt, after the beginning-of-sequence token the model was trained with."""
         return self.tokenizer.encode(BOS + text)
@@ -119,9 +116,6 @@ class GenerationService:
                 continue
             self._models[model.name] = model
             log.info("language model %s loaded (%s)", model.name, config.platform)
-
-    def add(self, model: LanguageModel) -> None:
-        self._models[model.name] = model
 
     def models(self) -> list[LanguageModel]:
         return sorted(self._models.values(), key=lambda m: m.name)
