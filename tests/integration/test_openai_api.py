@@ -207,6 +207,12 @@ def test_unknown_model_and_malformed_bodies(http):
     )
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert http.get("/v1/completions").status_code == 405
+    assert http.post("/v1/models", json={}).status_code == 405
+    too_big = http.post(  # the server under test takes bodies up to 1 MiB
+        "/v1/completions", json={"model": MODEL, "prompt": "x" * (2 * 1024 * 1024)}
+    )
+    assert too_big.status_code == 413
+    assert "larger than" in too_big.json()["error"]["message"]
 
 
 def test_agents_stream_tokens_through_invoke_stream(channel):

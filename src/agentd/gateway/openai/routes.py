@@ -105,17 +105,12 @@ class OpenAIRoutes:
         except RequestError as exc:
             await _send_error(send, 400, exc.message, "invalid_request_error", param=exc.param)
         except AgentdError as exc:
-            code = "model_not_found" if exc.code is Code.NOT_FOUND else None
-            await _send_error(
-                send,
-                http_status(exc.code),
-                exc.message,
-                _ERROR_TYPES.get(
-                    exc.code,
-                    "invalid_request_error" if http_status(exc.code) < 500 else "server_error",
-                ),
-                code=code,
+            status = http_status(exc.code)
+            kind = _ERROR_TYPES.get(exc.code) or (
+                "invalid_request_error" if status < 500 else "server_error"
             )
+            code = "model_not_found" if exc.code is Code.NOT_FOUND else None
+            await _send_error(send, status, exc.message, kind, code=code)
 
     async def _models(self, path: str, send: Send) -> None:
         if path == _MODELS:
