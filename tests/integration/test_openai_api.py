@@ -249,3 +249,14 @@ def test_chat_agent_with_an_unknown_model_is_not_found_and_stays_usable(channel)
     else:
         pytest.fail("an unknown model must be NOT_FOUND")
     assert say("what is 2 plus 2?")
+
+
+def test_an_agent_prompt_over_the_context_is_invalid_argument(channel):
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    request = agent_pb2.InvokeRequest(
+        agent="chat/verbose", message=agent_pb2.Message(text="word " * 3000)
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Invoke(request, timeout=30)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "context" in caught.value.details()

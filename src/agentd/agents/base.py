@@ -122,14 +122,8 @@ class Context:
         ids = lm.completion_prompt(prompt) if isinstance(prompt, str) else lm.chat_prompt(prompt)
         if max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1")
-        room = lm.config.context_length - len(ids)
-        if room < 1:
-            raise InvalidArgument(
-                f"the prompt is {len(ids)} tokens; {lm.name}'s context is "
-                f"{lm.config.context_length}"
-            )
         params = SamplingParams(
-            max_tokens=min(max_tokens, room),
+            max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,

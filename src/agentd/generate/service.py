@@ -8,12 +8,13 @@ form runs on the token engine; GGUF and HF forms run through their optional extr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentd.errors import AgentdError, NotFound
+from agentd.errors import AgentdError, InvalidArgument, NotFound
 from agentd.generate.chat import BOS, render_chat
 from agentd.generate.config import LMConfig, is_language_model, load_lm_config
 from agentd.generate.engine import EngineObserver
@@ -21,9 +22,15 @@ from agentd.generate.text_stream import TextStream
 from agentd.generate.tokenizer import Tokenizer
 from agentd.generate.types import SamplingParams, TextGenerator
 
-__all__ = ["GenerationService", "LanguageModel"]
+__all__ = ["GenerationService", "LanguageModel", "PromptTooLong"]
 
 log = logging.getLogger("agentd.generate")
+
+
+class PromptTooLong(InvalidArgument):
+    def __init__(self, tokens: int, context: int, model: str) -> None:
+        super().__init__(f"the prompt is {tokens} tokens; {model}'s context is {context} tokens")
+        self.tokens, self.context = tokens, context
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,15 @@ class LanguageModel:
         return self.tokenizer.encode(render_chat(messages))
 
     def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> TextStream:
+        """Start a completion. ``max_tokens`` is cut to what the context leaves after the
+        prompt (0 means all of it); a prompt that fills the context raises PromptTooLong."""
+        context = self.config.context_length
+        if len(prompt_ids) >= context:
+            raise PromptTooLong(len(prompt_ids), context, self.name)
+        room = context - len(prompt_ids)
+        max_tokens = room if params.max_tokens == 0 else min(params.max_tokens, room)
+        if max_tokens != params.max_tokens:
+            params = dataclasses.replace(params, max_tokens=max_tokens)
         return TextStream(self.generator, self.tokenizer, prompt_ids, params)
 
 

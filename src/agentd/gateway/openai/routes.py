@@ -10,7 +10,6 @@ its generation, which returns the sequence's KV-cache blocks to the pool.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -23,6 +22,7 @@ from agentd.errors import AgentdError, Code
 from agentd.gateway.admission import BodyTooLarge, buffer_body
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
 from agentd.gateway.protocol import http_status, send_json
+from agentd.generate.service import PromptTooLong
 
 if TYPE_CHECKING:
     from agentd.generate.service import GenerationService, LanguageModel
@@ -232,15 +232,13 @@ class _MethodNotAllowed(Exception):
 
 
 def _start(model: LanguageModel, prompt_ids: list[int], params: Any, field: str) -> TextStream:
-    context = model.config.context_length
-    if len(prompt_ids) >= context:
+    try:
+        return model.complete(prompt_ids, params)
+    except PromptTooLong as exc:
         raise RequestError(
-            f"'{field}' is {len(prompt_ids)} tokens; the model's context is {context} tokens",
+            f"'{field}' is {exc.tokens} tokens; the model's context is {exc.context} tokens",
             field,
-        )
-    room = context - len(prompt_ids)
-    max_tokens = room if params.max_tokens == 0 else min(params.max_tokens, room)
-    return model.complete(prompt_ids, dataclasses.replace(params, max_tokens=max_tokens))
+        ) from None
 
 
 def _usage(stream: TextStream) -> dict[str, int]:
