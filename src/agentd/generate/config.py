@@ -9,6 +9,7 @@ context_length: 1024
 eos_token_ids: [1]
 kv_cache: {block_size: 16, blocks: 512}   # onnxruntime engine only
 max_batch: 64                              # sequences per decode step
+lanes: 2        # model runs at once, a step's batch split across them (default: all threads)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class _Config(BaseModel):
     eos_token_ids: list[int] = Field(min_length=1)
     kv_cache: _Cache = _Cache()
     max_batch: int = Field(64, ge=1, le=4096)
+    lanes: int | None = Field(None, ge=1, le=256)
     description: str = ""
     extra: dict[str, Any] = {}
 
@@ -62,6 +64,7 @@ class LMConfig:
     block_size: int
     cache_blocks: int
     max_batch: int
+    lanes: int | None  # None: one lane per inference thread
     description: str
     extra: dict[str, Any]
 
@@ -115,6 +118,7 @@ def load_lm_config(folder: Path) -> LMConfig:
         block_size=parsed.kv_cache.block_size,
         cache_blocks=parsed.kv_cache.blocks,
         max_batch=parsed.max_batch,
+        lanes=parsed.lanes,
         description=parsed.description,
         extra=parsed.extra,
     )

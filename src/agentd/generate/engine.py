@@ -2,9 +2,10 @@
 
 Sequences wait in a FIFO until the :class:`TokenBlockPool` can lend the blocks they will
 need (prompt + max_tokens, reserved up front so a running sequence never runs out). Between
-decode steps, waiting sequences join (one prefill run each) and finished or abandoned ones
-leave; each decode step runs every active sequence in one batch. Model runs, cache writes
-and sampling happen on one worker thread; the event loop only hands tokens to consumers.
+decode steps, waiting sequences join (their prompts prefilled together, right-padded, in runs
+of up to ``prefill_tokens``) and finished or abandoned ones leave; each decode step runs
+every active sequence in one batch. Model runs, cache writes and sampling happen on one
+worker thread; the event loop only hands tokens to consumers.
 
 A consumer that stops reading (client disconnect, cancellation) releases its blocks at once,
 or at the end of the step in flight if its sequence is part of it.
@@ -53,6 +54,7 @@ class _Sequence:
     queue: asyncio.Queue
     submitted: float
     blocks: list[int] = field(default_factory=list)
+    table: np.ndarray | None = None  # the blocks as an array, for building block tables
     length: int = 0  # tokens in the cache
     generated: int = 0
     next_token: int = 0
@@ -71,7 +73,9 @@ class TokenEngine:
         pool: TokenBlockPool,
         *,
         max_batch: int = 64,
+        lanes: int = 1,
         max_waiting: int = 4096,
+        prefill_tokens: int = 2048,
         observer: EngineObserver | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -80,16 +84,18 @@ class TokenEngine:
         self._info = info
         self.pool = pool
         self.max_batch = max_batch
+        self.lanes = lanes  # model runs at once: a step's batch is split across them
         self.max_waiting = max_waiting
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill run
         self._observer = observer
         self._eos = frozenset(info.eos_token_ids)
         self._keys = ort.OrtValue.ortvalue_from_numpy(pool.model_keys)
         self._values = ort.OrtValue.ortvalue_from_numpy(pool.model_values)
-        self._decode_outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._decode_outputs: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._in_flight: frozenset[_Sequence] = frozenset()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentd-tokens")
+        self._executor = ThreadPoolExecutor(lanes, thread_name_prefix="agentd-tokens")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.steps = 0  # graph runs, prefills included
@@ -179,38 +185,53 @@ class TokenEngine:
     # -- the step loop -------------------------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        run = loop.run_in_executor
         while True:
             joined = self._admit()
             if not joined and not self._active:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            for seq in joined:
-                if seq.finished:  # its client left while an earlier prefill ran
-                    continue
-                self._in_flight = frozenset((seq,))
-                try:
-                    token = await run(self._executor, self._prefill, seq)
-                except Exception as exc:  # a model failure ends its sequences, not the engine
-                    self._in_flight = frozenset()
-                    self._fail([seq], exc)
-                    continue
-                self._in_flight = frozenset()
+            for group in self._prefill_groups(joined):
+                await self._step(self._prefill, self._split(group))
+            if self._active:
+                await self._step(self._decode, self._split(self._active))
+
+    def _split(self, batch: list[_Sequence]) -> list[list[_Sequence]]:
+        """The batch cut into one near-equal run per lane."""
+        batch = [seq for seq in batch if not seq.finished]  # left while a run was in flight
+        if not batch:
+            return []
+        count = min(self.lanes, len(batch))
+        size, extra = divmod(len(batch), count)
+        cuts = [0]
+        for lane in range(count):
+            cuts.append(cuts[-1] + size + (lane < extra))
+        return [batch[cuts[i] : cuts[i + 1]] for i in range(count)]
+
+    async def _step(self, work, groups: list[list[_Sequence]]) -> None:
+        """Run ``work`` over each group at once, one lane each, and hand out the tokens.
+        A model failure ends that group's sequences, not the engine."""
+        if not groups:
+            return
+        loop = asyncio.get_running_loop()
+        self._in_flight = frozenset(seq for group in groups for seq in group)
+        try:
+            results = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._executor, work, group, lane)
+                    for lane, group in enumerate(groups)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            self._in_flight = frozenset()
+        self.steps += len(groups)
+        for group, tokens in zip(groups, results, strict=True):
+            if isinstance(tokens, BaseException):
+                self._fail(group, tokens)
+                continue
+            for seq, token in zip(group, tokens, strict=True):
                 self._deliver(seq, token)
-            batch = self._active.copy()
-            if batch:
-                self._in_flight = frozenset(batch)
-                try:
-                    tokens = await run(self._executor, self._decode, batch)
-                except Exception as exc:
-                    self._in_flight = frozenset()
-                    self._fail(batch, exc)
-                    continue
-                self._in_flight = frozenset()
-                for seq, token in zip(batch, tokens, strict=True):
-                    self._deliver(seq, token)
 
     def _admit(self) -> list[_Sequence]:
         """Move waiting sequences in, oldest first, while the batch and the pool have room."""
@@ -224,6 +245,7 @@ class TokenEngine:
                 break  # the head waits for blocks; later ones must not overtake it
             self._waiting.popleft()
             seq.blocks = blocks
+            seq.table = np.asarray(blocks, dtype=np.int64)
             joined.append(seq)
         return joined
 
@@ -249,7 +271,7 @@ class TokenEngine:
         elif seq.generated == 1:
             self._active.append(seq)
 
-    def _fail(self, batch: list[_Sequence], exc: Exception) -> None:
+    def _fail(self, batch: list[_Sequence], exc: BaseException) -> None:
         log.error("token engine step failed for %s: %s", self._info.name, exc)
         error = Internal(f"model {self._info.name!r} failed: {exc}")
         for seq in batch:
@@ -277,11 +299,17 @@ class TokenEngine:
     # -- on the worker thread ------------------------------------------------------------
 
     def forward(
-        self, ids: np.ndarray, positions: np.ndarray, past_len: np.ndarray, table: np.ndarray
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        past_len: np.ndarray,
+        table: np.ndarray,
+        lane: int = 0,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One run of the graph over the pool: logits of the last position and the new
+        """One run of the graph over the pool: logits of each row's last token and the new
         tokens' keys and values (to be written with ``pool.write``). The arrays are reused by
-        the next run of the same batch size. Blocking; the engine calls it on its thread."""
+        the next run of the same batch size on the same ``lane`` (runs on different lanes may
+        overlap). Blocking; the engine calls it on its worker threads."""
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("positions", positions)
@@ -289,17 +317,19 @@ class TokenEngine:
         binding.bind_cpu_input("block_table", table)
         binding.bind_ortvalue_input("k_cache", self._keys)
         binding.bind_ortvalue_input("v_cache", self._values)
-        outputs = self._outputs(ids.shape[0], ids.shape[1])
+        outputs = self._outputs(ids.shape[0], ids.shape[1], lane)
         for name, array in zip(("logits", "new_k", "new_v"), outputs, strict=True):
             binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
         self._session.run_with_iobinding(binding)
-        self.steps += 1
         return outputs
 
-    def _outputs(self, batch: int, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Arrays the session writes its outputs into: kept per batch size for decode steps
-        (valid until the next step), so a step allocates no output memory."""
-        cached = self._decode_outputs.get(batch) if tokens == 1 else None
+    def _outputs(
+        self, batch: int, tokens: int, lane: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Arrays the session writes its outputs into: kept per lane and batch size for
+        decode steps (valid until that lane's next step), so a step allocates no output
+        memory."""
+        cached = self._decode_outputs.get((lane, batch)) if tokens == 1 else None
         if cached is None:
             pool = self.pool
             new = (pool.layers, batch, tokens, pool.heads, pool.head_dim)
@@ -309,39 +339,73 @@ class TokenEngine:
                 np.empty(new, np.float32),
             )
             if tokens == 1:
-                self._decode_outputs[batch] = cached
+                self._decode_outputs[lane, batch] = cached
         return cached
 
-    def _prefill(self, seq: _Sequence) -> int:
-        count = len(seq.prompt)
-        positions = np.arange(count, dtype=np.int64)
-        logits, new_k, new_v = self.forward(
-            seq.prompt[None, :],
-            positions[None, :],
-            np.zeros(1, np.int64),
-            np.asarray(seq.blocks[:1], dtype=np.int64)[None, :],
-        )
-        blocks = np.asarray(seq.blocks, dtype=np.int64)
-        size = self.pool.block_size
-        self.pool.write(blocks[positions // size], positions % size, new_k[:, 0], new_v[:, 0])
-        seq.length = count
-        return seq.sampler(logits[0])
+    def _prefill_groups(self, joined: list[_Sequence]) -> list[list[_Sequence]]:
+        """Joined sequences in arrival order, cut into runs of at most ``prefill_tokens``
+        padded tokens (a longer prompt runs alone). Ones whose client already left are
+        dropped: they cost no model run."""
+        groups: list[list[_Sequence]] = []
+        group: list[_Sequence] = []
+        longest = 0
+        for seq in joined:
+            if seq.finished:
+                continue
+            width = max(longest, len(seq.prompt))
+            if group and width * (len(group) + 1) > self.prefill_tokens:
+                groups.append(group)
+                group, width = [], len(seq.prompt)
+            group.append(seq)
+            longest = width
+        if group:
+            groups.append(group)
+        return groups
 
-    def _decode(self, batch: list[_Sequence]) -> list[int]:
+    def _prefill(self, group: list[_Sequence], lane: int) -> list[int]:
+        """One run over the prompts of ``group``, right-padded to the longest (padding sits
+        after each prompt, so causal attention keeps it out of the real tokens)."""
+        width = max(len(seq.prompt) for seq in group)
+        ids = np.zeros((len(group), width), np.int64)
+        positions = np.zeros((len(group), width), np.int64)
+        for row, seq in enumerate(group):
+            count = len(seq.prompt)
+            ids[row, :count] = seq.prompt
+            positions[row, :count] = np.arange(count)
+        table = np.asarray([seq.blocks[:1] for seq in group], dtype=np.int64)
+        past = np.zeros(len(group), np.int64)
+        logits, new_k, new_v = self.forward(ids, positions, past, table, lane)
         size = self.pool.block_size
-        width = max(self.pool.blocks_for(seq.length) for seq in batch)
-        table = np.zeros((len(batch), width), np.int64)
-        ids = np.empty((len(batch), 1), np.int64)
-        lengths = np.empty(len(batch), np.int64)
-        targets = np.empty(len(batch), np.int64)
+        rows = np.concatenate([np.full(len(seq.prompt), row) for row, seq in enumerate(group)])
+        slots = np.concatenate([np.arange(len(seq.prompt)) for seq in group])
+        blocks = np.concatenate([seq.table[np.arange(len(seq.prompt)) // size] for seq in group])
+        self.pool.write(blocks, slots % size, new_k[:, rows, slots], new_v[:, rows, slots])
+        for seq in group:
+            seq.length = len(seq.prompt)
+        return self._sample(group, logits)
+
+    def _decode(self, batch: list[_Sequence], lane: int) -> list[int]:
+        size = self.pool.block_size
+        count = len(batch)
+        lengths = np.fromiter((seq.length for seq in batch), np.int64, count)
+        ids = np.fromiter((seq.next_token for seq in batch), np.int64, count)[:, None]
+        used = np.maximum(1, -(-lengths // size))
+        table = np.zeros((count, int(used.max())), np.int64)
         for row, seq in enumerate(batch):
-            used = self.pool.blocks_for(seq.length)
-            table[row, :used] = seq.blocks[:used]
-            ids[row, 0] = seq.next_token
-            lengths[row] = seq.length
-            targets[row] = seq.blocks[seq.length // size]
-        logits, new_k, new_v = self.forward(ids, lengths[:, None], lengths, table)
+            table[row, : used[row]] = seq.table[: used[row]]
+        # The block each new token goes to (may lie past ``used`` when a block just filled).
+        targets = np.fromiter((seq.table[seq.length // size] for seq in batch), np.int64, count)
+        logits, new_k, new_v = self.forward(ids, lengths[:, None], lengths, table, lane)
         self.pool.write(targets, lengths % size, new_k[:, :, 0], new_v[:, :, 0])
         for seq in batch:
             seq.length += 1
-        return [seq.sampler(logits[row]) for row, seq in enumerate(batch)]
+        return self._sample(batch, logits)
+
+    @staticmethod
+    def _sample(batch: list[_Sequence], logits: np.ndarray) -> list[int]:
+        # One argmax over the batch for greedy rows; the others draw from their own sampler.
+        picks = logits.argmax(axis=1).tolist()
+        for row, seq in enumerate(batch):
+            if not seq.sampler.greedy:
+                picks[row] = seq.sampler(logits[row])
+        return picks

@@ -14,7 +14,8 @@ feeds it. Two cache layouts:
   concatenation every token.
 
 Both take ``input_ids`` and ``positions`` [batch, tokens] and ``past_len`` [batch] and
-return ``logits`` [batch, vocab] for the last position plus ``new_k``/``new_v``
+return ``logits`` [batch, vocab] for each row's highest position (its last real token; rows
+may be right-padded with position 0) plus ``new_k``/``new_v``
 [layers, batch, tokens, heads, head_dim].
 
     python -m agentd.generate.onnx_export models/tinylm/hf OUT_DIR [--int8] [--dense]
@@ -110,7 +111,6 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     c_merge_shape = g.const("merge_shape", np.array([0, 0, hidden], i64))
     c_axis0 = g.const("axis0", np.array([0], i64))
     c_axis1 = g.const("axis1", np.array([1], i64))
-    c_last = g.const("last", np.array(-1, i64))
     c_zero_i = g.const("zero_i", np.array(0, i64))
     c_one_i = g.const("one_i", np.array(1, i64))
     c_two_i = g.const("two_i", np.array(2, i64))
@@ -278,7 +278,11 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         x = g.op("Add", x, linear(act, p + "mlp.down_proj.weight"))
 
     x = rms_norm(x, "model.norm.weight")
-    last = g.op("Gather", x, c_last, axis=1)  # [batch, hidden]
+    # Logits of each row's last real token: the one at its highest position. Prompts of
+    # different lengths share a prefill run right-padded with position 0, which never wins
+    # (a one-token prompt at position 0 is column 0, ArgMax's first pick on ties).
+    last_index = g.op("ArgMax", "positions", axis=1, keepdims=1)  # [batch, 1]
+    last = g.op("GatherND", x, last_index, batch_dims=1)  # [batch, hidden]
     g.nodes.append(helper.make_node("MatMul", [last, c_lm_head], ["logits"]))
     g.nodes.append(helper.make_node("Concat", new_ks, ["new_k"], axis=0))
     g.nodes.append(helper.make_node("Concat", new_vs, ["new_v"], axis=0))

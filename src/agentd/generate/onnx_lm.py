@@ -66,6 +66,7 @@ def engine_for_session(
     blocks: int,
     block_size: int,
     max_batch: int = 64,
+    lanes: int = 1,
     context_length: int | None = None,
     observer: EngineObserver | None = None,
 ) -> TokenEngine:
@@ -81,7 +82,7 @@ def engine_for_session(
     )
     context = min(context_length or graph_context, graph_context)
     info = LMInfo(name, "onnxruntime", context, vocab, tuple(eos_token_ids))
-    return TokenEngine(session, info, pool, max_batch=max_batch, observer=observer)
+    return TokenEngine(session, info, pool, max_batch=max_batch, lanes=lanes, observer=observer)
 
 
 def load_onnx_lm(
@@ -91,14 +92,21 @@ def load_onnx_lm(
     providers: list[str] | None = None,
     observer: EngineObserver | None = None,
 ) -> TokenEngine:
-    """Blocking (builds the session); run it off the event loop."""
+    """Blocking (builds the session); run it off the event loop.
+
+    ``threads`` are shared among the engine's lanes: by default one single-threaded run per
+    thread, which beats one run over an intra-op thread pool on a small model (the pool
+    wakes its threads once per operator; see docs/generate.md for the measurement).
+    """
+    lanes = config.lanes or threads
     return engine_for_session(
-        open_session(config.model_path, threads=threads, providers=providers),
+        open_session(config.model_path, threads=max(1, threads // lanes), providers=providers),
         name=config.name,
         eos_token_ids=config.eos_token_ids,
         blocks=config.cache_blocks,
         block_size=config.block_size,
         max_batch=config.max_batch,
+        lanes=lanes,
         context_length=config.context_length,
         observer=observer,
     )

@@ -14,12 +14,13 @@ __all__ = ["Sampler"]
 
 
 class Sampler:
-    __slots__ = ("_rng", "_temperature", "_top_k", "_top_p")
+    __slots__ = ("_rng", "_temperature", "_top_k", "_top_p", "greedy")
 
     def __init__(self, params: SamplingParams) -> None:
         self._temperature = params.temperature
         self._top_k = params.top_k
         self._top_p = params.top_p
+        self.greedy = params.greedy  # the pick is the argmax (callers may batch it)
         # Without a seed each sequence draws from fresh OS entropy.
         self._rng = None if params.greedy else np.random.default_rng(params.seed)
 

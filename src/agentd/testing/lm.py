@@ -82,6 +82,7 @@ def build_engine(
     eos: tuple[int, ...] = (1,),
     observer: EngineObserver | None = None,
     threads: int = 1,
+    lanes: int = 1,
 ) -> TokenEngine:
     """A TokenEngine over a paged graph written by ``agentd.generate.onnx_export``."""
     return engine_for_session(
@@ -91,6 +92,7 @@ def build_engine(
         blocks=blocks,
         block_size=block_size,
         max_batch=max_batch,
+        lanes=lanes,
         observer=observer,
     )
 
@@ -102,16 +104,18 @@ def paged_decode(
     *,
     forced: list[int] | None = None,
     block_size: int = 16,
+    session=None,
 ) -> tuple[list[int], list[float]]:
     """Decode with the paged graph and a block pool, one sequence, no engine around it.
 
     Greedy unless ``forced`` is given: then the true next tokens are fed whatever the
     graph picked (teacher forcing), to count how often its picks agree with a reference.
-    Returns the picks and the seconds each decode step took (prefill not included).
+    Returns the picks and the seconds each decode step took (prefill not included). Pass
+    an open ``session`` to reuse it (timings then skip onnxruntime's first-run set-up).
     """
     import time
 
-    session = open_session(onnx_path, threads=2)
+    session = session or open_session(onnx_path, threads=2)
     total = len(prompt) + steps
     engine = engine_for_session(
         session,
@@ -146,15 +150,18 @@ def paged_decode(
     return picks, gaps
 
 
-def dense_greedy(dense_path: Path, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+def dense_greedy(
+    dense_path: Path, prompt: list[int], steps: int, *, session=None
+) -> tuple[list[int], list[float]]:
     """Greedy decoding with the dense graph, its cache grown by concatenation every token
     (the reference for the engine and the baseline of ``agentd bench generate``).
 
-    Returns the tokens and the seconds each decode step took.
+    Returns the tokens and the seconds each decode step took; ``session`` as in
+    :func:`paged_decode`.
     """
     import time
 
-    session = open_session(dense_path, threads=2, layout="dense")
+    session = session or open_session(dense_path, threads=2, layout="dense")
     meta = graph_shape(session)
     empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
     logits, past_k, past_v = session.run(

@@ -48,6 +48,51 @@ async def test_batched_greedy_equals_one_at_a_time(random_lm):
         await engine.close()
 
 
+async def test_lanes_split_each_step_without_changing_any_sequence(random_lm):
+    items = prompts(7, seed=6)
+    alone = await solo_results(random_lm, items)
+    engine = build_engine(random_lm, blocks=64, block_size=4, eos=(), lanes=3)
+    try:
+        together = await asyncio.gather(*(collect(engine, p) for p in items))
+        assert together == alone
+        # The prefill and each of the 11 decode steps in three runs, one per lane.
+        assert engine.steps == 3 * GREEDY.max_tokens
+        assert engine.pool.free == engine.pool.total
+    finally:
+        await engine.close()
+
+
+async def test_a_failing_run_in_one_lane_leaves_the_other_lanes_going(random_lm):
+    from agentd.errors import Internal
+
+    engine = build_engine(random_lm, blocks=16, block_size=4, eos=(), lanes=2)
+    try:  # both prompts in one prefill step, one lane each
+        good, bad = await asyncio.gather(
+            collect(engine, [3, 4]), collect(engine, [3, 10_000]), return_exceptions=True
+        )
+        assert isinstance(bad, Internal)
+        assert len(good) == GREEDY.max_tokens
+        assert engine.pool.free == engine.pool.total
+    finally:
+        await engine.close()
+
+
+async def test_joined_prompts_share_prefill_runs_within_the_token_budget(random_lm):
+    items = prompts(6, seed=4)  # 1 to 39 tokens each, right-padded to the longest in a run
+    first_only = SamplingParams(max_tokens=1, temperature=0.0)
+    alone = await solo_results(random_lm, items, first_only)
+    for budget, runs in ((10_000, 1), (1, len(items))):
+        engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
+        engine.prefill_tokens = budget
+        try:
+            together = await asyncio.gather(*(collect(engine, p, first_only) for p in items))
+            assert together == alone
+            assert engine.steps == runs  # one token each: prefill runs only
+            assert engine.pool.free == engine.pool.total
+        finally:
+            await engine.close()
+
+
 async def test_seeded_sampling_is_reproducible_in_any_batch(random_lm):
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=7)
     items = prompts(4, seed=3)
@@ -229,11 +274,12 @@ async def test_a_full_waiting_queue_refuses_new_sequences(random_lm):
 
 async def test_a_client_leaving_before_its_prefill_costs_no_model_run(random_lm, caplog):
     engine = build_engine(random_lm, blocks=32, block_size=4, eos=())
+    engine.prefill_tokens = 3  # one three-token prompt per prefill run
     params = SamplingParams(max_tokens=4, temperature=0)
     try:
         streams = [engine.stream([3, 4, 5], params) for _ in range(3)]
         firsts = [asyncio.ensure_future(anext(s)) for s in streams]
-        await asyncio.sleep(0)  # all three joined; prefills run one by one
+        await asyncio.sleep(0)  # all three joined; the first prefill runs
         firsts[2].cancel()
         await asyncio.gather(*firsts[:2])
         steps_before = engine.steps

@@ -1,0 +1,44 @@
+"""A language model folder's config.yaml: lanes and the threads each lane's runs get."""
+
+import shutil
+
+import pytest
+import yaml
+
+from agentd.errors import InvalidArgument
+from agentd.generate.config import load_lm_config
+from agentd.generate.onnx_lm import load_onnx_lm
+from agentd.inference.repository import builtin_models_dir
+
+
+@pytest.fixture
+def tinylm(tmp_path):
+    folder = tmp_path / "tinylm"
+    shutil.copytree(builtin_models_dir() / "tinylm", folder)
+    return folder
+
+
+def rewrite(folder, **changes):
+    path = folder / "config.yaml"
+    config = yaml.safe_load(path.read_text()) | changes
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_lanes_default_to_one_per_inference_thread(tinylm):
+    rewrite(tinylm, kv_cache={"block_size": 16, "blocks": 8})
+    engine = load_onnx_lm(load_lm_config(tinylm), threads=3)
+    assert engine.lanes == 3
+
+
+def test_lanes_from_the_config_share_the_threads(tinylm):
+    rewrite(tinylm, lanes=1, kv_cache={"block_size": 16, "blocks": 8})
+    config = load_lm_config(tinylm)
+    assert config.lanes == 1
+    assert load_onnx_lm(config, threads=2).lanes == 1
+
+
+@pytest.mark.parametrize("lanes", [0, -1, "two"])
+def test_bad_lanes_are_refused_naming_the_field(tinylm, lanes):
+    rewrite(tinylm, lanes=lanes)
+    with pytest.raises(InvalidArgument, match="lanes"):
+        load_lm_config(tinylm)
