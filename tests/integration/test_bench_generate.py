@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+from agentd.bench.generate import REPEATS
+
 
 def test_bench_generate_quick(tmp_path):
     command = ["agentd", "bench", "generate", "--quick", "--json", "--out-dir", str(tmp_path)]
@@ -22,6 +24,10 @@ def test_bench_generate_quick(tmp_path):
         assert point["tokens"] == int(streams) * batching["max_tokens"]
         assert point["tokens_per_s"] > 0 and point["ttft"]["p50_ms"] > 0
     assert batching["one_at_a_time_32"]["tokens"] == 32 * batching["max_tokens"]
+    # The 32-stream comparison runs as interleaved pairs; the target is their median ratio.
+    assert len(batching["ratios_32"]) == REPEATS
+    assert batching["ratio_32"] == sorted(batching["ratios_32"])[REPEATS // 2]
+    assert batching["lanes"] >= 1
     cache = document["cache"]
     assert cache["pooled"]["p99_ms"] > 0 and cache["concatenated"]["p99_ms"] > 0
     assert {t["name"] for t in document["targets"]} == {"continuous_batching", "pooled_kv_cache"}

@@ -4,8 +4,11 @@ Sequences wait in a FIFO until the :class:`TokenBlockPool` can lend the blocks t
 need (prompt + max_tokens, reserved up front so a running sequence never runs out). Between
 decode steps, waiting sequences join (their prompts prefilled together, right-padded, in runs
 of up to ``prefill_tokens``) and finished or abandoned ones leave; each decode step runs
-every active sequence in one batch. Model runs, cache writes and sampling happen on one
-worker thread; the event loop only hands tokens to consumers.
+every active sequence, split into one run per lane: the lanes run at once on their own
+worker threads (one single-threaded onnxruntime run per core beats one run on an intra-op
+pool for a small model; see docs/generate.md). Model runs, cache writes and sampling happen
+on those threads, each lane on its own sequences' blocks; the event loop only hands tokens
+to consumers.
 
 A consumer that stops reading (client disconnect, cancellation) releases its blocks at once,
 or at the end of the step in flight if its sequence is part of it.
