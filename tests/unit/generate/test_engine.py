@@ -181,13 +181,24 @@ def plans(draw):
     ]
 
 
+_REFERENCE: dict[tuple[str, int], list[int]] = {}  # (model, prompt length) -> 10 tokens
+
+
+def reference(random_lm_dense, length):
+    key = (str(random_lm_dense), length)
+    if key not in _REFERENCE:
+        prompt = list(range(2, 2 + length))
+        _REFERENCE[key] = dense_greedy(random_lm_dense, prompt, 10)[0]
+    return _REFERENCE[key]
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(plan=plans(), eos=st.sampled_from([(), (7,), (3, 11)]))
-def test_any_interleaving_leaves_the_pool_consistent(random_lm, plan, eos):
+@given(plan=plans(), eos=st.sampled_from([(), (7,), (3, 11)]), lanes=st.integers(1, 3))
+def test_any_interleaving_leaves_the_pool_consistent(random_lm, random_lm_dense, plan, eos, lanes):
     async def scenario():
-        engine = build_engine(random_lm, blocks=10, block_size=4, max_batch=3, eos=eos)
+        engine = build_engine(random_lm, blocks=10, block_size=4, max_batch=3, eos=eos, lanes=lanes)
 
         async def client(length, max_tokens, stop_after, delay):
             for _ in range(delay):
@@ -218,11 +229,19 @@ def test_any_interleaving_leaves_the_pool_consistent(random_lm, plan, eos):
                 "blocks_free": 10,
                 "blocks_used": 0,
             }
-            for (_length, max_tokens, stop_after, _), got in zip(plan, results, strict=True):
+            for (length, max_tokens, stop_after, _), got in zip(plan, results, strict=True):
                 assert len(got) <= max_tokens
                 if stop_after is not None:
                     assert len(got) <= max(stop_after, 1)
                 assert not set(got) & set(eos)
+                # Whatever ran beside it, in whichever lane: the tokens a sequence gets are
+                # its own greedy continuation, up to an end token or max_tokens.
+                expected = reference(random_lm_dense, length)[:max_tokens]
+                ends = [i for i, token in enumerate(expected) if token in eos]
+                expected = expected[: ends[0]] if ends else expected
+                assert got == expected[: len(got)]
+                if stop_after is None:
+                    assert got == expected
         finally:
             await engine.close()
 
