@@ -9,7 +9,7 @@ context_length: 1024
 eos_token_ids: [1]
 kv_cache: {block_size: 16, blocks: 512}   # onnxruntime engine only
 max_batch: 64                              # sequences per decode step
-lanes: 2        # model runs at once, a step's batch split across them (default: all threads)
+lanes: 2                                   # onnxruntime: runs at once (default: one per thread)
 """
 
 from __future__ import annotations
