@@ -10,6 +10,7 @@ eos_token_ids: [1]
 kv_cache: {block_size: 16, blocks: 512}   # onnxruntime engine only
 max_batch: 64                              # sequences per decode step
 lanes: 2                                   # onnxruntime: runs at once (default: one per thread)
+prefill_tokens: 512                        # onnxruntime: prompt tokens per prefill run
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class _Config(BaseModel):
     kv_cache: _Cache = _Cache()
     max_batch: int = Field(64, ge=1, le=4096)
     lanes: int | None = Field(None, ge=1, le=256)
+    prefill_tokens: int = Field(512, ge=1, le=1_048_576)
     description: str = ""
     extra: dict[str, Any] = {}
 
@@ -65,6 +67,7 @@ class LMConfig:
     cache_blocks: int
     max_batch: int
     lanes: int | None  # None: one lane per inference thread
+    prefill_tokens: int
     description: str
     extra: dict[str, Any]
 
@@ -119,6 +122,7 @@ def load_lm_config(folder: Path) -> LMConfig:
         cache_blocks=parsed.kv_cache.blocks,
         max_batch=parsed.max_batch,
         lanes=parsed.lanes,
+        prefill_tokens=parsed.prefill_tokens,
         description=parsed.description,
         extra=parsed.extra,
     )

@@ -1,17 +1,21 @@
 """TokenEngine: continuous batching of token generation over one ONNX session.
 
 Sequences wait in a FIFO until the :class:`TokenBlockPool` can lend the blocks they will
-need (prompt + max_tokens, reserved up front so a running sequence never runs out). Between
-decode steps, waiting sequences join (their prompts prefilled together, right-padded, in runs
-of up to ``prefill_tokens``) and finished or abandoned ones leave; each decode step runs
-every active sequence, split into one run per lane: the lanes run at once on their own
+need (prompt + max_tokens, reserved up front so a running sequence never runs out). Each
+turn of the step loop runs one prefill run, then one decode step. The prefill run takes the
+next prompt tokens of the sequences that joined, oldest first, right-padded to the widest,
+up to ``prefill_tokens`` padded tokens (a longer prompt goes in chunks over several turns,
+so running streams wait for one chunk at a time). The decode step runs every sequence
+whose prompt is in the cache; sequences join and leave between steps.
+
+Every run is split into one near-equal run per lane; the lanes run at once on their own
 worker threads (one single-threaded onnxruntime run per core beats one run on an intra-op
 pool for a small model; see docs/generate.md). Model runs, cache writes and sampling happen
 on those threads, each lane on its own sequences' blocks; the event loop only hands tokens
 to consumers.
 
 A consumer that stops reading (client disconnect, cancellation) releases its blocks at once,
-or at the end of the step in flight if its sequence is part of it.
+or at the end of the run in flight if its sequence is part of it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class _Sequence:
     submitted: float
     blocks: list[int] = field(default_factory=list)
     table: np.ndarray | None = None  # the blocks as an array, for building block tables
-    length: int = 0  # tokens in the cache
+    length: int = 0  # tokens in the cache (below len(prompt) while the prompt is prefilled)
+    chunk: int = 0  # prompt tokens in the prefill run planned for it
     generated: int = 0
     next_token: int = 0
     last_emit: float = 0.0
@@ -78,7 +83,7 @@ class TokenEngine:
         max_batch: int = 64,
         lanes: int = 1,
         max_waiting: int = 4096,
-        prefill_tokens: int = 2048,
+        prefill_tokens: int = 512,
         observer: EngineObserver | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -89,14 +94,18 @@ class TokenEngine:
         self.max_batch = max_batch
         self.lanes = lanes  # model runs at once: a step's batch is split across them
         self.max_waiting = max_waiting
-        self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill run
+        # Padded prompt tokens per prefill run: longer prompts are prefilled in chunks, one
+        # run between two decode steps, so a long prompt delays running streams by one
+        # chunk's run at a time, not by its whole prefill.
+        self.prefill_tokens = prefill_tokens
         self._observer = observer
         self._eos = frozenset(info.eos_token_ids)
         self._keys = ort.OrtValue.ortvalue_from_numpy(pool.model_keys)
         self._values = ort.OrtValue.ortvalue_from_numpy(pool.model_values)
         self._decode_outputs: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self._waiting: deque[_Sequence] = deque()
-        self._active: list[_Sequence] = []
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not all in the cache yet
+        self._active: list[_Sequence] = []  # decoding
         self._in_flight: frozenset[_Sequence] = frozenset()
         self._executor = ThreadPoolExecutor(lanes, thread_name_prefix="agentd-tokens")
         self._wake: asyncio.Event | None = None
@@ -109,7 +118,7 @@ class TokenEngine:
 
     def gauges(self) -> dict[str, float]:
         return {
-            "active": len(self._active),
+            "active": len(self._active) + len(self._prefilling),
             "waiting": len(self._waiting),
             "blocks_free": self.pool.free,
             "blocks_used": self.pool.used,
@@ -189,13 +198,14 @@ class TokenEngine:
 
     async def _run(self) -> None:
         while True:
-            joined = self._admit()
-            if not joined and not self._active:
+            self._admit()
+            if not self._prefilling and not self._active:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            for group in self._prefill_groups(joined):
-                await self._step(self._prefill, self._split(group))
+            planned = self._plan_prefill()
+            if planned:
+                await self._step(self._prefill, self._split(planned))
             if self._active:
                 await self._step(self._decode, self._split(self._active))
 
@@ -236,11 +246,10 @@ class TokenEngine:
             for seq, token in zip(group, tokens, strict=True):
                 self._deliver(seq, token)
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> None:
         """Move waiting sequences in, oldest first, while the batch and the pool have room."""
-        joined: list[_Sequence] = []
         context = self._info.context_length
-        while self._waiting and len(self._active) + len(joined) < self.max_batch:
+        while self._waiting and len(self._active) + len(self._prefilling) < self.max_batch:
             seq = self._waiting[0]
             tokens = min(len(seq.prompt) + seq.params.max_tokens, context)
             blocks = self.pool.borrow(self.pool.blocks_for(tokens))
@@ -249,13 +258,33 @@ class TokenEngine:
             self._waiting.popleft()
             seq.blocks = blocks
             seq.table = np.asarray(blocks, dtype=np.int64)
-            joined.append(seq)
-        return joined
+            self._prefilling.append(seq)
 
-    def _deliver(self, seq: _Sequence, token: int) -> None:
+    def _plan_prefill(self) -> list[_Sequence]:
+        """The sequences for the next prefill run, oldest first, each with its ``chunk``:
+        rows right-padded to the widest chunk stay within ``prefill_tokens``. The oldest
+        always gets a chunk (of at most ``prefill_tokens``)."""
+        planned: list[_Sequence] = []
+        width = 0
+        budget = self.prefill_tokens
+        for seq in self._prefilling:
+            chunk = min(len(seq.prompt) - seq.length, budget)
+            widest = max(width, chunk)
+            if planned and widest * (len(planned) + 1) > budget:
+                break
+            seq.chunk = chunk
+            planned.append(seq)
+            width = widest
+        return planned
+
+    def _deliver(self, seq: _Sequence, token: int | None) -> None:
         if seq.cancelled:
             self._release(seq, "cancelled")
             return
+        if token is None:
+            return  # a prompt chunk went into the cache; more of the prompt to go
+        if seq.generated == 0:
+            self._prefilling.remove(seq)
         now = time.perf_counter()
         if token in self._eos:
             self._finish(seq, "stop")
@@ -294,6 +323,8 @@ class TokenEngine:
             seq.blocks = []
         if seq in self._active:
             self._active.remove(seq)
+        elif seq in self._prefilling:
+            self._prefilling.remove(seq)
         if self._observer is not None:
             self._observer.sequence_finished(self._info.name, reason, seq.generated)
         if self._wake is not None and self._waiting:
@@ -345,47 +376,42 @@ class TokenEngine:
                 self._decode_outputs[lane, batch] = cached
         return cached
 
-    def _prefill_groups(self, joined: list[_Sequence]) -> list[list[_Sequence]]:
-        """Joined sequences in arrival order, cut into runs of at most ``prefill_tokens``
-        padded tokens (a longer prompt runs alone). Ones whose client already left are
-        dropped: they cost no model run."""
-        groups: list[list[_Sequence]] = []
-        group: list[_Sequence] = []
-        longest = 0
-        for seq in joined:
-            if seq.finished:
-                continue
-            width = max(longest, len(seq.prompt))
-            if group and width * (len(group) + 1) > self.prefill_tokens:
-                groups.append(group)
-                group, width = [], len(seq.prompt)
-            group.append(seq)
-            longest = width
-        if group:
-            groups.append(group)
-        return groups
-
-    def _prefill(self, group: list[_Sequence], lane: int) -> list[int]:
-        """One run over the prompts of ``group``, right-padded to the longest (padding sits
-        after each prompt, so causal attention keeps it out of the real tokens)."""
-        width = max(len(seq.prompt) for seq in group)
-        ids = np.zeros((len(group), width), np.int64)
-        positions = np.zeros((len(group), width), np.int64)
-        for row, seq in enumerate(group):
-            count = len(seq.prompt)
-            ids[row, :count] = seq.prompt
-            positions[row, :count] = np.arange(count)
-        table = np.asarray([seq.blocks[:1] for seq in group], dtype=np.int64)
-        past = np.zeros(len(group), np.int64)
-        logits, new_k, new_v = self.forward(ids, positions, past, table, lane)
+    def _prefill(self, group: list[_Sequence], lane: int) -> list[int | None]:
+        """One run over the next ``chunk`` prompt tokens of each sequence in ``group``,
+        right-padded to the widest (padding sits after each row's tokens, at position 0,
+        so causal attention keeps it out of the real ones). A sequence whose prompt is now
+        all in the cache gets its first token; the others None."""
         size = self.pool.block_size
-        rows = np.concatenate([np.full(len(seq.prompt), row) for row, seq in enumerate(group)])
-        slots = np.concatenate([np.arange(len(seq.prompt)) for seq in group])
-        blocks = np.concatenate([seq.table[np.arange(len(seq.prompt)) // size] for seq in group])
-        self.pool.write(blocks, slots % size, new_k[:, rows, slots], new_v[:, rows, slots])
-        for seq in group:
-            seq.length = len(seq.prompt)
-        return self._sample(group, logits)
+        count = len(group)
+        width = max(seq.chunk for seq in group)
+        ids = np.zeros((count, width), np.int64)
+        positions = np.zeros((count, width), np.int64)
+        past = np.fromiter((seq.length for seq in group), np.int64, count)
+        used = np.maximum(1, -(-past // size))
+        table = np.zeros((count, int(used.max())), np.int64)
+        for row, seq in enumerate(group):
+            start, end = seq.length, seq.length + seq.chunk
+            ids[row, : seq.chunk] = seq.prompt[start:end]
+            positions[row, : seq.chunk] = np.arange(start, end)
+            table[row, : used[row]] = seq.table[: used[row]]
+        logits, new_k, new_v = self.forward(ids, positions, past, table, lane)
+        rows = np.concatenate([np.full(seq.chunk, row) for row, seq in enumerate(group)])
+        slots = np.concatenate([np.arange(seq.chunk) for seq in group])
+        spans = [np.arange(seq.length, seq.length + seq.chunk) for seq in group]
+        at = np.concatenate(spans)
+        blocks = np.concatenate(
+            [seq.table[span // size] for seq, span in zip(group, spans, strict=True)]
+        )
+        self.pool.write(blocks, at % size, new_k[:, rows, slots], new_v[:, rows, slots])
+        greedy = logits.argmax(axis=1).tolist()
+        picks: list[int | None] = []
+        for row, seq in enumerate(group):
+            seq.length += seq.chunk
+            if seq.length < len(seq.prompt):
+                picks.append(None)  # no draw: a seeded sampler's draws stay the same
+            else:
+                picks.append(greedy[row] if seq.sampler.greedy else seq.sampler(logits[row]))
+        return picks
 
     def _decode(self, batch: list[_Sequence], lane: int) -> list[int]:
         size = self.pool.block_size

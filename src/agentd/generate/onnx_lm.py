@@ -67,6 +67,7 @@ def engine_for_session(
     block_size: int,
     max_batch: int = 64,
     lanes: int = 1,
+    prefill_tokens: int = 512,
     context_length: int | None = None,
     observer: EngineObserver | None = None,
 ) -> TokenEngine:
@@ -82,7 +83,15 @@ def engine_for_session(
     )
     context = min(context_length or graph_context, graph_context)
     info = LMInfo(name, "onnxruntime", context, vocab, tuple(eos_token_ids))
-    return TokenEngine(session, info, pool, max_batch=max_batch, lanes=lanes, observer=observer)
+    return TokenEngine(
+        session,
+        info,
+        pool,
+        max_batch=max_batch,
+        lanes=lanes,
+        prefill_tokens=prefill_tokens,
+        observer=observer,
+    )
 
 
 def load_onnx_lm(
@@ -107,6 +116,7 @@ def load_onnx_lm(
         block_size=config.block_size,
         max_batch=config.max_batch,
         lanes=lanes,
+        prefill_tokens=config.prefill_tokens,
         context_length=config.context_length,
         observer=observer,
     )

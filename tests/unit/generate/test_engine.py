@@ -81,7 +81,10 @@ async def test_joined_prompts_share_prefill_runs_within_the_token_budget(random_
     items = prompts(6, seed=4)  # 1 to 39 tokens each, right-padded to the longest in a run
     first_only = SamplingParams(max_tokens=1, temperature=0.0)
     alone = await solo_results(random_lm, items, first_only)
-    for budget, runs in ((10_000, 1), (1, len(items))):
+    prompt_tokens = sum(len(p) for p in items)
+    # All in one run; or one token of one prompt per run (the oldest first), so every
+    # prompt goes into the cache in chunks of one token.
+    for budget, runs in ((10_000, 1), (1, prompt_tokens)):
         engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
         engine.prefill_tokens = budget
         try:
@@ -91,6 +94,31 @@ async def test_joined_prompts_share_prefill_runs_within_the_token_budget(random_
             assert engine.pool.free == engine.pool.total
         finally:
             await engine.close()
+
+
+async def test_a_long_prompt_is_prefilled_between_decode_steps(random_lm, random_lm_dense):
+    engine = build_engine(random_lm, blocks=64, block_size=4, eos=())
+    engine.prefill_tokens = 8
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    short, long = [3, 4, 5], list(range(2, 62))  # the long one needs 8 prefill runs
+    try:
+        running = engine.stream(short, params)
+        got_short = [await anext(running)]  # decoding now
+        long_stream = engine.stream(long, GREEDY)
+        long_first = asyncio.ensure_future(anext(long_stream))
+        while not long_first.done():
+            got_short.append(await anext(running))
+        # The short stream kept getting tokens while the long prompt went in chunk by chunk
+        # (one decode step after each of the first seven chunks); all at once, it would
+        # have waited for the whole prefill.
+        assert len(got_short) - 1 >= 7
+        got_long = [long_first.result()] + [token async for token in long_stream]
+        got_short += [token async for token in running]
+        assert got_short == dense_greedy(random_lm_dense, short, 40)[0]
+        assert got_long == dense_greedy(random_lm_dense, long, GREEDY.max_tokens)[0]
+        assert engine.pool.free == engine.pool.total
+    finally:
+        await engine.close()
 
 
 async def test_seeded_sampling_is_reproducible_in_any_batch(random_lm):
@@ -195,10 +223,18 @@ def reference(random_lm_dense, length):
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(plan=plans(), eos=st.sampled_from([(), (7,), (3, 11)]), lanes=st.integers(1, 3))
-def test_any_interleaving_leaves_the_pool_consistent(random_lm, random_lm_dense, plan, eos, lanes):
+@given(
+    plan=plans(),
+    eos=st.sampled_from([(), (7,), (3, 11)]),
+    lanes=st.integers(1, 3),
+    prefill_tokens=st.sampled_from([3, 8, 512]),  # small ones prefill prompts in chunks
+)
+def test_any_interleaving_leaves_the_pool_consistent(
+    random_lm, random_lm_dense, plan, eos, lanes, prefill_tokens
+):
     async def scenario():
         engine = build_engine(random_lm, blocks=10, block_size=4, max_batch=3, eos=eos, lanes=lanes)
+        engine.prefill_tokens = prefill_tokens
 
         async def client(length, max_tokens, stop_after, delay):
             for _ in range(delay):

@@ -1,4 +1,5 @@
-"""A language model folder's config.yaml: lanes and the threads each lane's runs get."""
+"""A language model folder's config.yaml: the engine's lanes (and the threads each lane's
+runs get) and its prefill budget."""
 
 import shutil
 
@@ -37,8 +38,15 @@ def test_lanes_from_the_config_share_the_threads(tinylm):
     assert load_onnx_lm(config, threads=2).lanes == 1
 
 
-@pytest.mark.parametrize("lanes", [0, -1, "two"])
-def test_bad_lanes_are_refused_naming_the_field(tinylm, lanes):
-    rewrite(tinylm, lanes=lanes)
-    with pytest.raises(InvalidArgument, match="lanes"):
+def test_prefill_tokens_from_the_config_reach_the_engine(tinylm):
+    rewrite(tinylm, prefill_tokens=64, kv_cache={"block_size": 16, "blocks": 8})
+    assert load_onnx_lm(load_lm_config(tinylm), threads=1).prefill_tokens == 64
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("lanes", 0), ("lanes", -1), ("lanes", "two"), ("prefill_tokens", 0)]
+)
+def test_bad_engine_settings_are_refused_naming_the_field(tinylm, field, value):
+    rewrite(tinylm, **{field: value})
+    with pytest.raises(InvalidArgument, match=field):
         load_lm_config(tinylm)
