@@ -30,4 +30,9 @@ def test_bench_generate_quick(tmp_path):
     assert batching["lanes"] >= 1
     cache = document["cache"]
     assert cache["pooled"]["p99_ms"] > 0 and cache["concatenated"]["p99_ms"] > 0
+    long = document["long_prompt"]
+    assert long["chunked"]["prefill_tokens"] < long["prompt_tokens"]
+    assert long["whole"]["prefill_tokens"] == long["prompt_tokens"]
+    for case in ("chunked", "whole"):
+        assert long[case]["long_ttft_ms"] > 0 and long[case]["running_max_gap_ms"] > 0
     assert {t["name"] for t in document["targets"]} == {"continuous_batching", "pooled_kv_cache"}

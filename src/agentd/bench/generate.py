@@ -9,6 +9,9 @@
   the cache by concatenation every token (fp32 dense graph, the way a past_key_values cache
   is often kept). Both run in the same bare decode loop, so only the cache differs. Target:
   p99 inter-token latency >= 1.6x lower.
+* Chunked prefill (reported, no target): a 960-token prompt joins 32 decoding streams; their
+  largest inter-token gap while it is prefilled, with the default chunk budget and with the
+  whole prompt in one run.
 
 Streams ignore end-of-sequence so every run decodes the same number of tokens.
 """
@@ -16,6 +19,7 @@ Streams ignore end-of-sequence so every run decodes the same number of tokens.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import tempfile
 import time
@@ -37,6 +41,7 @@ TARGET_BATCH_RATIO = 5.0
 TARGET_CACHE_RATIO = 1.6
 CONTEXT_START, CONTEXT_END = 448, 512
 LEAD_IN = 64  # decode steps before the measured range
+LONG_PROMPT = 960
 REPEATS = 5
 
 
@@ -159,6 +164,67 @@ def _batching(progress, quick: bool) -> dict[str, Any]:
     )
 
 
+async def _join_long_prompt(engine, vocab: int) -> dict[str, Any]:
+    """32 streams decoding; a 960-token prompt joins. The running streams' largest gap
+    while it is prefilled, and its time to first token."""
+    params = SamplingParams(max_tokens=96, temperature=0.0)
+    stamps: list[list[float]] = []
+
+    async def running(prompt: list[int]) -> None:
+        times: list[float] = []
+        async for _ in engine.stream(prompt, params):
+            times.append(time.perf_counter())
+        stamps.append(times)
+
+    streams = [asyncio.ensure_future(running(p)) for p in _prompts(32, vocab, 16, seed=3)]
+    await asyncio.sleep(0.05)  # the 32 are decoding by now
+    (prompt,) = _prompts(1, vocab, LONG_PROMPT, seed=4)
+    joined = time.perf_counter()
+    long = engine.stream(prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    await anext(long)
+    first = time.perf_counter()
+    async for _ in long:
+        pass
+    await asyncio.gather(*streams)
+    gaps = [
+        later - earlier
+        for times in stamps
+        for earlier, later in itertools.pairwise(times)
+        if joined <= earlier <= first
+    ]
+    return {
+        "long_ttft_ms": round((first - joined) * 1e3, 2),
+        "running_max_gap_ms": round(max(gaps, default=0.0) * 1e3, 2),
+    }
+
+
+def _long_prompt(progress, quick: bool) -> dict[str, Any]:
+    from agentd.testing.lm import build_engine
+
+    model = _builtin_model()
+    vocab = _vocab(model)
+    lanes = os.cpu_count() or 1
+    rounds = 1 if quick else 3
+
+    async def measure(budget: int | None) -> dict[str, Any]:
+        engine = build_engine(model, blocks=1024, block_size=16, eos=(), lanes=lanes)
+        if budget is not None:
+            engine.prefill_tokens = budget
+        try:
+            await _streams(engine, _prompts(2, vocab, 16, seed=1), 4)  # warm up
+            runs = [await _join_long_prompt(engine, vocab) for _ in range(rounds)]
+        finally:
+            await engine.close()
+        runs.sort(key=lambda run: run["running_max_gap_ms"])
+        return {"prefill_tokens": engine.prefill_tokens, **runs[len(runs) // 2]}
+
+    progress(f"a {LONG_PROMPT}-token prompt joins 32 streams, chunked prefill ...")
+    chunked = asyncio.run(measure(None))
+    progress(f"a {LONG_PROMPT}-token prompt joins 32 streams, one prefill run ...")
+    whole = asyncio.run(measure(LONG_PROMPT))
+    return {"prompt_tokens": LONG_PROMPT, "rounds": rounds, "chunked": chunked, "whole": whole}
+
+
 def _vocab(path: Path) -> int:
     from agentd.generate.onnx_lm import graph_shape, open_session
 
@@ -203,7 +269,11 @@ def _cache(progress, quick: bool) -> dict[str, Any]:
 
 
 def _measure(progress, quick: bool) -> dict[str, Any]:
-    return {"batching": _batching(progress, quick), "cache": _cache(progress, quick)}
+    return {
+        "batching": _batching(progress, quick),
+        "cache": _cache(progress, quick),
+        "long_prompt": _long_prompt(progress, quick),
+    }
 
 
 def _build(measured: dict[str, Any], now: datetime, quick: bool) -> dict[str, Any]:
@@ -263,6 +333,14 @@ def _render(doc: dict[str, Any], console: Console) -> None:
         f"p50/p99 ms: pooled {cache['pooled']['p50_ms']:.2f} / {cache['pooled']['p99_ms']:.2f}, "
         f"concatenated {cache['concatenated']['p50_ms']:.2f} / "
         f"{cache['concatenated']['p99_ms']:.2f}"
+    )
+    long = doc["long_prompt"]
+    console.print(
+        f"a {long['prompt_tokens']}-token prompt joins 32 running streams: their largest gap "
+        f"{long['chunked']['running_max_gap_ms']:.1f} ms with chunked prefill "
+        f"({long['chunked']['prefill_tokens']} tokens a run) vs "
+        f"{long['whole']['running_max_gap_ms']:.1f} ms in one run; its TTFT "
+        f"{long['chunked']['long_ttft_ms']:.1f} vs {long['whole']['long_ttft_ms']:.1f} ms"
     )
     for target in doc["targets"]:
         mark = "met" if target["met"] else "NOT met"

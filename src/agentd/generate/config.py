@@ -10,7 +10,7 @@ eos_token_ids: [1]
 kv_cache: {block_size: 16, blocks: 512}   # onnxruntime engine only
 max_batch: 64                              # sequences per decode step
 lanes: 2                                   # onnxruntime: runs at once (default: one per thread)
-prefill_tokens: 512                        # onnxruntime: prompt tokens per prefill run
+prefill_tokens: 256                        # onnxruntime: prompt tokens per prefill run
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class _Config(BaseModel):
     kv_cache: _Cache = _Cache()
     max_batch: int = Field(64, ge=1, le=4096)
     lanes: int | None = Field(None, ge=1, le=256)
-    prefill_tokens: int = Field(512, ge=1, le=1_048_576)
+    prefill_tokens: int = Field(256, ge=1, le=1_048_576)
     description: str = ""
     extra: dict[str, Any] = {}
 

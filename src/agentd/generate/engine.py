@@ -83,7 +83,7 @@ class TokenEngine:
         max_batch: int = 64,
         lanes: int = 1,
         max_waiting: int = 4096,
-        prefill_tokens: int = 512,
+        prefill_tokens: int = 256,
         observer: EngineObserver | None = None,
     ) -> None:
         import onnxruntime as ort

@@ -67,7 +67,7 @@ def engine_for_session(
     block_size: int,
     max_batch: int = 64,
     lanes: int = 1,
-    prefill_tokens: int = 512,
+    prefill_tokens: int = 256,
     context_length: int | None = None,
     observer: EngineObserver | None = None,
 ) -> TokenEngine:
