@@ -52,6 +52,7 @@ async def test_lanes_split_each_step_without_changing_any_sequence(random_lm):
     items = prompts(7, seed=6)
     alone = await solo_results(random_lm, items)
     engine = build_engine(random_lm, blocks=64, block_size=4, eos=(), lanes=3)
+    engine.prefill_tokens = 10_000  # all seven prompts in one prefill step
     try:
         together = await asyncio.gather(*(collect(engine, p) for p in items))
         assert together == alone
