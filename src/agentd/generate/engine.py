@@ -211,7 +211,6 @@ class TokenEngine:
 
     def _split(self, batch: list[_Sequence]) -> list[list[_Sequence]]:
         """The batch cut into one near-equal run per lane."""
-        batch = [seq for seq in batch if not seq.finished]  # left while a run was in flight
         if not batch:
             return []
         count = min(self.lanes, len(batch))
@@ -386,43 +385,30 @@ class TokenEngine:
         width = max(seq.chunk for seq in group)
         ids = np.zeros((count, width), np.int64)
         positions = np.zeros((count, width), np.int64)
+        targets = np.zeros((count, width), np.int64)  # the block each token goes to
+        real = np.zeros((count, width), bool)
+        for row, seq in enumerate(group):
+            chunk = seq.chunk
+            span = np.arange(seq.length, seq.length + chunk)
+            ids[row, :chunk] = seq.prompt[span]
+            positions[row, :chunk] = span
+            targets[row, :chunk] = seq.table[span // size]
+            real[row, :chunk] = True
         past = np.fromiter((seq.length for seq in group), np.int64, count)
-        used = np.maximum(1, -(-past // size))
-        table = np.zeros((count, int(used.max())), np.int64)
-        for row, seq in enumerate(group):
-            start, end = seq.length, seq.length + seq.chunk
-            ids[row, : seq.chunk] = seq.prompt[start:end]
-            positions[row, : seq.chunk] = np.arange(start, end)
-            table[row, : used[row]] = seq.table[: used[row]]
+        table = self._block_table(group, past)
         logits, new_k, new_v = self.forward(ids, positions, past, table, lane)
-        rows = np.concatenate([np.full(seq.chunk, row) for row, seq in enumerate(group)])
-        slots = np.concatenate([np.arange(seq.chunk) for seq in group])
-        spans = [np.arange(seq.length, seq.length + seq.chunk) for seq in group]
-        at = np.concatenate(spans)
-        blocks = np.concatenate(
-            [seq.table[span // size] for seq, span in zip(group, spans, strict=True)]
-        )
-        self.pool.write(blocks, at % size, new_k[:, rows, slots], new_v[:, rows, slots])
-        greedy = logits.argmax(axis=1).tolist()
-        picks: list[int | None] = []
-        for row, seq in enumerate(group):
+        self.pool.write(targets[real], positions[real] % size, new_k[:, real], new_v[:, real])
+        for seq in group:
             seq.length += seq.chunk
-            if seq.length < len(seq.prompt):
-                picks.append(None)  # no draw: a seeded sampler's draws stay the same
-            else:
-                picks.append(greedy[row] if seq.sampler.greedy else seq.sampler(logits[row]))
-        return picks
+        return self._sample(group, logits)
 
-    def _decode(self, batch: list[_Sequence], lane: int) -> list[int]:
+    def _decode(self, batch: list[_Sequence], lane: int) -> list[int | None]:
         size = self.pool.block_size
         count = len(batch)
         lengths = np.fromiter((seq.length for seq in batch), np.int64, count)
         ids = np.fromiter((seq.next_token for seq in batch), np.int64, count)[:, None]
-        used = np.maximum(1, -(-lengths // size))
-        table = np.zeros((count, int(used.max())), np.int64)
-        for row, seq in enumerate(batch):
-            table[row, : used[row]] = seq.table[: used[row]]
-        # The block each new token goes to (may lie past ``used`` when a block just filled).
+        table = self._block_table(batch, lengths)
+        # The block each new token goes to (may lie past the table when a block just filled).
         targets = np.fromiter((seq.table[seq.length // size] for seq in batch), np.int64, count)
         logits, new_k, new_v = self.forward(ids, lengths[:, None], lengths, table, lane)
         self.pool.write(targets, lengths % size, new_k[:, :, 0], new_v[:, :, 0])
@@ -430,11 +416,24 @@ class TokenEngine:
             seq.length += 1
         return self._sample(batch, logits)
 
-    @staticmethod
-    def _sample(batch: list[_Sequence], logits: np.ndarray) -> list[int]:
-        # One argmax over the batch for greedy rows; the others draw from their own sampler.
-        picks = logits.argmax(axis=1).tolist()
+    def _block_table(self, batch: list[_Sequence], lengths: np.ndarray) -> np.ndarray:
+        """Each sequence's blocks holding its ``lengths`` cached tokens, zero-padded (the
+        graph masks slots at and past each row's length)."""
+        used = np.maximum(1, -(-lengths // self.pool.block_size))
+        table = np.zeros((len(batch), int(used.max())), np.int64)
         for row, seq in enumerate(batch):
-            if not seq.sampler.greedy:
+            table[row, : used[row]] = seq.table[: used[row]]
+        return table
+
+    @staticmethod
+    def _sample(batch: list[_Sequence], logits: np.ndarray) -> list[int | None]:
+        """The next token of each sequence: one argmax over the batch for greedy rows, a
+        draw from their own sampler for the others, None (and no draw, so a seeded
+        sampler's draws stay the same) while part of the prompt is not in the cache."""
+        picks: list[int | None] = logits.argmax(axis=1).tolist()
+        for row, seq in enumerate(batch):
+            if seq.length < len(seq.prompt):
+                picks[row] = None
+            elif not seq.sampler.greedy:
                 picks[row] = seq.sampler(logits[row])
         return picks
