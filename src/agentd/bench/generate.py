@@ -109,27 +109,35 @@ def _prompts(count: int, vocab: int, length: int, seed: int) -> list[list[int]]:
     return [[0, *rng.integers(6, vocab, size=length - 1).tolist()] for _ in range(count)]
 
 
+def _median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run in the middle when ordered by ``key``."""
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
-    return ordered[len(ordered) // 2] | {"runs_tokens_per_s": [run["tokens_per_s"] for run in runs]}
+    return _median(runs, "tokens_per_s") | {
+        "runs_tokens_per_s": [run["tokens_per_s"] for run in runs]
+    }
+
+
+def _served_engine(max_batch: int = 64):
+    """The built-in model's engine as ``agentd serve`` sets it up (its config.yaml's pool
+    and batch, one single-threaded lane per core), ignoring end-of-sequence."""
+    from agentd.testing.lm import build_engine
+
+    lanes = os.cpu_count() or 1
+    return build_engine(
+        _builtin_model(), blocks=1024, block_size=16, max_batch=max_batch, eos=(), lanes=lanes
+    )
 
 
 def _batching(progress, quick: bool) -> dict[str, Any]:
-    from agentd.testing.lm import build_engine
-
-    model = _builtin_model()
     levels = [1, 8, 32] if quick else [1, 8, 32, 64]
     max_tokens = 32 if quick else 128
-    vocab = _vocab(model)
-    lanes = os.cpu_count() or 1  # as served: one single-threaded run per core
-
-    def engine(max_batch: int):
-        return build_engine(
-            model, blocks=1024, block_size=16, max_batch=max_batch, eos=(), lanes=lanes
-        )
 
     async def measure() -> dict[str, Any]:
-        batched, serial = engine(64), engine(1)
+        batched, serial = _served_engine(64), _served_engine(1)
+        vocab = batched.info.vocab_size
         try:
             for warm in (batched, serial):
                 await _streams(warm, _prompts(2, vocab, 16, seed=1), 4)
@@ -153,20 +161,20 @@ def _batching(progress, quick: bool) -> dict[str, Any]:
             await serial.close()
         ratios = sorted(b["tokens_per_s"] / s["tokens_per_s"] for b, s in pairs)
         return {
+            "lanes": batched.lanes,
             "continuous": points,
             "one_at_a_time_32": _median_run([s for _, s in pairs]),
             "ratios_32": [round(r, 2) for r in ratios],
             "ratio_32": round(ratios[len(ratios) // 2], 2),
         }
 
-    return {"model": str(model.name), "max_tokens": max_tokens, "lanes": lanes} | asyncio.run(
-        measure()
-    )
+    return {"model": _builtin_model().name, "max_tokens": max_tokens} | asyncio.run(measure())
 
 
-async def _join_long_prompt(engine, vocab: int) -> dict[str, Any]:
+async def _join_long_prompt(engine) -> dict[str, Any]:
     """32 streams decoding; a 960-token prompt joins. The running streams' largest gap
     while it is prefilled, and its time to first token."""
+    vocab = engine.info.vocab_size
     params = SamplingParams(max_tokens=96, temperature=0.0)
     stamps: list[list[float]] = []
 
@@ -199,36 +207,24 @@ async def _join_long_prompt(engine, vocab: int) -> dict[str, Any]:
 
 
 def _long_prompt(progress, quick: bool) -> dict[str, Any]:
-    from agentd.testing.lm import build_engine
-
-    model = _builtin_model()
-    vocab = _vocab(model)
-    lanes = os.cpu_count() or 1
     rounds = 1 if quick else 3
 
     async def measure(budget: int | None) -> dict[str, Any]:
-        engine = build_engine(model, blocks=1024, block_size=16, eos=(), lanes=lanes)
+        engine = _served_engine()
         if budget is not None:
             engine.prefill_tokens = budget
         try:
-            await _streams(engine, _prompts(2, vocab, 16, seed=1), 4)  # warm up
-            runs = [await _join_long_prompt(engine, vocab) for _ in range(rounds)]
+            await _streams(engine, _prompts(2, engine.info.vocab_size, 16, seed=1), 4)  # warm up
+            runs = [await _join_long_prompt(engine) for _ in range(rounds)]
         finally:
             await engine.close()
-        runs.sort(key=lambda run: run["running_max_gap_ms"])
-        return {"prefill_tokens": engine.prefill_tokens, **runs[len(runs) // 2]}
+        return {"prefill_tokens": engine.prefill_tokens, **_median(runs, "running_max_gap_ms")}
 
     progress(f"a {LONG_PROMPT}-token prompt joins 32 streams, chunked prefill ...")
     chunked = asyncio.run(measure(None))
     progress(f"a {LONG_PROMPT}-token prompt joins 32 streams, one prefill run ...")
     whole = asyncio.run(measure(LONG_PROMPT))
     return {"prompt_tokens": LONG_PROMPT, "rounds": rounds, "chunked": chunked, "whole": whole}
-
-
-def _vocab(path: Path) -> int:
-    from agentd.generate.onnx_lm import graph_shape, open_session
-
-    return graph_shape(open_session(path))["vocab_size"]
 
 
 def _cache(progress, quick: bool) -> dict[str, Any]:
