@@ -414,10 +414,7 @@ class ActorHost:
         mailbox."""
         activation = self._activations.get(address)  # type: ignore[call-overload]
         if activation is None:
-            if isinstance(address, str):
-                activation = self._activation(address)
-            else:
-                activation = self._activate(address)
+            activation = self._activation_missed(address)
         if activation.scheduled:
             # Already on the run queue (or running): it will see the message.
             mailbox = activation.mailbox
@@ -462,10 +459,7 @@ class ActorHost:
                 address = addresses[index]
                 activation = activations.get(address)  # type: ignore[call-overload]
                 if activation is None:
-                    if isinstance(address, str):
-                        activation = self._activation(address)
-                    else:
-                        activation = self._activate(address)
+                    activation = self._activation_missed(address)
                 if activation.scheduled:
                     activation.push(messages[index], limit)
                 else:
@@ -546,11 +540,22 @@ class ActorHost:
             activation.scheduled = True
 
     def _activation(self, address: str | Address) -> _Activation:
-        addr = parse_address(address) if isinstance(address, str) else address
-        activation = self._activations.get(addr)
+        """The activation for ``address``, made on first use."""
+        activation = self._activations.get(address)  # type: ignore[call-overload]
         if activation is None:
-            activation = self._activate(addr)
+            activation = self._activation_missed(address)
         return activation
+
+    def _activation_missed(self, address: str | Address) -> _Activation:
+        """After ``address`` missed in the activations: a string is parsed (raising
+        InvalidArgument) and looked up as an Address; an Address has none, so make one.
+        The senders' hot paths look up first themselves and call this only on a miss."""
+        if isinstance(address, str):
+            address = parse_address(address)
+            activation = self._activations.get(address)
+            if activation is not None:
+                return activation
+        return self._activate(address)
 
     def _activate(self, addr: Address) -> _Activation:
         """A new activation for ``addr`` (which has none)."""
