@@ -260,3 +260,16 @@ def test_an_agent_prompt_over_the_context_is_invalid_argument(channel):
         stub.Invoke(request, timeout=30)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "context" in caught.value.details()
+
+
+def test_finished_requests_leave_no_errors_in_the_server_log(client, server, channel):
+    # Disconnect watchers (ours for OpenAI streams, connect-python's for gRPC streams) stop
+    # waiting on a receive when the response finishes first; the server still completes
+    # it, and logged InvalidStateError for each such request until receives were shielded.
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+    list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, stream=True))
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    request = agent_pb2.InvokeRequest(agent="echo", message=agent_pb2.Message(text="a b c"))
+    assert len(list(stub.InvokeStream(request, timeout=30))) == 3
+    time.sleep(1.0)  # the server completes the abandoned receives after the responses
+    assert "InvalidStateError" not in server.log()
