@@ -262,14 +262,21 @@ def test_an_agent_prompt_over_the_context_is_invalid_argument(channel):
     assert "context" in caught.value.details()
 
 
-def test_finished_requests_leave_no_errors_in_the_server_log(client, server, channel):
+def test_finished_and_abandoned_requests_leave_no_errors_in_the_server_log(client, server, channel):
     # Disconnect watchers (ours for OpenAI streams, connect-python's for gRPC streams) stop
-    # waiting on a receive when the response finishes first; the server still completes
-    # it, and logged InvalidStateError for each such request until receives were shielded.
+    # waiting on a receive when the response finishes first, and a client leaving a stream
+    # cuts off a pending send; the server still completes both, and logged
+    # InvalidStateError for each such request until the app got futures of its own.
     client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
     list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, stream=True))
     stub = agent_pb2_grpc.AgentServiceStub(channel)
     request = agent_pb2.InvokeRequest(agent="echo", message=agent_pb2.Message(text="a b c"))
     assert len(list(stub.InvokeStream(request, timeout=30))) == 3
-    time.sleep(1.0)  # the server completes the abandoned receives after the responses
+    for _ in range(3):
+        left = client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=200, stream=True
+        )
+        next(iter(left))
+        left.close()
+    time.sleep(1.0)  # the server completes the abandoned futures after the responses
     assert "InvalidStateError" not in server.log()

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agentd.gateway.detach import detach
+
 __all__ = ["SETTINGS_ENV", "app"]
 
 SETTINGS_ENV = "AGENTD_SERVE_SETTINGS"
@@ -39,7 +41,7 @@ class _OneLoopApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         loop = asyncio.get_running_loop()
-        receive = _shielded(receive)
+        receive = detach(receive)  # see agentd.gateway.detach
         if self._is_home(loop):
             await self._gateway(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -47,18 +49,6 @@ class _OneLoopApp:
         else:
             assert self._home is not None
             await _forward(self._gateway, scope, receive, send, self._home, loop)
-
-
-def _shielded(receive: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
-    """pyvoy completes every receive it hands out, even one the app stopped waiting for,
-    and logs InvalidStateError when the app had cancelled it (as a disconnect watcher is
-    when the response finishes first, ours or connect-python's). Behind a shield, giving up
-    on a receive leaves pyvoy's future alone."""
-
-    async def shielded_receive() -> Any:
-        return await asyncio.shield(receive())
-
-    return shielded_receive
 
 
 async def _idle_lifespan(receive: Any, send: Any) -> None:

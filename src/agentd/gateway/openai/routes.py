@@ -20,6 +20,7 @@ import orjson
 
 from agentd.errors import AgentdError, Code
 from agentd.gateway.admission import BodyTooLarge, buffer_body
+from agentd.gateway.detach import detach
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
 from agentd.gateway.protocol import http_status, send_json
 from agentd.generate.service import PromptTooLong
@@ -277,6 +278,8 @@ async def _send_events(
     final_event: Callable[[], dict[str, Any]],
     usage_event: Callable[[], dict[str, Any] | None],
 ) -> None:
+    send = detach(send)  # a client that leaves cuts the producer off inside a send
+
     async def produce() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         async for piece in stream:
