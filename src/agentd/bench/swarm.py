@@ -4,7 +4,10 @@
   state) with N agents;
 * thread-per-agent: 10k OS threads with ``queue.Queue`` mailboxes, unbatched inference
   (records where thread creation fails);
-* asyncio task-per-agent: N tasks with ``asyncio.Queue`` mailboxes, unbatched inference.
+* asyncio task-per-agent: N tasks with ``asyncio.Queue`` mailboxes, unbatched inference;
+* two halves at once (no target): two ``agentd swarm`` processes of N/2 agents each, each
+  with its own collector and store, started together. Nothing crosses between them, so
+  this is the most that splitting the swarm over this machine's two cores could give.
 
 Each runs in its own process so peak RSS is its own. Targets: 1M agents in <= 15 s with
 peak RSS <= 1.5 GB (persistence on); batched decisions/s >= 10x the task-per-agent baseline.
@@ -36,12 +39,51 @@ class BenchError(RuntimeError):
 
 
 def _run_json(args: list[str], timeout: float) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout
-    )
-    if out.returncode != 0:
-        raise BenchError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+    (result,) = _run_json_together([args], timeout)
+    return result
+
+
+def _run_json_together(commands: list[list[str]], timeout: float) -> list[dict[str, Any]]:
+    """Run ``python -m ARGS`` for each command at once; their JSON outputs, in order."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    outputs = []
+    try:
+        for args, child in zip(commands, children, strict=True):
+            stdout, stderr = child.communicate(timeout=timeout)
+            if child.returncode != 0:
+                raise BenchError(f"{' '.join(args)} failed:\n{stderr[-2000:]}")
+            outputs.append(json.loads(stdout))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return outputs
+
+
+def _two_halves(agents: int) -> dict[str, Any]:
+    """Two swarms of half the agents each, at once; their span from the first start
+    message to the last report."""
+    half = agents // 2
+    command = ["agentd", "swarm", "--agents", str(half), "--json"]
+    runs = _run_json_together([command, command], timeout=900)
+    span = max(r["finished_at"] for r in runs) - min(r["started_at"] for r in runs)
+    return {
+        "agents": 2 * half,
+        "ok": all(r["ok"] for r in runs),
+        "wall_s": round(span, 3),
+        "decisions_per_s": round(2 * half / span, 1),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "halves_wall_s": [r["wall_s"] for r in runs],
+    }
 
 
 def run_suite(
@@ -60,6 +102,8 @@ def run_suite(
     per_task = _run_json(
         ["agentd.bench.baselines.swarm_tasks", "--agents", str(agents)], timeout=900
     )
+    status.print(f"two halves at once, {agents // 2:,} agents each ...")
+    halves = _two_halves(agents)
     ratio = ours["decisions_per_s"] / per_task["decisions_per_s"]
     document = {
         "suite": SUITE,
@@ -71,6 +115,10 @@ def run_suite(
         "thread_per_agent": per_thread,
         "task_per_agent": per_task,
         "ratio_vs_task_per_agent": round(ratio, 2),
+        "two_halves": halves,
+        "two_halves_ratio_vs_task_per_agent": round(
+            halves["decisions_per_s"] / per_task["decisions_per_s"], 2
+        ),
         "targets": [
             {
                 "name": "million_agents_wall",
@@ -134,6 +182,15 @@ def _table(document: dict[str, Any]) -> None:
         f"{tasks['decisions_per_s']:,.0f}",
         f"{tasks['peak_rss_mb']:,.0f}",
         "",
+    )
+    halves = document["two_halves"]
+    table.add_row(
+        "agentd, two processes of half (ceiling)",
+        f"{halves['agents']:,}",
+        f"{halves['wall_s']:.2f}",
+        f"{halves['decisions_per_s']:,.0f}",
+        f"{halves['peak_rss_mb']:,.0f} each",
+        f"{document['two_halves_ratio_vs_task_per_agent']}x task per agent; no target",
     )
     Console().print(table)
     for target in document["targets"]:

@@ -44,6 +44,10 @@ class SwarmResult:
     store_writes: int
     persistence: bool
     actions: dict[str, int]
+    # Wall-clock (Unix) times of the first start message and the last report: lets
+    # runs in separate processes be lined up (``agentd bench swarm``'s two halves).
+    started_at: float
+    finished_at: float
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +130,7 @@ async def run_swarm(
     gc.collect()
     gc.freeze()  # the long-lived objects made so far need no more GC passes
     rss_before = _rss_bytes()
+    started_at = time.time()
     started = time.perf_counter()
     try:
         new_address = tuple.__new__  # Address(...) without its Python-level __new__
@@ -147,6 +152,7 @@ async def run_swarm(
             if progress is not None:
                 progress(host.turns)
         wall = time.perf_counter() - started
+        finished_at = time.time()
         rss_after = _rss_bytes()
         collector = host.instance(COLLECTOR)
         batcher = inference.batcher("decision")
@@ -176,4 +182,6 @@ async def run_swarm(
         store_writes=store_writes,
         persistence=persist,
         actions={label: int(c) for label, c in zip(labels, collector.actions, strict=True)},
+        started_at=round(started_at, 4),
+        finished_at=round(finished_at, 4),
     )
