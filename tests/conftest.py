@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +45,13 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # llama-cpp-python opens two /dev/null files at import and never closes them, which
+    # prints "Exception ignored ... ResourceWarning" at interpreter exit after a green run.
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None:
+            handle.close()
