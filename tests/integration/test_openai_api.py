@@ -169,6 +169,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(client, http):
         ({"temperature": "hot"}, "temperature"),
         ({"stop": [1, 2]}, "stop"),
         ({"n": 3}, "n"),
+        ({"seed": -1}, "seed"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"prompt": "word " * 3000}, "prompt"),
         ({"prompt": None}, "prompt"),
     ],

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentd.agents.address import Address
 from agentd.agents.message import Message
-from agentd.errors import AgentdError, Code, DeadlineExceeded, InvalidArgument, Unavailable
+from agentd.errors import AgentdError, Code, DeadlineExceeded, Unavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,10 +118,6 @@ class Context:
         service = self._require_host().generation
         if service is None:
             raise _NotYet("this runtime has no language models")
-        lm = service.get(model) if model else service.default()
-        ids = lm.completion_prompt(prompt) if isinstance(prompt, str) else lm.chat_prompt(prompt)
-        if max_tokens < 1:
-            raise InvalidArgument("max_tokens must be at least 1")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -130,6 +126,9 @@ class Context:
             seed=seed,
             stop=tuple(stop),
         )
+        params.validate()
+        lm = service.get(model) if model else service.default()
+        ids = lm.completion_prompt(prompt) if isinstance(prompt, str) else lm.chat_prompt(prompt)
         pieces = lm.complete(ids, params).__aiter__()
         try:
             while True:

@@ -12,7 +12,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["LMInfo", "SamplingParams", "SequenceBackend", "TextGenerator"]
+from agentd.errors import InvalidArgument
+
+__all__ = ["MAX_SEED", "LMInfo", "SamplingParams", "SequenceBackend", "TextGenerator"]
+
+MAX_SEED = 2**64 - 1  # numpy's generators take seeds in [0, 2**64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """InvalidArgument naming the first field out of range (for callers inside the
+        process; the OpenAI layer checks each field itself to name its ``param``)."""
+        if self.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidArgument(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be at least 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidArgument(f"seed must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass(frozen=True, slots=True)

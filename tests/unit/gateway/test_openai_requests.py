@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
+from agentd.generate.sampling import Sampler
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -38,6 +39,10 @@ fields = {
     "stream": json_values,
     "stream_options": json_values,
     "n": json_values,
+    "presence_penalty": json_values,
+    "logit_bias": json_values,
+    "tools": json_values,
+    "response_format": json_values,
 }
 bodies = st.one_of(json_values, st.fixed_dictionaries({}, optional=fields))
 
@@ -58,6 +63,11 @@ def test_any_body_parses_or_names_its_problem(body):
             assert 0.0 < params.top_p <= 1.0
             assert params.top_k >= 0
             assert all(isinstance(s, str) for s in params.stop) and len(params.stop) <= 4
+            # What parses is fit for the engine (a negative seed once passed and crashed it);
+            # max_tokens 0 stands for "fill the context" until the route sets it.
+            if params.max_tokens:
+                params.validate()
+            Sampler(params)
 
 
 def test_valid_requests_keep_their_values():
@@ -85,6 +95,21 @@ def test_valid_requests_keep_their_values():
         ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
         ({"model": "m", "prompt": "x", "seed": 1.5}, "seed"),
+        ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
+        ({"model": "m", "prompt": "x", "seed": 2**64}, "seed"),
+        ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "x", "frequency_penalty": -1}, "frequency_penalty"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "suffix": "end"}, "suffix"),
+        ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": "m", "prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+        ({"model": "m", "prompt": "x", "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "m", "prompt": "x", "tool_choice": "required"}, "tool_choice"),
+        (
+            {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        ({"model": "m", "prompt": "x", "echo": 0}, "echo"),
         ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs"),
         ({"prompt": "x"}, "model"),
@@ -94,3 +119,24 @@ def test_each_bad_field_is_named(body, param):
     with pytest.raises(RequestError) as caught:
         parse_completion(body)
     assert caught.value.param == param
+
+
+def test_fields_sent_with_values_that_ask_for_nothing_are_accepted():
+    # What frameworks send by default must not be refused.
+    request = parse_chat(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0,
+            "logit_bias": {},
+            "tools": [],
+            "tool_choice": "auto",
+            "response_format": {"type": "text"},
+            "logprobs": False,
+            "top_logprobs": None,
+            "seed": 2**64 - 1,
+        }
+    )
+    assert request.params.seed == 2**64 - 1
+    Sampler(request.params)

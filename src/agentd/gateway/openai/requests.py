@@ -11,7 +11,7 @@ from typing import Any
 
 from agentd.errors import InvalidArgument
 from agentd.generate.chat import ROLES
-from agentd.generate.types import SamplingParams
+from agentd.generate.types import MAX_SEED, SamplingParams
 
 __all__ = ["ChatRequest", "CompletionRequest", "RequestError", "parse_chat", "parse_completion"]
 
@@ -84,6 +84,39 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
+# Fields this server cannot honour, with the values that ask for nothing (clients and
+# frameworks often send those): any other value is refused rather than silently ignored.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(_same(value, ok) for ok in neutral):
+            raise RequestError(f"'{name}' is not supported by this server", name)
+
+
+def _same(value: Any, ok: Any) -> bool:
+    # A bool is an int to ==: False must not pass for 0, nor 1 for True.
+    if isinstance(value, bool) or isinstance(ok, bool):
+        return value is ok
+    return bool(value == ok)
+
+
 def _common(body: Any, default_max_tokens: int | None) -> tuple[str, SamplingParams]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", None)
@@ -93,9 +126,7 @@ def _common(body: Any, default_max_tokens: int | None) -> tuple[str, SamplingPar
     n = _integer(body, "n", 1, 1)
     if n != 1:
         raise RequestError("only n=1 is supported", "n")
-    if body.get("logprobs") not in (None, False) or body.get("echo") not in (None, False):
-        param = "logprobs" if body.get("logprobs") not in (None, False) else "echo"
-        raise RequestError(f"'{param}' is not supported", param)
+    _refuse_unsupported(body)
     max_tokens = _integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", default_max_tokens, 1)
@@ -113,6 +144,8 @@ def _common(body: Any, default_max_tokens: int | None) -> tuple[str, SamplingPar
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError("'seed' must be an integer", "seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"'seed' must be in [0, 2**64), got {seed}", "seed")
     params = SamplingParams(
         # None means "as much as the context allows"; the caller fills it in.
         max_tokens=max_tokens if max_tokens is not None else 0,
