@@ -72,3 +72,13 @@ def test_cli_list_load_unload(repo_server):
     assert out.returncode == 1 and "not a loadable ONNX model" in out.stderr
     out = agentd("models", "load", "ghost", "--url", repo_server.url)
     assert out.returncode == 1 and "unknown model" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v2/repository/models/load", "/v2/repository/models/unload", "/v2/repository/models//load"],
+)
+def test_admin_paths_without_a_model_name_are_404(repo_server, path):
+    response = httpx.post(repo_server.url + path)
+    assert response.status_code == 404
+    assert "Traceback" not in repo_server.log()

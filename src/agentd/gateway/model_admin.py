@@ -30,10 +30,8 @@ class ModelAdmin:
             return None
         if path == PREFIX + "index":
             return path
-        for action in ("load", "unload"):
-            if path.startswith(PREFIX + "models/") and path.endswith("/" + action):
-                return f"{PREFIX}models/{{name}}/{action}"
-        return None
+        target = _model_action(path)
+        return None if target is None else f"{PREFIX}models/{{name}}/{target[1]}"
 
     async def handle(self, scope: dict[str, Any], send: Send) -> None:
         path: str = scope["path"]
@@ -53,7 +51,7 @@ class ModelAdmin:
                 ]
                 await send_json(send, 200, body)
                 return
-            name, action = path[len(PREFIX + "models/") :].rsplit("/", 1)
+            name, action = _model_action(path)  # type: ignore[misc]  # label() matched it
             if action == "load":
                 entry = await self._service.load(name)
                 if entry.state is not ModelState.READY:
@@ -66,3 +64,15 @@ class ModelAdmin:
         except AgentdError as exc:
             status = 404 if exc.code is Code.NOT_FOUND else http_status(exc.code)
             await send_json(send, status, {"error": exc.message})
+
+
+def _model_action(path: str) -> tuple[str, str] | None:
+    """``(name, "load" | "unload")`` for ``/v2/repository/models/{name}/{action}`` with a
+    non-empty name, else None."""
+    rest = path.removeprefix(PREFIX + "models/")
+    if rest == path:
+        return None
+    name, _, action = rest.rpartition("/")
+    if not name or action not in ("load", "unload"):
+        return None
+    return name, action
