@@ -172,6 +172,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(client, http):
         ({"seed": -1}, "seed"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"prompt": "word " * 3000}, "prompt"),
+        ({"prompt": "a b " * 100_000}, "prompt"),  # refused by length, before tokenizing
         ({"prompt": None}, "prompt"),
     ],
 )

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from agentd.errors import InvalidArgument
 
-__all__ = ["BOS", "END", "ROLES", "SPECIAL_TOKENS", "render_chat"]
+__all__ = ["BOS", "END", "ROLES", "SPECIAL_TOKENS", "chat_pieces", "render_chat"]
 
 BOS = "<|bos|>"
 END = "<|end|>"
@@ -28,7 +28,15 @@ def render_chat(
     messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool = True
 ) -> str:
     """Render chat messages ({"role", "content"}) to the prompt text (BOS included)."""
-    parts = [BOS]
+    return "".join(text for text, _special in chat_pieces(messages, add_generation_prompt))
+
+
+def chat_pieces(
+    messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True
+) -> list[tuple[str, bool]]:
+    """The rendered prompt as ``(text, is_special_token)`` pieces, so contents can be
+    tokenized apart from the template's special tokens."""
+    pieces = [(BOS, True)]
     for index, message in enumerate(messages):
         role = message.get("role")
         content = message.get("content")
@@ -38,7 +46,7 @@ def render_chat(
             )
         if not isinstance(content, str):
             raise InvalidArgument(f"messages[{index}].content must be a string")
-        parts.append(f"<|{role}|>\n{content}{END}\n")
+        pieces += [(f"<|{role}|>", True), ("\n" + content, False), (END, True), ("\n", False)]
     if add_generation_prompt:
-        parts.append("<|assistant|>\n")
-    return "".join(parts)
+        pieces += [("<|assistant|>", True), ("\n", False)]
+    return pieces

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentd.errors import AgentdError, InvalidArgument, NotFound
-from agentd.generate.chat import BOS, render_chat
+from agentd.generate.chat import BOS, chat_pieces
 from agentd.generate.config import LMConfig, is_language_model, load_lm_config
 from agentd.generate.engine import EngineObserver
 from agentd.generate.text_stream import TextStream
@@ -28,9 +28,15 @@ log = logging.getLogger("agentd.generate")
 
 
 class PromptTooLong(InvalidArgument):
-    def __init__(self, tokens: int, context: int, model: str) -> None:
-        super().__init__(f"the prompt is {tokens} tokens; {model}'s context is {context} tokens")
+    """``tokens`` is None when the text was refused for its length, before tokenizing."""
+
+    def __init__(self, tokens: int | None, context: int, model: str) -> None:
         self.tokens, self.context = tokens, context
+        super().__init__(f"the prompt is {self.size}; {model}'s context is {context} tokens")
+
+    @property
+    def size(self) -> str:
+        return f"over {self.context} tokens" if self.tokens is None else f"{self.tokens} tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +51,28 @@ class LanguageModel:
 
     def completion_prompt(self, text: str) -> list[int]:
         """A raw prompt, after the beginning-of-sequence token the model was trained with."""
+        self._check_length(len(text))
         return self.tokenizer.encode(BOS + text)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
-        return self.tokenizer.encode(render_chat(messages))
+        """The chat template around the messages; special tokens inside a message's
+        content are its text, not template tokens."""
+        pieces = chat_pieces(messages)
+        self._check_length(sum(len(text) for text, _special in pieces))
+        tokenizer = self.tokenizer
+        ids: list[int] = []
+        for text, special in pieces:
+            token = tokenizer.token_id(text) if special else None
+            ids += [token] if token is not None else tokenizer.encode_plain(text)
+        return ids
+
+    def _check_length(self, chars: int) -> None:
+        """PromptTooLong for a text that cannot fit the context whatever its tokens (twice
+        the per-token bound, for normalizers that shorten text): tokenizing megabytes on
+        the event loop would stall every other request."""
+        context = self.config.context_length
+        if chars > 2 * context * self.tokenizer.max_token_chars:
+            raise PromptTooLong(None, context, self.name)
 
     def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> TextStream:
         """Start a completion. ``max_tokens`` is cut to what the context leaves after the

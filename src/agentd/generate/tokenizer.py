@@ -19,14 +19,26 @@ class Tokenizer:
 
         try:
             self._tokenizer = _RustTokenizer.from_file(str(path))
+            # A second copy that reads special tokens written in text as plain text, for
+            # chat contents: a user must not be able to forge ``<|system|>`` turns.
+            self._plain = _RustTokenizer.from_file(str(path))
         except Exception as exc:  # the library raises plain Exception on a bad file
             raise InvalidArgument(f"cannot read tokenizer {path}: {exc}") from None
+        self._plain.encode_special_tokens = True
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        # Text per token at most (a byte-level token's string has one char per byte):
+        # a text over context * this cannot fit and is refused without tokenizing it.
+        self.max_token_chars = max(map(len, vocab), default=1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|end|>``) map to
         their ids. Nothing is added (the chat template and prompts carry their own BOS)."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special tokens written in it read as plain text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special)

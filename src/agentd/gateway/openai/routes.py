@@ -135,7 +135,7 @@ class OpenAIRoutes:
     async def _completion(self, data: Any, receive: Receive, send: Send) -> None:
         request = parse_completion(data)
         model = self._service.get(request.model)
-        stream = _start(model, model.completion_prompt(request.prompt), request.params, "prompt")
+        stream = _start(model, request.prompt, request.params, "prompt")
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -170,7 +170,7 @@ class OpenAIRoutes:
     async def _chat(self, data: Any, receive: Receive, send: Send) -> None:
         request = parse_chat(data)
         model = self._service.get(request.model)
-        stream = _start(model, model.chat_prompt(request.messages), request.params, "messages")
+        stream = _start(model, request.messages, request.params, "messages")
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def frame(choice: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -232,13 +232,18 @@ class _MethodNotAllowed(Exception):
         self.allowed = allowed
 
 
-def _start(model: LanguageModel, prompt_ids: list[int], params: Any, field: str) -> TextStream:
+def _start(
+    model: LanguageModel, prompt: str | list[dict[str, str]], params: Any, field: str
+) -> TextStream:
     try:
+        if isinstance(prompt, str):
+            prompt_ids = model.completion_prompt(prompt)
+        else:
+            prompt_ids = model.chat_prompt(prompt)
         return model.complete(prompt_ids, params)
     except PromptTooLong as exc:
         raise RequestError(
-            f"'{field}' is {exc.tokens} tokens; the model's context is {exc.context} tokens",
-            field,
+            f"'{field}' is {exc.size}; the model's context is {exc.context} tokens", field
         ) from None
 
 
