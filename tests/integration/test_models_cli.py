@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from agentd.inference import DataType
 from agentd.testing import start_server
@@ -82,3 +84,33 @@ def test_admin_paths_without_a_model_name_are_404(repo_server, path):
     response = httpx.post(repo_server.url + path)
     assert response.status_code == 404
     assert "Traceback" not in repo_server.log()
+
+
+def test_a_failed_reload_keeps_the_previous_version_serving(tmp_path):
+    write_identity_model(tmp_path / "models", "mine", DataType.FP32)
+    running = start_server(["--plugins", str(tmp_path)])
+    try:
+        client = httpclient.InferenceServerClient(running.target)
+
+        def infer() -> list[float]:
+            tensor = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+            return client.infer("mine", [tensor]).as_numpy("OUTPUT0").ravel().tolist()
+
+        assert infer() == [0.0, 1.0, 2.0, 3.0]
+        model_file = tmp_path / "models" / "mine" / "model.onnx"
+        good = model_file.read_bytes()
+        model_file.write_bytes(b"not a model any more")
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("mine")
+        assert "not a loadable ONNX model" in str(caught.value)
+        assert "previous version is still served" in str(caught.value)
+        assert client.is_model_ready("mine") and infer() == [0.0, 1.0, 2.0, 3.0]
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+        assert index["mine"]["state"] == "READY" and "reload failed" in index["mine"]["reason"]
+        model_file.write_bytes(good)
+        client.load_model("mine")
+        index = {m["name"]: m for m in client.get_model_repository_index()}
+        assert index["mine"]["reason"] == "" and infer() == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        running.stop()

@@ -54,8 +54,10 @@ class ModelAdmin:
             name, action = _model_action(path)  # type: ignore[misc]  # label() matched it
             if action == "load":
                 entry = await self._service.load(name)
-                if entry.state is not ModelState.READY:
-                    message = f"failed to load {name!r}: {entry.reason}"
+                if entry.load_error:
+                    message = f"failed to load {name!r}: {entry.load_error}"
+                    if entry.state is ModelState.READY:
+                        message += " (the previous version is still served)"
                     await send_json(send, 400, {"error": message})
                     return
             else:

@@ -42,6 +42,9 @@ class ModelEntry:
     reason: str = ""
     executor: RuntimeExecutor | None = None
     config: ModelConfig | None = None
+    # Why the last load or reload failed ("" after a success). A failed reload of a
+    # serving model leaves it READY on its previous executor, so state alone cannot say.
+    load_error: str = ""
 
 
 def builtin_models_dir() -> Path:
@@ -89,10 +92,15 @@ class ModelRepository:
             raise NotFound(f"unknown model {name!r}")
         return entry
 
-    def load(self, name: str) -> ModelEntry:
-        """Load (or reload) one model; blocking, run it off the event loop."""
+    def load(self, name: str) -> tuple[ModelEntry, RuntimeExecutor | None]:
+        """Load (or reload) one model; blocking, run it off the event loop. Returns the
+        entry and the executor the new one replaced, for the caller to close once nothing
+        runs on it. A failed reload of a serving model keeps it serving the previous
+        version (READY, with ``load_error`` set), as Triton does; otherwise FAILED."""
         entry = self.entry(name)
-        entry.state = ModelState.LOADING
+        serving = entry.executor is not None and entry.state is ModelState.READY
+        if not serving:
+            entry.state = ModelState.LOADING
         try:
             config = load_model_config(entry.source / CONFIG_FILE, entry.name)
             if config.name != entry.name:
@@ -103,21 +111,25 @@ class ModelRepository:
             loader = self._loader_for(entry.source, config.platform)
             executor = loader.load(entry.source, config)
         except AgentdError as exc:
-            entry.state, entry.reason, entry.executor = ModelState.FAILED, exc.message, None
-            log.error("model %s failed to load: %s", name, exc.message)
-            return entry
+            entry.load_error = exc.message
+            if serving:
+                entry.reason = f"reload failed, serving the previous version: {exc.message}"
+                log.error("model %s failed to reload (still serving): %s", name, exc.message)
+            else:
+                entry.state, entry.reason, entry.executor = ModelState.FAILED, exc.message, None
+                log.error("model %s failed to load: %s", name, exc.message)
+            return entry, None
         old, entry.executor, entry.config = entry.executor, executor, config
-        entry.state, entry.reason = ModelState.READY, ""
-        if old is not None:
-            old.close()
+        entry.state, entry.reason, entry.load_error = ModelState.READY, "", ""
         log.info("model %s loaded from %s", name, entry.source)
-        return entry
+        return entry, old
 
     def unload(self, name: str) -> ModelEntry:
         entry = self.entry(name)
         if entry.executor is not None:
             entry.executor.close()
         entry.state, entry.reason, entry.executor = ModelState.UNLOADED, "", None
+        entry.load_error = ""
         return entry
 
     def _loader_for(self, source: Path, platform: str) -> ModelLoader:

@@ -91,10 +91,17 @@ class InferenceService:
         return self._batchers.get(name)
 
     async def load(self, name: str) -> ModelEntry:
+        """Load or reload ``name``; a model being reloaded serves its previous version
+        until the new one is ready, and keeps serving it when the reload fails
+        (``entry.load_error`` says why)."""
         self._repository.scan()
-        await self._drop_batcher(name)
         loop = asyncio.get_running_loop()
-        entry = await loop.run_in_executor(self._pool, self._repository.load, name)
+        entry, replaced = await loop.run_in_executor(self._pool, self._repository.load, name)
+        if entry.load_error:
+            return entry
+        await self._drop_batcher(name)
+        if replaced is not None:
+            replaced.close()
         if entry.executor is not None and entry.config is not None:
             batcher = DynamicBatcher(
                 name, entry.executor.run, entry.config.batching, self._pool, self._observer
