@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _END = object()  # closes a turn's event stream
 _NO_MESSAGE = object()  # an activation's next_message when none waits
+# No stored row loads as an empty state, so an agent whose state is still empty has
+# nothing to store: stateless agents (echo) leave no rows behind.
+_EMPTY_SNAPSHOTS = (b"", b"{}")
 _TURNS_PER_RUN = 64
 _perf_counter = time.perf_counter
 _dumps = orjson.dumps
@@ -148,7 +151,7 @@ class _Activation:
                 try:
                     await self.agent.handle(Context(self.address, self.state, None, host), message)  # type: ignore[arg-type]
                     state = self.state
-                    if not state and self.snapshot == b"{}":
+                    if not state and self.snapshot in _EMPTY_SNAPSHOTS:
                         continue  # still empty: nothing to serialise or store
                     try:
                         snapshot = _dumps(state)
@@ -293,8 +296,8 @@ class _Activation:
             snapshot = orjson.dumps(self.state)
         except TypeError as exc:
             raise Internal(f"agent {self.address} state is not JSON-serialisable: {exc}") from None
-        if snapshot == self.snapshot:
-            return None
+        if snapshot == self.snapshot or (snapshot == b"{}" and not self.snapshot):
+            return None  # unchanged (no row and an empty state read the same)
         # orjson's result sits in a ~4 KiB buffer; keep an exact-size copy instead.
         self.snapshot = snapshot = memoryview(snapshot).tobytes()
         return snapshot

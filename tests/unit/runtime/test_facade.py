@@ -164,3 +164,39 @@ async def test_passivation_keeps_state(runtime):
     counts = {t.name: t.active_instances for t in runtime.list_types()}
     assert counts["flaky"] == 0
     assert (await runtime.invoke("flaky/p", Message()))[1].text == "2"
+
+
+class Toggle(Agent):
+    name = "toggle"
+
+    async def handle(self, ctx, message):
+        if message.text == "set":
+            ctx.state["on"] = True
+        elif message.text == "clear":
+            ctx.state.clear()
+        return "ok"
+
+
+async def test_only_turns_that_change_the_state_store_it():
+    registry = AgentRegistry()
+    registry.register(Sleepy)
+    registry.register(Toggle)
+    store = MemoryStateStore()
+    host = ActorHost(registry, store, pool=WorkerPool(4, 100))
+    await host.start()
+    try:
+        # Stateless agents leave no rows behind, told or asked.
+        await host.ask("sleepy/a", Message(text="0"))
+        await host.tell("sleepy/b", Message(text="0"))
+        await host.ask("toggle/t", Message(text="noop"))
+        async with asyncio.timeout(5):
+            while host.turns < 3:  # the told turn too
+                await asyncio.sleep(0.001)
+        assert store.writes == 0 and store.snapshots == {}
+        await host.ask("toggle/t", Message(text="set"))
+        await host.ask("toggle/t", Message(text="set"))  # unchanged: no second write
+        assert store.writes == 1 and store.snapshots["toggle/t"] == b'{"on":true}'
+        await host.ask("toggle/t", Message(text="clear"))  # emptied: stored as such
+        assert store.writes == 2 and store.snapshots["toggle/t"] == b"{}"
+    finally:
+        await host.aclose()
