@@ -65,11 +65,21 @@ class AgentRegistry:
                     and obj is not Agent
                     and obj.__module__ == module.__name__
                 ):
+                    replaced = self._types.get(obj.name)
                     try:
                         self.register(obj)
                     except InvalidArgument as exc:
                         log.error("agent plugin %s: %s", path, exc.message)
                         continue
+                    if replaced is not None and replaced is not obj:
+                        log.warning(
+                            "agent plugin %s: %s replaces the agent type %r registered before "
+                            "(%s)",
+                            path,
+                            obj.__qualname__,
+                            obj.name,
+                            f"{replaced.__module__}.{replaced.__qualname__}",
+                        )
                     loaded.append(obj.name)
         return loaded
 

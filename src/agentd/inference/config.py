@@ -70,6 +70,8 @@ def _tensors(items: list[_Tensor] | None) -> tuple[TensorSpec, ...] | None:
 def load_model_config(path: Path, default_name: str) -> ModelConfig:
     """Parse ``path`` (may be absent: defaults with ``default_name``). Raises InvalidArgument."""
     data: Any = {}
+    if path.exists() and not path.is_file():
+        raise InvalidArgument(f"{path}: a model config must be a file")
     if path.is_file():
         try:
             data = yaml.safe_load(path.read_text()) or {}

@@ -48,3 +48,21 @@ def test_streams_natively():
 
     assert Echo.streams_natively()
     assert not Plain.streams_natively()
+
+
+def test_a_plugin_replacing_a_builtin_is_logged(tmp_path, caplog):
+    from agentd.agents.builtin import Echo
+
+    (tmp_path / "mine.py").write_text(
+        "from agentd import Agent\n\n"
+        "class MyEcho(Agent):\n"
+        "    name = 'echo'\n\n"
+        "    async def handle(self, ctx, message):\n"
+        "        return 'mine'\n"
+    )
+    registry = AgentRegistry()
+    registry.register(Echo)
+    assert registry.load_directory(tmp_path) == ["echo"]
+    assert registry.get("echo").__qualname__ == "MyEcho"
+    assert "MyEcho replaces the agent type 'echo'" in caplog.text
+    assert "Echo" in caplog.text

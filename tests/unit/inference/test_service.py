@@ -134,3 +134,13 @@ def test_zero_copy_input_binding(repo_dir):
     assert values[0].data_ptr() == view.ctypes.data  # the session reads the request's bytes
     out = executor.run({"input": view})["output"]
     assert out.shape == (2, 4)
+
+
+def test_a_config_path_that_is_a_folder_is_refused(tmp_path):
+    from agentd.inference.config import load_model_config
+
+    (tmp_path / "config.yaml").mkdir()
+    with pytest.raises(InvalidArgument, match="must be a file"):
+        load_model_config(tmp_path / "config.yaml", "m")
+    # An absent config still means defaults.
+    assert load_model_config(tmp_path / "absent.yaml", "m").name == "m"
