@@ -110,6 +110,17 @@ def load_language_model(
         from agentd.generate.hf_backend import load_hf
 
         generator = load_hf(config.model_path, config.name)
+    served = generator.info.context_length
+    if served < config.context_length:
+        # The model's own positions bound the context; report what is really served.
+        log.warning(
+            "model %s: context_length %d in its config is more than the model holds; "
+            "serving %d tokens",
+            config.name,
+            config.context_length,
+            served,
+        )
+        config = dataclasses.replace(config, context_length=served)
     return LanguageModel(config, generator, tokenizer)
 
 

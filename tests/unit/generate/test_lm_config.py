@@ -50,3 +50,12 @@ def test_bad_engine_settings_are_refused_naming_the_field(tinylm, field, value):
     rewrite(tinylm, **{field: value})
     with pytest.raises(InvalidArgument, match=field):
         load_lm_config(tinylm)
+
+
+def test_a_context_beyond_the_model_is_served_as_the_model_holds(tinylm, caplog):
+    from agentd.generate.service import load_language_model
+
+    rewrite(tinylm, context_length=100_000, kv_cache={"block_size": 16, "blocks": 8})
+    model = load_language_model(load_lm_config(tinylm), threads=1)
+    assert model.config.context_length == model.generator.info.context_length == 1024
+    assert "serving 1024 tokens" in caplog.text
