@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,17 +15,30 @@ if TYPE_CHECKING:
 
 __all__ = ["swarm"]
 
+MAX_WORKERS = 1_000_000
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
 
 def swarm(
     agents: Annotated[int, typer.Option("--agents", "-n", help="Number of agents.")] = 100_000,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     persist: Annotated[
-        bool, typer.Option("--persist/--no-persist", help="Persist agent state in SQLite.")
+        bool,
+        typer.Option(
+            "--persist/--no-persist",
+            help="Persist agent state in SQLite (--no-persist: in memory; refuses --state-path).",
+        ),
     ] = True,
     state_path: Annotated[
-        Path | None, typer.Option(help="SQLite file (default: a temporary one).")
+        Path | None,
+        typer.Option(
+            help="SQLite file (default: a temporary one). Created if missing; an existing file"
+            " must be a SQLite database."
+        ),
     ] = None,
-    workers: Annotated[int, typer.Option(help="Worker tasks running turns.")] = 8192,
+    workers: Annotated[
+        int, typer.Option(help=f"Worker tasks running turns (1 to {MAX_WORKERS:,}).")
+    ] = 8192,
 ) -> None:
     """Run the multi-agent demo in-process: each agent gets a start message, asks the
     `decision` model (batched across agents), and reports to a collector that checks it
@@ -31,6 +46,44 @@ def swarm(
     if agents < 1:
         typer.echo("error: --agents must be at least 1", err=True)
         raise typer.Exit(2)
+    if not 1 <= workers <= MAX_WORKERS:
+        typer.echo(
+            f"error: --workers must be between 1 and {MAX_WORKERS:,}, not {workers}", err=True
+        )
+        raise typer.Exit(2)
+    if state_path is not None and not persist:
+        typer.echo(
+            "error: --state-path is unused with --no-persist (state stays in memory);"
+            " drop one of them",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if state_path is not None and (problem := _state_path_problem(state_path)):
+        typer.echo(f"error: --state-path: {problem}", err=True)
+        raise typer.Exit(2)
+    import sqlite3
+
+    try:
+        result = _run(agents, persist, state_path, workers, json_out)
+    except (sqlite3.Error, OSError) as exc:
+        where = f" ({state_path})" if state_path is not None else ""
+        typer.echo(f"error: agent state store{where}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_out:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        _print(result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _run(
+    agents: int,
+    persist: bool,
+    state_path: Path | None,
+    workers: int,
+    json_out: bool,
+) -> SwarmResult:
     import uvloop
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -64,12 +117,39 @@ def swarm(
                     progress=progress,
                 )
             )
-    if json_out:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
+    return result
+
+
+def _state_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot hold the swarm's SQLite state, or None. Checked before the run so
+    that nothing is created, and an existing file that is not SQLite is never touched."""
+    if path.exists():
+        if path.is_dir():
+            return f"{path} is a directory, not a SQLite file"
+        if not path.is_file():
+            return f"{path} is not a regular file"
+        try:
+            with path.open("rb") as f:
+                header = f.read(len(_SQLITE_HEADER))
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        if header and header != _SQLITE_HEADER:
+            return f"{path} exists and is not a SQLite database; it was left as it is"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"{path} is not writable"
+        folder = path.parent
     else:
-        _print(result)
-    if not result.ok:
-        raise typer.Exit(1)
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"cannot create {path}: {folder} is not a directory"
+    try:  # SQLite writes its journal next to the file
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder}: {exc.strerror or exc}"
+    return None
 
 
 def _print(result: SwarmResult) -> None:
