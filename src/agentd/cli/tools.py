@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from agentd.settings import Settings
     from agentd.tools.build import BuildResult
 
-__all__ = ["ensure_tools", "tools"]
+__all__ = ["ensure_tools", "settings_or_exit", "tools"]
 
 tools = typer.Typer(
     name="tools",
@@ -43,6 +43,36 @@ def _build(settings: Settings, console: Console, *, force: bool = False) -> Buil
         )
 
 
+def settings_or_exit(**flags: Any) -> Settings:
+    """``load_settings(**flags)``, or one ``error: invalid settings: ...`` line on stderr and
+    exit 2 when a flag, an ``AGENTD_*`` variable or the config file holds a bad value."""
+    from pydantic import ValidationError
+
+    from agentd.settings import load_settings
+
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        typer.echo(f"error: invalid settings: {problems}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as exc:  # the config file: unreadable, not YAML, not a mapping
+        typer.echo(f"error: invalid settings: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _describe(error: Any) -> str:
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    if not where:
+        return message
+    env = f"AGENTD_{where.upper()}"
+    env = env if len(error["loc"]) == 1 and env in os.environ else None  # name it if set
+    got = repr(error.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{where}{f' ({env})' if env else ''}: {message} (got {got})"
+
+
 def ensure_tools(settings: Settings, console: Console) -> None:
     """For ``agentd serve``: build the tool artefact when it is missing (first start, or the
     tool files changed). A failed build is reported and the server starts without tools."""
@@ -67,7 +97,7 @@ def ensure_tools(settings: Settings, console: Console) -> None:
 def build(
     plugins: Annotated[Path | None, typer.Option(help="Plugin folder (default ./plugins).")] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Artefact cache [env: AGENTD_TOOLS_CACHE_DIR].")
+        Path | None, typer.Option(help="Artefact cache \\[env: AGENTD_TOOLS_CACHE_DIR].")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even when a cached build exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
@@ -79,15 +109,18 @@ def build(
     from rich.console import Console
     from rich.table import Table
 
-    from agentd.settings import load_settings
     from agentd.tools import ToolBuildError
+    from agentd.tools.build import CacheDirError
 
-    settings = load_settings(plugins=plugins, tools_cache_dir=cache_dir)
+    settings = settings_or_exit(plugins=plugins, tools_cache_dir=cache_dir)
     console = Console(stderr=json_out, highlight=False)
     try:
         result = _build(settings, console, force=force)
+    except CacheDirError as exc:  # a bad --cache-dir (or AGENTD_TOOLS_CACHE_DIR)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except ToolBuildError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     artefact = result.artefact
     if json_out:
@@ -116,25 +149,33 @@ def _client_headers(token: str | None) -> dict[str, str]:
 @tools.command("list")
 def list_tools(
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
-    token: Annotated[str | None, typer.Option(help="Bearer token [env: AGENTD_TOKEN].")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
 ) -> None:
     """List the tools of a running server (GET /v1/tools)."""
     import httpx
 
+    from agentd.cli.call import answer_json, not_agentd
+
     try:
         response = httpx.get(f"{url}/v1/tools", headers=_client_headers(token), timeout=30)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         typer.echo(f"error: cannot reach {url}: {exc}", err=True)
         raise typer.Exit(1) from None
+    body = answer_json(response, url)
     if response.status_code != 200:
         typer.echo(f"error: {response.status_code} {response.text}", err=True)
         raise typer.Exit(1)
-    body = response.json()
-    if not body["available"]:
+    try:
+        lines = [
+            f"{tool['name']}({', '.join(tool['parameters'].get('properties', {}))})"
+            for tool in body["tools"]
+        ]
+    except (KeyError, TypeError, AttributeError):
+        not_agentd(url, response)
+    if not body.get("available", True):
         typer.echo(f"tools unavailable: {body.get('reason', '')}", err=True)
-    for tool in body["tools"]:
-        params = ", ".join(tool["parameters"].get("properties", {}))
-        typer.echo(f"{tool['name']}({params})")
+    for line in lines:
+        typer.echo(line)
 
 
 @tools.command("call")
@@ -142,10 +183,12 @@ def call_tool(
     name: Annotated[str, typer.Argument(help="Tool name.")],
     arguments: Annotated[str, typer.Argument(help="Keyword arguments as a JSON object.")] = "{}",
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
-    token: Annotated[str | None, typer.Option(help="Bearer token [env: AGENTD_TOKEN].")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
 ) -> None:
     """Call a tool on a running server and print its JSON result."""
     import httpx
+
+    from agentd.cli.call import answer_json, not_agentd
 
     try:
         response = httpx.post(
@@ -154,10 +197,12 @@ def call_tool(
             headers=_client_headers(token),
             timeout=60,
         )
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         typer.echo(f"error: cannot reach {url}: {exc}", err=True)
         raise typer.Exit(1) from None
-    body = response.json()
+    body = answer_json(response, url)
+    if not isinstance(body, dict):
+        not_agentd(url, response)
     if response.status_code != 200:
         typer.echo(f"error: {body.get('code')}: {body.get('message')}", err=True)
         raise typer.Exit(1)

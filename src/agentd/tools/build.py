@@ -37,6 +37,7 @@ from agentd.tools.types import LoadError, ToolSpec
 
 __all__ = [
     "BuildResult",
+    "CacheDirError",
     "ToolArtefact",
     "build_tools",
     "find_artefact",
@@ -122,7 +123,7 @@ def build_tools(
     final = cache_dir / digest
     if not force and (found := load_artefact(final)) is not None:
         return BuildResult(found, False, time.perf_counter() - started)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_cache_dir(cache_dir)
     with _locked(cache_dir / f".{digest}.lock"):
         if not force and (found := load_artefact(final)) is not None:
             return BuildResult(found, False, time.perf_counter() - started)  # built meanwhile
@@ -142,6 +143,24 @@ def build_tools(
         raise ToolBuildError(f"the artefact in {final} vanished after the build")
     say(f"built {len(manifest['tools'])} tools in {time.perf_counter() - started:.1f} s")
     return BuildResult(artefact, True, time.perf_counter() - started)
+
+
+class CacheDirError(ToolBuildError):
+    """The cache folder cannot be created or written to (a setting to fix, not a build)."""
+
+
+def _prepare_cache_dir(cache_dir: Path) -> None:
+    """Create the cache folder; a path that cannot be one is a CacheDirError naming it."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheDirError(f"tools cache directory {cache_dir} exists and is not a directory")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as exc:
+        raise CacheDirError(
+            f"cannot use {cache_dir} as the tools cache directory: {exc.strerror or exc}"
+        ) from None
 
 
 def _build_into(
