@@ -14,13 +14,15 @@ def models(
     action: Annotated[str, typer.Argument(help="list, load or unload.")] = "list",
     name: Annotated[str | None, typer.Argument(help="Model name (for load and unload).")] = None,
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
-    token: Annotated[str | None, typer.Option(help="Bearer token [env: AGENTD_TOKEN].")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
 ) -> None:
     """Show the models of a running server (tensor models and language models), or load /
     unload a tensor model."""
     import httpx
     from rich.console import Console
     from rich.table import Table
+
+    from agentd.cli.call import answer_json, not_agentd
 
     token = token or os.environ.get("AGENTD_TOKEN")
     headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -38,25 +40,30 @@ def models(
                 language_models = client.get("/v1/models")
             else:
                 response = client.post(f"/v2/repository/models/{name}/{action}")
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         typer.echo(f"error: cannot reach {url}: {exc}", err=True)
         raise typer.Exit(1) from None
     if response.status_code != 200:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
+        body = answer_json(response, url)
+        message = body.get("error", response.text) if isinstance(body, dict) else response.text
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(1)
     if action != "list":
         typer.echo(f"{name}: {action}ed")
         return
     table = Table("model", "version", "state", "reason", title="tensor models (KServe v2)")
-    for item in response.json():
-        table.add_row(item["name"], item["version"], item["state"], item.get("reason", ""))
+    try:
+        for item in answer_json(response, url):
+            table.add_row(item["name"], item["version"], item["state"], item.get("reason", ""))
+    except (KeyError, TypeError, AttributeError):
+        not_agentd(url, response)
     Console().print(table)
     if language_models is not None and language_models.status_code == 200:
         table = Table("model", "platform", "context", title="language models (OpenAI API)")
-        for item in language_models.json().get("data", []):
-            table.add_row(item["id"], item.get("platform", ""), str(item.get("context_length", "")))
+        try:
+            for item in language_models.json().get("data", []):
+                context = str(item.get("context_length", ""))
+                table.add_row(item["id"], item.get("platform", ""), context)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # the tensor models were listed; an odd /v1/models answer adds nothing
         Console().print(table)
