@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
@@ -16,6 +17,8 @@ from rich.console import Console
 
 __all__ = [
     "DEFAULT_RESULTS_DIR",
+    "ResultsDirError",
+    "check_results_dir",
     "machine_info",
     "package_versions",
     "run_and_publish",
@@ -24,6 +27,32 @@ __all__ = [
 ]
 
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
+
+
+class ResultsDirError(ValueError):
+    """The results folder cannot be created or written to."""
+
+
+def check_results_dir(results_dir: Path | None = None) -> Path:
+    """Create the results folder when missing and make sure a file can be written in it, so
+    a bad folder is refused before a benchmark runs rather than after (losing the run)."""
+    results_dir = results_dir or DEFAULT_RESULTS_DIR
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ResultsDirError(f"results folder {results_dir} exists and is not a directory")
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsDirError(
+            f"cannot create results folder {results_dir}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=results_dir, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ResultsDirError(
+            f"cannot write in results folder {results_dir}: {exc.strerror or exc}"
+        ) from None
+    return results_dir
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -105,6 +134,7 @@ def run_and_publish(
     def progress(line: str) -> None:
         progress_console.print(f"[dim]{line}[/dim]", soft_wrap=True)
 
+    check_results_dir(results_dir)  # before measuring: a bad folder must not cost the run
     now = datetime.now(UTC)
     doc = build(measure(progress), now)
     path = write_results(suite, doc, results_dir, stamp=utc_stamp(now))

@@ -7,11 +7,13 @@ from typing import Annotated
 
 import typer
 
+from agentd.bench import SUITES
+
 __all__ = ["bench"]
 
 
 def bench(
-    suite: Annotated[str, typer.Argument(help="Suite to run: gateway.")] = "gateway",
+    suite: Annotated[str, typer.Argument(help=f"Suite to run: {', '.join(SUITES)}.")] = "gateway",
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the JSON instead of a table.")
     ] = False,
@@ -19,18 +21,29 @@ def bench(
         bool, typer.Option("--quick", help="Short runs (about 1 min in all), for tests.")
     ] = False,
     out_dir: Annotated[
-        Path | None, typer.Option(help="Results folder (default: benchmarks/results).")
+        Path | None,
+        typer.Option(
+            help="Results folder (default: benchmarks/results); created if missing,"
+            " checked before the benchmark runs."
+        ),
     ] = None,
 ) -> None:
     """Benchmark agentd against peer servers measured in the same run."""
     import importlib
 
-    from agentd.bench import SUITES
+    from agentd.bench.results import ResultsDirError, check_results_dir
+    from agentd.cli.tools import settings_or_exit
 
     target = SUITES.get(suite)
     if target is None:
         typer.echo(f"error: unknown suite {suite!r}; choose from: {', '.join(SUITES)}", err=True)
         raise typer.Exit(2)
+    settings_or_exit()  # the suites start servers and build tools from these settings
+    try:
+        check_results_dir(out_dir)
+    except ResultsDirError as exc:
+        typer.echo(f"error: --out-dir: {exc}", err=True)
+        raise typer.Exit(2) from None
     module_name, func_name = target.split(":")
     module = importlib.import_module(module_name)
     error_type = getattr(module, "BenchError", RuntimeError)
