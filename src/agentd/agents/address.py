@@ -37,8 +37,15 @@ def parse_address(text: str) -> Address:
         instance_id = DEFAULT_ID
     if not _TYPE.fullmatch(type_name):
         raise InvalidArgument(
-            f"malformed agent address {text!r}: the type must match {_TYPE.pattern}"
+            f"malformed agent address {_clip(text)!r}: the type must match {_TYPE.pattern}"
         )
     if not _ID.fullmatch(instance_id):
-        raise InvalidArgument(f"malformed agent address {text!r}: the id must match {_ID.pattern}")
+        raise InvalidArgument(
+            f"malformed agent address {_clip(text)!r}: the id must match {_ID.pattern}"
+        )
     return Address(type_name, instance_id)
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    # Error messages echo the address; a megabyte of it must not come back as the error.
+    return text if len(text) <= limit else text[:limit] + "\u2026"
