@@ -541,3 +541,66 @@ def test_metrics_label_kserve_routes_without_model_names(raw_http, http_client) 
     text = raw_http.get("/metrics").text
     assert 'method="/v2/models/{name}/infer"' in text
     assert "ident_fp32/infer" not in text
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_model_config("decision"),
+        lambda c: c.get_inference_statistics("decision"),
+        lambda c: c.get_model_repository_index(),
+    ],
+    ids=["ModelConfig", "ModelStatistics", "RepositoryIndex"],
+)
+def test_grpc_unimplemented_methods_are_unimplemented(grpc_client, http_client, call) -> None:
+    # Was a bare HTTP 404, which tritonclient reports as "Received http2 header with
+    # status: 404"; now a gRPC status the client can act on.
+    with pytest.raises(InferenceServerException) as err:
+        call(grpc_client)
+    assert err.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert "unknown method" in err.value.message()
+    assert_healthy(http_client)
+
+
+def test_grpc_stream_infer_is_unimplemented(stub, http_client) -> None:
+    request = service_pb2.ModelInferRequest(model_name="ident_fp32")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ModelStreamInfer(iter([request]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert_healthy(http_client)
+
+
+def _grpc_fp32_request(**parameter: Any) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="ident_fp32")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.ones((1, 4), dtype=np.float32).tobytes())
+    for kind, value in parameter.items():
+        setattr(request.parameters["timeout"], kind, value)
+    return request
+
+
+@pytest.mark.parametrize(
+    "parameter",
+    [{"int64_param": -1}, {"string_param": "x"}, {"double_param": 1.5}, {"bool_param": True}],
+    ids=["negative", "string", "double", "bool"],
+)
+def test_grpc_malformed_timeout_parameter_is_invalid_argument(stub, http_client, parameter) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(_grpc_fp32_request(**parameter), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout" in err.value.details()
+    assert_healthy(http_client)
+
+
+def test_grpc_timeout_parameter_bounds_the_request(grpc_client, stub, http_client) -> None:
+    # As over REST: 1 µs cannot cover the batching window, so the request gives up.
+    request = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+    request.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as err:
+        grpc_client.infer("ident_fp32", [request], timeout=1)
+    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    # 0 means no request-level timeout, and a generous one lets the request finish.
+    for micros in (0, 30_000_000):
+        reply = stub.ModelInfer(_grpc_fp32_request(int64_param=micros), timeout=10)
+        assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [1.0] * 4
+    assert_healthy(http_client)

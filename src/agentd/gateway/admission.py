@@ -1,15 +1,30 @@
-"""Admission checks before a request reaches a handler: bearer tokens and body size."""
+"""Admission checks before a request reaches a handler: bearer tokens, body size, content
+encoding and, for enveloped (gRPC, gRPC-Web, Connect streaming) bodies, their framing."""
 
 from __future__ import annotations
 
 import hmac
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from connectrpc.code import Code as ConnectCode
 from connectrpc.errors import ConnectError
 
-__all__ = ["BodyTooLarge", "TokenCheck", "buffer_body", "counting_receive", "replay"]
+from agentd.errors import InvalidArgument, ResourceExhausted
+from agentd.gateway.protocol import clip
+
+__all__ = [
+    "BodyTooLarge",
+    "InflatedTooLarge",
+    "TokenCheck",
+    "UnsupportedEncoding",
+    "buffer_body",
+    "counting_receive",
+    "framed_receive",
+    "inflate",
+    "replay",
+]
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -92,3 +107,111 @@ def counting_receive(receive: Receive, limit: int) -> Receive:
         return message
 
     return limited_receive
+
+
+class UnsupportedEncoding(InvalidArgument):
+    """A Content-Encoding other than gzip, deflate or identity."""
+
+
+class InflatedTooLarge(ResourceExhausted):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"decompressed request body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+def inflate(body: bytes, encoding: bytes | None, limit: int) -> bytes:
+    """``body`` decoded as its ``Content-Encoding`` says (gzip, deflate or identity).
+
+    Raises UnsupportedEncoding for any other encoding, InvalidArgument for a malformed or
+    truncated stream and InflatedTooLarge when it inflates past ``limit`` bytes; inflation
+    stops one byte past the limit, so a small "gzip bomb" costs no more than ``limit``.
+    """
+    name = b"identity" if encoding is None else encoding.strip().lower()
+    if name in (b"identity", b""):
+        return body
+    wbits = _WBITS.get(name)
+    if wbits is None:
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding {clip(name.decode('latin-1'))!r}; "
+            "use gzip, deflate or identity"
+        )
+    what = name.decode()
+    parts: list[bytes] = []
+    size = 0
+    rest: bytes = body
+    while True:  # gzip allows several members, one after the other (as gzip.decompress does)
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidArgument(f"malformed {what} body: {exc}") from None
+        size += len(part)
+        if size > limit:
+            raise InflatedTooLarge(limit)
+        if not inflater.eof:
+            raise InvalidArgument(f"malformed {what} body: truncated")
+        parts.append(part)
+        rest = inflater.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if wbits == zlib.MAX_WBITS:
+            raise InvalidArgument(f"malformed {what} body: bytes after the end of the stream")
+
+
+def framed_receive(receive: Receive, limit: int, *, unary: bool) -> Receive:
+    """A receive callable for enveloped bodies (gRPC, gRPC-Web, Connect streaming).
+
+    Fails past ``limit`` bytes (RESOURCE_EXHAUSTED), like :func:`counting_receive`, and
+    checks the framing as the bytes go by: a body that ends inside a frame (its 5-byte prefix
+    or its message) is INVALID_ARGUMENT, and so is a body with no message at all for a method
+    that takes exactly one (``unary``). connect-python would report both as UNIMPLEMENTED
+    "unary request has zero messages", or silently drop the partial frame.
+    """
+    size = 0
+    frames = 0
+    prefix = b""  # the part of the current frame's 5-byte prefix seen so far
+    remaining = 0  # bytes of the current frame's message still to come
+
+    async def framed() -> dict[str, Any]:
+        nonlocal size, frames, prefix, remaining
+        message = await receive()
+        if message["type"] != "http.request":
+            return message
+        chunk = message.get("body", b"")
+        end = len(chunk)
+        size += end
+        if size > limit:
+            raise ConnectError(
+                ConnectCode.RESOURCE_EXHAUSTED,
+                f"request body is larger than the limit of {limit} bytes",
+            )
+        at = 0
+        while at < end:
+            if remaining:
+                step = min(remaining, end - at)
+                remaining -= step
+                at += step
+                continue
+            take = 5 - len(prefix)
+            prefix += chunk[at : at + take]
+            at += take
+            if len(prefix) == 5:
+                remaining = int.from_bytes(prefix[1:5], "big")
+                prefix = b""
+                frames += 1
+        if not message.get("more_body", False):
+            if prefix or remaining:
+                raise ConnectError(
+                    ConnectCode.INVALID_ARGUMENT,
+                    "malformed request: the body ends inside a message frame (truncated)",
+                )
+            if unary and frames == 0:
+                raise ConnectError(
+                    ConnectCode.INVALID_ARGUMENT, "malformed request: the body has no message"
+                )
+        return message
+
+    return framed

@@ -19,6 +19,7 @@ from agentd.gateway.admission import (
     TokenCheck,
     buffer_body,
     counting_receive,
+    framed_receive,
     replay,
 )
 from agentd.gateway.agent_service import AgentServiceImpl
@@ -31,9 +32,16 @@ from agentd.gateway.model_admin import ModelAdmin
 from agentd.gateway.observe import StatusRecorder
 from agentd.gateway.openai import OpenAIRoutes
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
-from agentd.gateway.protocol import Protocol, detect_protocol, header, send_error
+from agentd.gateway.protocol import (
+    Protocol,
+    clip,
+    detect_protocol,
+    header,
+    lower_content_type,
+    send_error,
+)
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
-from agentd.gateway.rpc_errors import install_strict_codecs
+from agentd.gateway.rpc_errors import BoundedGzip, check_grpc_timeout, install_strict_codecs
 from agentd.gateway.tools_api import TOOLS_PATH, ToolsApi
 from agentd.generate.service import GenerationService
 from agentd.inference import InferenceService, ModelRepository
@@ -89,7 +97,9 @@ class Gateway:
         install_strict_codecs()
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s, tools=self.tools)
-        agent_app = AgentServiceASGIApplication(agent_service, read_max_bytes=limit)
+        agent_app = AgentServiceASGIApplication(
+            agent_service, read_max_bytes=limit, compressions=[BoundedGzip(limit)]
+        )
         self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
         reflection = reflection_apps(
             ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, KSERVE_SERVICE, *REFLECTION_SERVICES])
@@ -112,6 +122,11 @@ class Gateway:
             [f"/{AGENT_SERVICE}/{m.name}" for m in agent_methods]
             + [path for app in rpc_apps[1:] for path in app.method_paths]
         )
+        # Methods that take a stream of requests; every other one takes exactly one message.
+        self._streaming_requests = frozenset(
+            [f"/{AGENT_SERVICE}/{m.name}" for m in agent_methods if m.client_streaming]
+            + [path for app in rpc_apps[1:] for path in app.streaming_requests]
+        )
         self._ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
         self._ops.routes[TOOLS_PATH] = ToolsApi(self.tools).list
         self._tokens = TokenCheck(settings.auth_tokens)
@@ -132,6 +147,8 @@ class Gateway:
         path: str = scope["path"]
         slash = path.find("/", 1)
         rpc_app = self._rpc_apps.get(path[:slash]) if slash > 0 else None
+        if rpc_app is not None:
+            lower_content_type(scope)
         protocol = detect_protocol(scope, rpc_path=rpc_app is not None)
         if rpc_app is not None:
             label = path if path in self._rpc_methods else "other"
@@ -192,13 +209,28 @@ class Gateway:
         if rpc_app is None and not rest_api:
             await self._serve_ops(scope, send, protocol, path)
             return
+        if rpc_app is not None and path not in self._rpc_methods:
+            # A known service without this method: UNIMPLEMENTED in the caller's protocol
+            # (a bare 404 reads as a transport failure to gRPC clients).
+            await send_error(
+                send, protocol, Code.UNIMPLEMENTED, f"unknown method {clip(path)}", status=404
+            )
+            return
         limit = self.settings.max_body_bytes
         length = header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await _too_large(send, protocol, limit)
             return
         if rpc_app is not None and protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
-            await rpc_app(scope, counting_receive(receive, limit), send)
+            problem = check_grpc_timeout(header(scope, b"grpc-timeout"))
+            if problem is not None:
+                await send_error(send, protocol, Code.INVALID_ARGUMENT, problem)
+                return
+            if _enveloped(header(scope, b"content-type")):
+                unary = path not in self._streaming_requests
+                await rpc_app(scope, framed_receive(receive, limit, unary=unary), send)
+            else:
+                await rpc_app(scope, counting_receive(receive, limit), send)
             return
         try:
             body, disconnected = await buffer_body(receive, limit)
@@ -211,24 +243,36 @@ class Gateway:
             if self._model_admin.label(path) is not None:
                 await self._model_admin.handle(scope, send)
             elif not await self._kserve.handle(scope, body, send):
-                await send_error(send, protocol, Code.NOT_FOUND, f"no route for {path}")
+                await send_error(send, protocol, Code.NOT_FOUND, f"no route for {clip(path)}")
             return
         assert rpc_app is not None
         if path == INVOKE_PATH and self._json_invoke.accepts(scope):
             await self._json_invoke(scope, body, send)
             return
-        await rpc_app(scope, replay(body, receive), send)
+        body_receive = replay(body, receive)
+        if (header(scope, b"content-type") or b"").startswith(b"application/connect+"):
+            # Connect streaming: the body is enveloped like gRPC's; check its framing too.
+            unary = path not in self._streaming_requests
+            body_receive = framed_receive(body_receive, limit, unary=unary)
+        await rpc_app(scope, body_receive, send)
 
     async def _serve_ops(self, scope: Scope, send: Send, protocol: Protocol, path: str) -> None:
         handler = self._ops.routes.get(path)
         if handler is None:
             if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
-                await send_error(send, protocol, Code.UNIMPLEMENTED, f"unknown method {path}")
+                await send_error(send, protocol, Code.UNIMPLEMENTED, f"unknown method {clip(path)}")
             else:
-                await send_error(send, protocol, Code.NOT_FOUND, f"no route for {path}")
+                await send_error(send, protocol, Code.NOT_FOUND, f"no route for {clip(path)}")
             return
         if scope["method"] not in ("GET", "HEAD"):
-            await send_error(send, protocol, Code.INVALID_ARGUMENT, "use GET", status=405)
+            await send_error(
+                send,
+                protocol,
+                Code.INVALID_ARGUMENT,
+                "use GET",
+                status=405,
+                headers=[(b"allow", b"GET, HEAD")],
+            )
             return
         await handler(send)
 
@@ -312,6 +356,16 @@ def build_runtime(
         max_active=settings.max_agent_instances,
     )
     return Runtime(host)
+
+
+def _enveloped(content_type: bytes | None) -> bool:
+    """Whether connect-python reads this body as gRPC or gRPC-Web envelopes (not, for
+    example, base64 ``application/grpc-web-text``, which it refuses with 415)."""
+    if content_type is None:
+        return False
+    return content_type in (b"application/grpc", b"application/grpc-web") or (
+        content_type.startswith((b"application/grpc+", b"application/grpc-web+"))
+    )
 
 
 def _has_trace(scope: Scope) -> bool:

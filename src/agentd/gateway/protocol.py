@@ -15,9 +15,11 @@ from agentd.errors import Code
 
 __all__ = [
     "Protocol",
+    "clip",
     "detect_protocol",
     "header",
     "http_status",
+    "lower_content_type",
     "send_body",
     "send_error",
     "send_json",
@@ -55,9 +57,29 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def clip(text: str, limit: int = 100) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis, for echoing client values in
+    error messages (a 1 MB value must not come back as a 1 MB error)."""
+    return text if len(text) <= limit else text[:limit] + "\u2026"
+
+
+def lower_content_type(scope: Scope) -> None:
+    """Lower-case the request's Content-Type in place: media types are case-insensitive
+    (RFC 9110), and connect-python compares them byte for byte."""
+    headers = scope["headers"]
+    for index, (key, value) in enumerate(headers):
+        if key == b"content-type":
+            lowered = value.lower()
+            if lowered != value:
+                headers = list(headers)
+                headers[index] = (key, lowered)
+                scope["headers"] = headers
+            return
+
+
 def detect_protocol(scope: Scope, *, rpc_path: bool) -> Protocol:
     """gRPC and gRPC-Web by content type; other requests to RPC paths are Connect."""
-    content_type = header(scope, b"content-type") or b""
+    content_type = (header(scope, b"content-type") or b"").lower()
     if content_type.startswith(b"application/grpc-web"):
         return Protocol.GRPC_WEB
     if content_type.startswith(b"application/grpc"):
@@ -74,27 +96,34 @@ def connect_code(code: Code) -> str:
 
 
 async def send_error(
-    send: Any, protocol: Protocol, code: Code, message: str, *, status: int | None = None
+    send: Any,
+    protocol: Protocol,
+    code: Code,
+    message: str,
+    *,
+    status: int | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer a request that never reached a handler with an error in its own protocol.
 
     gRPC and gRPC-Web get a trailers-only response (HTTP 200, grpc-status in the headers);
     Connect and plain HTTP get a JSON body ``{"code", "message"}`` with an HTTP status
-    (``status`` overrides the default mapping, e.g. 413 for an oversized body).
+    (``status`` overrides the default mapping, e.g. 413 for an oversized body). ``headers``
+    are added to an HTTP answer (``Allow`` on a 405, for example).
     """
     if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
         content_type = b"application/grpc" if protocol is Protocol.GRPC else b"application/grpc-web"
-        headers = [
+        trailers = [
             (b"content-type", content_type),
             (b"grpc-status", str(code.value).encode()),
             (b"grpc-message", quote(message, safe=" ").encode()),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": 200, "headers": trailers})
         await send({"type": "http.response.body", "body": b""})
         return
-    extra = None
+    extra = list(headers or ())
     if code is Code.UNAUTHENTICATED:
-        extra = [(b"www-authenticate", b'Bearer realm="agentd"')]
+        extra.append((b"www-authenticate", b'Bearer realm="agentd"'))
     await send_json(
         send, status or http_status(code), {"code": connect_code(code), "message": message}, extra
     )

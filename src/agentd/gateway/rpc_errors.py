@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import re
 from typing import Any
 
 from connectrpc import _codec as connect_codec
@@ -11,10 +13,20 @@ from connectrpc.request import RequestContext
 from google.protobuf.json_format import ParseError
 from google.protobuf.message import DecodeError
 
-from agentd.errors import AgentdError
-from agentd.gateway.protocol import connect_code
+from agentd.errors import AgentdError, InvalidArgument
+from agentd.gateway.admission import InflatedTooLarge, inflate
+from agentd.gateway.protocol import clip, connect_code
 
-__all__ = ["call_timeout", "install_strict_codecs", "to_connect_error"]
+__all__ = [
+    "BoundedGzip",
+    "call_timeout",
+    "check_grpc_timeout",
+    "install_strict_codecs",
+    "to_connect_error",
+]
+
+# gRPC over HTTP/2: "Timeout -> TimeoutValue TimeoutUnit", at most 8 ASCII digits.
+_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 
 
 def call_timeout(ctx: RequestContext, default_s: float | None) -> float | None:
@@ -66,3 +78,45 @@ def install_strict_codecs() -> None:
         if not isinstance(codec, _StrictCodec):
             what = "protobuf" if codec.name() == "proto" else "JSON"
             table[name] = _StrictCodec(codec, what)
+
+
+class BoundedGzip:
+    """connect-python's gzip compression, with the request side made safe.
+
+    connect-python inflates with ``gzip.decompress``: a malformed body raises a bare
+    ``BadGzipFile`` or ``EOFError`` (reported as UNKNOWN, an HTTP 500) and nothing bounds the
+    inflated size before it is all in memory. Here a bad stream is INVALID_ARGUMENT
+    "malformed gzip body" and inflation stops one byte past ``limit`` (RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(self, limit: int, level: int = 6) -> None:
+        self._limit = limit
+        self._level = level
+
+    def name(self) -> str:
+        return "gzip"
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return gzip.compress(data, compresslevel=self._level)
+
+    def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
+        try:
+            return inflate(bytes(data), b"gzip", self._limit)
+        except InflatedTooLarge as exc:
+            raise ConnectError(ConnectCode.RESOURCE_EXHAUSTED, exc.message) from None
+        except InvalidArgument as exc:
+            raise ConnectError(ConnectCode.INVALID_ARGUMENT, exc.message) from None
+
+
+def check_grpc_timeout(raw: bytes | None) -> str | None:
+    """Why a ``grpc-timeout`` header is malformed, or None when it is absent or well formed.
+
+    connect-python parses it with ``int()`` and reports a bad value as a ValueError, which
+    becomes an HTTP 500 with a Connect JSON body that no gRPC client can read.
+    """
+    if not raw or _GRPC_TIMEOUT.fullmatch(raw):
+        return None
+    return (
+        f"malformed grpc-timeout header {clip(raw.decode('latin-1'))!r}: "
+        "expected at most 8 digits and a unit (H, M, S, m, u or n)"
+    )

@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from connectrpc._server_shared import EndpointBidiStream, EndpointClientStream
 from connectrpc.method import IdempotencyLevel, MethodInfo
 from connectrpc.server import ConnectASGIApplication, Endpoint
+
+from agentd.gateway.rpc_errors import BoundedGzip
 
 __all__ = ["ServiceApp", "method"]
 
@@ -32,9 +35,20 @@ class ServiceApp(ConnectASGIApplication[Any]):
         self, path: str, endpoints: Mapping[str, Endpoint], *, read_max_bytes: int | None = None
     ) -> None:
         build: Callable[[Any], Mapping[str, Endpoint]] = lambda _svc: endpoints  # noqa: E731
-        super().__init__(service=object(), endpoints=build, read_max_bytes=read_max_bytes)
+        super().__init__(
+            service=object(),
+            endpoints=build,
+            read_max_bytes=read_max_bytes,
+            compressions=[BoundedGzip(read_max_bytes or 64 * 1024 * 1024)],
+        )
         self._path = path
         self.method_paths = tuple(endpoints)
+        # Paths whose method takes a stream of requests (the rest take exactly one).
+        self.streaming_requests = frozenset(
+            path
+            for path, endpoint in endpoints.items()
+            if isinstance(endpoint, EndpointClientStream | EndpointBidiStream)
+        )
 
     @property
     def path(self) -> str:

@@ -19,7 +19,7 @@ from connectrpc.request import RequestContext
 
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.kserve.codec import datatype_of, decode_contents, decode_raw, encode_raw
-from agentd.gateway.rpc_errors import call_timeout, to_connect_error
+from agentd.gateway.rpc_errors import BoundedGzip, call_timeout, to_connect_error
 from agentd.inference.types import ModelMetadata
 from agentd.kserve.v2 import grpc_service_pb2 as pb
 from agentd.kserve.v2.grpc_service_connect import GRPCInferenceServiceASGIApplication
@@ -32,9 +32,8 @@ __all__ = ["METHOD_PATHS", "SERVICE", "KServeGrpcApp", "KServeGrpcService", "kse
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
-METHOD_PATHS = tuple(
-    f"/{SERVICE}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
-)
+_METHODS = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+METHOD_PATHS = tuple(f"/{SERVICE}/{m.name}" for m in _METHODS)
 
 # Extensions agentd does not implement are refused, never silently ignored.
 _UNSUPPORTED_INPUT = ("shared_memory_region",)
@@ -87,9 +86,14 @@ class KServeGrpcService:
     async def model_infer(
         self, request: pb.ModelInferRequest, ctx: RequestContext
     ) -> pb.ModelInferResponse:
-        timeout = call_timeout(ctx, self._default_timeout_s)
+        deadline = call_timeout(ctx, None)
         name, version = request.model_name, request.model_version or None
         try:
+            requested = request_timeout(request)
+            # The tighter of the call's deadline and the request's own timeout; the server's
+            # default only when neither is given (as KServe REST does).
+            bounds = [t for t in (deadline, requested) if t is not None]
+            timeout = min(bounds) if bounds else self._default_timeout_s
             meta = self._service.metadata(name, version)
             outputs = await self._service.infer(
                 name,
@@ -105,6 +109,19 @@ class KServeGrpcService:
             # A bug, not the client's fault: keep the details in the log, not on the wire.
             log.exception("KServe ModelInfer for %r failed", name)
             raise ConnectError(ConnectCode.INTERNAL, "internal error") from exc
+
+
+def request_timeout(request: pb.ModelInferRequest) -> float | None:
+    """The request-level ``timeout`` parameter in seconds (microseconds on the wire, as in
+    Triton and KServe REST; 0 or absent: none)."""
+    if "timeout" not in request.parameters:
+        return None
+    param = request.parameters["timeout"]
+    kind = param.WhichOneof("parameter_choice")
+    value = getattr(param, kind) if kind in ("int64_param", "uint64_param") else -1
+    if value < 0:
+        raise InvalidArgument("parameter 'timeout' must be an integer number of microseconds")
+    return value / 1_000_000 if value else None
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -183,6 +200,7 @@ class KServeGrpcApp(GRPCInferenceServiceASGIApplication):
     """The generated ASGI app plus ``method_paths``, like the gateway's other RPC apps."""
 
     method_paths = METHOD_PATHS
+    streaming_requests = frozenset(f"/{SERVICE}/{m.name}" for m in _METHODS if m.client_streaming)
 
 
 def kserve_grpc_app(
@@ -190,5 +208,7 @@ def kserve_grpc_app(
 ) -> KServeGrpcApp:
     """The ASGI app serving ``/inference.GRPCInferenceService/*`` (gRPC, gRPC-Web, Connect)."""
     return KServeGrpcApp(
-        KServeGrpcService(service, default_timeout_s), read_max_bytes=read_max_bytes
+        KServeGrpcService(service, default_timeout_s),
+        read_max_bytes=read_max_bytes,
+        compressions=[BoundedGzip(read_max_bytes)],
     )

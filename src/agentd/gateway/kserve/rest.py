@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from agentd.errors import AgentdError, Code, InvalidArgument
+from agentd.gateway.admission import InflatedTooLarge, inflate
 from agentd.gateway.kserve.rest_codec import decode_request, encode_response
-from agentd.gateway.protocol import header, http_status
+from agentd.gateway.protocol import clip, header, http_status
 from agentd.inference.types import ModelMetadata, TensorSpec
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class KServeRest:
             return False
         head_only = scope["method"] == "HEAD"
         if route.kind is RouteKind.UNKNOWN:
-            await _error(send, Code.NOT_FOUND, f"no KServe route for {scope['path']}")
+            await _error(send, Code.NOT_FOUND, f"no KServe route for {clip(scope['path'])}")
             return True
         if scope["method"] not in route.methods:
             allow = ", ".join(route.methods).encode()
@@ -143,7 +143,7 @@ class KServeRest:
                 await self._infer(scope, body, send, route)
             else:
                 await self._get(send, route, head_only)
-        except _TooLarge as exc:
+        except InflatedTooLarge as exc:
             await _error(send, exc.code, exc.message, status=413)
         except AgentdError as exc:
             await _error(send, exc.code, exc.message)
@@ -198,33 +198,7 @@ class KServeRest:
         await send({"type": "http.response.body", "body": payload})
 
     def _decompress(self, scope: Scope, body: bytes) -> bytes:
-        encoding = header(scope, b"content-encoding")
-        if encoding is None or encoding == b"identity":
-            return body
-        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding.lower())
-        if wbits is None:
-            raise InvalidArgument(
-                f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; "
-                "use gzip, deflate or identity"
-            )
-        inflater = zlib.decompressobj(wbits)
-        try:
-            # One byte past the limit is enough to know it is too large: no inflation bomb.
-            data = inflater.decompress(body, self._max_body_bytes + 1)
-        except zlib.error as exc:
-            raise InvalidArgument(f"malformed {encoding.decode()} body: {exc}") from None
-        if len(data) > self._max_body_bytes:
-            raise _TooLarge(self._max_body_bytes)
-        if not inflater.eof:
-            raise InvalidArgument(f"truncated {encoding.decode()} body")
-        return data
-
-
-class _TooLarge(AgentdError):
-    code = Code.RESOURCE_EXHAUSTED
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"decompressed request body is larger than the limit of {limit} bytes")
+        return inflate(body, header(scope, b"content-encoding"), self._max_body_bytes)
 
 
 def _metadata_doc(metadata: ModelMetadata) -> dict[str, Any]:
@@ -254,7 +228,7 @@ def _header_length(scope: Scope) -> int | None:
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 18:
         raise InvalidArgument(
-            f"malformed Inference-Header-Content-Length {raw.decode('latin-1')!r}"
+            f"malformed Inference-Header-Content-Length {clip(raw.decode('latin-1'))!r}"
         )
     return int(raw)
 

@@ -19,10 +19,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from agentd.errors import AgentdError, Code
-from agentd.gateway.admission import BodyTooLarge, buffer_body
+from agentd.gateway.admission import (
+    BodyTooLarge,
+    InflatedTooLarge,
+    UnsupportedEncoding,
+    buffer_body,
+    inflate,
+)
 from agentd.gateway.detach import detach
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
-from agentd.gateway.protocol import http_status, send_json
+from agentd.gateway.protocol import clip, header, http_status, send_json
 from agentd.generate.service import PromptTooLong
 
 if TYPE_CHECKING:
@@ -74,7 +80,7 @@ class OpenAIRoutes:
         try:
             if path.startswith(_MODELS):
                 if method not in ("GET", "HEAD"):
-                    raise _MethodNotAllowed("GET")
+                    raise _MethodNotAllowed("GET, HEAD")
                 await self._models(path, send)
                 return
             if method != "POST":
@@ -92,6 +98,20 @@ class OpenAIRoutes:
             if gone:
                 return
             try:
+                body = inflate(body, header(scope, b"content-encoding"), self._limit)
+            except UnsupportedEncoding as exc:
+                await _send_error(
+                    send,
+                    415,
+                    exc.message,
+                    "invalid_request_error",
+                    headers=[(b"accept-encoding", b"gzip, deflate")],
+                )
+                return
+            except InflatedTooLarge as exc:
+                await _send_error(send, 413, exc.message, "invalid_request_error")
+                return
+            try:
                 data = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 raise RequestError(f"the body is not valid JSON: {exc}", None) from None
@@ -102,7 +122,13 @@ class OpenAIRoutes:
         except _ClientGone:
             log.debug("client left before its completion finished")
         except _MethodNotAllowed as exc:
-            await _send_error(send, 405, f"use {exc.allowed} for {path}", "invalid_request_error")
+            await _send_error(
+                send,
+                405,
+                f"use {exc.allowed} for {clip(path)}",
+                "invalid_request_error",
+                headers=[(b"allow", exc.allowed.encode())],
+            )
         except RequestError as exc:
             await _send_error(send, 400, exc.message, "invalid_request_error", param=exc.param)
         except AgentdError as exc:
@@ -319,7 +345,11 @@ async def _send_error(
     *,
     param: str | None = None,
     code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     await send_json(
-        send, status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        send,
+        status,
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        headers,
     )
