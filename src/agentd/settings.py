@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="require client certs signed by it")
     http3: bool = False
     plugins: Path = Path("plugins")
-    etcd: str | None = None
+    etcd: str | None = Field(
+        None, description="etcd URL for clustering; not available yet: serve refuses it"
+    )
 
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer tokens"
@@ -142,6 +144,9 @@ class _YamlFileSource(PydanticBaseSettingsSource):
             return {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings")
+        for key in data:
+            if not isinstance(key, str):
+                raise ValueError(f"config file {path}: setting names must be strings, not {key!r}")
         return {key.replace("-", "_"): value for key, value in data.items()}
 
 

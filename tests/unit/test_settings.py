@@ -54,3 +54,13 @@ def test_bad_config_files(tmp_path):
     unknown.write_text("prot: 1\n")
     with pytest.raises(ValidationError, match="prot"):
         load_settings(config=unknown)
+
+
+def test_config_file_with_non_string_keys(tmp_path):
+    config = tmp_path / "k.yaml"
+    config.write_text("1: 2\n")
+    with pytest.raises(ValueError, match="setting names must be strings, not 1"):
+        load_settings(config=config)
+    config.write_text("port: 9000\ntrue: 1\n")
+    with pytest.raises(ValueError, match="setting names must be strings"):
+        load_settings(config=config)
