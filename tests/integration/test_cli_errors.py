@@ -64,12 +64,12 @@ def test_swarm_refuses_unusable_state_paths(tmp_path, make, path, message):
     refused(out, 2, message)
 
 
-def test_swarm_reports_a_damaged_database_at_run_time(tmp_path):
+def test_swarm_refuses_a_damaged_database_up_front(tmp_path):
     db = tmp_path / "state.db"
     db.write_bytes(b"SQLite format 3\x00" + b"garbage" * 600)
     before = db.read_bytes()
     out = agentd("swarm", "--agents", "10", "--state-path", str(db), cwd=tmp_path)
-    refused(out, 1, "file is not a database")
+    refused(out, 2, "is not a SQLite database")
     assert db.read_bytes() == before
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,7 +14,6 @@ if TYPE_CHECKING:
 __all__ = ["swarm"]
 
 MAX_WORKERS = 1_000_000
-_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def swarm(
@@ -58,9 +55,15 @@ def swarm(
             err=True,
         )
         raise typer.Exit(2)
-    if state_path is not None and (problem := _state_path_problem(state_path)):
-        typer.echo(f"error: --state-path: {problem}", err=True)
-        raise typer.Exit(2)
+    if state_path is not None:
+        from agentd.server.envoy import ConfigError
+        from agentd.server.preflight import check_state_store
+
+        try:
+            check_state_store(state_path)  # the same check serve runs; writes nothing
+        except ConfigError as exc:
+            typer.echo(f"error: --state-path: {exc}", err=True)
+            raise typer.Exit(2) from None
     import sqlite3
 
     try:
@@ -118,38 +121,6 @@ def _run(
                 )
             )
     return result
-
-
-def _state_path_problem(path: Path) -> str | None:
-    """Why ``path`` cannot hold the swarm's SQLite state, or None. Checked before the run so
-    that nothing is created, and an existing file that is not SQLite is never touched."""
-    if path.exists():
-        if path.is_dir():
-            return f"{path} is a directory, not a SQLite file"
-        if not path.is_file():
-            return f"{path} is not a regular file"
-        try:
-            with path.open("rb") as f:
-                header = f.read(len(_SQLITE_HEADER))
-        except OSError as exc:
-            return f"cannot read {path}: {exc.strerror or exc}"
-        if header and header != _SQLITE_HEADER:
-            return f"{path} exists and is not a SQLite database; it was left as it is"
-        if not os.access(path, os.R_OK | os.W_OK):
-            return f"{path} is not writable"
-        folder = path.parent
-    else:
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir():
-            return f"cannot create {path}: {folder} is not a directory"
-    try:  # SQLite writes its journal next to the file
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        return f"cannot write in {folder}: {exc.strerror or exc}"
-    return None
 
 
 def _print(result: SwarmResult) -> None:

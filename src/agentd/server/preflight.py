@@ -13,6 +13,7 @@ import re
 import socket
 import sqlite3
 import ssl
+import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -141,11 +142,17 @@ def check_state_store(path: Path) -> None:
             raise ConfigError(f"{name} cannot be opened: {exc}") from None
         finally:
             db.close()
-        return
-    parent = path.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{name} cannot be created: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name} cannot be created: {parent} is not writable")
+        parent = path.absolute().parent
+    else:
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{name} cannot be created: {parent} is not a directory")
+    # SQLite writes its -wal and -shm files next to the database: try a write there (as
+    # root, os.access says yes to places such as /proc that refuse it).
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot write in {parent}: {exc.strerror or exc}") from None
