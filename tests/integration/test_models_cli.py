@@ -114,3 +114,15 @@ def test_a_failed_reload_keeps_the_previous_version_serving(tmp_path):
         assert index["mine"]["reason"] == "" and infer() == [0.0, 1.0, 2.0, 3.0]
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("name", ["decision?x=1", "a/b", "ghost#x"])
+def test_cli_names_are_one_path_segment(repo_server, name):
+    out = agentd("models", "load", name, "--url", repo_server.url)
+    assert out.returncode == 1
+    assert f"unknown model {name!r}" in out.stderr, out.stderr
+
+
+def test_cli_refuses_dot_names(repo_server):
+    out = agentd("models", "unload", "..", "--url", repo_server.url)
+    assert out.returncode == 2 and "not a model name" in out.stderr

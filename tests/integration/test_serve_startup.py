@@ -263,3 +263,10 @@ def test_explain_envoy_log():
         "Envoy refused its configuration: malformed IP address: localhost"
     )
     assert explain_envoy_log("something else\n") is None
+
+
+def test_plugins_path_that_is_a_file(tmp_path):
+    (tmp_path / "notes").write_text("x")
+    out = serve("--plugins", str(tmp_path / "notes"), state=tmp_path / "agents.db")
+    assert_one_line_error(out, "plugins", "is not a directory")
+    assert out.returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Annotated
+from urllib.parse import quote
 
 import typer
 
@@ -32,6 +33,9 @@ def models(
     if action != "list" and not name:
         typer.echo(f"error: {action} needs a model name", err=True)
         raise typer.Exit(2)
+    if name in (".", ".."):
+        typer.echo(f"error: {name!r} is not a model name", err=True)
+        raise typer.Exit(2)
     language_models = None
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
@@ -39,7 +43,8 @@ def models(
                 response = client.post("/v2/repository/index")
                 language_models = client.get("/v1/models")
             else:
-                response = client.post(f"/v2/repository/models/{name}/{action}")
+                # A name is one path segment: '?', '/' or '..' in it must not change the route.
+                response = client.post(f"/v2/repository/models/{quote(name, safe='')}/{action}")
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         typer.echo(f"error: cannot reach {url}: {exc}", err=True)
         raise typer.Exit(1) from None

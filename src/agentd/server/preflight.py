@@ -32,6 +32,8 @@ def preflight(settings: Settings) -> Settings:
         settings = settings.model_copy(update={"host": host})
     if settings.tls_cert is not None and settings.tls_key is not None:
         check_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if settings.plugins.exists() and not settings.plugins.is_dir():
+        raise ConfigError(f"plugins {settings.plugins} is not a directory")
     if settings.state_store == "sqlite":
         check_state_store(settings.state_path)
     check_bind(settings.host, settings.port, udp=settings.http3)
