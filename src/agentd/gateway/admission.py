@@ -170,24 +170,18 @@ def framed_receive(receive: Receive, limit: int, *, unary: bool) -> Receive:
     that takes exactly one (``unary``). connect-python would report both as UNIMPLEMENTED
     "unary request has zero messages", or silently drop the partial frame.
     """
-    size = 0
+    counted = counting_receive(receive, limit)
     frames = 0
     prefix = b""  # the part of the current frame's 5-byte prefix seen so far
     remaining = 0  # bytes of the current frame's message still to come
 
     async def framed() -> dict[str, Any]:
-        nonlocal size, frames, prefix, remaining
-        message = await receive()
+        nonlocal frames, prefix, remaining
+        message = await counted()
         if message["type"] != "http.request":
             return message
         chunk = message.get("body", b"")
         end = len(chunk)
-        size += end
-        if size > limit:
-            raise ConnectError(
-                ConnectCode.RESOURCE_EXHAUSTED,
-                f"request body is larger than the limit of {limit} bytes",
-            )
         at = 0
         while at < end:
             if remaining:
