@@ -128,7 +128,7 @@ class Context:
         )
         params.validate()
         lm = service.get(model) if model else service.default()
-        ids = lm.completion_prompt(prompt) if isinstance(prompt, str) else lm.chat_prompt(prompt)
+        ids = lm.prompt_ids(prompt)
         pieces = lm.complete(ids, params).__aiter__()
         try:
             while True:

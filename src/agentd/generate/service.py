@@ -66,6 +66,12 @@ class LanguageModel:
             ids += [token] if token is not None else tokenizer.encode_plain(text)
         return ids
 
+    def prompt_ids(self, prompt: str | Sequence[Mapping[str, object]]) -> list[int]:
+        """A raw prompt (``str``) or chat messages, as token ids."""
+        if isinstance(prompt, str):
+            return self.completion_prompt(prompt)
+        return self.chat_prompt(prompt)
+
     def _check_length(self, chars: int) -> None:
         """PromptTooLong for a text that cannot fit the context whatever its tokens (twice
         the per-token bound, for normalizers that shorten text): tokenizing megabytes on

@@ -262,11 +262,7 @@ def _start(
     model: LanguageModel, prompt: str | list[dict[str, str]], params: Any, field: str
 ) -> TextStream:
     try:
-        if isinstance(prompt, str):
-            prompt_ids = model.completion_prompt(prompt)
-        else:
-            prompt_ids = model.chat_prompt(prompt)
-        return model.complete(prompt_ids, params)
+        return model.complete(model.prompt_ids(prompt), params)
     except PromptTooLong as exc:
         raise RequestError(
             f"'{field}' is {exc.size}; the model's context is {exc.context} tokens", field
