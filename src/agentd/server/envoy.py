@@ -325,20 +325,24 @@ def explain_envoy_log(log: str) -> str | None:
     config = _CONFIG_ERROR.search(log)
     if config is not None and "dynamic module" not in config["message"]:
         return f"Envoy refused its configuration: {config['message']}"
-    # The gateway's start-up (ASGI lifespan) raised: pyvoy logs the traceback after this
-    # line. Other tracebacks (a plugin that failed to load, and was skipped) are not fatal.
-    lines = log.splitlines()
-    start = next((i for i, line in enumerate(lines) if "Exception in ASGI lifespan" in line), None)
-    if start is not None:
-        for i in range(start + 1, len(lines)):
-            if lines[i].startswith("Traceback (most recent call last):"):
-                for after in lines[i + 1 :]:
-                    if after.strip() and not after.startswith((" ", "\t")):
-                        return f"the gateway failed to start: {after.strip()}"
-                break
+    if (error := _lifespan_error(log)) is not None:
+        return f"the gateway failed to start: {error}"
     if config is not None:
         return f"Envoy refused its configuration: {config['message']}"
     return None
+
+
+def _lifespan_error(log: str) -> str | None:
+    """The exception line of the traceback pyvoy logs after "Exception in ASGI lifespan"
+    (the gateway's start-up raised). Other tracebacks, such as a plugin that failed to load
+    and was skipped, come before it and are not fatal."""
+    _, found, after = log.partition("Exception in ASGI lifespan")
+    _, found_tb, trace = after.partition("Traceback (most recent call last):")
+    if not (found and found_tb):
+        return None
+    # The first unindented line after the frames names the exception.
+    lines = trace.splitlines()[1:]
+    return next((ln.strip() for ln in lines if ln.strip() and ln[0] not in " \t"), None)
 
 
 def bind_error(host: str, port: int | str, code: int | None, reason: str | None) -> str:
