@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     )
     max_queued_tool_calls: int = Field(4096, gt=0, description="tool calls waiting (backpressure)")
     tool_pool_size: int = Field(2, ge=0, description="sandbox instances prepared ahead of calls")
+    tool_max_running_per_tool: int | None = Field(
+        None, gt=0, description="calls of one tool running at once; default: half of tool_threads"
+    )
+    tool_max_queued_per_tool: int = Field(
+        1024, gt=0, description="calls of one tool waiting (backpressure)"
+    )
+    tool_max_total_memory_bytes: int = Field(
+        1024 * 1024 * 1024,
+        gt=0,
+        description="sandbox memory all running calls may reserve (each its per-call limit)",
+    )
 
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint")
     service_name: str = "agentd"
@@ -104,6 +115,17 @@ class Settings(BaseSettings):
             raise ValueError("http3 needs TLS: give tls_cert and tls_key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: give tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tool_memory(self) -> Settings:
+        # Each running call reserves its limit from the budget: over it, no call could run.
+        if self.tool_max_memory_bytes > self.tool_max_total_memory_bytes:
+            raise ValueError(
+                f"tool_max_memory_bytes ({self.tool_max_memory_bytes:,}) is larger than "
+                f"tool_max_total_memory_bytes ({self.tool_max_total_memory_bytes:,}): "
+                "no tool call could run; raise the budget or lower the per-call limit"
+            )
         return self
 
     @property

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from agentd.tools.admission import AdmissionStats
 
 __all__ = ["Metrics"]
 
@@ -19,6 +23,13 @@ _RUNTIME_SERIES = (
     ("pool_rejected", "counter", "agentd_pool_rejections", "Messages refused: queue full."),
     ("state_writes", "counter", "agentd_state_writes", "Agent state rows written."),
     ("state_commits", "counter", "agentd_state_commits", "State store transactions."),
+    ("state_errors", "counter", "agentd_state_store_errors", "State store commits that failed."),
+    (
+        "state_failing",
+        "gauge",
+        "agentd_state_store_failing",
+        "1 while state store commits fail (then /readyz answers 503), else 0.",
+    ),
 )
 
 
@@ -34,6 +45,43 @@ class _RuntimeCollector:
         for key, kind, name, help_text in _RUNTIME_SERIES:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, help_text, value=values.get(key, 0))
+
+
+class _ToolAdmissionCollector:
+    """The tool scheduler's gauges, read at scrape time from the latest service watched."""
+
+    def __init__(self, read: Callable[[], AdmissionStats]) -> None:
+        self.read = read
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        stats = self.read()
+        queued = GaugeMetricFamily(
+            "agentd_tool_calls_queued", "Tool calls waiting for a thread, by tool.", labels=["tool"]
+        )
+        for tool, count in sorted(stats.queued_per_tool.items()):
+            queued.add_metric([tool], count)
+        yield queued
+        running = GaugeMetricFamily(
+            "agentd_tool_calls_running",
+            "Tool calls holding a thread (until it is free), by tool.",
+            labels=["tool"],
+        )
+        for tool, count in sorted(stats.running_per_tool.items()):
+            running.add_metric([tool], count)
+        yield running
+        yield GaugeMetricFamily(
+            "agentd_tool_memory_reserved_bytes",
+            "Sandbox memory the running tool calls reserve (their per-call limit each).",
+            value=stats.memory_reserved_bytes,
+        )
+        yield CounterMetricFamily(
+            "agentd_tool_queue_rejections",
+            "Tool calls refused because a queue was full.",
+            value=stats.num_rejected,
+        )
 
 
 _LATENCY_BUCKETS = (
@@ -158,6 +206,14 @@ class Metrics:
             buckets=(1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11),
             registry=r,
         )
+        self._tool_queue_wait = Histogram(
+            "agentd_tool_queue_wait_seconds",
+            "Time a tool call waited for its turn before it started.",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._tool_admission: _ToolAdmissionCollector | None = None
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):
@@ -209,11 +265,24 @@ class Metrics:
         if fuel:
             self._child(self._tool_fuel, tool).observe(fuel)
 
+    def tool_call_started(self, tool: str, waited_s: float) -> None:
+        """A tool call got its thread after waiting ``waited_s`` (on the event loop)."""
+        self._child(self._tool_queue_wait, tool).observe(waited_s)
+
+    def watch_tool_admission(self, read: Callable[[], AdmissionStats]) -> None:
+        """Expose the tool scheduler's statistics, read from ``read()`` at scrape time; a
+        later call replaces the reader (one tool service per node)."""
+        if self._tool_admission is None:
+            self._tool_admission = _ToolAdmissionCollector(read)
+            self.registry.register(self._tool_admission)
+        else:
+            self._tool_admission.read = read
+
     def watch_runtime(self, read: Callable[[], dict[str, float]]) -> None:
         """Expose the runtime's gauges and counters, read from ``read()`` at scrape time.
 
         ``read`` returns: active_agents, passivated_agents, messages_waiting, pool_queued,
-        pool_busy, pool_rejected, state_writes, state_commits.
+        pool_busy, pool_rejected, state_writes, state_commits, state_errors, state_failing.
         """
         self.registry.register(_RuntimeCollector(read))
 

@@ -35,6 +35,9 @@ def open_tool_service(settings: Settings, observer: ToolObserver | None = None) 
         "limits": limits,
         "threads": settings.tool_threads,
         "max_queued": settings.max_queued_tool_calls,
+        "max_running_per_tool": settings.tool_max_running_per_tool,
+        "max_queued_per_tool": settings.tool_max_queued_per_tool,
+        "max_total_memory_bytes": settings.tool_max_total_memory_bytes,
         "observer": observer,
     }
     artefact = find_artefact(settings.tools_cache_dir, settings.plugins / "tools")

@@ -1,9 +1,11 @@
-"""The protocol-neutral tool service: validate, queue, run off the event loop, observe.
+"""The protocol-neutral tool service: validate, admit fairly, run off the event loop, observe.
 
 Agents (``ctx.tool``) and the gateway (``ListTools``, ``CallTool``, ``GET /v1/tools``)
-call this. It knows nothing of wasmtime: calls go to a :class:`ToolRuntime` (the WASM
-sandbox in production) on a fixed pool of threads, so a long tool never blocks the event
-loop or other requests.
+call this. It knows nothing of wasmtime: calls wait their turn in a queue per tool
+(:class:`~agentd.tools.admission.FairScheduler`: round-robin across tools, a cap per tool, a
+total memory budget) and then run on a :class:`ToolRuntime` (the WASM sandbox in production)
+on a fixed pool of threads, so a long tool never blocks the event loop, and a flood of one
+tool's calls does not hold up another tool's.
 """
 
 from __future__ import annotations
@@ -14,30 +16,32 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
+from agentd.tools.admission import AdmissionLimits, AdmissionStats, FairScheduler, Grant
 from agentd.tools.errors import (
     ToolArgumentsInvalid,
     ToolCallFailed,
     ToolDeadlineExceeded,
     ToolInputTooLarge,
     ToolNotFound,
-    ToolQueueFull,
     ToolResultInvalid,
     ToolsUnavailable,
 )
 from agentd.tools.schema import check_arguments
 from agentd.tools.types import CallOutcome, ToolLimits, ToolSpec
 
-__all__ = ["ToolObserver", "ToolRuntime", "ToolService"]
+__all__ = ["ToolAdmissionObserver", "ToolObserver", "ToolRuntime", "ToolService"]
 
 log = logging.getLogger(__name__)
 
 # Waiting this long past a call's deadline before deciding it never started: a running call
 # ends at its own deadline (the sandbox's epoch check), within about one epoch.
 _DEADLINE_GRACE_S = 0.05
+# The total memory the running calls may reserve when the caller names no budget.
+_DEFAULT_MEMORY_BUDGET = 1024 * 1024 * 1024
 
 
 class ToolRuntime(Protocol):
@@ -57,14 +61,33 @@ class ToolObserver(Protocol):
     def tool_call_finished(self, tool: str, outcome: str, seconds: float, fuel: int) -> None: ...
 
 
+@runtime_checkable
+class ToolAdmissionObserver(Protocol):
+    """What an observer may also offer (the metrics do): the queue wait of each call that
+    starts, and a reader of the admission statistics to sample at scrape time."""
+
+    def tool_call_started(self, tool: str, waited_s: float) -> None: ...
+
+    def watch_tool_admission(self, read: Callable[[], AdmissionStats]) -> None: ...
+
+
 class ToolService:
     """Tool calls for one node.
 
-    Owns a thread pool of ``threads`` workers and the runtime ``open_runtime`` returns at
-    :meth:`start`; :meth:`aclose` lets running calls end (each within its deadline) and
-    frees both. At most ``threads + max_queued`` calls are admitted at once; more get
-    ToolQueueFull. With ``open_runtime=None`` the service lists no tools and every call
-    gets ToolsUnavailable with ``unavailable_reason``.
+    Owns a thread pool of ``threads`` workers, the runtime ``open_runtime`` returns at
+    :meth:`start` and the fair scheduler that admits calls to the threads; :meth:`aclose`
+    answers every waiting call ToolsUnavailable, lets running calls end (each within its
+    deadline) and frees the rest.
+
+    Admission: at most ``threads`` calls run at once, at most ``max_running_per_tool`` of
+    one tool (default: half the threads, at least 1), and no more than
+    ``max_total_memory_bytes // limits.max_memory_bytes`` (each running call reserves its
+    memory limit). Others wait, at most ``max_queued`` in all and ``max_queued_per_tool``
+    per tool (more get ToolQueueFull), and free threads take them round-robin across tools.
+    A waiting call gets ToolDeadlineExceeded at its deadline without running. With
+    ``open_runtime=None`` the service lists no tools and every call gets ToolsUnavailable
+    with ``unavailable_reason``. Raises ValueError when one call's memory limit is over the
+    budget.
     """
 
     def __init__(
@@ -75,19 +98,38 @@ class ToolService:
         limits: ToolLimits,
         threads: int = 4,
         max_queued: int = 4096,
+        max_running_per_tool: int | None = None,
+        max_queued_per_tool: int | None = None,
+        max_total_memory_bytes: int | None = None,
         observer: ToolObserver | None = None,
         unavailable_reason: str = "no tool component is loaded",
     ) -> None:
+        budget = max_total_memory_bytes or max(_DEFAULT_MEMORY_BUDGET, limits.max_memory_bytes)
+        if limits.max_memory_bytes > budget:
+            raise ValueError(
+                f"the memory limit per tool call ({limits.max_memory_bytes:,} bytes) is larger "
+                f"than the total tool memory budget ({budget:,} bytes): no call could run"
+            )
         self._specs = {spec.name: spec for spec in tools}
         self._open_runtime = open_runtime
         self._limits = limits
         self._threads = threads
-        self._capacity = threads + max_queued
+        self._scheduler = FairScheduler(
+            AdmissionLimits(
+                max_running=threads,
+                max_running_per_tool=max_running_per_tool or max(1, threads // 2),
+                max_queued=max_queued,
+                max_queued_per_tool=max_queued_per_tool or max_queued,
+                max_memory_bytes=budget,
+            )
+        )
         self._observer = observer
+        self._admission_observer = observer if isinstance(observer, ToolAdmissionObserver) else None
+        if self._admission_observer is not None:
+            self._admission_observer.watch_tool_admission(self._scheduler.statistics)
         self._unavailable = unavailable_reason
         self._runtime: ToolRuntime | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._in_flight = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -111,8 +153,9 @@ class ToolService:
         executor, runtime = self._executor, self._runtime
         self._executor = self._runtime = None
         self._unavailable = "the tool service is shut down"
+        # Every waiting caller is answered now; running calls end by their own deadline.
+        self._scheduler.close(self._unavailable)
         if executor is not None:
-            # Queued calls are cancelled; running ones end by their own deadline.
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
         if runtime is not None:
             runtime.close()
@@ -129,7 +172,16 @@ class ToolService:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Calls waiting or running (a call counts until its thread is free)."""
+        return self._scheduler.in_flight
+
+    @property
+    def admission_limits(self) -> AdmissionLimits:
+        return self._scheduler.limits
+
+    def statistics(self) -> AdmissionStats:
+        """Calls running and waiting, per tool, memory reserved, calls refused."""
+        return self._scheduler.statistics()
 
     def list_tools(self) -> list[ToolSpec]:
         return [self._specs[name] for name in sorted(self._specs)]
@@ -153,10 +205,12 @@ class ToolService:
     ) -> Any:
         """Call tool ``name`` with keyword ``arguments``; return its result (parsed JSON).
 
-        Bounded by the configured limits and by ``timeout`` (seconds). Raises a
-        :class:`ToolCallFailed` subclass: ToolNotFound, ToolArgumentsInvalid, ToolError (the
-        tool raised), ToolOutOfFuel, ToolOutOfMemory, ToolDeadlineExceeded, ... Cancelling
-        the caller cancels a call still queued; a running one ends by its deadline.
+        Bounded by the configured limits and by ``timeout`` (seconds), the time waiting for a
+        thread included. Raises a :class:`ToolCallFailed` subclass: ToolNotFound,
+        ToolArgumentsInvalid, ToolError (the tool raised), ToolOutOfFuel, ToolOutOfMemory,
+        ToolDeadlineExceeded, ToolQueueFull, ToolsUnavailable (shut down while waiting), ...
+        Cancelling the caller removes a call still queued; a running one ends by its
+        deadline.
         """
         return orjson.loads(await self.call_json(name, arguments or {}, timeout=timeout))
 
@@ -175,10 +229,6 @@ class ToolService:
             arguments_json = self._encode_arguments(spec, arguments)
             if self._executor is None:
                 raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
-            if self._in_flight >= self._capacity:
-                raise ToolQueueFull(
-                    f"too many tool calls in flight ({self._in_flight}); try again later"
-                )
         except ToolCallFailed as exc:
             self._observe(name if name in self._specs else "unknown", exc.kind, started, 0)
             raise
@@ -225,24 +275,58 @@ class ToolService:
     async def _run(
         self, name: str, arguments_json: str, timeout: float | None, started: float
     ) -> CallOutcome:
-        executor = self._executor
-        assert executor is not None  # checked by the caller, on this loop, with no await since
         budget = self._limits.timeout_s
         if timeout is not None:
             budget = min(budget, max(0.0, timeout))
+        deadline = time.monotonic() + budget
+        try:
+            grant = await self._scheduler.admit(
+                name, memory_bytes=self._limits.max_memory_bytes, timeout=budget
+            )
+        except asyncio.CancelledError:
+            self._observe(name, "cancelled", started, 0)
+            raise
+        except ToolCallFailed as exc:  # queue full, deadline while waiting, shut down
+            self._observe(name, exc.kind, started, 0)
+            raise
+        if self._admission_observer is not None:
+            self._admission_observer.tool_call_started(name, grant.waited_s)
+        return await self._run_admitted(name, arguments_json, grant, budget, deadline, started)
+
+    async def _run_admitted(
+        self,
+        name: str,
+        arguments_json: str,
+        grant: Grant,
+        budget: float,
+        deadline: float,
+        started: float,
+    ) -> CallOutcome:
+        executor = self._executor
+        if executor is None:  # shut down between the grant and now
+            grant.release()
+            return self._shut_down(name, started)
         loop = asyncio.get_running_loop()
-        self._in_flight += 1
-        job = executor.submit(self._job, name, arguments_json, time.monotonic() + budget)
-        # Admission counts a call until its thread is free, even when the caller is gone.
-        job.add_done_callback(lambda _: _call_soon(loop, self._release))
+        try:
+            job = executor.submit(self._job, name, arguments_json, deadline)
+        except RuntimeError:  # the pool is shutting down
+            grant.release()
+            return self._shut_down(name, started)
+        # From here the slot is released only when the job is done (run or cancelled): it
+        # stays taken until the thread is free, even when the caller is gone.
+        job.add_done_callback(lambda _: _call_soon(loop, grant.release))
         future = asyncio.wrap_future(job)
         try:
-            done, _ = await asyncio.wait({future}, timeout=budget + _DEADLINE_GRACE_S)
+            done, _ = await asyncio.wait(
+                {future}, timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
+            )
         except asyncio.CancelledError:
-            if job.cancel():  # still queued: it will never run
+            if job.cancel():  # not started on its thread yet: it will never run
                 self._observe(name, "cancelled", started, 0)
             raise
         if done:
+            if future.cancelled():  # the pool was shut down before the job started
+                return self._shut_down(name, started)
             # Prepare the next instance only now: a refill racing the hand-back of this
             # result for the GIL and the address space cost the caller ~1 ms.
             loop.call_soon(self._refill)
@@ -252,14 +336,12 @@ class ToolService:
             message = f"tool {name!r} waited past its deadline to start"
         else:
             # Running but past its deadline: blocked in a host call, which the epoch check
-            # cannot interrupt. The caller gets its answer now; the thread is released when
-            # the host call returns (and the sandbox then traps on the deadline).
+            # cannot interrupt. The caller gets its answer now; the thread (and its slot)
+            # is released when the host call returns (and the sandbox then traps on the
+            # deadline).
             log.warning("tool %r is past its %.3g s deadline in a host call", name, budget)
             message = f"tool {name!r} did not finish within {budget:.2g} s"
         return CallOutcome(None, ToolDeadlineExceeded(message), 0)
-
-    def _release(self) -> None:
-        self._in_flight -= 1
 
     def _job(self, name: str, arguments_json: str, deadline: float) -> CallOutcome:
         # Runs on a pool thread.
@@ -271,6 +353,10 @@ class ToolService:
         kind = "ok" if outcome.error is None else outcome.error.kind
         self._observe(name, kind, started, outcome.fuel_used)
         return outcome
+
+    def _shut_down(self, name: str, started: float) -> CallOutcome:
+        self._observe(name, ToolsUnavailable.kind, started, 0)
+        return CallOutcome(None, ToolsUnavailable("tools are unavailable: " + self._unavailable), 0)
 
     def _refill(self) -> None:
         executor, runtime = self._executor, self._runtime
