@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 
 import grpc
 import httpx
 import openai
+import orjson
 import pytest
 
 from agentd.v1 import agent_pb2, agent_pb2_grpc
@@ -283,3 +286,88 @@ def test_finished_and_abandoned_requests_leave_no_errors_in_the_server_log(clien
         left.close()
     time.sleep(1.0)  # the server completes the abandoned futures after the responses
     assert "InvalidStateError" not in server.log()
+
+
+def _cut_stream(server, path: str, body: dict, mode: int) -> None:
+    """Open a streaming request on a raw socket and leave at a point given by ``mode``:
+    0 after the first event, 1 right after sending, 2 after the first bytes of the
+    response, 3 with a reset (SO_LINGER 0) after the first event."""
+    data = orjson.dumps(body)
+    content_type = "application/connect+json" if path.startswith("/agentd") else "application/json"
+    if content_type == "application/connect+json":
+        data = b"\x00" + len(data).to_bytes(4, "big") + data
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(data)}\r\n\r\n"
+    )
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(head.encode() + data)
+        if mode == 1:
+            return
+        received = b""
+        while (mode == 2 and not received) or (mode != 2 and b"\n\n" not in received):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+            if content_type == "application/connect+json" and len(received) > 200:
+                break
+        if mode == 3:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _settled(http: httpx.Client) -> str:
+    """/metrics once no sequence is active or waiting and no KV block is in use."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = http.get("/metrics").text
+        busy = sum(
+            metric_value(text, name, model=MODEL)
+            for name in ("agentd_lm_sequences_active", "agentd_lm_sequences_waiting")
+        ) + metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL)
+        if busy == 0 or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
+def test_200_streams_cut_by_clients_leave_no_trace(server, http, channel):
+    # Each cut OpenAI stream used to log "Task exception was never retrieved" with a
+    # traceback that kept the frames of every earlier cut (the server raises one shared
+    # exception object): logs and memory grew with each client that left.
+    before = metric_value(
+        _settled(http), "agentd_lm_sequences_total", model=MODEL, reason="cancelled"
+    )
+    start = len(server.output)
+    long = {"model": MODEL, "max_tokens": 400, "temperature": 0.8, "stream": True}
+    for i in range(200):
+        if i % 2:
+            body = {**long, "prompt": f"Once upon a time {i}"}
+            _cut_stream(server, "/v1/completions", body, i % 4)
+        else:
+            body = {**long, "messages": [{"role": "user", "content": f"story {i}"}]}
+            _cut_stream(server, "/v1/chat/completions", body, i % 4)
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    for i in range(20):
+        call = stub.InvokeStream(
+            agent_pb2.InvokeRequest(
+                agent="chat/cut", message=agent_pb2.Message(text=f"tell me a story {i}")
+            ),
+            timeout=30,
+        )
+        next(call)
+        call.cancel()
+        agent = {"agent": "chat/cut", "message": {"text": f"a long story {i}"}}
+        _cut_stream(server, "/agentd.v1.AgentService/InvokeStream", agent, i % 4)
+    text = _settled(http)
+    assert metric_value(text, "agentd_lm_sequences_active", model=MODEL) == 0
+    assert metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL) == 0
+    cancelled = metric_value(text, "agentd_lm_sequences_total", model=MODEL, reason="cancelled")
+    assert cancelled - before >= 100  # most cuts came mid-generation and stopped it
+    assert http.get("/healthz").status_code == 200
+    done = http.post("/v1/completions", json={"model": MODEL, "prompt": "Still", "max_tokens": 4})
+    assert done.status_code == 200 and done.json()["choices"][0]["text"]
+    time.sleep(0.5)  # anything the loop would log about abandoned tasks comes now
+    log = "".join(server.output[start:])
+    assert "never retrieved" not in log
+    assert "Traceback" not in log
+    assert "ERROR" not in log

@@ -19,9 +19,11 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentd.gateway.detach import detach
+from agentd.gateway.detach import ClientGone, client_gone, detach
 
 __all__ = ["SETTINGS_ENV", "app"]
+
+log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "AGENTD_SERVE_SETTINGS"
 
@@ -42,13 +44,17 @@ class _OneLoopApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         loop = asyncio.get_running_loop()
         receive = detach(receive)  # see agentd.gateway.detach
-        if self._is_home(loop):
-            await self._gateway(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await _idle_lifespan(receive, send)
-        else:
-            assert self._home is not None
-            await _forward(self._gateway, scope, receive, send, self._home, loop)
+        try:
+            if self._is_home(loop):
+                await self._gateway(scope, receive, send)
+            elif scope["type"] == "lifespan":
+                await _idle_lifespan(receive, send)
+            else:
+                assert self._home is not None
+                await _forward(self._gateway, scope, receive, send, self._home, loop)
+        except ClientGone:
+            # A client leaving mid-response is normal: nothing to report, nothing kept.
+            log.debug("client left before %s %s was answered", scope.get("method"), scope["path"])
 
 
 async def _idle_lifespan(receive: Any, send: Any) -> None:
@@ -66,7 +72,10 @@ def _bridge(
 ) -> Callable[..., Awaitable[Any]]:
     async def on_loop(*args: Any) -> Any:
         # pyvoy's receive/send return awaitables that are not coroutines.
-        return await call(*args)
+        try:
+            return await call(*args)
+        except OSError as exc:  # its shared ClientDisconnectedError: scrub it on its own loop
+            raise client_gone(exc) from None
 
     async def bridged(*args: Any) -> Any:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_loop(*args), loop))

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agentd.errors import Code
+from agentd.gateway.detach import client_gone
 
 __all__ = ["StatusRecorder"]
 
@@ -19,6 +20,10 @@ class StatusRecorder:
 
     gRPC carries its status in trailers (or in the headers of a trailers-only response);
     gRPC-Web carries trailers in a final body frame flagged 0x80.
+
+    It is the one wrapper every send of every request passes through, so it is also where
+    a send to a client that left becomes :class:`~agentd.gateway.detach.ClientGone`
+    (raises it; see :func:`~agentd.gateway.detach.client_gone`).
     """
 
     __slots__ = ("_grpc_web", "_send", "grpc_status", "http_status")
@@ -38,7 +43,10 @@ class StatusRecorder:
             self._scan(message.get("headers", ()))
         elif self._grpc_web and kind == "http.response.body" and not message.get("more_body"):
             self._scan_web_trailer(message.get("body", b""))
-        await self._send(message)
+        try:
+            await self._send(message)
+        except OSError as exc:  # the server's ClientDisconnectedError is one
+            raise client_gone(exc) from None
 
     def _scan(self, headers: Any) -> None:
         for name, value in headers:

@@ -54,3 +54,30 @@ async def test_a_done_future_is_handed_over_as_it_is():
     ready = loop.create_future()
     ready.set_result({"type": "http.disconnect"})
     assert detach(lambda: ready)() is ready
+
+
+async def test_a_coroutine_given_up_on_is_still_read_to_the_end():
+    # A bridged receive is a coroutine; it used to be wrapped in asyncio.shield, whose
+    # inner task, failing after the app gave up, was logged as "never retrieved".
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        release = loop.create_future()
+
+        async def receive():
+            await release
+            raise OSError("client left")
+
+        waiter = asyncio.ensure_future(detach(receive)())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        release.set_result(None)
+        await asyncio.sleep(0.01)
+        del waiter
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []

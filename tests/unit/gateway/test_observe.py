@@ -1,3 +1,6 @@
+import pytest
+
+from agentd.gateway.detach import ClientGone
 from agentd.gateway.observe import StatusRecorder
 
 
@@ -26,3 +29,20 @@ async def test_http_status_and_aborted():
     assert rec.outcome() == ("aborted", True)
     await rec({"type": "http.response.start", "status": 413, "headers": []})
     assert rec.outcome() == ("413", True)
+
+
+async def test_a_send_to_a_gone_client_is_client_gone_and_keeps_no_frames():
+    # pyvoy fails every send to a gone client with one shared exception object; each raise
+    # used to add the raising frames to its traceback, which so kept every cut request.
+    shared = OSError("client disconnected")
+
+    async def gone(message):
+        raise shared
+
+    for _ in range(3):
+        rec = StatusRecorder(gone)
+        with pytest.raises(ClientGone) as caught:
+            await rec({"type": "http.response.body", "body": b"x", "more_body": True})
+        assert caught.value is not shared
+        assert shared.__traceback__ is None
+        assert shared.__context__ is None and shared.__cause__ is None

@@ -10,6 +10,7 @@ its generation, which returns the sequence's KV-cache blocks to the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -26,7 +27,7 @@ from agentd.gateway.admission import (
     buffer_body,
     inflate,
 )
-from agentd.gateway.detach import detach
+from agentd.gateway.detach import ClientGone
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
 from agentd.gateway.protocol import clip, header, http_status, send_json
 from agentd.generate.service import PromptTooLong
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+OnGone = Callable[[], bool] | None
 
 _MODELS = "/v1/models"
 _COMPLETIONS = "/v1/completions"
@@ -55,10 +57,6 @@ _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
 ]
-
-
-class _ClientGone(Exception):
-    pass
 
 
 class OpenAIRoutes:
@@ -119,7 +117,7 @@ class OpenAIRoutes:
                 await self._completion(data, receive, send)
             else:
                 await self._chat(data, receive, send)
-        except _ClientGone:
+        except ClientGone:
             log.debug("client left before its completion finished")
         except _MethodNotAllowed as exc:
             await _send_error(
@@ -282,18 +280,37 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _until_gone(work: Awaitable[Any], receive: Receive) -> Any:
-    """Run ``work``; cancel it (freeing what it holds) if the client disconnects first."""
+def _settle(task: asyncio.Future[Any]) -> None:
+    # Read the outcome of a task we gave up on, so the loop never logs it as unretrieved.
+    if not task.cancelled():
+        task.exception()
+
+
+async def _until_gone(work: Awaitable[Any], receive: Receive, *, on_gone: OnGone = None) -> Any:
+    """Run ``work``; if the client disconnects first, cancel it (freeing what it holds:
+    the sequence's KV blocks) and raise ClientGone once it has wound down.
+
+    ``on_gone`` is told when the client leaves and answers whether the work may be
+    cancelled now; a producer inside a send answers no (cancelling the server's send
+    future makes the server log an error) and stops by itself when that send returns.
+    The work has always finished when this returns, and its outcome is read here, never
+    left to the loop's "never retrieved" log.
+    """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    task.add_done_callback(_settle)
+    watcher.add_done_callback(_settle)
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and (on_gone is None or on_gone()):
+            task.cancel()
+        await asyncio.wait({task})
     finally:
         watcher.cancel()
-        if not task.done():
+        if not task.done():  # we were cancelled ourselves: stop the work too
             task.cancel()
-    if not task.done() or task.cancelled():
-        raise _ClientGone
+    if task.cancelled() or isinstance(task.exception(), ClientGone):
+        raise ClientGone("the client disconnected")
     return task.result()
 
 
@@ -305,27 +322,44 @@ async def _send_events(
     final_event: Callable[[], dict[str, Any]],
     usage_event: Callable[[], dict[str, Any] | None],
 ) -> None:
-    send = detach(send)  # a client that leaves cuts the producer off inside a send
+    sending = gone = False
+
+    async def send_now(message: dict[str, Any]) -> None:
+        nonlocal sending
+        sending = True
+        try:
+            await send(message)
+        finally:
+            sending = False
+        if gone:
+            raise ClientGone("the client disconnected")
+
+    def on_gone() -> bool:
+        nonlocal gone
+        gone = True
+        return not sending
 
     async def produce() -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        async for piece in stream:
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": _event(piece_event(piece)),
-                    "more_body": True,
-                }
-            )
+        await send_now({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        # Closed explicitly: a send that fails must stop generation now, not at collection.
+        async with contextlib.aclosing(aiter(stream)) as pieces:
+            async for piece in pieces:
+                await send_now(
+                    {
+                        "type": "http.response.body",
+                        "body": _event(piece_event(piece)),
+                        "more_body": True,
+                    }
+                )
         tail = _event(final_event())
         usage = usage_event()
         if usage is not None:
             tail += _event(usage)
-        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+        await send_now({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
     try:
-        await _until_gone(produce(), receive)
-    except _ClientGone:
+        await _until_gone(produce(), receive, on_gone=on_gone)
+    except ClientGone:
         log.debug("client left a stream after %d tokens", stream.completion_tokens)
 
 
