@@ -113,6 +113,7 @@ class Gateway:
         self._model_admin = ModelAdmin(self.inference)
         self._openai = OpenAIRoutes(self.generation, max_body_bytes=limit)
         self.health = HealthState([AGENT_SERVICE, kserve_app.path[1:]])
+        self.health.add_check(self.runtime.not_ready_reason)
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
         # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
         self._rpc_apps: dict[str, ASGIApp] = {app.path: app for app in rpc_apps}

@@ -46,10 +46,12 @@ class OpsRoutes:
         await send_body(send, 200, b"ok\n", b"text/plain; charset=utf-8")
 
     async def _readyz(self, send: Send) -> None:
-        if self._health.serving:
+        reason = self._health.not_ready_reason()
+        if reason is None:
             await send_body(send, 200, b"ready\n", b"text/plain; charset=utf-8")
         else:
-            await send_body(send, 503, b"not ready\n", b"text/plain; charset=utf-8")
+            body = f"not ready: {reason}\n".encode()
+            await send_body(send, 503, body, b"text/plain; charset=utf-8")
 
     async def _metrics_route(self, send: Send) -> None:
         body, content_type = self._metrics.render()

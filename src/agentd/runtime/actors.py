@@ -5,6 +5,12 @@ a message arrives for an idle activation it is put on the worker pool's run queu
 worker runs one turn, persists the state if the turn changed it, and puts the activation
 back on the queue if more messages wait. Idle activations are passivated after
 ``idle_seconds``; their state is already in the store.
+
+When a commit fails, the agents in it go back to what the store holds (the last committed
+snapshot): their in-memory state is dropped and read again before their next turn, the
+store drops their saves still queued, and a turn that was running on the dropped state
+fails with UNAVAILABLE instead of saving it. So a failed call never counts, and a retry
+applies its change once.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import gc
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -134,12 +140,20 @@ class _Activation:
                     reply = message.reply
                     if reply is not None and reply.done():
                         continue  # the caller gave up before the turn began
-                    if self.state is None and not self._start_fresh():
-                        await self._load()
+                    if (
+                        self.state is None
+                        and not self._start_fresh()
+                        and not await self._load_for(message)
+                    ):
+                        continue
                     await self._turn(message)
                     continue
-                if self.state is None and not self._start_fresh():
-                    await self._load()
+                if (
+                    self.state is None
+                    and not self._start_fresh()
+                    and not await self._load_for(message)
+                ):
+                    continue
                 timed = False
                 if observer is not None:
                     host._until_observed -= 1
@@ -151,8 +165,10 @@ class _Activation:
                 try:
                     await self.agent.handle(Context(self.address, self.state, None, host), message)  # type: ignore[arg-type]
                     state = self.state
-                    if not state and self.snapshot in _EMPTY_SNAPSHOTS:
-                        continue  # still empty: nothing to serialise or store
+                    if not state and (state is None or self.snapshot in _EMPTY_SNAPSHOTS):
+                        # Still empty: nothing to serialise or store. Or None: a commit
+                        # failed during the turn and dropped the state it ran on.
+                        continue
                     try:
                         snapshot = _dumps(state)
                     except TypeError as exc:
@@ -227,6 +243,32 @@ class _Activation:
         self.snapshot = snapshot or b""
         self.state = orjson.loads(snapshot) if snapshot else {}
 
+    async def _load_for(self, message: Any) -> bool:
+        """Load the state before ``message``'s turn; False (the message failed with
+        UNAVAILABLE, or logged for a tell) when the store cannot read it."""
+        try:
+            await self._load()
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = Unavailable(f"agent {self.address}: its state could not be read: {exc}")
+            if type(message) is _Envelope:
+                _fail(message.reply, error)
+                if message.events is not None:
+                    message.events.put_nowait(_END)
+            else:
+                log.error("a message to %s was dropped: %s", self.address, error.message)
+            return False
+
+    def drop_state(self) -> None:
+        """Forget the in-memory state (a commit of it failed): the next turn reads the
+        last committed snapshot from the store, and a running turn will not save."""
+        self.state = None
+        self.snapshot = b""
+        # The store may hold a row for this agent even if it started empty.
+        self.host._stored_since_open.add(self.address)
+
     def _key(self) -> str:
         address = self.address
         return address.type + "/" + address.id  # str(address), without a call into Python
@@ -253,6 +295,12 @@ class _Activation:
                         result = None
                         async for event in self.agent.stream(ctx, envelope.message):
                             await events.put(event)
+            if self.state is None:
+                # A commit failed while this turn ran and dropped the state it changed.
+                raise Unavailable(
+                    f"agent {self.address}: an earlier change to its state could not be "
+                    "saved; this turn was not applied, try again"
+                )
             committed = self._persist()
             outcome = "ok"
             if reply is not None and not reply.done():
@@ -311,8 +359,10 @@ class _Activation:
         return self.host.store.save(self._key(), snapshot)
 
     def _rollback(self) -> None:
-        # A failed turn leaves the state of the last good turn.
-        self.state = orjson.loads(self.snapshot) if self.snapshot else {}
+        # A failed turn leaves the state of the last good turn (None stays None: a failed
+        # commit dropped the state, to be read again from the store).
+        if self.state is not None:
+            self.state = orjson.loads(self.snapshot) if self.snapshot else {}
 
 
 class _CancelTurnWhenAbandoned:
@@ -334,7 +384,8 @@ def _answer(reply: asyncio.Future, result: Any, committed: asyncio.Future) -> No
         return
     error = None if committed.cancelled() else committed.exception()
     if committed.cancelled() or error is not None:
-        log.error("agent state commit failed: %s", error)
+        # The store logs its failures (a few lines, not one per call).
+        log.debug("agent state commit failed: %s", error)
         reply.set_exception(Unavailable(f"the agent's state could not be saved: {error}"))
     else:
         reply.set_result(result)
@@ -390,6 +441,7 @@ class ActorHost:
         self._stored_since_open: set[Address] = set()
         self._turns = 0
         self._sweeper: asyncio.Task[None] | None = None
+        store.on_commit_failed = self._commit_failed
 
     async def start(self) -> None:
         await self.store.open()
@@ -586,6 +638,23 @@ class ActorHost:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def _commit_failed(self, keys: Collection[str], error: BaseException) -> None:
+        """The store could not commit these agents' states: roll each back to its last
+        committed snapshot (read again before its next turn)."""
+        activations = self._activations
+        for key in keys:
+            try:
+                address = parse_address(key)
+            except AgentdError:
+                continue
+            activation = activations.get(address)
+            if activation is not None:
+                activation.drop_state()
+
+    def store_failing(self) -> str | None:
+        """Why the state store is failing (commits failed just now), or None."""
+        return self.store.failing()
+
     def _turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
         self._turns += 1
         if self._observer is not None:
@@ -637,4 +706,6 @@ class ActorHost:
             "pool_rejected": pool.rejected,
             "state_writes": getattr(self.store, "writes", 0),
             "state_commits": getattr(self.store, "commits", 0),
+            "state_errors": self.store.errors,
+            "state_failing": 1 if self.store.failing() is not None else 0,
         }

@@ -42,6 +42,10 @@ class Runtime:
     async def aclose(self) -> None:
         await self.host.aclose(grace=self._close_timeout_s)
 
+    def not_ready_reason(self) -> str | None:
+        """Why the runtime cannot serve now (its state store is failing), or None."""
+        return self.host.store_failing()
+
     def list_types(self) -> list[AgentTypeInfo]:
         counts = self.host.active_counts()
         infos = []

@@ -4,6 +4,12 @@
 transaction (group commit), so durability does not cost a disk sync per turn. ``load``
 calls are grouped the same way. SQLite in WAL mode is the default: embedded, no server,
 and a committed transaction survives the process being killed.
+
+A group that fails to commit (disk full, I/O error) is all-or-nothing: none of its rows
+changed. The store then drops the saves still queued for the same agents (they were made
+on top of the state that failed), fails their waiters with the same error and calls
+``on_commit_failed`` with those agents' keys, so that the host can roll them back to what
+the store holds. ``failing()`` says why the store is unhealthy while commits keep failing.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import asyncio
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
@@ -24,11 +31,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Called with the keys of the agents whose saves failed (after their waiters failed).
+CommitFailed = Callable[[Collection[str], BaseException], None]
+
 
 class StateStore(Protocol):
     # True when the store held no state when opened: then only what this process saved
     # can be loaded, and the host skips loads for agents it never passivated.
     empty_at_open: bool
+    # Set by the host: told which agents' saves failed to commit (see the module doc).
+    on_commit_failed: CommitFailed | None
+    errors: int  # commits that failed so far
 
     async def open(self) -> None: ...
 
@@ -42,6 +55,11 @@ class StateStore(Protocol):
         """Queue a write nobody waits for."""
         ...
 
+    def failing(self) -> str | None:
+        """Why the store is failing (recent commits failed and none succeeded since), or
+        None while it is healthy."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -51,7 +69,9 @@ class MemoryStateStore:
     def __init__(self) -> None:
         self.snapshots: dict[str, bytes] = {}
         self.writes = 0
+        self.errors = 0
         self.empty_at_open = True
+        self.on_commit_failed: CommitFailed | None = None
 
     async def open(self) -> None:
         self.empty_at_open = not self.snapshots
@@ -69,6 +89,9 @@ class MemoryStateStore:
     def save_nowait(self, address: str, snapshot: bytes) -> None:
         self.snapshots[address] = snapshot
         self.writes += 1
+
+    def failing(self) -> str | None:
+        return None
 
     async def aclose(self) -> None:
         pass
@@ -127,24 +150,52 @@ class _Grouped:
         self._running.add_done_callback(self._run)
 
 
+def _loads_done(items: list, task: asyncio.Future) -> None:
+    error = asyncio.CancelledError() if task.cancelled() else task.exception()
+    if error is not None:
+        log.error("state store load failed: %s", error)
+        for _, future in items:
+            if not future.done():
+                future.set_exception(error)
+        return
+    found = task.result()
+    for address, future in items:
+        if not future.done():
+            future.set_result(found.get(address))
+
+
 class SQLiteStateStore:
     """Snapshots in one SQLite table; every statement runs on one dedicated thread."""
 
     _CHUNK = 500  # keys per SELECT ... IN (...)
     _ROWS_PER_INSERT = 400  # 800 parameters: under every SQLite build's variable limit
+    _LOG_EVERY_S = 10.0  # while commits keep failing, one log line per this many seconds
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, failure_window_s: float = 10.0) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
         self._db: sqlite3.Connection | None = None
         self._saves = _Grouped(self._flush_saves)  # flat: address, snapshot, address, ...
-        self._save_waiters: list[asyncio.Future[None]] = []
+        # Flat too: address, future, ... for the ``save`` calls since the last flush.
+        self._save_waiters: list = []
         self._loads = _Grouped(self._flush_loads)
         self.writes = 0
         self.commits = 0
+        self.errors = 0
         self.empty_at_open = False
+        self.on_commit_failed: CommitFailed | None = None
+        # Health: failures since the last commit that succeeded, and the latest of them.
+        # Failing lasts ``failure_window_s`` after the latest failure unless a commit
+        # succeeds first: an idle node whose probe says "not ready" gets no traffic, so
+        # readiness must come back on its own to let a commit try again.
+        self.failure_window_s = failure_window_s
+        self.consecutive_failures = 0
+        self._last_failure = 0.0
+        self._last_error = ""
+        self._logged_failures = 0
+        self._last_log = 0.0
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -171,43 +222,108 @@ class SQLiteStateStore:
 
     def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._save_waiters.append(future)
+        waiters = self._save_waiters
+        waiters.append(address)
+        waiters.append(future)
         self._saves.add_pair(address, snapshot)
         return future
 
     def save_nowait(self, address: str, snapshot: bytes) -> None:
-        """Queue a write nobody waits for (a failed commit is logged)."""
+        """Queue a write nobody waits for (a failed commit is logged and reported to
+        ``on_commit_failed``)."""
         self._saves.add_pair(address, snapshot)
 
-    def _flush_loads(self, items: list) -> asyncio.Future:
-        return self._submit(self._select, [a for a, _ in items], [f for _, f in items], items)
+    def failing(self) -> str | None:
+        failures = self.consecutive_failures
+        if not failures:
+            return None
+        ago = time.monotonic() - self._last_failure
+        if ago > self.failure_window_s:
+            return None
+        return (
+            f"state store: the last {failures} commit{'s' if failures > 1 else ''} failed"
+            f" (the latest {ago:.1f} s ago): {self._last_error}"
+        )
 
     def _flush_saves(self, items: list) -> asyncio.Future:
         # ``items`` is flat (address, snapshot, address, ...); the waiters of this group
         # are those of ``save`` calls since the last flush.
         waiting, self._save_waiters = self._save_waiters, []
-        return self._submit(self._upsert, items, waiting, None)
+        task = asyncio.ensure_future(self._call(self._upsert, items))
+        # Registered before _Grouped's own callback, so this runs before the next group
+        # is taken from the queue.
+        task.add_done_callback(functools.partial(self._saves_done, items, waiting))
+        return task
 
-    def _submit(self, fn: Callable, arg: list, futures: list, items: list | None) -> asyncio.Future:
-        task = asyncio.ensure_future(self._call(fn, arg))
+    def _saves_done(self, items: list, waiting: list, task: asyncio.Future) -> None:
+        error = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if error is None:
+            if self.consecutive_failures:
+                log.warning(
+                    "state store commits succeed again (after %d failed)",
+                    self.consecutive_failures,
+                )
+                self.consecutive_failures = 0
+                self._logged_failures = 0
+            for i in range(1, len(waiting), 2):
+                future = waiting[i]
+                if not future.done():
+                    future.set_result(None)
+            return
+        self._commit_failed(items, waiting, error)
 
-        def done(t: asyncio.Future) -> None:
-            if t.cancelled():
-                error: BaseException | None = asyncio.CancelledError()
-            else:
-                error = t.exception()
-            if error is not None:
-                log.error("state store %s failed: %s", fn.__name__, error)
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(error)
-                return
-            result = t.result()
-            for i, f in enumerate(futures):
-                if not f.done():
-                    f.set_result(result.get(items[i][0]) if items is not None else None)
+    def _commit_failed(self, items: list, waiting: list, error: BaseException) -> None:
+        now = time.monotonic()
+        self.errors += 1
+        self.consecutive_failures += 1
+        self._last_failure = now
+        self._last_error = f"{type(error).__name__}: {error}"
+        if not self._logged_failures or now - self._last_log >= self._LOG_EVERY_S:
+            # Not a line per failure: a full disk fails every commit, thousands a second.
+            log.error(
+                "state store commit failed (%d in a row, %d since the last log line): %s",
+                self.consecutive_failures,
+                self.consecutive_failures - self._logged_failures,
+                self._last_error,
+            )
+            self._logged_failures = self.consecutive_failures
+            self._last_log = now
+        failed = set(items[0::2])
+        # Saves still queued for these agents were made on top of the state that failed:
+        # committing them later would apply the failed turn after all.
+        queued = self._saves.items
+        if queued:
+            keep = []
+            for i in range(0, len(queued), 2):
+                if queued[i] not in failed:
+                    keep.append(queued[i])
+                    keep.append(queued[i + 1])
+            queued[:] = keep  # in place: the group holds this list
+            still_waiting = []
+            pending = self._save_waiters
+            for i in range(0, len(pending), 2):
+                if pending[i] in failed:
+                    waiting.append(pending[i])
+                    waiting.append(pending[i + 1])
+                else:
+                    still_waiting.append(pending[i])
+                    still_waiting.append(pending[i + 1])
+            pending[:] = still_waiting
+        for i in range(1, len(waiting), 2):
+            future = waiting[i]
+            if not future.done():
+                future.set_exception(error)
+        if self.on_commit_failed is not None:
+            try:
+                self.on_commit_failed(failed, error)
+            except Exception:
+                log.exception("state store: the commit-failure handler raised")
 
-        task.add_done_callback(done)
+    def _flush_loads(self, items: list) -> asyncio.Future:
+        # ``items`` holds (address, future) pairs.
+        addresses = [address for address, _ in items]
+        task = asyncio.ensure_future(self._call(self._select, addresses))
+        task.add_done_callback(functools.partial(_loads_done, items))
         return task
 
     def _upsert(self, flat: list) -> None:
