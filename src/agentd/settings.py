@@ -49,6 +49,26 @@ class Settings(BaseSettings):
         60.0, gt=0, description="turn deadline when the client sends none"
     )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on shutdown")
+    max_connections: int = Field(
+        10_000, gt=0, description="client connections on the port (kept under the fd limit)"
+    )
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="a port serving only health checks, own reserve"
+    )
+    request_headers_timeout_s: float = Field(
+        10.0, ge=0.001, description="time a client has to send a request's headers"
+    )
+    connection_idle_timeout_s: float = Field(
+        300.0, ge=0.001, description="close a connection with no request this long"
+    )
+    stream_idle_timeout_s: float = Field(
+        300.0, ge=0.001, description="reset a request with no bytes either way this long"
+    )
+    max_streams_per_connection: int = Field(
+        1000, ge=1, le=2_147_483_647, description="concurrent HTTP/2 and HTTP/3 streams"
+    )
+    max_request_headers_kib: int = Field(60, ge=1, le=8192, description="request header bytes")
+    max_request_headers: int = Field(100, ge=1, le=10_000, description="request header count")
     max_agent_instances: int = Field(1_000_000, gt=0, description="agents kept in memory")
     workers: int = Field(512, gt=0, description="worker tasks running agent turns")
     max_queued_turns: int = Field(65536, gt=0, description="run queue bound (backpressure)")

@@ -270,3 +270,93 @@ def test_plugins_path_that_is_a_file(tmp_path):
     out = serve("--plugins", str(tmp_path / "notes"), state=tmp_path / "agents.db")
     assert_one_line_error(out, "plugins", "is not a directory")
     assert out.returncode == 2
+
+
+# -- the open-file limit and the connection limit ----------------------------------------
+
+
+def test_open_file_limit_raised_and_connection_limit_kept_under_it(tmp_path):
+    """serve raises its soft RLIMIT_NOFILE to the hard limit (Envoy inherits it) and keeps
+    max_connections, with the health reserve and a headroom, under it."""
+    import resource
+    import threading
+    import time
+
+    from agentd.server.envoy import FD_HEADROOM, HEALTH_CONNECTIONS
+
+    soft, hard = 300, 600
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentd", "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "250", "AGENTD_STATE_PATH": str(tmp_path / "a.db")},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    expected = hard - FD_HEADROOM - HEALTH_CONNECTIONS
+    try:
+        deadline = time.monotonic() + 60
+        while not any("note: max_connections" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        note = next(line for line in lines if "note: max_connections" in line)
+        assert f"lowered to {expected:,} under the open-file limit ({hard:,})" in note
+        url = next(line for line in lines if "agentd listening on" in line).split()[3]
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        (envoy,) = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _parent(p) == process.pid
+        ]
+        limits = Path(f"/proc/{envoy}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert row.split()[3:5] == [str(hard), str(hard)]
+    finally:
+        process.terminate()
+        process.wait(30)
+        reader.join(5)
+        process.stdout.close()  # type: ignore[union-attr]
+    assert process.returncode == 0
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def test_connection_limit_from_the_open_file_limit():
+    from agentd.server.envoy import FD_HEADROOM, HEALTH_CONNECTIONS, connection_limit
+
+    settings = load_settings(max_connections=10_000)
+    assert connection_limit(settings, 1_048_576) == 10_000
+    assert connection_limit(settings, 1024) == 1024 - FD_HEADROOM - HEALTH_CONNECTIONS
+    with pytest.raises(StartupError, match=r"open-file limit \(300\) is too low"):
+        connection_limit(settings, 300)
+
+
+def test_open_file_limit_too_low_to_serve(tmp_path):
+    import resource
+
+    process = subprocess.run(
+        [sys.executable, "-m", "agentd", "serve", "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "80", "AGENTD_STATE_PATH": str(tmp_path / "a.db")},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)),
+    )
+    assert_one_line_error(process, "the open-file limit (300) is too low to serve")
+    assert process.returncode == 1
+
+
+def test_health_port_equal_to_the_port_is_refused(tmp_path):
+    port = free_port()
+    out = serve("--port", str(port), state=tmp_path / "a.db", env={"AGENTD_HEALTH_PORT": str(port)})
+    assert_one_line_error(out, f"health_port {port} is the serving port")
+    assert out.returncode == 2

