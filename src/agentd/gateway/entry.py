@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agentd.gateway.detach import ClientGone, client_gone, detach
+from agentd.gateway.head import as_get
 
 __all__ = ["SETTINGS_ENV", "app"]
 
@@ -44,6 +45,8 @@ class _OneLoopApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         loop = asyncio.get_running_loop()
         receive = detach(receive)  # see agentd.gateway.detach
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope, send = as_get(scope, send)  # every route at once; see agentd.gateway.head
         try:
             if self._is_home(loop):
                 await self._gateway(scope, receive, send)

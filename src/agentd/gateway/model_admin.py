@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agentd.errors import AgentdError, Code
-from agentd.gateway.protocol import http_status, send_json
+from agentd.gateway.protocol import clip, http_status, send_json
 from agentd.inference import InferenceService, ModelState
 
 __all__ = ["ModelAdmin"]
@@ -36,7 +36,9 @@ class ModelAdmin:
     async def handle(self, scope: dict[str, Any], send: Send) -> None:
         path: str = scope["path"]
         if scope["method"] != "POST":
-            await send_json(send, 405, {"error": f"use POST for {path}"})
+            await send_json(
+                send, 405, {"error": f"use POST for {clip(path)}"}, [(b"allow", b"POST")]
+            )
             return
         try:
             if path == PREFIX + "index":
