@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from agentd.agents.base import Agent
 from agentd.errors import InvalidArgument, NotFound
@@ -47,45 +48,60 @@ class AgentRegistry:
     def load_directory(self, directory: Path) -> list[str]:
         """Import every ``*.py`` in ``directory`` and register its Agent subclasses.
 
-        A file that fails to import is logged and skipped; the others still load.
+        A file that fails to import or register is logged and skipped; the others still
+        load. That includes files that raise SystemExit, KeyboardInterrupt or any other
+        BaseException: a plugin file must not stop the server from starting.
         Returns the names registered.
         """
         loaded: list[str] = []
         if not directory.is_dir():
+            log.info("agent plugins: %s does not exist; none loaded", directory.resolve())
             return loaded
         for path in sorted(directory.glob("*.py")):
+            before = dict(self._types)
             try:
                 module = _import_file(path)
-            except Exception:
+                names = self._register_module(module, path)
+            except BaseException:  # SystemExit and the like included: see above
                 log.exception("agent plugin %s failed to load; skipped", path)
+                self._types = before  # none of the file's types, not some of them
+                sys.modules.pop(_module_name(path), None)
                 continue
-            for _, obj in inspect.getmembers(module, inspect.isclass):
-                if (
-                    issubclass(obj, Agent)
-                    and obj is not Agent
-                    and obj.__module__ == module.__name__
-                ):
-                    replaced = self._types.get(obj.name)
-                    try:
-                        self.register(obj)
-                    except InvalidArgument as exc:
-                        log.error("agent plugin %s: %s", path, exc.message)
-                        continue
-                    if replaced is not None and replaced is not obj:
-                        log.warning(
-                            "agent plugin %s: %s replaces the agent type %r registered before "
-                            "(%s)",
-                            path,
-                            obj.__qualname__,
-                            obj.name,
-                            f"{replaced.__module__}.{replaced.__qualname__}",
-                        )
-                    loaded.append(obj.name)
+            loaded.extend(names)
+        log.info(
+            "agent plugins from %s: %s", directory.resolve(), ", ".join(loaded) or "none loaded"
+        )
+        return loaded
+
+    def _register_module(self, module: ModuleType, path: Path) -> list[str]:
+        """Register the Agent subclasses defined in ``module``; their names."""
+        loaded: list[str] = []
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, Agent) and obj is not Agent and obj.__module__ == module.__name__:
+                replaced = self._types.get(obj.name)
+                try:
+                    self.register(obj)
+                except InvalidArgument as exc:
+                    log.error("agent plugin %s: %s", path, exc.message)
+                    continue
+                if replaced is not None and replaced is not obj:
+                    log.warning(
+                        "agent plugin %s: %s replaces the agent type %r registered before (%s)",
+                        path,
+                        obj.__qualname__,
+                        obj.name,
+                        f"{replaced.__module__}.{replaced.__qualname__}",
+                    )
+                loaded.append(obj.name)
         return loaded
 
 
+def _module_name(path: Path) -> str:
+    return f"agentd_plugins.agents.{path.stem}"
+
+
 def _import_file(path: Path):
-    module_name = f"agentd_plugins.agents.{path.stem}"
+    module_name = _module_name(path)
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")

@@ -1,13 +1,25 @@
-"""What ``agentd serve`` prints once it listens: where, and one example call per protocol."""
+"""What ``agentd serve`` prints once it listens: where, the plugin folder, and one example
+call per protocol."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from agentd.server import Listening
 
 __all__ = ["banner"]
 
 
-def banner(listening: Listening, auth: bool) -> str:
+def plugin_folder_line(plugins: Path) -> str:
+    """The plugin folder in use as an absolute path (the default ``./plugins`` depends on
+    where serve starts), and whether it exists."""
+    folder = plugins.resolve()
+    if folder.is_dir():
+        return f"plugin folder: {folder}"
+    return f"plugin folder: {folder} (does not exist: built-in agents, models and tools only)"
+
+
+def banner(listening: Listening, auth: bool, plugins: Path | None = None) -> str:
     host = listening.host if listening.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
@@ -22,8 +34,10 @@ def banner(listening: Listening, auth: bool) -> str:
     grpc_auth = " -H 'authorization: Bearer $TOKEN'" if auth else ""
     body = '{"agent":"echo","message":{"text":"hello"}}'
     chat = '{"model":"tinylm","messages":[{"role":"user","content":"hello"}],"stream":true}'
-    lines = [
-        f"agentd listening on {url} ({protocols})",
+    lines = [f"agentd listening on {url} ({protocols})"]
+    if plugins is not None:
+        lines.append(plugin_folder_line(plugins))
+    lines += [
         "",
         "try:",
         f"  curl {curl_k}{url}/agentd.v1.AgentService/Invoke -H 'content-type: application/json'"
@@ -33,7 +47,7 @@ def banner(listening: Listening, auth: bool) -> str:
         f"  agentd call echo 'hello streaming world' --stream --url {url}",
         f"  curl {curl_k}-N {url}/v1/chat/completions -H 'content-type: application/json'"
         f"{auth_h} -d '{chat}'",
-        f"  agentd tools call calc '{{\"expression\": \"6 * 7\"}}' --url {url}",
+        f'  agentd tools call calc \'{{"expression": "6 * 7"}}\' --url {url}',
         f"  curl {curl_k}{url}/metrics",
         "",
         "Ctrl-C drains in-flight calls and stops.",

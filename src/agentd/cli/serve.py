@@ -98,7 +98,11 @@ def serve(
         raise fail(f"could not start: {exc}", 1) from None
     from agentd.cli.banner import banner
 
-    console.print(banner(listening, settings.auth_tokens != []), markup=False, soft_wrap=True)
+    console.print(
+        banner(listening, settings.auth_tokens != [], settings.plugins),
+        markup=False,
+        soft_wrap=True,
+    )
     if listening.health_port is not None:
         host = listening.host if listening.host not in ("0.0.0.0", "::") else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host

@@ -1,0 +1,133 @@
+"""Agent plugin files that end their import with SystemExit, KeyboardInterrupt or another
+BaseException: the server still starts, logs and skips each of them, and serves the good
+ones. And the start-up output names the plugin folder in use, as an absolute path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+from agentd.agents import AgentRegistry
+from agentd.testing import RunningServer, start_server
+
+GOOD = textwrap.dedent(
+    """
+    from agentd import Agent
+
+    class Good(Agent):
+        name = "good"
+
+        async def handle(self, ctx, message):
+            return "still here"
+    """
+)
+
+HOSTILE = {
+    "exits.py": "import sys\nsys.exit(3)\n",
+    "interrupts.py": "raise KeyboardInterrupt\n",
+    "generator_exit.py": "raise GeneratorExit\n",
+    "own_base.py": "class Escape(BaseException):\n    pass\n\nraise Escape('out')\n",
+    # Imports fine, then the class's name attribute ends the process when registered.
+    "exits_at_register.py": textwrap.dedent(
+        """
+        import sys
+        from agentd import Agent
+
+        class Meta(type(Agent)):
+            @property
+            def name(cls):
+                sys.exit(4)
+
+        class Sneaky(Agent, metaclass=Meta):
+            async def handle(self, ctx, message):
+                return "never"
+        """
+    ),
+}
+
+
+def wait_for_line(server: RunningServer, text: str, timeout: float = 10.0) -> str:
+    """The server's output once it holds ``text`` (the banner may still be arriving)."""
+    end = time.monotonic() + timeout
+    while text not in server.log() and time.monotonic() < end:
+        time.sleep(0.05)
+    return server.log()
+
+
+def invoke(url: str, agent: str) -> httpx.Response:
+    return httpx.post(
+        url + "/agentd.v1.AgentService/Invoke",
+        json={"agent": agent, "message": {"text": "hi"}},
+        timeout=30,
+    )
+
+
+def test_plugins_ending_their_import_with_base_exceptions_are_skipped(tmp_path):
+    agents = tmp_path / "plugins" / "agents"
+    agents.mkdir(parents=True)
+    (agents / "good.py").write_text(GOOD)
+    for name, source in HOSTILE.items():
+        (agents / name).write_text(source)
+
+    server = start_server(["--plugins", str(tmp_path / "plugins")])
+    try:
+        reply = invoke(server.url, "good/1")
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["message"]["text"] == "still here"
+        assert invoke(server.url, "echo/1").status_code == 200  # the built-ins too
+        log = wait_for_line(server, "plugin folder: ")
+        for name in HOSTILE:
+            assert f"agent plugin {agents / name} failed to load; skipped" in log, log
+        assert "SystemExit" in log and "KeyboardInterrupt" in log and "Escape: out" in log
+        assert f"plugin folder: {tmp_path / 'plugins'}" in log
+    finally:
+        server.stop()
+
+
+def test_start_output_names_the_plugin_folder_and_says_when_it_is_missing(tmp_path):
+    # Relative to where serve starts (the tests run from the repository root).
+    missing = Path(os.path.relpath(tmp_path / "nowhere", Path.cwd()))
+    assert not missing.is_absolute()
+    server = start_server(["--plugins", str(missing)])
+    try:
+        line = (
+            f"plugin folder: {tmp_path / 'nowhere'} (does not exist: built-in agents, models"
+            " and tools only)"
+        )
+        assert line in wait_for_line(server, line), server.log()
+    finally:
+        server.stop()
+
+
+def test_a_file_failing_while_registering_leaves_none_of_its_types(tmp_path, caplog):
+    (tmp_path / "half.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from agentd import Agent
+
+            class First(Agent):
+                name = "first"
+
+            class Meta(type(Agent)):
+                @property
+                def name(cls):
+                    raise KeyboardInterrupt
+
+            class Second(Agent, metaclass=Meta):
+                pass
+            """
+        )
+    )
+    (tmp_path / "ok.py").write_text(GOOD)
+    registry = AgentRegistry()
+    assert registry.load_directory(tmp_path) == ["good"]
+    assert registry.names() == ["good"]  # not "first": the file is skipped as a whole
+    assert "half.py failed to load; skipped" in caplog.text
+    assert "agentd_plugins.agents.half" not in sys.modules
