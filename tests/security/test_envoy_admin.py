@@ -230,3 +230,18 @@ def test_redaction_of_each_form_a_credential_is_logged_in():
     }
     for line, expected in cases.items():
         assert redact_credentials(line) == expected, line
+
+
+def test_admin_folder_removed_when_envoy_dies():
+    import signal
+
+    server = start_server([])
+    try:
+        envoy = envoy_pid(server)
+        (sock,) = [Path(p) for p in unix_socket_paths(envoy) if "agentd-admin" in p]
+        os.kill(envoy, signal.SIGKILL)
+        assert server.process.wait(30) == 1
+    finally:
+        server.stop()
+    assert "exited unexpectedly" in server.log()
+    assert not sock.parent.exists()

@@ -120,6 +120,7 @@ def serve(
 
     while not stop.wait(0.2):
         if not envoy.running:
+            envoy.stop()  # reaps it and removes its admin socket's folder
             console.print("[red]error:[/red] the server process exited unexpectedly")
             raise typer.Exit(1)
     console.print(f"draining: finishing in-flight calls (up to {settings.grace_period_s:g}s)")
