@@ -11,4 +11,5 @@ SUITES: dict[str, str] = {
     "swarm": "agentd.bench.swarm:run_suite",
     "generate": "agentd.bench.generate:run_suite",
     "tools": "agentd.bench.tools:run_suite",
+    "soak": "agentd.bench.soak:run_suite",
 }

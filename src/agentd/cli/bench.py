@@ -27,9 +27,14 @@ def bench(
             " checked before the benchmark runs."
         ),
     ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(help="soak only: minutes of mixed traffic (default 30; --quick: 0.5)."),
+    ] = None,
 ) -> None:
     """Benchmark agentd against peer servers measured in the same run."""
     import importlib
+    import math
 
     from agentd.bench.results import ResultsDirError, check_results_dir
     from agentd.cli.tools import settings_or_exit
@@ -38,6 +43,17 @@ def bench(
     if target is None:
         typer.echo(f"error: unknown suite {suite!r}; choose from: {', '.join(SUITES)}", err=True)
         raise typer.Exit(2)
+    extra: dict[str, float] = {}
+    if minutes is not None:
+        if suite != "soak":
+            typer.echo("error: --minutes is for the soak suite only", err=True)
+            raise typer.Exit(2)
+        if not (math.isfinite(minutes) and 0 < minutes <= 24 * 60):
+            typer.echo(
+                f"error: --minutes must be above 0 and at most 1440, not {minutes}", err=True
+            )
+            raise typer.Exit(2)
+        extra["minutes"] = minutes
     settings_or_exit()  # the suites start servers and build tools from these settings
     try:
         check_results_dir(out_dir)
@@ -48,7 +64,7 @@ def bench(
     module = importlib.import_module(module_name)
     error_type = getattr(module, "BenchError", RuntimeError)
     try:
-        getattr(module, func_name)(quick=quick, json_out=json_out, results_dir=out_dir)
+        getattr(module, func_name)(quick=quick, json_out=json_out, results_dir=out_dir, **extra)
     except error_type as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
