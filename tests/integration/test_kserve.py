@@ -492,6 +492,35 @@ def test_grpc_malformed_raw_tensors_are_invalid_argument(
     assert_healthy(http_client)
 
 
+EMPTY_BUT_HUGE = [[1 << 31, 1 << 31, 0], [1 << 31, 1 << 31, 1 << 31, 0], [0, 1 << 40, 1 << 40]]
+
+
+@pytest.mark.parametrize("shape", EMPTY_BUT_HUGE, ids=lambda shape: f"{len(shape)}-dims")
+def test_empty_shapes_with_overflowing_dimensions_are_client_errors(
+    raw_http, stub, http_client, shape: list[int]
+) -> None:
+    # Zero elements, but dimensions numpy cannot lay out: REST 500 / gRPC INTERNAL with a
+    # traceback in all three decoders before shapes were checked for it.
+    named = str(shape)
+    as_json = raw_http.post("/v2/models/ident_fp32/infer", json=_fp32_doc(shape, data=[]))
+    assert as_json.status_code == 400 and named in as_json.json()["error"]
+    body, headers = _binary_body(_fp32_doc(shape, parameters={"binary_data_size": 0}), b"")
+    binary = raw_http.post("/v2/models/ident_fp32/infer", content=body, headers=headers)
+    assert binary.status_code == 400 and named in binary.json()["error"]
+    for request in (_raw_request(b"", shape), _contents_request(shape)):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "INPUT0" in err.value.details() and named in err.value.details()
+    assert_healthy(http_client)
+
+
+def _contents_request(shape: list[int]):
+    request = service_pb2.ModelInferRequest(model_name="ident_fp32")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=shape)
+    return request
+
+
 def test_grpc_element_count_mismatch_in_contents(stub, http_client) -> None:
     request = service_pb2.ModelInferRequest(model_name="ident_fp32")
     tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])

@@ -102,13 +102,22 @@ def parse_shape(tensor: str, shape: object) -> tuple[int, ...]:
             )
         if dim > MAX_ELEMENTS:
             raise InvalidArgument(
-                f"tensor {tensor!r}: dimension {dim} exceeds the limit of {MAX_ELEMENTS}"
+                f"tensor {tensor!r}: shape {dims}: dimension {dim} exceeds the limit of "
+                f"{MAX_ELEMENTS}"
             )
     count = math.prod(dims)
     if count > MAX_ELEMENTS:
         raise InvalidArgument(
             f"tensor {tensor!r}: shape {dims} has {count} elements, "
             f"more than the limit of {MAX_ELEMENTS}"
+        )
+    # An empty shape is still a shape numpy must lay out: its other dimensions must fit
+    # (numpy refuses [2**31, 2**31, 0] as "too big", which was a 500).
+    spread = math.prod(d for d in dims if d)
+    if count == 0 and spread > MAX_ELEMENTS:
+        raise InvalidArgument(
+            f"tensor {tensor!r}: shape {dims} has no elements, but its non-zero dimensions "
+            f"multiply to {spread}, more than the limit of {MAX_ELEMENTS}"
         )
     return tuple(dims)
 
