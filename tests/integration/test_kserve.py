@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,8 +57,8 @@ def model_name(datatype: str) -> str:
     return f"ident_{datatype.lower()}"
 
 
-def write_identity_model(folder: Path, datatype: str) -> None:
-    """``models/ident_<type>/``: OUTPUT0 = Identity(INPUT0), shape [batch, 4]."""
+def write_identity_model(folder: Path, datatype: str, name: str | None = None) -> None:
+    """``models/ident_<type>/`` (or ``name``): OUTPUT0 = Identity(INPUT0), shape [batch, 4]."""
     elem, _ = DATATYPES[datatype]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
@@ -67,7 +69,7 @@ def write_identity_model(folder: Path, datatype: str) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # old enough for any onnxruntime this project supports
     onnx.checker.check_model(model)
-    name = model_name(datatype)
+    name = name or model_name(datatype)
     target = folder / "models" / name
     target.mkdir(parents=True)
     onnx.save(model, target / "model.onnx")
@@ -88,6 +90,14 @@ def plugins_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (plugins / "agents").mkdir()
     for datatype in DATATYPES:
         write_identity_model(plugins, datatype)
+    # Models that fail to load, for the errors clients see (they must name no server path).
+    broken = plugins / "models" / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a model")
+    write_identity_model(plugins, "FP32", name="misnamed")
+    config = plugins / "models" / "misnamed" / "config.yaml"
+    config.write_text(config.read_text().replace("name: misnamed", "name: other"))
+    write_identity_model(plugins, "FP32", name="reloadable")
     return plugins
 
 
@@ -632,4 +642,56 @@ def test_grpc_timeout_parameter_bounds_the_request(grpc_client, stub, http_clien
     for micros in (0, 30_000_000):
         reply = stub.ModelInfer(_grpc_fp32_request(int64_param=micros), timeout=10)
         assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [1.0] * 4
+    assert_healthy(http_client)
+
+
+# -- errors name no server file path -----------------------------------------------------
+
+
+def _server_paths(text: str) -> list[str]:
+    """Absolute paths in ``text`` that start with a top-level directory of this machine."""
+    tops = "|".join(re.escape(name) for name in os.listdir("/"))
+    return re.findall(rf"(?<![\w.])/(?:{tops})/[^\s'\":,]*", text)
+
+
+def test_model_load_errors_name_no_server_paths(
+    kserve_server, plugins_dir, raw_http, stub, http_client
+) -> None:
+    seen: list[str] = []
+    for name, why in [("broken", "not a loadable ONNX model"), ("misnamed", "differs from")]:
+        loaded = raw_http.post(f"/v2/repository/models/{name}/load")
+        assert loaded.status_code == 400 and why in loaded.json()["error"]
+        inferred = raw_http.post(f"/v2/models/{name}/infer", json=_fp32_doc([1, 4], data=[1] * 4))
+        assert inferred.status_code == 503 and why in inferred.json()["error"]
+        metadata = raw_http.get(f"/v2/models/{name}")
+        seen += [loaded.text, inferred.text, metadata.text]
+        request = service_pb2.ModelInferRequest(model_name=name)
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(b"\0" * 16)
+        for method, message in (
+            (stub.ModelInfer, request),
+            (stub.ModelMetadata, service_pb2.ModelMetadataRequest(name=name)),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                method(message)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert why in err.value.details()
+            seen.append(err.value.details())
+    # A failed reload keeps the previous version serving; its reason names no path either.
+    model_file = plugins_dir / "models" / "reloadable" / "model.onnx"
+    good = model_file.read_bytes()
+    model_file.write_bytes(b"not a model any more")
+    try:
+        reload = raw_http.post("/v2/repository/models/reloadable/load")
+        assert reload.status_code == 400 and "still served" in reload.json()["error"]
+        index = {m["name"]: m for m in raw_http.post("/v2/repository/index").json()}
+        assert index["reloadable"]["reason"].startswith("reload failed")
+        seen += [reload.text, *(m["reason"] for m in index.values())]
+    finally:
+        model_file.write_bytes(good)
+    assert raw_http.post("/v2/repository/models/reloadable/load").status_code == 200
+    for text in seen:
+        assert _server_paths(text) == [] and plugins_dir.name not in text, text
+    # The operator's log keeps the whole story, paths included.
+    assert str(plugins_dir / "models" / "broken" / "model.onnx") in kserve_server.log()
     assert_healthy(http_client)

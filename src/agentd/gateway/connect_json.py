@@ -18,6 +18,7 @@ import orjson
 from agentd.agents.message import Message
 from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument
 from agentd.gateway.protocol import Protocol, header, send_error
+from agentd.gateway.redact import public_message
 from agentd.runtime import Runtime
 
 __all__ = ["ConnectJsonInvoke"]
@@ -49,7 +50,7 @@ class ConnectJsonInvoke:
             agent, message = _decode(body)
             address, reply = await self._runtime.invoke(agent, message, timeout=timeout)
         except AgentdError as exc:
-            await send_error(send, Protocol.CONNECT, exc.code, exc.message)
+            await send_error(send, Protocol.CONNECT, exc.code, public_message(exc.message))
             return
         payload = orjson.dumps({"agent": str(address), "message": _encode_message(reply)})
         await send(

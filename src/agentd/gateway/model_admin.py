@@ -11,6 +11,7 @@ from typing import Any
 
 from agentd.errors import AgentdError, Code
 from agentd.gateway.protocol import clip, http_status, send_json
+from agentd.gateway.redact import public_message
 from agentd.inference import InferenceService, ModelState
 
 __all__ = ["ModelAdmin"]
@@ -47,7 +48,7 @@ class ModelAdmin:
                         "name": e.name,
                         "version": e.config.version if e.config else "1",
                         "state": e.state.value,
-                        "reason": e.reason,
+                        "reason": public_message(e.reason),
                     }
                     for e in self._service.index()
                 ]
@@ -57,7 +58,8 @@ class ModelAdmin:
             if action == "load":
                 entry = await self._service.load(name)
                 if entry.load_error:
-                    message = f"failed to load {name!r}: {entry.load_error}"
+                    # The log has the full text (with the model's files); the client, not.
+                    message = f"failed to load {name!r}: {public_message(entry.load_error)}"
                     if entry.state is ModelState.READY:
                         message += " (the previous version is still served)"
                     await send_json(send, 400, {"error": message})
@@ -67,7 +69,7 @@ class ModelAdmin:
             await send_json(send, 200, {})
         except AgentdError as exc:
             status = 404 if exc.code is Code.NOT_FOUND else http_status(exc.code)
-            await send_json(send, status, {"error": exc.message})
+            await send_json(send, status, {"error": public_message(exc.message)})
 
 
 def _model_action(path: str) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.admission import InflatedTooLarge, inflate
 from agentd.gateway.protocol import clip, connect_code
+from agentd.gateway.redact import public_message
 
 __all__ = [
     "BoundedGzip",
@@ -41,7 +42,8 @@ def call_timeout(ctx: RequestContext, default_s: float | None) -> float | None:
 
 
 def to_connect_error(exc: AgentdError) -> ConnectError:
-    return ConnectError(ConnectCode(connect_code(exc.code)), exc.message)
+    """The client's view of ``exc``: its code, and its message without server file paths."""
+    return ConnectError(ConnectCode(connect_code(exc.code)), public_message(exc.message))
 
 
 class _StrictCodec:

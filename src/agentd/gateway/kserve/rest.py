@@ -20,6 +20,7 @@ from agentd.errors import AgentdError, Code, InvalidArgument
 from agentd.gateway.admission import InflatedTooLarge, inflate
 from agentd.gateway.kserve.rest_codec import decode_request, encode_response
 from agentd.gateway.protocol import clip, header, http_status
+from agentd.gateway.redact import public_message
 from agentd.inference.types import ModelMetadata, TensorSpec
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ class KServeRest:
         except InflatedTooLarge as exc:
             await _error(send, exc.code, exc.message, status=413)
         except AgentdError as exc:
-            await _error(send, exc.code, exc.message)
+            await _error(send, exc.code, public_message(exc.message))
         except Exception:
             # A bug, not the client's fault: log it, answer 500, keep serving.
             log.exception("KServe REST %s failed", route.label)

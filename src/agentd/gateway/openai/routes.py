@@ -30,6 +30,7 @@ from agentd.gateway.admission import (
 from agentd.gateway.detach import ClientGone
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
 from agentd.gateway.protocol import clip, header, http_status, send_json
+from agentd.gateway.redact import public_message
 from agentd.generate.service import PromptTooLong
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class OpenAIRoutes:
                 "invalid_request_error" if status < 500 else "server_error"
             )
             code = "model_not_found" if exc.code is Code.NOT_FOUND else None
-            await _send_error(send, status, exc.message, kind, code=code)
+            await _send_error(send, status, public_message(exc.message), kind, code=code)
 
     async def _models(self, path: str, send: Send) -> None:
         if path == _MODELS:
