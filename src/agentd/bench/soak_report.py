@@ -286,7 +286,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.3 * len(panels)), sharex=True)
     warmup_min = document["config"]["warmup_s"] / 60
+    colours = plt.get_cmap("tab20").colors  # 11 lines in the by-kind panels: tab10 repeats
     for ax, (title, lines, log_y) in zip(axes, panels, strict=True):
+        ax.set_prop_cycle(color=colours[::2] + colours[1::2])
         for label, values, xs in lines:
             points = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
             if points:
@@ -296,6 +298,8 @@ def plot(document: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         if log_y and ax.has_data():
             ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         if len(lines) > 1 and ax.has_data():
             ax.legend(fontsize=7, ncol=4, loc="upper left")
     axes[-1].set_xlabel("minutes")
