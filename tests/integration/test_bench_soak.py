@@ -113,3 +113,48 @@ def test_bench_minutes_only_for_soak(tmp_path):
     )
     assert out.returncode == 2
     assert "--minutes is for the soak suite only" in out.stderr
+
+
+def _samples(rss: list[float], fds: list[int], threads: list[int]) -> list[dict]:
+    return [
+        {"t_s": 10.0 * i, "rss_mb": r, "fds": f, "fds_net": f, "threads": t}
+        for i, (r, f, t) in enumerate(zip(rss, fds, threads, strict=True))
+    ]
+
+
+def _measured(samples: list[dict], latencies: list[dict[str, list[float]]]) -> dict:
+    from agentd.bench.soak_report import COUNTS, p99_windows
+
+    duration = samples[-1]["t_s"]
+    times = [s["t_s"] for s in samples]
+    return {
+        "samples": samples,
+        "config": {"warmup_s": 20.0, "window_s": 20.0},
+        "totals": {k: dict.fromkeys(COUNTS, 0) for k in KINDS},
+        "p99_windows": p99_windows(times, latencies, 20.0, duration),
+    }
+
+
+def test_soak_verdicts_from_samples():
+    """The verdicts' arithmetic on made-up samples: RSS growth from the warm-up sample, an
+    upward step in descriptors caught, flat threads passed, p99 windows compared."""
+    from agentd.bench.soak_report import targets
+
+    rss = [300, 400, 400, 404, 405, 406, 407, 408, 409, 410, 411]
+    fds = [40, 50, 50, 50, 50, 50, 51, 60, 70, 80, 90]
+    threads = [20, 26, 26, 26, 26, 26, 26, 26, 26, 26, 27]
+    fast, slow = [0.010] * 50, [0.010] * 45 + [0.030] * 5
+    latencies = [{}] + [{"grpc_unary": fast}] * 8 + [{"grpc_unary": slow}] * 2
+    verdicts = {t["name"]: t for t in targets(_measured(_samples(rss, fds, threads), latencies))}
+    assert verdicts["no_server_errors"]["met"] and verdicts["no_server_errors"]["value"] == 0
+    assert verdicts["rss_growth"]["reference_mb"] == 400  # the sample at 20 s, not the start
+    assert verdicts["rss_growth"]["value"] == pytest.approx(2.75)
+    assert verdicts["rss_growth"]["met"]
+    assert not verdicts["fds_flat"]["met"] and verdicts["fds_flat"]["value"] == 90 - 50
+    assert verdicts["threads_flat"]["met"]  # +1 is within the tolerance of 2
+    assert verdicts["p99_stable"]["ratios"] == {"grpc_unary": 3.0}
+    assert not verdicts["p99_stable"]["met"]
+
+    few = [{}] + [{"grpc_unary": [0.01] * 5}] * 10  # 10 answers per window: not compared
+    verdicts = {t["name"]: t for t in targets(_measured(_samples(rss, fds, threads), few))}
+    assert verdicts["p99_stable"]["ratios"] == {} and not verdicts["p99_stable"]["met"]
