@@ -152,14 +152,16 @@ class SoakRunner:
             await asyncio.sleep(max(0.0, self.start_at + offset - time.monotonic()))
             window, self.window = self.window, Window()
             report = window.to_dict()
-            self.conn.send(
+            # A thread sends it: a big window can fill the pipe, and the loop must not wait.
+            await asyncio.to_thread(
+                self.conn.send,
                 {
                     "type": "window",
                     "index": index,
                     "in_flight": self.in_flight,
                     "connections": self.traffic.num_connections,
                     **report,
-                }
+                },
             )
 
     async def _swarms(self, end: float) -> None:
