@@ -17,6 +17,7 @@ __all__ = ["HealthProbe", "MetricsReader", "cpu_seconds", "process_tree", "tree_
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def process_tree(root: int) -> list[int]:
@@ -138,8 +139,9 @@ class HealthProbe:
 
 class MetricsReader:
     """Reads /metrics each sample: a loop-lag metric if the server exports one (a gauge, or a
-    histogram/summary whose mean over the window is taken), and agentd_request_errors_total's
-    increase (the server's own count, which includes client errors)."""
+    histogram/summary whose mean over the window is taken), agentd_request_errors_total's
+    increase (the server's own count, which includes client errors), and per protocol the
+    requests the server itself timed at over 1 s in the window."""
 
     def __init__(self, port: int) -> None:
         self._port = port
@@ -165,15 +167,25 @@ class MetricsReader:
     def read(self) -> dict[str, Any]:
         text = self._scrape()
         if text is None:
-            return {"loop_lag_metric_ms": None, "metrics_request_errors": None}
+            return {
+                "loop_lag_metric_ms": None,
+                "metrics_request_errors": None,
+                "metrics_over_1s": {},
+            }
         sums: dict[str, float] = {}
         gauges: list[tuple[str, float]] = []
+        slow: dict[str, float] = {}  # per protocol: requests the server timed at over 1 s
         for line in text.splitlines():
             match = _METRIC_LINE.match(line)
             if match is None:
                 continue
             name, value = match.group(1), float(match.group(3))
             sums[name] = sums.get(name, 0.0) + value
+            if name == "agentd_request_duration_seconds_bucket":
+                labels = dict(_LABEL.findall(match.group(2) or ""))
+                sign = {"+Inf": 1, "1.0": -1}.get(labels.get("le", ""), 0)
+                protocol = labels.get("protocol", "?")
+                slow[protocol] = slow.get(protocol, 0.0) + sign * value
             if "loop_lag" in name and not name.endswith(("_bucket", "_created")):
                 gauges.append((name, value))
         lag_ms = None
@@ -189,7 +201,10 @@ class MetricsReader:
         if lag_ms is not None and "seconds" in (hist[0] if hist else gauges[0][0]):
             lag_ms *= 1000
         errors = self._delta("errors", sums.get("agentd_request_errors_total", 0.0))
+        over_1s = {p: self._delta(f"slow:{p}", n) for p, n in sorted(slow.items())}
         return {
             "loop_lag_metric_ms": None if lag_ms is None else round(lag_ms, 3),
             "metrics_request_errors": None if errors is None else int(errors),
+            # Compared with the client's latencies: slow on both sides is the server.
+            "metrics_over_1s": {p: int(n) for p, n in over_1s.items() if n is not None},
         }
