@@ -7,11 +7,14 @@ import json
 import shutil
 import struct
 import subprocess
+import zlib
 
+import grpc
 import httpx
 import pytest
 
 from agentd.v1 import agent_pb2 as pb
+from agentd.v1 import agent_pb2_grpc as pb_grpc
 
 INVOKE = "/agentd.v1.AgentService/Invoke"
 STREAM = "/agentd.v1.AgentService/InvokeStream"
@@ -227,3 +230,106 @@ def test_server_survives_garbage(server):
             with contextlib.suppress(OSError):
                 sock.recv(1024)
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# -- message encodings: identity, gzip and deflate; anything else names the accepted ones ----
+
+
+def _end_error(body: bytes) -> dict:
+    flags, payload = unframe(body)[-1]
+    assert flags & 0x02
+    return json.loads(payload)["error"]
+
+
+def test_deflate_is_spoken_on_every_rpc_protocol(http, channel):
+    # Connect answered 501 to deflate (and a Connect stream INTERNAL); it is a standard
+    # encoding of Connect, gRPC and HTTP alike, as cheap as gzip.
+    body = json.dumps({"agent": "echo/z", "message": {"text": "deflated"}}).encode()
+    unary = http.post(
+        INVOKE,
+        content=zlib.compress(body),
+        headers={**JSON, "content-encoding": "deflate", "accept-encoding": "deflate"},
+    )
+    assert unary.status_code == 200 and unary.headers["content-encoding"] == "deflate"
+    assert unary.json()["message"]["text"] == "deflated"  # httpx inflates it
+    stream = http.post(
+        STREAM,
+        content=frame(zlib.compress(body), flags=1),
+        headers={
+            "content-type": "application/connect+json",
+            "connect-content-encoding": "deflate",
+            "connect-accept-encoding": "deflate",
+        },
+    )
+    assert stream.status_code == 200 and stream.headers["connect-content-encoding"] == "deflate"
+    events = [json.loads(zlib.decompress(p)) for f, p in unframe(stream.content) if f == 1]
+    assert [e["token"] for e in events] == ["deflated"]
+    assert unframe(stream.content)[-1][0] == 3  # the end of the stream, compressed too
+    request = pb.InvokeRequest(agent="echo/z", message=pb.Message(text="web")).SerializeToString()
+    web = http.post(
+        INVOKE,
+        content=frame(zlib.compress(request), flags=1),
+        headers={"content-type": "application/grpc-web+proto", "grpc-encoding": "deflate"},
+    )
+    assert pb.InvokeResponse.FromString(unframe(web.content)[0][1]).message.text == "web"
+    stub = pb_grpc.AgentServiceStub(channel)
+    reply = stub.Invoke(
+        pb.InvokeRequest(agent="echo/z", message=pb.Message(text="grpc")),
+        compression=grpc.Compression.Deflate,
+        timeout=30,
+    )
+    assert reply.message.text == "grpc"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "accept"),
+    [
+        (INVOKE, {**JSON, "content-encoding": "br"}, "accept-encoding"),
+        (
+            STREAM,
+            {"content-type": "application/connect+json", "connect-content-encoding": "snappy"},
+            "connect-accept-encoding",
+        ),
+    ],
+    ids=["connect-unary", "connect-stream"],
+)
+def test_an_unknown_connect_encoding_is_unimplemented_naming_the_accepted_ones(
+    http, path, headers, accept
+):
+    body = json.dumps({"agent": "echo", "message": {"text": "x"}}).encode()
+    response = http.post(
+        path, content=frame(body) if "connect+" in str(headers) else body, headers=headers
+    )
+    assert response.status_code == 501  # Connect's HTTP status for unimplemented
+    assert response.json()["code"] == "unimplemented"
+    assert response.headers[accept] == "identity, gzip, deflate"
+
+
+def test_an_unknown_grpc_encoding_is_unimplemented_naming_the_accepted_ones(http):
+    request = pb.InvokeRequest(agent="echo").SerializeToString()
+    response = http.post(
+        INVOKE,
+        content=frame(request),
+        headers={"content-type": "application/grpc-web+proto", "grpc-encoding": "snappy"},
+    )
+    assert response.headers["grpc-status"] == "12"  # UNIMPLEMENTED
+    assert response.headers["grpc-accept-encoding"] == "identity, gzip, deflate"
+
+
+def test_a_compressed_flag_without_an_encoding_is_invalid_argument(http):
+    # connect-python called both INTERNAL ("sent compressed message without compression").
+    body = json.dumps({"agent": "echo", "message": {"text": "x"}}).encode()
+    stream = http.post(
+        STREAM, content=frame(body, flags=1), headers={"content-type": "application/connect+json"}
+    )
+    assert _end_error(stream.content)["code"] == "invalid_argument"
+    request = pb.InvokeRequest(agent="echo").SerializeToString()
+    web = http.post(
+        INVOKE,
+        content=frame(request, flags=1),
+        headers={"content-type": "application/grpc-web+proto"},
+    )
+    status = web.headers.get("grpc-status")
+    if status is None:  # trailers in the body
+        status = unframe(web.content)[-1][1].split(b"grpc-status:")[1].split(b"\r\n")[0].strip()
+    assert int(status) == 3  # INVALID_ARGUMENT

@@ -161,14 +161,16 @@ def inflate(body: bytes, encoding: bytes | None, limit: int) -> bytes:
             raise InvalidArgument(f"malformed {what} body: bytes after the end of the stream")
 
 
-def framed_receive(receive: Receive, limit: int, *, unary: bool) -> Receive:
+def framed_receive(receive: Receive, limit: int, *, unary: bool, encoded: bool) -> Receive:
     """A receive callable for enveloped bodies (gRPC, gRPC-Web, Connect streaming).
 
     Fails past ``limit`` bytes (RESOURCE_EXHAUSTED), like :func:`counting_receive`, and
     checks the framing as the bytes go by: a body that ends inside a frame (its 5-byte prefix
     or its message) is INVALID_ARGUMENT, and so is a body with no message at all for a method
     that takes exactly one (``unary``). connect-python would report both as UNIMPLEMENTED
-    "unary request has zero messages", or silently drop the partial frame.
+    "unary request has zero messages", or silently drop the partial frame. So is a frame
+    flagged compressed when the request names no message encoding (``encoded`` false), or
+    with flag bits no request may set: connect-python called both INTERNAL.
     """
     counted = counting_receive(receive, limit)
     frames = 0
@@ -193,6 +195,7 @@ def framed_receive(receive: Receive, limit: int, *, unary: bool) -> Receive:
             prefix += chunk[at : at + take]
             at += take
             if len(prefix) == 5:
+                _check_flags(prefix[0], encoded)
                 remaining = int.from_bytes(prefix[1:5], "big")
                 prefix = b""
                 frames += 1
@@ -209,3 +212,21 @@ def framed_receive(receive: Receive, limit: int, *, unary: bool) -> Receive:
         return message
 
     return framed
+
+
+def _check_flags(flags: int, encoded: bool) -> None:
+    if flags & ~_COMPRESSED:
+        raise ConnectError(
+            ConnectCode.INVALID_ARGUMENT,
+            f"malformed request: message flags 0x{flags:02x}; a request may only set 0x01 "
+            "(compressed)",
+        )
+    if flags and not encoded:
+        raise ConnectError(
+            ConnectCode.INVALID_ARGUMENT,
+            "malformed request: a message is flagged compressed, but the request names no "
+            "message encoding (grpc-encoding / connect-content-encoding)",
+        )
+
+
+_COMPRESSED = 0x01

@@ -41,7 +41,13 @@ from agentd.gateway.protocol import (
     send_error,
 )
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
-from agentd.gateway.rpc_errors import BoundedGzip, check_grpc_timeout, install_strict_codecs
+from agentd.gateway.rpc_errors import (
+    check_grpc_timeout,
+    compressions,
+    declares_encoding,
+    install_strict_codecs,
+    refused_encoding,
+)
 from agentd.gateway.tools_api import TOOLS_PATH, ToolsApi
 from agentd.generate.service import GenerationService
 from agentd.inference import InferenceService, ModelRepository
@@ -98,7 +104,7 @@ class Gateway:
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s, tools=self.tools)
         agent_app = AgentServiceASGIApplication(
-            agent_service, read_max_bytes=limit, compressions=[BoundedGzip(limit)]
+            agent_service, read_max_bytes=limit, compressions=compressions(limit)
         )
         self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
         reflection = reflection_apps(
@@ -217,6 +223,10 @@ class Gateway:
                 send, protocol, Code.UNIMPLEMENTED, f"unknown method {clip(path)}", status=404
             )
             return
+        if rpc_app is not None and (refused := refused_encoding(scope, protocol)) is not None:
+            message, accepted = refused
+            await send_error(send, protocol, Code.UNIMPLEMENTED, message, headers=accepted)
+            return
         limit = self.settings.max_body_bytes
         length = header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -229,7 +239,9 @@ class Gateway:
                 return
             if _enveloped(header(scope, b"content-type")):
                 unary = path not in self._streaming_requests
-                await rpc_app(scope, framed_receive(receive, limit, unary=unary), send)
+                encoded = declares_encoding(scope, protocol)
+                framed = framed_receive(receive, limit, unary=unary, encoded=encoded)
+                await rpc_app(scope, framed, send)
             else:
                 await rpc_app(scope, counting_receive(receive, limit), send)
             return
@@ -254,7 +266,8 @@ class Gateway:
         if (header(scope, b"content-type") or b"").startswith(b"application/connect+"):
             # Connect streaming: the body is enveloped like gRPC's; check its framing too.
             unary = path not in self._streaming_requests
-            body_receive = framed_receive(body_receive, limit, unary=unary)
+            encoded = declares_encoding(scope, protocol)
+            body_receive = framed_receive(body_receive, limit, unary=unary, encoded=encoded)
         await rpc_app(scope, body_receive, send)
 
     async def _serve_ops(self, scope: Scope, send: Send, protocol: Protocol, path: str) -> None:

@@ -109,7 +109,8 @@ async def send_error(
     gRPC and gRPC-Web get a trailers-only response (HTTP 200, grpc-status in the headers);
     Connect and plain HTTP get a JSON body ``{"code", "message"}`` with an HTTP status
     (``status`` overrides the default mapping, e.g. 413 for an oversized body). ``headers``
-    are added to an HTTP answer (``Allow`` on a 405, for example).
+    are added to the answer (``Allow`` on a 405, ``grpc-accept-encoding`` beside an
+    UNIMPLEMENTED encoding, for example).
     """
     if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
         content_type = b"application/grpc" if protocol is Protocol.GRPC else b"application/grpc-web"
@@ -117,6 +118,7 @@ async def send_error(
             (b"content-type", content_type),
             (b"grpc-status", str(code.value).encode()),
             (b"grpc-message", quote(message, safe=" ").encode()),
+            *(headers or ()),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": trailers})
         await send({"type": "http.response.body", "body": b""})

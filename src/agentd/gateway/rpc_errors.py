@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import zlib
 from typing import Any
 
 from connectrpc import _codec as connect_codec
@@ -15,14 +16,20 @@ from google.protobuf.message import DecodeError
 
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.admission import InflatedTooLarge, inflate
-from agentd.gateway.protocol import clip, connect_code
+from agentd.gateway.protocol import Protocol, clip, connect_code, header
 from agentd.gateway.redact import public_message
 
 __all__ = [
+    "ACCEPTED_ENCODINGS",
+    "BoundedDeflate",
     "BoundedGzip",
     "call_timeout",
     "check_grpc_timeout",
+    "compressions",
+    "declares_encoding",
     "install_strict_codecs",
+    "message_encoding",
+    "refused_encoding",
     "to_connect_error",
 ]
 
@@ -103,11 +110,69 @@ class BoundedGzip:
 
     def decompress(self, data: bytes | bytearray | memoryview) -> bytes:
         try:
-            return inflate(bytes(data), b"gzip", self._limit)
+            return inflate(bytes(data), self.name().encode(), self._limit)
         except InflatedTooLarge as exc:
             raise ConnectError(ConnectCode.RESOURCE_EXHAUSTED, exc.message) from None
         except InvalidArgument as exc:
             raise ConnectError(ConnectCode.INVALID_ARGUMENT, exc.message) from None
+
+
+class BoundedDeflate(BoundedGzip):
+    """``deflate`` (zlib format, as HTTP, gRPC and Connect mean it), bounded like gzip."""
+
+    def name(self) -> str:
+        return "deflate"
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return zlib.compress(data, self._level)
+
+
+def compressions(limit: int) -> list[BoundedGzip]:
+    """The message encodings every RPC app speaks (identity is always there too)."""
+    return [BoundedGzip(limit), BoundedDeflate(limit)]
+
+
+ACCEPTED_ENCODINGS = b"identity, gzip, deflate"
+_ENCODINGS = frozenset({b"identity", b"gzip", b"deflate"})
+
+
+def message_encoding(scope: dict[str, Any], protocol: Protocol) -> tuple[bytes, bytes]:
+    """The header that names how a request's messages are encoded, for ``protocol``, and
+    the header that answers which encodings the server accepts."""
+    if protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
+        return b"grpc-encoding", b"grpc-accept-encoding"
+    if (header(scope, b"content-type") or b"").startswith(b"application/connect+"):
+        return b"connect-content-encoding", b"connect-accept-encoding"
+    return b"content-encoding", b"accept-encoding"
+
+
+def declares_encoding(scope: dict[str, Any], protocol: Protocol) -> bool:
+    """Whether the request names a message encoding other than identity (so its frames
+    may be flagged compressed)."""
+    value = header(scope, message_encoding(scope, protocol)[0])
+    return value is not None and value != b"identity"
+
+
+def refused_encoding(
+    scope: dict[str, Any], protocol: Protocol
+) -> tuple[str, list[tuple[bytes, bytes]]] | None:
+    """Why an RPC request's message encoding is refused, with the header listing the
+    accepted ones; None when the server speaks it.
+
+    Both protocols ask for UNIMPLEMENTED naming the accepted encodings (gRPC in
+    ``grpc-accept-encoding``, Connect in ``accept-encoding`` or, streaming,
+    ``connect-accept-encoding``); connect-python answered without them, and a Connect
+    stream got INTERNAL.
+    """
+    name, accept = message_encoding(scope, protocol)
+    value = header(scope, name)
+    if value is None or value in _ENCODINGS:
+        return None
+    message = (
+        f"unsupported {name.decode()} {clip(value.decode('latin-1'))!r}; "
+        f"this server accepts {ACCEPTED_ENCODINGS.decode()}"
+    )
+    return message, [(accept, ACCEPTED_ENCODINGS)]
 
 
 def check_grpc_timeout(raw: bytes | None) -> str | None:

@@ -13,7 +13,7 @@ from connectrpc._server_shared import EndpointBidiStream, EndpointClientStream
 from connectrpc.method import IdempotencyLevel, MethodInfo
 from connectrpc.server import ConnectASGIApplication, Endpoint
 
-from agentd.gateway.rpc_errors import BoundedGzip
+from agentd.gateway.rpc_errors import compressions
 
 __all__ = ["ServiceApp", "method"]
 
@@ -39,7 +39,7 @@ class ServiceApp(ConnectASGIApplication[Any]):
             service=object(),
             endpoints=build,
             read_max_bytes=read_max_bytes,
-            compressions=[BoundedGzip(read_max_bytes or 64 * 1024 * 1024)],
+            compressions=compressions(read_max_bytes or 64 * 1024 * 1024),
         )
         self._path = path
         self.method_paths = tuple(endpoints)

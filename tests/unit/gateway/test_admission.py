@@ -112,7 +112,7 @@ async def _drain(receive):
     ],
 )
 async def test_framed_receive_passes_whole_frames(chunks):
-    await _drain(framed_receive(_receiver(chunks), 1000, unary=True))
+    await _drain(framed_receive(_receiver(chunks), 1000, unary=True, encoded=False))
 
 
 @pytest.mark.parametrize(
@@ -126,14 +126,28 @@ async def test_framed_receive_passes_whole_frames(chunks):
 )
 async def test_framed_receive_refuses_broken_framing(chunks, unary, fragment):
     with pytest.raises(ConnectError, match=fragment) as caught:
-        await _drain(framed_receive(_receiver(chunks), 1000, unary=unary))
+        await _drain(framed_receive(_receiver(chunks), 1000, unary=unary, encoded=False))
     assert caught.value.code is ConnectCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("flags", "encoded", "fragment"),
+    [(1, False, "flagged compressed"), (2, True, "flags 0x02"), (0x80, False, "flags 0x80")],
+)
+async def test_framed_receive_refuses_flags_the_request_cannot_set(flags, encoded, fragment):
+    # connect-python answered a compressed flag without an encoding with INTERNAL.
+    frame = struct.pack(">BI", flags, 3) + b"abc"
+    with pytest.raises(ConnectError, match=fragment) as caught:
+        await _drain(framed_receive(_receiver([frame]), 1000, unary=True, encoded=encoded))
+    assert caught.value.code is ConnectCode.INVALID_ARGUMENT
+    compressed = struct.pack(">BI", 1, 3) + b"abc"
+    await _drain(framed_receive(_receiver([compressed]), 1000, unary=True, encoded=True))
+
+
 async def test_framed_receive_allows_an_empty_request_stream_and_bounds_size():
-    await _drain(framed_receive(_receiver([b""]), 1000, unary=False))
+    await _drain(framed_receive(_receiver([b""]), 1000, unary=False, encoded=False))
     with pytest.raises(ConnectError) as caught:
-        await _drain(framed_receive(_receiver([_frame(b"x" * 20)]), 10, unary=True))
+        await _drain(framed_receive(_receiver([_frame(b"x" * 20)]), 10, unary=True, encoded=False))
     assert caught.value.code is ConnectCode.RESOURCE_EXHAUSTED
 
 

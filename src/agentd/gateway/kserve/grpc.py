@@ -19,7 +19,7 @@ from connectrpc.request import RequestContext
 
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.kserve.codec import datatype_of, decode_contents, decode_raw, encode_raw
-from agentd.gateway.rpc_errors import BoundedGzip, call_timeout, to_connect_error
+from agentd.gateway.rpc_errors import call_timeout, compressions, to_connect_error
 from agentd.inference.types import ModelMetadata
 from agentd.kserve.v2 import grpc_service_pb2 as pb
 from agentd.kserve.v2.grpc_service_connect import GRPCInferenceServiceASGIApplication
@@ -210,5 +210,5 @@ def kserve_grpc_app(
     return KServeGrpcApp(
         KServeGrpcService(service, default_timeout_s),
         read_max_bytes=read_max_bytes,
-        compressions=[BoundedGzip(read_max_bytes)],
+        compressions=compressions(read_max_bytes),
     )
