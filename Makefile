@@ -27,8 +27,9 @@ run: $(VENV)/.installed
 ## test: install test needs (Python and system packages), lint, run the whole suite
 test: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/ruff check src tests
-	@# Servers started by the tests find the built-in tool component in the cache (built once).
+	@# Tests and the servers they start find the tool components in the cache (built once).
 	$(BIN)/agentd tools build --plugins tests/plugins
+	$(BIN)/agentd tools build --plugins tests/tools/plugins
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 ## bench: run the benchmark suites; JSON results go to benchmarks/results/

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from agentd.tools.build import ToolArtefact
-from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.components import ComponentSet, open_components
 from tests.tools.support import LIMITS, session_artefact
 
 
@@ -15,7 +15,7 @@ def artefact(tmp_path_factory: pytest.TempPathFactory) -> ToolArtefact:
 
 
 @pytest.fixture(scope="session")
-def sandbox(artefact: ToolArtefact) -> Iterator[WasmSandbox]:
-    box = WasmSandbox(artefact.component_path, LIMITS, pool_size=2)
+def sandbox(artefact: ToolArtefact) -> Iterator[ComponentSet]:
+    box = open_components(artefact, LIMITS, pool_size=2)
     yield box
     box.close()

@@ -21,10 +21,13 @@ LIMITS = ToolLimits(
 )
 
 
-def cache_dir(factory: pytest.TempPathFactory) -> Path:
-    # The session's base temp folder is shared by every fixture of the session, so the
-    # unit tests and the server test find one build (the compile takes ~10-25 s).
-    return factory.getbasetemp() / "tools-cache"
+def cache_dir(factory: pytest.TempPathFactory | None = None) -> Path:
+    # The cache servers use (AGENTD_TOOLS_CACHE_DIR or the default), which `make test`
+    # fills before the suite runs: each component compiles in ~10-25 s, and the built-in
+    # tools' component is the same for every plugin folder.
+    from agentd.settings import Settings
+
+    return Settings().tools_cache_dir
 
 
 def session_artefact(factory: pytest.TempPathFactory) -> ToolArtefact:

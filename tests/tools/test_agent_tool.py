@@ -9,7 +9,7 @@ from agentd.agents import AgentRegistry
 from agentd.errors import DeadlineExceeded, Unavailable
 from agentd.runtime import ActorHost, MemoryStateStore, Runtime, WorkerPool
 from agentd.tools import ToolError, ToolLimits
-from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.components import open_components
 from agentd.tools.service import ToolService
 from tests.tools.support import LIMITS
 
@@ -45,7 +45,7 @@ def runtime_with(tools: ToolService | None) -> Runtime:
 async def test_agent_calls_a_tool(artefact):
     tools = ToolService(
         artefact.tools,
-        lambda: WasmSandbox(artefact.component_path, LIMITS),
+        lambda: open_components(artefact, LIMITS),
         limits=LIMITS,
     )
     await tools.start()
@@ -63,9 +63,7 @@ async def test_agent_calls_a_tool(artefact):
 
 async def test_turn_deadline_bounds_the_tool_call(artefact):
     limits = ToolLimits(max_fuel=10**15, timeout_s=5.0)
-    tools = ToolService(
-        artefact.tools, lambda: WasmSandbox(artefact.component_path, limits), limits=limits
-    )
+    tools = ToolService(artefact.tools, lambda: open_components(artefact, limits), limits=limits)
     await tools.start()
     runtime = runtime_with(tools)
     await runtime.start()

@@ -73,7 +73,7 @@ def test_no_environment_files_or_network(sandbox):
 
 def test_deadline_stops_a_loop_that_has_fuel_to_spare(artefact):
     limits = ToolLimits(max_fuel=10**15, timeout_s=0.3)
-    box = WasmSandbox(artefact.component_path, limits)
+    box = WasmSandbox(artefact.owner("loop_forever").component_path, limits)
     try:
         started = time.monotonic()
         outcome = box.call("loop_forever", "{}")
@@ -129,7 +129,7 @@ def test_unknown_tool_is_not_found(sandbox):
 
 
 def test_prepared_instances_are_used_and_refilled(artefact):
-    box = WasmSandbox(artefact.component_path, LIMITS, pool_size=2)
+    box = WasmSandbox(artefact.owner("count_calls").component_path, LIMITS, pool_size=2)
     try:
         box.refill()
         assert len(box._ready) == 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from agentd.tools import ToolArgumentsInvalid, ToolSpec
-from agentd.tools.schema import check_arguments
+from agentd.tools.schema import check_arguments, spec_problem
 
 SPEC = ToolSpec(
     "t",
@@ -52,3 +52,28 @@ def test_rejects_with_a_message_naming_the_problem(arguments, message):
 def test_extra_arguments_allowed_with_kwargs():
     spec = ToolSpec("k", "", {"type": "object", "properties": {}, "additionalProperties": True})
     check_arguments(spec, {"anything": 1})
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (ToolSpec("ok", "", {"type": "object", "properties": {}}), None),
+        (ToolSpec("not an identifier", "", {"type": "object"}), "Python identifier"),
+        (ToolSpec("x" * 200, "", {"type": "object"}), "Python identifier"),
+        (ToolSpec("t", 5, {"type": "object"}), "description"),  # type: ignore[arg-type]
+        (ToolSpec("t", "", "hijacked"), "not a JSON Schema object"),  # type: ignore[arg-type]
+        (ToolSpec("t", "", {"type": "array"}), "not a JSON Schema object"),
+        (ToolSpec("t", "", {"type": "object", "properties": []}), "properties"),
+        (ToolSpec("t", "", {"type": "object", "properties": {"a": 1}}), "properties"),
+        (ToolSpec("t", "", {"type": "object", "properties": {"a": {"type": 3}}}), "properties"),
+        (ToolSpec("t", "", {"type": "object", "required": "a"}), "required"),
+        (ToolSpec("t", "", {"type": "object", "additionalProperties": "yes"}), "additional"),
+    ],
+)
+def test_specs_a_tampered_guest_reports_are_checked(spec, problem):
+    # A tool file can rewrite its own guest's spec output; the host serves only sound specs.
+    found = spec_problem(spec)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found

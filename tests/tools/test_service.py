@@ -22,7 +22,7 @@ from agentd.tools import (
     ToolSpec,
     ToolsUnavailable,
 )
-from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.components import open_components
 from agentd.tools.service import ToolService
 from tests.tools.support import LIMITS
 
@@ -38,7 +38,7 @@ class Recorder:
 def make_service(artefact, *, limits=LIMITS, threads=2, max_queued=256, observer=None):
     return ToolService(
         artefact.tools,
-        lambda: WasmSandbox(artefact.component_path, limits, pool_size=2),
+        lambda: open_components(artefact, limits, pool_size=2),
         limits=limits,
         threads=threads,
         max_queued=max_queued,

@@ -124,14 +124,17 @@ def build(
         raise typer.Exit(1) from None
     artefact = result.artefact
     if json_out:
-        manifest = {**artefact.manifest, "path": str(artefact.directory), "built": result.built}
-        typer.echo(json.dumps(manifest, indent=2))
+        typer.echo(json.dumps({**artefact.to_json(), "built": result.built}, indent=2))
         return
+    where = settings.tools_cache_dir
+    count = len(artefact.components)
     if result.built:
-        console.print(f"built {artefact.directory} in {result.seconds:.1f} s")
+        console.print(
+            f"built {result.num_built} of {count} components in {where} in {result.seconds:.1f} s"
+        )
     else:
         checked_ms = result.seconds * 1000
-        console.print(f"up to date: {artefact.directory} (checked in {checked_ms:.0f} ms)")
+        console.print(f"up to date: {count} components in {where} (checked in {checked_ms:.0f} ms)")
     table = Table("tool", "parameters", "description")
     for spec in artefact.tools:
         params = ", ".join(spec.parameters.get("properties", {}))

@@ -14,7 +14,7 @@ from typing import Any
 from agentd.tools.errors import ToolArgumentsInvalid
 from agentd.tools.types import ToolSpec
 
-__all__ = ["check_arguments"]
+__all__ = ["check_arguments", "spec_problem"]
 
 _CHECKS = {
     "string": lambda v: isinstance(v, str),
@@ -51,6 +51,37 @@ def check_arguments(spec: ToolSpec, arguments: Any) -> None:
                 f"tool {spec.name!r}: argument {name!r} must be {_article(kind)} {kind}, "
                 f"not {_json_type(value)}"
             )
+
+
+_MAX_NAME = 128
+_MAX_DESCRIPTION = 16 * 1024
+
+
+def spec_problem(spec: ToolSpec) -> str | None:
+    """What is wrong with a tool spec a component reported, or None.
+
+    The guest derives specs from signatures, but a tool file can tamper with its own guest,
+    so the host checks the shape it relies on before serving the tool.
+    """
+    name, params = spec.name, spec.parameters
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > _MAX_NAME:
+        return f"a tool name must be a Python identifier of at most {_MAX_NAME} characters"
+    if not isinstance(spec.description, str) or len(spec.description) > _MAX_DESCRIPTION:
+        return f"tool {name!r}: the description must be text of at most {_MAX_DESCRIPTION:,} chars"
+    if not isinstance(params, dict) or params.get("type") != "object":
+        return f"tool {name!r}: the parameter schema is not a JSON Schema object"
+    properties = params.get("properties", {})
+    if not isinstance(properties, dict) or not all(
+        isinstance(key, str) and isinstance(value, dict) and isinstance(value.get("type", ""), str)
+        for key, value in properties.items()
+    ):
+        return f"tool {name!r}: the schema's properties are not a map of named schemas"
+    required = params.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        return f"tool {name!r}: the schema's required list is not a list of names"
+    if not isinstance(params.get("additionalProperties", False), bool):
+        return f"tool {name!r}: the schema's additionalProperties is not true or false"
+    return None
 
 
 def _article(kind: str) -> str:

@@ -1,4 +1,10 @@
-"""Which Python files make up the tool component, and the content hash that names a build."""
+"""Which Python files make up the tool components, and the content hashes that name builds.
+
+Each origin gets a component of its own: the built-in tools together (they are ours), and
+each plugin tool file alone. Tool code shares an interpreter with everything in its
+component, and Python cannot keep one module from rewriting another; separate components
+(separate WebAssembly memories) can, so one tool file can never reach another's functions.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ __all__ = [
     "PLUGIN_PACKAGE",
     "WIT_DIR",
     "ToolSource",
+    "ToolUnit",
     "collect_sources",
+    "collect_units",
     "sources_digest",
 ]
 
@@ -27,7 +35,7 @@ GUEST_APP = _HERE / "guest" / "agentd_guest.py"
 BUILTIN_PACKAGE = "agentd_builtin_tools"
 PLUGIN_PACKAGE = "agentd_plugin_tools"
 # Bumped when the build layout changes in a way the inputs below do not show.
-_FORMAT = "agentd-tools-1"
+_FORMAT = "agentd-tools-2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,30 @@ def collect_sources(plugin_tools: Path | None) -> list[ToolSource]:
     if plugin_tools is not None:
         sources += _collect(plugin_tools, PLUGIN_PACKAGE, "tools")
     return sources
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUnit:
+    """The sources of one component: ``origin`` is ``builtin`` or ``tools/NAME.py``."""
+
+    origin: str
+    sources: tuple[ToolSource, ...]
+
+    @property
+    def digest(self) -> str:
+        return sources_digest(list(self.sources))
+
+
+def collect_units(plugin_tools: Path | None) -> list[ToolUnit]:
+    """The built-in tools as one unit, then one unit per plugin tool file (sorted)."""
+    builtin = _collect(BUILTIN_DIR, BUILTIN_PACKAGE, "builtin")
+    units = [ToolUnit("builtin", tuple(builtin))] if builtin else []
+    if plugin_tools is not None:
+        units += [
+            ToolUnit(source.file, (source,))
+            for source in _collect(plugin_tools, PLUGIN_PACKAGE, "tools")
+        ]
+    return units
 
 
 def _version(name: str) -> str:

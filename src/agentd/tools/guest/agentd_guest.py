@@ -26,7 +26,9 @@ _STDLIB = (
     *("random", "re", "statistics", "string", "struct", "textwrap", "typing"),
     *("unicodedata", "urllib.parse", "uuid", "zlib"),
 )
-for _name in _STDLIB:
+# Every module compiled into the interpreter is loaded now too: once imports are sealed
+# (below, before any tool loads), a built-in module cannot be created any more.
+for _name in (*_STDLIB, *sorted(sys.builtin_module_names)):
     with contextlib.suppress(Exception):  # not built for WASI: tools cannot use it
         importlib.import_module(_name)
 
@@ -159,7 +161,10 @@ def _block_waiting():
 
 
 def _seal_imports():
-    """After loading, remove the means to create a fresh copy of a patched module."""
+    """Before the tools load, remove the means to create a fresh copy of a patched module
+    (a tool that kept ``_imp.create_builtin`` could rebuild ``time`` with the real sleep).
+    Each tool file has a component of its own, so a file that undoes this in its own
+    interpreter reaches no other file's tools; the host refuses blocking waits anyway."""
     import _imp
 
     for name in ("create_builtin", "exec_builtin", "create_dynamic", "exec_dynamic"):
@@ -168,8 +173,8 @@ def _seal_imports():
 
 
 _block_waiting()
-_TOOLS, _SPECS, _LOAD_ERRORS = _load()
 _seal_imports()
+_TOOLS, _SPECS, _LOAD_ERRORS = _load()
 sys.setrecursionlimit(1000)
 
 
