@@ -4,6 +4,7 @@ within its limit, and the sandbox keeps serving."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from agentd.tools import (
     ToolResultInvalid,
     ToolStackOverflow,
 )
-from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.sandbox import SandboxEngine, WasmSandbox
 from tests.tools.support import LIMITS
 
 HOSTILE = [
@@ -139,3 +140,53 @@ def test_prepared_instances_are_used_and_refilled(artefact):
         assert len(box._ready) == 2
     finally:
         box.close()
+
+
+def test_components_share_one_engine_and_one_ticker(artefact):
+    def tickers() -> int:
+        return sum(t.name == "agentd-tool-epoch" for t in threading.enumerate())
+
+    before = tickers()
+    engine = SandboxEngine(max_instances=8, max_memory_bytes=LIMITS.max_memory_bytes)
+    paths = [artefact.owner("echo").component_path, artefact.owner("loop_forever").component_path]
+    boxes = [WasmSandbox(path, LIMITS, pool_size=1, engine=engine) for path in paths]
+    try:
+        assert tickers() == before + 1
+        assert boxes[0].call("echo", '{"value": 1}').result_json == "1"
+        # The shared ticker drives every component's deadline.
+        slow = boxes[1].call("loop_forever", "{}", deadline=time.monotonic() + 0.2)
+        assert isinstance(slow.error, (ToolDeadlineExceeded, ToolOutOfFuel))
+    finally:
+        for box in boxes:
+            box.close()
+        engine.close()
+    assert tickers() == before
+
+
+def test_the_pool_holds_as_many_instances_as_it_was_sized_for(artefact):
+    path = artefact.owner("echo").component_path
+    engine = SandboxEngine(max_instances=2, max_memory_bytes=LIMITS.max_memory_bytes)
+    prepared = WasmSandbox(path, LIMITS, pool_size=2, engine=engine)
+    other = WasmSandbox(path, LIMITS, engine=engine)
+    try:
+        prepared.refill()  # both slots taken by prepared instances
+        refused = other.call("echo", '{"value": 1}').error
+        assert refused.message == (
+            "tool 'echo': cannot start a sandbox: all 2 sandbox slots are in use "
+            "(more calls at once than the engine was sized for)"
+        )
+        assert prepared.call("echo", '{"value": 2}').result_json == "2"  # frees its slot
+        assert other.call("echo", '{"value": 3}').result_json == "3"
+    finally:
+        prepared.close()
+        other.close()
+        engine.close()
+
+
+def test_an_engine_is_sized_from_the_settings():
+    engine = SandboxEngine.for_node(LIMITS, threads=8, pool_size=2, components=3)
+    try:
+        assert engine.max_instances == 8 + 2 * 3 + 2
+        assert engine.max_memory_bytes == LIMITS.max_memory_bytes
+    finally:
+        engine.close()
