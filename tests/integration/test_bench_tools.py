@@ -19,10 +19,14 @@ def test_bench_tools_quick(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     document = json.loads(out.stdout)
     assert (tmp_path / "tools-latest.json").is_file()
-    for label in ("prepared_instances", "fresh_instance_in_call"):
+    for label in ("prepared_instances", "fresh_instance_in_call", "prepared_instances_no_pool"):
         point = document["service"][label]
         assert point["latency"]["p50_ms"] > 0
         assert point["throughput"]["calls_per_s"] > 0
     assert document["baseline"]["sequential"]["p50_ms"] > 0
     assert document["build"]["rebuild_unchanged_s"] < 1
-    assert {t["name"] for t in document["targets"]} == {"per_call_p50", "vs_process_per_call"}
+    assert {t["name"] for t in document["targets"]} == {
+        "per_call_p50",
+        "cpu_per_call",
+        "vs_process_per_call",
+    }

@@ -5,14 +5,18 @@ trivial tool (and ``calc("1 + 1")`` for a tool that parses its input):
 
 * per-call latency through :class:`ToolService` (thread hop, instance, call, JSON) at one
   call in flight: with instances prepared ahead (the default) and with a fresh instance
-  made inside each call; and the bare sandbox call without the service;
-* calls/s with 16 calls in flight;
+  made inside each call, both on a :class:`SandboxEngine` with wasmtime's pooling
+  allocator sized as a node sizes it, and prepared instances on an engine without the pool
+  (wasmtime's on-demand allocator: an ``mmap``/``munmap`` per instance); and the bare
+  sandbox call without the service;
+* calls/s with 16 calls in flight, and the CPU (user + system, all threads) per call;
 * cold build (componentize-py + wasmtime precompile) and warm start (load the cached
   artefact, first call), and a rebuild of unchanged files;
 * the baseline: ``python -I`` started per call, running the same function, sequential and
   with as many in flight as there are cores.
 
-Targets: p50 per-call latency <= 2 ms; >= 10x the baseline (latency and calls/s).
+Targets: p50 per-call latency <= 2 ms; >= 10x the baseline (latency and calls/s); CPU per
+call <= 0.5 ms.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from rich.table import Table
 from agentd.bench.results import machine_info, package_versions, run_and_publish
 from agentd.tools.build import build_tools
 from agentd.tools.builtin import echo as echo_module
-from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.sandbox import SandboxEngine, WasmSandbox
 from agentd.tools.service import ToolService
 from agentd.tools.types import ToolLimits
 
@@ -47,6 +51,7 @@ __all__ = ["BenchError", "run_suite"]
 SUITE = "tools"
 TARGET_P50_MS = 2.0
 TARGET_RATIO = 10.0
+TARGET_CPU_MS = 0.5
 TOOL = "echo"
 ARGUMENTS = {"value": "hello"}
 EXPECTED: object = "hello"
@@ -87,15 +92,24 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def _service(artefact_path: Path, specs: list, *, pool_size: int) -> ToolService:
+def _service(
+    artefact_path: Path, specs: list, *, pool_size: int, pooled: bool
+) -> tuple[ToolService, SandboxEngine]:
     limits = ToolLimits()
     threads = max(4, 2 * (os.cpu_count() or 1))
-    return ToolService(
+    if pooled:  # as a node sizes it (one component here: the built-ins)
+        engine = SandboxEngine.for_node(limits, threads=threads, pool_size=pool_size, components=1)
+    else:
+        engine = SandboxEngine(max_instances=0)
+    service = ToolService(
         specs,
-        lambda: WasmSandbox(artefact_path, limits, pool_size=pool_size),
+        lambda: WasmSandbox(artefact_path, limits, pool_size=pool_size, engine=engine),
         limits=limits,
         threads=threads,
+        # One tool is measured: let it use every thread (a node gives one tool half).
+        max_running_per_tool=threads,
     )
+    return service, engine
 
 
 async def _latency(
@@ -225,6 +239,7 @@ def _baseline(calls: int) -> dict[str, Any]:
 
 
 def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    load_before = [round(x, 2) for x in os.getloadavg()]
     cache = Path(tempfile.mkdtemp(prefix="agentd-bench-tools-"))
     try:
         if config.cold_build:
@@ -237,17 +252,21 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
         built = build_tools(cache_dir, None)
         artefact = built.artefact
         rebuild = build_tools(cache_dir, None)
+        component = artefact.owner(TOOL)
+        if component is None:
+            raise BenchError(f"the built-in tools have no {TOOL!r} tool")
+        manifest = component.manifest
         build = {
             "measured_now": built.built,
             "cold_build_s": round(built.seconds, 2)
             if built.built
-            else round(sum(artefact.manifest["timings"].values()), 2),
-            "steps_s": artefact.manifest["timings"],
+            else round(sum(manifest["timings"].values()), 2),
+            "steps_s": manifest["timings"],
             "rebuild_unchanged_s": round(rebuild.seconds, 4),
-            "component_bytes": artefact.manifest["component_bytes"],
-            "artefact_bytes": artefact.manifest["artefact_bytes"],
+            "component_bytes": manifest["component_bytes"],
+            "artefact_bytes": manifest["artefact_bytes"],
         }
-        path = artefact.component_path
+        path = component.component_path
         progress("warm start: load the precompiled artefact, first call ...")
         build["warm_start"] = _warm_start(path, artefact.tools, config.warm_starts)
         progress(f"sandbox alone, {config.latency_calls} calls ...")
@@ -255,8 +274,12 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
 
         async def service_points() -> dict[str, Any]:
             points: dict[str, Any] = {}
-            for label, pool_size in (("prepared_instances", 2), ("fresh_instance_in_call", 0)):
-                service = _service(path, artefact.tools, pool_size=pool_size)
+            for label, pool_size, pooled in (
+                ("prepared_instances", 2, True),
+                ("fresh_instance_in_call", 0, True),
+                ("prepared_instances_no_pool", 2, False),
+            ):
+                service, engine = _service(path, artefact.tools, pool_size=pool_size, pooled=pooled)
                 await service.start()
                 try:
                     progress(f"service, {label}: latency, {config.latency_calls} calls ...")
@@ -273,8 +296,10 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
                     )
                 finally:
                     await service.aclose()
+                    engine.close()
                 points[label] = {
                     "pool_size": pool_size,
+                    "pooling_allocator_slots": engine.max_instances,
                     "latency": latency,
                     f"latency_{WORK_TOOL}": work,
                     "throughput": throughput,
@@ -288,7 +313,13 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
         import shutil
 
         shutil.rmtree(cache, ignore_errors=True)
-    return {"build": build, "sandbox_only": bare, "service": service, "baseline": baseline}
+    return {
+        "load_average_before": load_before,
+        "build": build,
+        "sandbox_only": bare,
+        "service": service,
+        "baseline": baseline,
+    }
 
 
 def build_document(measured: dict[str, Any], *, quick: bool, now: datetime) -> dict[str, Any]:
@@ -296,6 +327,7 @@ def build_document(measured: dict[str, Any], *, quick: bool, now: datetime) -> d
     base = measured["baseline"]
     latency_ratio = base["sequential"]["p50_ms"] / ours["latency"]["p50_ms"]
     rate_ratio = ours["throughput"]["calls_per_s"] / base["throughput"]["calls_per_s"]
+    cpu_ms = ours["throughput"]["cpu_ms_per_call"]
     return {
         "suite": SUITE,
         "timestamp": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -308,7 +340,11 @@ def build_document(measured: dict[str, Any], *, quick: bool, now: datetime) -> d
             f"{WORK_TOOL}({json.dumps(WORK_ARGUMENTS)})",
             "latency": "await ToolService.call, one in flight, 1 ms pause between calls; "
             "nearest-rank percentiles",
-            "throughput": "ToolService.call with N in flight on max(4, 2 x cores) threads",
+            "throughput": "ToolService.call with N in flight on max(4, 2 x cores) threads, "
+            "the one tool allowed on all of them; CPU per call is this process's user + "
+            "system time over the calls",
+            "engine": "one SandboxEngine per point; pooled points size the pool as a node "
+            "does (threads + prepared instances + 2)",
             "baseline": "subprocess.run([python, -I, script]) per call, JSON on stdin/stdout",
         },
         **measured,
@@ -324,6 +360,12 @@ def build_document(measured: dict[str, Any], *, quick: bool, now: datetime) -> d
                 "met": ours["latency"]["p50_ms"] <= TARGET_P50_MS,
             },
             {
+                "name": "cpu_per_call",
+                "description": f"CPU per trivial call <= {TARGET_CPU_MS:g} ms (16 in flight)",
+                "value": cpu_ms,
+                "met": cpu_ms <= TARGET_CPU_MS,
+            },
+            {
                 "name": "vs_process_per_call",
                 "description": f">= {TARGET_RATIO:g}x a process per call (p50 and calls/s)",
                 "value": round(min(latency_ratio, rate_ratio), 1),
@@ -335,7 +377,8 @@ def build_document(measured: dict[str, Any], *, quick: bool, now: datetime) -> d
 
 def render(document: dict[str, Any], console: Console) -> None:
     table = Table(title=f"tools: {TOOL}({json.dumps(ARGUMENTS)}) per call")
-    for column in ("runner", "p50 ms", "p99 ms", f"{WORK_TOOL} p50", "calls/s", "in flight"):
+    columns = ("runner", "p50 ms", "p99 ms", f"{WORK_TOOL} p50", "calls/s", "in flight", "CPU ms")
+    for column in columns:
         table.add_column(column)
     for label, point in document["service"].items():
         table.add_row(
@@ -345,6 +388,7 @@ def render(document: dict[str, Any], console: Console) -> None:
             f"{point[f'latency_{WORK_TOOL}']['p50_ms']:.2f}",
             f"{point['throughput']['calls_per_s']:,.0f}",
             str(point["throughput"]["in_flight"]),
+            f"{point['throughput']['cpu_ms_per_call']:.2f}",
         )
     bare = document["sandbox_only"]
     table.add_row(
@@ -358,6 +402,7 @@ def render(document: dict[str, Any], console: Console) -> None:
         "",
         f"{base['throughput']['calls_per_s']:,.0f}",
         str(base["throughput"]["in_flight"]),
+        f"{base['throughput']['cpu_ms_per_call']:.2f}",
     )
     console.print(table)
     build = document["build"]
