@@ -9,17 +9,22 @@ generous: the machine is shared. What the tests pin is order and counts, not spe
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 
 from agentd.observability import Metrics
 from agentd.settings import load_settings
+from agentd.testing import start_server
 from agentd.tools import (
     ToolDeadlineExceeded,
     ToolOutOfFuel,
@@ -29,6 +34,7 @@ from agentd.tools import (
 from agentd.tools.build import ToolArtefact
 from agentd.tools.factory import open_tool_service
 from agentd.tools.service import ToolService
+from tests.conftest import metric_value
 from tests.tools.support import PLUGINS, cache_dir, session_artefact
 
 MiB = 1024 * 1024
@@ -223,6 +229,78 @@ async def test_admission_metrics_on_a_scrape(settings):
     after = metrics.render()[0].decode()
     assert 'agentd_tool_queue_wait_seconds_count{tool="loop_forever"} 6.0' in after
     assert 'agentd_tool_calls_queued{tool="loop_forever"} 0.0' in after
+
+
+async def test_over_the_wire_a_flood_gets_429_while_another_tool_answers(
+    artefact, tmp_path_factory
+):
+    env = {
+        "AGENTD_TOOLS_CACHE_DIR": str(cache_dir(tmp_path_factory)),
+        # The flood's calls hold their thread to the deadline; those waiting expire then too.
+        "AGENTD_TOOL_MAX_FUEL": str(10**15),
+        "AGENTD_TOOL_TIMEOUT_S": "1.5",
+        "AGENTD_TOOL_THREADS": "2",
+        "AGENTD_TOOL_MAX_QUEUED_PER_TOOL": "6",
+    }
+    server = start_server(["--plugins", str(PLUGINS)], env=env)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+            async def call(name: str, arguments: dict) -> httpx.Response:
+                body = {"name": name, "argumentsJson": json.dumps(arguments)}
+                return await client.post("/agentd.v1.AgentService/CallTool", json=body)
+
+            flood = [asyncio.create_task(call("loop_forever", {})) for _ in range(12)]
+            for _ in range(40):  # until the flood is in: one running, six waiting, five refused
+                await asyncio.sleep(0.025)
+                scrape = (await client.get("/metrics")).text
+                if metric_value(scrape, "agentd_tool_queue_rejections_total") == 5:
+                    break
+            started = time.monotonic()
+            answer = await call("add", {"a": 41})
+            answered_in = time.monotonic() - started
+            scrape = (await client.get("/metrics")).text
+            replies = await asyncio.gather(*flood)
+    finally:
+        server.stop()
+    assert answer.status_code == 200, answer.text
+    assert json.loads(answer.json()["resultJson"]) == 42
+    assert answered_in < 1.0, answered_in  # not after the flood's 1.5 s
+    # One ran to its deadline and the six waiting expired at theirs without running (or the
+    # next one started in the moments its deadline had left), five were refused at once.
+    outcomes = [(r.status_code, r.json()["code"], r.json()["message"]) for r in replies]
+    ran = [o for o in outcomes if "did not finish" in o[2]]
+    waited = [o for o in outcomes if "waited past its deadline to start" in o[2]]
+    assert (len(ran) + len(waited), len(waited) >= 5) == (7, True), outcomes
+    assert {o[:2] for o in ran + waited} == {(504, "deadline_exceeded")}
+    refused = [o for o in outcomes if "too many calls of tool 'loop_forever' waiting" in o[2]]
+    assert len(refused) == 5, outcomes
+    assert {o[:2] for o in refused} == {(429, "resource_exhausted")}
+    assert metric_value(scrape, "agentd_tool_calls_queued", tool="loop_forever") == 6
+    assert metric_value(scrape, "agentd_tool_calls_running", tool="loop_forever") == 1
+    assert metric_value(scrape, "agentd_tool_queue_rejections_total") == 5
+    assert metric_value(scrape, "agentd_tool_queue_wait_seconds_count", tool="add") == 1
+
+
+def test_serve_refuses_a_per_call_memory_limit_over_the_budget(tmp_path):
+    env = {
+        **os.environ,
+        "AGENTD_TOOL_MAX_MEMORY_BYTES": str(2048 * MiB),
+        "AGENTD_TOOLS_CACHE_DIR": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "agentd", "serve", "--port", "0", "--plugins", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert "invalid settings" in out
+    assert "tool_max_memory_bytes (2,147,483,648) is larger than" in out
+    assert "tool_max_total_memory_bytes (1,073,741,824): no tool call could run" in out
+    assert "Traceback" not in out
 
 
 def _rss() -> int:
