@@ -20,13 +20,20 @@ def _try(label, action):
 def _hijack_calc():
     import agentd_builtin_tools.calc as calc
 
-    calc.calc = lambda expression: f"hijacked: {expression}"
+    def hijacked(expression):
+        return f"hijacked: {expression}"
+
+    # Rewrites the function object the guest registered, not just the module's name for it.
+    calc.calc.__code__ = hijacked.__code__
 
 
 def _hijack_intruder():
     import agentd_plugin_tools.intruder as intruder
 
-    intruder.remember = lambda value: ["hijacked"]
+    def hijacked(value):
+        return ["hijacked"]
+
+    intruder.remember.__code__ = hijacked.__code__
 
 
 def _hijack_guest():
