@@ -82,12 +82,13 @@ class ToolService:
     Admission: at most ``threads`` calls run at once, at most ``max_running_per_tool`` of
     one tool (default: half the threads, at least 1), and no more than
     ``max_total_memory_bytes // limits.max_memory_bytes`` (each running call reserves its
-    memory limit). Others wait, at most ``max_queued`` in all and ``max_queued_per_tool``
-    per tool (more get ToolQueueFull), and free threads take them round-robin across tools.
-    A waiting call gets ToolDeadlineExceeded at its deadline without running. With
+    memory limit; default budget 1 GiB, or one call's limit if that is more). Others wait,
+    at most ``max_queued`` in all and ``max_queued_per_tool`` per tool (default: no bound
+    of its own); more get ToolQueueFull. Free threads take waiting calls round-robin across
+    tools. A waiting call gets ToolDeadlineExceeded at its deadline without running. With
     ``open_runtime=None`` the service lists no tools and every call gets ToolsUnavailable
     with ``unavailable_reason``. Raises ValueError when one call's memory limit is over the
-    budget.
+    budget, or a bound is below 1.
     """
 
     def __init__(
@@ -104,7 +105,9 @@ class ToolService:
         observer: ToolObserver | None = None,
         unavailable_reason: str = "no tool component is loaded",
     ) -> None:
-        budget = max_total_memory_bytes or max(_DEFAULT_MEMORY_BUDGET, limits.max_memory_bytes)
+        budget = max_total_memory_bytes
+        if budget is None:
+            budget = max(_DEFAULT_MEMORY_BUDGET, limits.max_memory_bytes)
         if limits.max_memory_bytes > budget:
             raise ValueError(
                 f"the memory limit per tool call ({limits.max_memory_bytes:,} bytes) is larger "
@@ -117,9 +120,13 @@ class ToolService:
         self._scheduler = FairScheduler(
             AdmissionLimits(
                 max_running=threads,
-                max_running_per_tool=max_running_per_tool or max(1, threads // 2),
+                max_running_per_tool=(
+                    max(1, threads // 2) if max_running_per_tool is None else max_running_per_tool
+                ),
                 max_queued=max_queued,
-                max_queued_per_tool=max_queued_per_tool or max_queued,
+                max_queued_per_tool=(
+                    max_queued if max_queued_per_tool is None else max_queued_per_tool
+                ),
                 max_memory_bytes=budget,
             )
         )
