@@ -374,6 +374,19 @@ def test_a_per_call_memory_limit_over_the_budget_is_refused():
         )
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_running_per_tool": 0}, "max_running_per_tool must be at least 1, not 0"),
+        ({"max_queued_per_tool": 0}, "max_queued_per_tool must be at least 1, not 0"),
+        ({"max_total_memory_bytes": 0}, "no call could run"),
+    ],
+)
+def test_a_zero_bound_is_refused_not_read_as_the_default(options, message):
+    with pytest.raises(ValueError, match=message):
+        ToolService([], None, limits=ToolLimits(), **options)
+
+
 async def test_service_deadline_in_the_queue_and_the_call_never_runs():
     runtime = SleepingRuntime({"slow": 0.6, "quick": 0.0})
     svc = await open_service(runtime, threads=1)
