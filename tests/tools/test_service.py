@@ -133,7 +133,9 @@ async def test_timeout_shorter_than_the_limit(artefact):
     await svc.start()
     try:
         started = time.monotonic()
-        with pytest.raises(ToolDeadlineExceeded, match=r"did not finish within 0\.2 s"):
+        # The sandbox names the time the call had left when it started (0.2 s, or a little
+        # less on a loaded machine: "0.19 s").
+        with pytest.raises(ToolDeadlineExceeded, match=r"did not finish within 0\.(2|1\d) s"):
             await svc.call("loop_forever", timeout=0.2)
         assert time.monotonic() - started < 1.0
     finally:
