@@ -333,3 +333,29 @@ def test_a_compressed_flag_without_an_encoding_is_invalid_argument(http):
     if status is None:  # trailers in the body
         status = unframe(web.content)[-1][1].split(b"grpc-status:")[1].split(b"\r\n")[0].strip()
     assert int(status) == 3  # INVALID_ARGUMENT
+
+
+def test_grpc_without_te_trailers_is_refused_with_a_status_it_can_read(server):
+    # The server sends no trailers to a request without "te: trailers", so such a call
+    # ended with no gRPC status at all; now it is refused in the headers, where it shows.
+    from urllib.parse import unquote
+
+    from tests.security.rawh2 import exchange
+
+    request = pb.InvokeRequest(agent="echo", message=pb.Message(text="x")).SerializeToString()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", INVOKE),
+        (":authority", "test"),
+        ("content-type", "application/grpc"),
+    ]
+    bare, proper = exchange(
+        server.host,
+        server.port,
+        [(headers, frame(request)), ([*headers, ("te", "trailers")], frame(request))],
+    )
+    assert bare.headers[b"grpc-status"] == b"3"  # INVALID_ARGUMENT
+    assert "te: trailers" in unquote(bare.headers[b"grpc-message"].decode())
+    assert proper.trailers[b"grpc-status"] == b"0"
+    assert pb.InvokeResponse.FromString(unframe(proper.body)[0][1]).message.text == "x"

@@ -42,7 +42,7 @@ from agentd.gateway.protocol import (
 )
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
 from agentd.gateway.rpc_errors import (
-    check_grpc_timeout,
+    check_grpc_headers,
     compressions,
     declares_encoding,
     install_strict_codecs,
@@ -233,7 +233,7 @@ class Gateway:
             await _too_large(send, protocol, limit)
             return
         if rpc_app is not None and protocol in (Protocol.GRPC, Protocol.GRPC_WEB):
-            problem = check_grpc_timeout(header(scope, b"grpc-timeout"))
+            problem = check_grpc_headers(scope, protocol)
             if problem is not None:
                 await send_error(send, protocol, Code.INVALID_ARGUMENT, problem)
                 return

@@ -24,6 +24,7 @@ __all__ = [
     "BoundedDeflate",
     "BoundedGzip",
     "call_timeout",
+    "check_grpc_headers",
     "check_grpc_timeout",
     "compressions",
     "declares_encoding",
@@ -173,6 +174,23 @@ def refused_encoding(
         f"this server accepts {ACCEPTED_ENCODINGS.decode()}"
     )
     return message, [(accept, ACCEPTED_ENCODINGS)]
+
+
+def check_grpc_headers(scope: dict[str, Any], protocol: Protocol) -> str | None:
+    """Why a gRPC or gRPC-Web request's headers are refused (INVALID_ARGUMENT), or None:
+    a malformed ``grpc-timeout``, or gRPC without ``te: trailers``.
+
+    The server sends no trailers to a request that did not ask for them, and gRPC carries
+    the call's status in the trailers: such a call ended with no status at all (a client
+    reads INTERNAL). The gRPC protocol makes the header mandatory; refusing it up front,
+    with the status in the headers, is the answer such a client can read.
+    """
+    problem = check_grpc_timeout(header(scope, b"grpc-timeout"))
+    if problem is None and protocol is Protocol.GRPC:
+        te = header(scope, b"te") or b""
+        if b"trailers" not in te.lower():
+            problem = "gRPC requests must send 'te: trailers' (the server sends the status there)"
+    return problem
 
 
 def check_grpc_timeout(raw: bytes | None) -> str | None:

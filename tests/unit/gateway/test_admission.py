@@ -18,8 +18,8 @@ from agentd.gateway.admission import (
     inflate,
     replay,
 )
-from agentd.gateway.protocol import clip
-from agentd.gateway.rpc_errors import BoundedGzip, check_grpc_timeout
+from agentd.gateway.protocol import Protocol, clip
+from agentd.gateway.rpc_errors import BoundedGzip, check_grpc_headers, check_grpc_timeout
 
 
 def test_token_check():
@@ -171,3 +171,23 @@ def test_clip_and_address_errors_stay_short():
     with pytest.raises(InvalidArgument) as caught:
         parse_address("echo/" + "#" * 1_000_000)
     assert len(caught.value.message) < 300
+
+
+@pytest.mark.parametrize(
+    ("protocol", "te", "refused"),
+    [
+        (Protocol.GRPC, None, True),
+        (Protocol.GRPC, b"gzip", True),
+        (Protocol.GRPC, b"trailers", False),
+        (Protocol.GRPC, b"Trailers, deflate", False),
+        (Protocol.GRPC_WEB, None, False),  # gRPC-Web carries its trailers in the body
+    ],
+)
+def test_grpc_needs_te_trailers(protocol, te, refused):
+    headers = [(b"content-type", b"application/grpc")]
+    if te is not None:
+        headers.append((b"te", te))
+    problem = check_grpc_headers({"headers": headers}, protocol)
+    assert (problem is not None) is refused
+    if refused:
+        assert "te: trailers" in problem
