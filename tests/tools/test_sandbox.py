@@ -4,6 +4,8 @@ within its limit, and the sandbox keeps serving."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -190,3 +192,26 @@ def test_an_engine_is_sized_from_the_settings():
         assert engine.max_memory_bytes == LIMITS.max_memory_bytes
     finally:
         engine.close()
+
+
+def test_a_limited_address_space_gets_instances_on_demand_not_a_crash(artefact):
+    # wasmtime aborts the process when it cannot reserve its pool (about 4 GiB of address
+    # space per slot); under `ulimit -v` the engine allocates on demand instead.
+    script = (
+        "import logging, resource, sys\n"
+        "logging.basicConfig()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))\n"
+        "from pathlib import Path\n"
+        "from agentd.tools.sandbox import WasmSandbox\n"
+        "from agentd.tools.types import ToolLimits\n"
+        "box = WasmSandbox(Path(sys.argv[1]), ToolLimits())\n"
+        "print(box.call('echo', '{\"value\": 5}').result_json)\n"
+        "box.close()\n"
+    )
+    path = str(artefact.owner("echo").component_path)
+    done = subprocess.run(
+        [sys.executable, "-c", script, path], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "5"
+    assert "instances are allocated on demand" in done.stderr

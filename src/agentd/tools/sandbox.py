@@ -67,10 +67,13 @@ _NO_DEADLINE = 1 << 40  # epochs: until a call sets its own deadline
 # What one componentize-py component needs from the pooling allocator (measured: 14 core
 # instances, 1 memory, 2 tables of at most 5,670 elements), with room to spare.
 _CORE_INSTANCES_PER_COMPONENT = 32
-_MEMORIES_PER_COMPONENT = 2
+_MEMORIES_PER_COMPONENT = 1
 _TABLES_PER_COMPONENT = 4
 _TABLE_ELEMENTS = 1 << 16
 _WASM_PAGE = 1 << 16
+# Address space a pooled memory slot reserves: a wasm32 memory's 4 GiB (so that bounds
+# checks are free) plus guard regions (measured: 4 GiB + 36 MiB).
+_SLOT_RESERVATION = (4 << 30) + (64 << 20)
 
 _MONOTONIC_CLOCK = "wasi:clocks/monotonic-clock@"
 WAIT_REFUSED = "waiting is not allowed in the tool sandbox"
@@ -120,9 +123,11 @@ def _pool_options(max_instances: int, max_memory_bytes: int) -> dict[str, int]:
 
 
 def default_call_slots() -> int:
-    """Instances a sandbox that owns its engine allows at once besides prepared ones: the
-    default number of tool threads, plus two for ``inspect`` and callers outside a pool."""
-    return max(4, 2 * (os.cpu_count() or 1)) + 2
+    """Instances a sandbox that owns its engine allows at once besides prepared ones. It
+    cannot know how many threads call it, so it allows far more than the default number of
+    tool threads (the slots cost address space, not memory); a node sizes its shared engine
+    from its settings instead (:meth:`SandboxEngine.for_node`)."""
+    return max(64, 4 * (os.cpu_count() or 1) + 2)
 
 
 class SandboxEngine:
@@ -138,6 +143,8 @@ class SandboxEngine:
     """
 
     def __init__(self, *, max_instances: int = 0, max_memory_bytes: int = 128 << 20) -> None:
+        if max_instances > 0 and not _room_for_pool(max_instances):
+            max_instances = 0
         self.max_instances = max_instances
         self.max_memory_bytes = max_memory_bytes
         self.engine = Engine(
@@ -196,6 +203,27 @@ class SandboxEngine:
                     return
             time.sleep(_TICK_S)
             self.engine.increment_epoch()
+
+
+def _room_for_pool(max_instances: int) -> bool:
+    """Whether the process may reserve the pool's address space. wasmtime aborts the whole
+    process (a panic in its C API) when the reservation fails, so a limit on the address
+    space (``ulimit -v``) is checked first; without room the engine allocates on demand."""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    needed = max_instances * _MEMORIES_PER_COMPONENT * _SLOT_RESERVATION
+    # Half the limit at most: the rest is for the process itself and on-demand instances.
+    if limit == resource.RLIM_INFINITY or needed <= limit // 2:
+        return True
+    log.warning(
+        "the tool sandbox pool (%d instances) needs %.0f GiB of address space and the "
+        "process is limited to %.0f GiB (ulimit -v): instances are allocated on demand",
+        max_instances,
+        needed / (1 << 30),
+        limit / (1 << 30),
+    )
+    return False
 
 
 def compile_component(wasm: bytes) -> bytes:
