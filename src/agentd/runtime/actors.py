@@ -71,7 +71,7 @@ class Inference(Protocol):
 
 
 class _Envelope:
-    __slots__ = ("deadline", "events", "message", "reply")
+    __slots__ = ("deadline", "events", "message", "reply", "started")
 
     def __init__(
         self,
@@ -84,6 +84,13 @@ class _Envelope:
         self.reply = reply
         self.deadline = deadline
         self.events = events
+        # Set when its turn begins: from then on the turn's own timeout answers the
+        # deadline (and a turn that finished waits for its commit, not for the clock).
+        self.started = False
+
+    def dead(self) -> bool:
+        """Nobody waits for it any more (its caller gave up or its deadline passed)."""
+        return self.reply is not None and self.reply.done()
 
 
 class _Activation:
@@ -137,15 +144,15 @@ class _Activation:
                     message = mailbox.popleft()
                 host._waiting -= 1
                 if type(message) is _Envelope:
-                    reply = message.reply
-                    if reply is not None and reply.done():
-                        continue  # the caller gave up before the turn began
+                    if self._expired(message):
+                        continue  # the caller gave up or its deadline passed: never run
                     if (
                         self.state is None
                         and not self._start_fresh()
-                        and not await self._load_for(message)
+                        and (not await self._load_for(message) or self._expired(message))
                     ):
-                        continue
+                        continue  # the load failed, or the call expired while it ran
+                    message.started = True
                     await self._turn(message)
                     continue
                 if (
@@ -202,13 +209,26 @@ class _Activation:
                 self.mailbox = None
                 self.scheduled = False
 
+    def _expired(self, envelope: _Envelope) -> bool:
+        """True (the caller answered, if its deadline passed) when ``envelope``'s turn must
+        not start: its caller gave up, or its deadline passed while it waited."""
+        if envelope.dead():
+            return True
+        deadline = envelope.deadline
+        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+            # Due, and its timer has not run yet (it fires in this loop iteration).
+            self.host._expire(envelope, self.address)
+            return True
+        return False
+
     def waiting(self) -> int:
         """Messages waiting."""
         queued = len(self.mailbox) if self.mailbox is not None else 0
         return queued + (self.next_message is not _NO_MESSAGE)
 
     def push(self, message: Any, limit: int) -> None:
-        """Queue ``message`` after those waiting; ResourceExhausted at ``limit`` waiting."""
+        """Queue ``message`` after those waiting; ResourceExhausted at ``limit`` waiting
+        (after dropping the asks that expired while they waited)."""
         mailbox = self.mailbox
         if mailbox is None:
             if self.next_message is _NO_MESSAGE:
@@ -217,8 +237,42 @@ class _Activation:
             if limit > 1:
                 mailbox = self.mailbox = deque()
         if mailbox is None or len(mailbox) + (self.next_message is not _NO_MESSAGE) >= limit:
-            raise ResourceExhausted(f"agent {self.address} has {limit} messages waiting")
+            if not self._drop_dead():
+                raise ResourceExhausted(f"agent {self.address} has {limit} messages waiting")
+            if self.next_message is _NO_MESSAGE:
+                self.next_message = message
+                return
+            mailbox = self.mailbox
+            assert mailbox is not None
         mailbox.append(message)
+
+    def _drop_dead(self) -> int:
+        """Drop the waiting asks nobody waits for any more (expired or abandoned), keeping
+        the order of the others; returns how many were dropped."""
+        mailbox = self.mailbox
+        waiting = list(mailbox) if mailbox else []
+        if self.next_message is not _NO_MESSAGE:
+            waiting.insert(0, self.next_message)
+        live = [m for m in waiting if type(m) is not _Envelope or not m.dead()]
+        dropped = len(waiting) - len(live)
+        if not dropped:
+            return 0
+        self.host._waiting -= dropped
+        self.next_message = live.pop(0) if live else _NO_MESSAGE
+        if mailbox is not None:
+            mailbox.clear()
+            mailbox.extend(live)
+        return dropped
+
+    def drop_if_expired(self) -> bool:
+        """For the worker pool, on this activation's place in a full run queue: True (and
+        no longer scheduled) when every message waiting is an ask nobody waits for."""
+        self._drop_dead()
+        if self.next_message is not _NO_MESSAGE:
+            return False
+        self.mailbox = None
+        self.scheduled = False
+        return True
 
     def unpush(self) -> None:
         """Take back the message ``push`` just queued."""
@@ -542,12 +596,26 @@ class ActorHost:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         reply: asyncio.Future[Any] = loop.create_future()
-        self._deliver_nowait(self._activation(address), _Envelope(message, reply, deadline, None))
+        activation = self._activation(address)
+        envelope = _Envelope(message, reply, deadline, None)
+        self._deliver_nowait(activation, envelope)
+        # The deadline reaches the call while it waits (run queue, mailbox, state load):
+        # the caller hears at its deadline, not when a worker frees up.
+        timer = (
+            None
+            if deadline is None
+            else loop.call_at(deadline, self._expire, envelope, activation.address)
+        )
         try:
             return await reply
         except asyncio.CancelledError:
             reply.cancel()  # reaches the running turn (and its queued inference)
+            if not envelope.started:
+                self.pool.mark_stale()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def ask_stream(
         self, address: str | Address, message: Any, *, timeout: float | None = None
@@ -557,7 +625,14 @@ class ActorHost:
         deadline = None if timeout is None else loop.time() + timeout
         reply: asyncio.Future[Any] = loop.create_future()
         events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
-        self._deliver_nowait(self._activation(address), _Envelope(message, reply, deadline, events))
+        activation = self._activation(address)
+        envelope = _Envelope(message, reply, deadline, events)
+        self._deliver_nowait(activation, envelope)
+        timer = (
+            None
+            if deadline is None
+            else loop.call_at(deadline, self._expire, envelope, activation.address)
+        )
         try:
             while True:
                 get = asyncio.ensure_future(events.get())
@@ -577,8 +652,23 @@ class ActorHost:
                     return
             await reply
         finally:
+            if timer is not None:
+                timer.cancel()
             if not reply.done():
                 reply.cancel()
+                if not envelope.started:
+                    self.pool.mark_stale()
+
+    def _expire(self, envelope: _Envelope, address: Address) -> None:
+        """``envelope``'s deadline passed: if its turn has not started, answer the caller
+        now (the turn will never start) and let the run queue drop the dead place."""
+        if envelope.started or envelope.dead():
+            return
+        _fail(
+            envelope.reply,
+            DeadlineExceeded(f"agent {address}: the deadline passed before the call could run"),
+        )
+        self.pool.mark_stale()
 
     def _deliver_nowait(self, activation: _Activation, envelope: Any) -> None:
         """Enqueue, scheduling the agent if idle; undone and re-raised when the run queue

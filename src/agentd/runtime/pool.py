@@ -3,6 +3,10 @@
 Jobs are objects with an ``async run()``; an idle agent is not a job and costs no task. A
 full queue pushes back: ``submit`` waits for room, ``submit_nowait`` raises
 ResourceExhausted. Nothing accepted is dropped: ``aclose`` lets queued jobs finish.
+
+Expired work does not hold a place: a job whose callers all gave up while it waited (their
+deadlines passed) is told so with ``mark_stale()``, and a full queue first drops the jobs
+that say, through ``drop_if_expired()``, that nothing live is left in them.
 """
 
 from __future__ import annotations
@@ -15,13 +19,22 @@ from typing import Protocol
 
 from agentd.errors import ResourceExhausted, Unavailable
 
-__all__ = ["Job", "PoolStats", "WorkerPool"]
+__all__ = ["ExpiringJob", "Job", "PoolStats", "WorkerPool"]
 
 log = logging.getLogger(__name__)
 
 
 class Job(Protocol):
     async def run(self) -> None: ...
+
+
+class ExpiringJob(Job, Protocol):
+    """A job whose work can expire while it waits (an agent whose calls' deadlines pass)."""
+
+    def drop_if_expired(self) -> bool:
+        """True when nothing live is left in the job (it then forgets it was queued and
+        the pool drops it); False to keep its place."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,7 @@ class PoolStats:
     busy: int
     completed: int
     rejected: int
+    dropped: int  # queued jobs dropped because their work expired while they waited
 
 
 class WorkerPool:
@@ -51,6 +65,8 @@ class WorkerPool:
         self._busy = 0
         self._completed = 0
         self._rejected = 0
+        self._stale = 0  # expiries reported since the queue was last pruned
+        self._dropped = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -67,25 +83,58 @@ class WorkerPool:
             self._busy,
             self._completed,
             self._rejected,
+            self._dropped,
         )
 
     def submit_nowait(self, job: Job) -> None:
         """Queue ``job`` or raise ResourceExhausted at once."""
         if self._closing:
             raise Unavailable("the worker pool is shutting down")
-        if len(self._queue) >= self._max_queued:
+        if len(self._queue) >= self._max_queued and not self._prune():
             self._rejected += 1
             raise ResourceExhausted(f"the run queue is full ({self._max_queued} jobs)")
         self._push(job)
 
     def full(self) -> bool:
-        return len(self._queue) >= self._max_queued
+        return len(self._queue) >= self._max_queued and not self._prune()
 
     def room(self) -> int:
         """Places left on the queue; raises Unavailable when the pool is shutting down."""
         if self._closing:
             raise Unavailable("the worker pool is shutting down")
+        if len(self._queue) >= self._max_queued:
+            self._prune()
         return max(0, self._max_queued - len(self._queue))
+
+    def mark_stale(self) -> None:
+        """Work in a queued job expired: a full queue looks for jobs to drop first."""
+        self._stale += 1
+
+    def _prune(self) -> bool:
+        """Drop the queued jobs whose work all expired; True when that made room.
+
+        Called only when the queue is full and expiries were reported since the last
+        prune, and only when they are a sixteenth of the queue or more: a scan costs one
+        check per queued job, so each reported expiry pays for at most sixteen.
+        """
+        queue = self._queue
+        if not self._stale or self._stale * 16 < len(queue):
+            return False
+        self._stale = 0
+        kept: deque[Job] = deque()
+        for job in queue:
+            drop = getattr(job, "drop_if_expired", None)
+            if drop is None or not drop():
+                kept.append(job)
+        dropped = len(queue) - len(kept)
+        if not dropped:
+            return False
+        queue.clear()  # in place: the workers hold this deque
+        queue.extend(kept)
+        self._dropped += dropped
+        if self._room:
+            self._wake_submitters()
+        return len(kept) < self._max_queued
 
     def submit_many_nowait(self, jobs: list[Job]) -> None:
         """Queue ``jobs`` in order, all or none: ResourceExhausted (nothing queued) when

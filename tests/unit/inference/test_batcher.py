@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -81,6 +82,26 @@ async def test_cancelled_caller_rows_are_not_run(pool):
     np.testing.assert_array_equal(result["y"], np.full((2, 1), 14.0))
     assert sum(model.batches) == 3  # 1 + 2 rows: the cancelled 15 rows never ran
     assert b.stats.dropped_cancelled == 3
+
+
+async def test_a_caller_whose_deadline_passes_in_the_queue_hears_then_and_never_runs(pool):
+    # A caller's deadline is a timeout scope around its await: at the deadline the scope
+    # cancels the future, which drops the queued rows (they never reach the model).
+    model = Model()
+    model.gate.clear()
+    b = batcher(model, pool, max_queue_delay_us=0)
+    running = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}, 1))
+    await asyncio.sleep(0.05)  # running, blocked in the model
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await b.submit({"x": np.ones((4, 1))}, 4)
+    assert time.monotonic() - started < 0.8  # at its deadline, not when the model frees
+    model.gate.set()
+    await running
+    await b.aclose()
+    assert model.batches == [1]
+    assert b.stats.dropped_cancelled == 1
 
 
 async def test_full_queue_rejects(pool):

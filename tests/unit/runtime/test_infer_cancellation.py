@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from agentd import Agent, Message
 from agentd.agents import AgentRegistry
+from agentd.errors import DeadlineExceeded
 from agentd.inference import BatchingConfig, DynamicBatcher
 from agentd.runtime import ActorHost, MemoryStateStore, Runtime, WorkerPool
 
@@ -66,5 +69,31 @@ async def test_disconnect_drops_the_queued_inference_row():
         await asyncio.sleep(0.05)
         assert batcher.stats.dropped_cancelled == 1
         assert model.rows == 1  # the abandoned row never ran
+        await runtime.aclose()
+        await batcher.aclose()
+
+
+async def test_the_turn_deadline_drops_the_queued_inference_row_at_the_deadline():
+    model = GatedModel()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = DynamicBatcher("m", model, BatchingConfig(16, 0, 100), pool)
+        registry = AgentRegistry()
+        registry.register(Thinker)
+        host = ActorHost(
+            registry, MemoryStateStore(), pool=WorkerPool(4, 16), inference=OneModel(batcher)
+        )
+        runtime = Runtime(host)
+        await runtime.start()
+        first = asyncio.ensure_future(runtime.invoke("thinker/a", Message(text="1")))
+        await asyncio.sleep(0.05)  # the first row is running (blocked in the model)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await runtime.invoke("thinker/b", Message(text="2"), timeout=0.2)
+        assert time.monotonic() - started < 0.8  # at the deadline, not when the model frees
+        model.gate.set()
+        assert (await first)[1].text == "2.0"
+        await asyncio.sleep(0.05)
+        assert batcher.stats.dropped_cancelled == 1
+        assert model.rows == 1  # the expired row never ran
         await runtime.aclose()
         await batcher.aclose()
