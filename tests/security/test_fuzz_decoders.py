@@ -9,7 +9,9 @@ allowed only as its ``unimplemented`` code) or a gRPC status a client can act on
 (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, ...), never 5xx,
 INTERNAL or UNKNOWN, and the server keeps answering.
 
-``AGENTD_FUZZ_CASES`` scales the counts (e.g. 10 for a longer hunt than the suite affords).
+``AGENTD_FUZZ_CASES`` scales the counts (e.g. 10 for a longer hunt than the suite affords)
+and ``AGENTD_FUZZ_SEED`` shifts the seeds (other cases, as fixed); the suite runs with
+neither.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import httpx
 import pytest
 from tritonclient.grpc import service_pb2
 
+from agentd.gateway.routes import HTTP_ROUTES
 from agentd.inference import DataType
 from agentd.testing import RunningServer, start_server
 from agentd.testing.models import write_identity_model
@@ -45,6 +48,7 @@ from tests.security.fuzzing import (
 from tests.security.rawh2 import exchange
 
 SCALE = float(os.environ.get("AGENTD_FUZZ_CASES", "1"))
+SEED = int(os.environ.get("AGENTD_FUZZ_SEED", "0"))
 BODY_LIMIT = 64 * 1024  # small, so that the size limits are reached too
 IDENTITY_TYPES = ["FP32", "FP16", "INT8", "UINT64", "BOOL", "BYTES"]
 # Statuses a client can act on; INTERNAL, UNKNOWN, DATA_LOSS and UNAVAILABLE are not.
@@ -166,7 +170,7 @@ def connect_case(rng: random.Random) -> tuple[str, bytes, dict[str, str]]:
 
 
 def test_fuzz_connect_json(http, clean_log):
-    rng = random.Random(1201)
+    rng = random.Random(1201 + SEED)
     for case in range(cases(400)):
         path, body, headers = connect_case(rng)
         response = http.post(path, content=body, headers=headers)
@@ -206,6 +210,7 @@ GRPC_TYPES = [
     "application/grpc+json",
     "application/grpc-web+proto",
     "application/grpc+nope",
+    "application/grpc-web-text",
 ]
 ENCODINGS = [None, None, None, "identity", "gzip", "deflate", "snappy", "", "GZIP"]
 
@@ -275,7 +280,7 @@ def grpc_web_status(body: bytes) -> int | None:
 
 
 def test_fuzz_grpc_framing(fuzz_server, clean_log):
-    rng = random.Random(1202)
+    rng = random.Random(1202 + SEED)
     requests = [grpc_case(rng) for _ in range(cases(400))]
     for start in range(0, len(requests), 50):  # a fresh connection now and then
         batch = requests[start : start + 50]
@@ -332,7 +337,7 @@ def kserve_json_doc(rng: random.Random) -> tuple[str, dict[str, Any]]:
 
 
 def test_fuzz_kserve_json(http, clean_log):
-    rng = random.Random(1203)
+    rng = random.Random(1203 + SEED)
     for case in range(cases(400)):
         model, doc = kserve_json_doc(rng)
         if rng.random() < 0.7:
@@ -340,9 +345,12 @@ def test_fuzz_kserve_json(http, clean_log):
         body = serialize(rng, doc)
         if rng.random() < 0.05:
             model = rng.choice(["nope", "ident_fp32/versions/9", "a%2Fb"])
-        response = http.post(
-            f"/v2/models/{model}/infer", content=body, headers={"content-type": "application/json"}
-        )
+        headers = {"content-type": "application/json"}
+        if rng.random() < 0.05:
+            headers["content-encoding"] = rng.choice(["gzip", "deflate", "zstd"])
+            if rng.random() < 0.7:
+                body = gzip.compress(body) if headers["content-encoding"] == "gzip" else body
+        response = http.post(f"/v2/models/{model}/infer", content=body, headers=headers)
         # A request's own "timeout" parameter may be shorter than any inference: 504.
         check_http(response, case, (model, short(body)), deadline=b'"timeout"' in body)
 
@@ -362,7 +370,7 @@ def _raw(datatype: str, count: int, rng: random.Random) -> bytes:
 
 
 def test_fuzz_kserve_binary(http, clean_log):
-    rng = random.Random(1204)
+    rng = random.Random(1204 + SEED)
     for case in range(cases(400)):
         model, name, datatype, width = kserve_target(rng)
         rows = rng.choice([0, 1, 1, 2, 8])
@@ -471,7 +479,7 @@ def kserve_grpc_case(rng: random.Random) -> bytes:
 
 
 def test_fuzz_kserve_grpc_tensors(fuzz_server, clean_log):
-    rng = random.Random(1205)
+    rng = random.Random(1205 + SEED)
     with grpc.insecure_channel(fuzz_server.target) as channel:
         infer = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
@@ -538,7 +546,7 @@ def _streamed(body: bytes) -> bool:
 
 
 def test_fuzz_openai_bodies(http, clean_log):
-    rng = random.Random(1206)
+    rng = random.Random(1206 + SEED)
     for case in range(cases(300)):
         path, base = rng.choice([("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
         doc = dict(base, stream=rng.random() < 0.3)
@@ -551,6 +559,53 @@ def test_fuzz_openai_bodies(http, clean_log):
         check_http(response, case, (path, short(body)))
         if response.status_code == 200 and _streamed(body):
             assert response.text.endswith("data: [DONE]\n\n"), f"case {case}: {response.text}"
+
+
+# -- routes, methods and paths -------------------------------------------------------------
+
+
+# Percent-escapes that decode to valid UTF-8 only: pyvoy fails to build the request for a
+# path whose escapes decode to invalid UTF-8 (``/v1/models/%ff``) before the app is called;
+# the request hangs and a traceback is logged. That is refused in Envoy's configuration
+# (agentd/server/envoy.py), in front of pyvoy, not here.
+SEGMENTS = [
+    "tinylm",
+    "decision",
+    "ident_fp32",
+    "",
+    "..",
+    "%2e%2e",
+    "%00",
+    "%zz",
+    "%C3%A9",
+    "\u00e9",
+    "x" * 3000,
+]
+
+
+def route_case(rng: random.Random) -> tuple[str, str]:
+    route = rng.choice(HTTP_ROUTES)
+    names = SEGMENTS
+    if route.template.startswith("/v2/repository/models/"):
+        names = SEGMENTS[3:]  # never unload a served model under the other fuzzers
+    path = route.path(rng.choice(names), rng.choice(["1", "", "%7f", "-1"]))
+    if rng.random() < 0.3:
+        parts = path.split("/")
+        parts[rng.randrange(len(parts))] = rng.choice(SEGMENTS[3:])
+        path = "/".join(parts)
+    if rng.random() < 0.2:
+        path += rng.choice(["?x=1", "?", "/", "//", "?a=%zz", "#f"])
+    method = rng.choice(["GET", "GET", "POST", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+    return method, path
+
+
+def test_fuzz_routes_and_methods(http, clean_log):
+    rng = random.Random(1207 + SEED)
+    for case in range(cases(300)):
+        method, path = route_case(rng)
+        body = serialize(rng, junk(rng)) if method in ("POST", "PUT", "PATCH") else None
+        response = http.request(method, path, content=body)
+        check_http(response, case, (method, path, short(body)))
 
 
 def test_every_edge_dimension_is_refused_or_served(http, clean_log):
