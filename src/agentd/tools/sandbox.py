@@ -459,7 +459,14 @@ class WasmSandbox:
         store.set_limits(memory_size=self._limits.max_memory_bytes)
         store.set_fuel(_SETUP_FUEL)
         store.set_epoch_deadline(_NO_DEADLINE)
-        return store, self._linker.instantiate(store, self._component)
+        # The component's start code runs here, on whichever thread prepares the instance;
+        # it gets a clock budget of its own (it reads none today).
+        reads_left = getattr(_calls, "clock_reads_left", 0)
+        _calls.clock_reads_left = MAX_CLOCK_READS
+        try:
+            return store, self._linker.instantiate(store, self._component)
+        finally:
+            _calls.clock_reads_left = reads_left
 
     def _instantiate(self) -> _Instance:
         store, instance = self._new_instance()
