@@ -2,7 +2,9 @@
 
 Plain asyncio and numpy. The batcher owns one worker task; callers ``await submit()``. A
 caller cancelled before its batch runs loses its row (it is never run); a full queue rejects
-at once with ResourceExhausted rather than growing.
+at once with ResourceExhausted rather than growing. Closing answers every caller it holds:
+the batch running finishes and resolves its callers, queued calls run too (``drain``, a
+reload) or fail with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class DynamicBatcher:
         # getpid() system call on every call (CPython's fork check).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._drain = False  # closing, but queued calls still run (a reload)
         self.stats = BatcherStats()
 
     def start(self) -> None:
@@ -99,14 +102,32 @@ class DynamicBatcher:
             self._loop = loop = asyncio.get_running_loop()
             self._worker = loop.create_task(self._work(), name=f"batcher:{self._model}")
 
-    async def aclose(self) -> None:
-        """Stop the worker; calls still queued fail with UNAVAILABLE."""
+    async def aclose(self, *, drain: bool = False) -> None:
+        """Take no new calls and answer every caller held: the batch running now finishes
+        and its callers get their results; queued calls run as well when ``drain`` (a
+        reload: calls accepted by this version finish on it), else fail with UNAVAILABLE.
+        Returns once the worker has stopped: nothing runs on the model after that.
+
+        Cancelling ``aclose`` cancels the worker: the running batch's callers and the
+        queued ones then fail with UNAVAILABLE (the model's thread finishes on its own).
+        """
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
-            # wait() never raises the worker's CancelledError, only our own cancellation.
-            await asyncio.wait([self._worker])
+        self._drain = drain
+        worker = self._worker
+        if worker is not None:
+            self._arrived.set()  # wake a worker waiting for work or for latecomers
+            try:
+                # wait() never raises the worker's errors, only our own cancellation.
+                await asyncio.wait([worker])
+            except asyncio.CancelledError:
+                worker.cancel()
+                await asyncio.wait([worker])
+                self._fail_queued()
+                raise
             self._worker = None
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
         while self._queue:
             pending = self._queue.popleft()
             self._uncount(pending)
@@ -153,6 +174,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if batch is None:
+                return  # closed, and nothing left to run
             if not batch:
                 continue
             inputs = _stack([p.inputs for p in batch]) if self._stack else batch[0].inputs
@@ -161,6 +184,14 @@ class DynamicBatcher:
             rows = sum(p.rows for p in batch)
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            except asyncio.CancelledError:
+                # Cancelled while the model ran (a close that was itself cancelled): the
+                # batch's callers must still hear; the thread's result is dropped.
+                error = Unavailable(f"model {self._model!r} was unloaded while its batch ran")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                raise
             except Exception as exc:  # the model failed: every caller in the batch hears why
                 self._observe(rows, queue_seconds, started, ok=False)
                 for pending in batch:
@@ -181,13 +212,25 @@ class DynamicBatcher:
             else:
                 _split(batch, outputs)
 
-    async def _next_batch(self) -> list[_Pending]:
-        """Wait for work, give latecomers up to the queue delay, then take a batch."""
-        while not self._live_head():
+    async def _next_batch(self) -> list[_Pending] | None:
+        """Wait for work, give latecomers up to the queue delay, then take a batch. None
+        once closed (and, when draining, once the queue is empty)."""
+        while True:
+            if self._closed and not self._drain:
+                return None
+            if self._live_head():
+                break
+            if self._closed:
+                return None  # drained
             self._arrived.clear()
             self._wake_at = 1  # any arrival wakes the worker
             await self._arrived.wait()
-        if self._stack and self._delay > 0 and self._rows_waiting < self._max_rows:
+        if (
+            not self._closed
+            and self._stack
+            and self._delay > 0
+            and self._rows_waiting < self._max_rows
+        ):
             remaining = self._queue[0].enqueued + self._delay - time.perf_counter()
             if remaining > 0:
                 # Only a full batch ends the wait early: waking on every arrival would cost
@@ -197,6 +240,8 @@ class DynamicBatcher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._arrived.wait()
+                if self._closed and not self._drain:
+                    return None
         self._wake_at = 0
         batch: list[_Pending] = []
         rows = 0

@@ -97,32 +97,58 @@ class ModelRepository:
         entry and the executor the new one replaced, for the caller to close once nothing
         runs on it. A failed reload of a serving model keeps it serving the previous
         version (READY, with ``load_error`` set), as Triton does; otherwise FAILED."""
-        entry = self.entry(name)
-        serving = entry.executor is not None and entry.state is ModelState.READY
-        if not serving:
-            entry.state = ModelState.LOADING
+        self.begin_load(name)
         try:
-            config = load_model_config(entry.source / CONFIG_FILE, entry.name)
-            if config.name != entry.name:
-                raise InvalidArgument(
-                    f"{entry.source / CONFIG_FILE}: name {config.name!r} differs from its "
-                    f"folder name {entry.name!r}"
-                )
-            loader = self._loader_for(entry.source, config.platform)
-            executor = loader.load(entry.source, config)
+            config, executor = self.build(name)
         except AgentdError as exc:
-            entry.load_error = exc.message
-            if serving:
-                entry.reason = f"reload failed, serving the previous version: {exc.message}"
-                log.error("model %s failed to reload (still serving): %s", name, exc.message)
-            else:
-                entry.state, entry.reason, entry.executor = ModelState.FAILED, exc.message, None
-                log.error("model %s failed to load: %s", name, exc.message)
-            return entry, None
+            return self.load_failed(name, exc), None
+        return self.install(name, config, executor)
+
+    def begin_load(self, name: str) -> ModelEntry:
+        """Mark ``name`` LOADING, unless it serves a version (that one keeps serving)."""
+        entry = self.entry(name)
+        if entry.executor is None or entry.state is not ModelState.READY:
+            entry.state = ModelState.LOADING
+        return entry
+
+    def build(self, name: str) -> tuple[ModelConfig, RuntimeExecutor]:
+        """Read ``name``'s config and make a new executor; blocking (run it off the event
+        loop). Changes no entry: the version being served keeps serving meanwhile. Raises
+        an AgentdError saying why the model cannot load."""
+        entry = self.entry(name)
+        config = load_model_config(entry.source / CONFIG_FILE, entry.name)
+        if config.name != entry.name:
+            raise InvalidArgument(
+                f"{entry.source / CONFIG_FILE}: name {config.name!r} differs from its "
+                f"folder name {entry.name!r}"
+            )
+        loader = self._loader_for(entry.source, config.platform)
+        return config, loader.load(entry.source, config)
+
+    def install(
+        self, name: str, config: ModelConfig, executor: RuntimeExecutor
+    ) -> tuple[ModelEntry, RuntimeExecutor | None]:
+        """Make ``executor`` (from ``build``) the served version of ``name``; returns the
+        entry and the executor it replaced, for the caller to close once nothing runs on
+        it."""
+        entry = self.entry(name)
         old, entry.executor, entry.config = entry.executor, executor, config
         entry.state, entry.reason, entry.load_error = ModelState.READY, "", ""
         log.info("model %s loaded from %s", name, entry.source)
         return entry, old
+
+    def load_failed(self, name: str, exc: AgentdError) -> ModelEntry:
+        """Record why ``build`` failed: a serving model keeps serving its previous version
+        (READY, with ``load_error`` set), as Triton does; any other becomes FAILED."""
+        entry = self.entry(name)
+        entry.load_error = exc.message
+        if entry.executor is not None and entry.state is ModelState.READY:
+            entry.reason = f"reload failed, serving the previous version: {exc.message}"
+            log.error("model %s failed to reload (still serving): %s", name, exc.message)
+        else:
+            entry.state, entry.reason, entry.executor = ModelState.FAILED, exc.message, None
+            log.error("model %s failed to load: %s", name, exc.message)
+        return entry
 
     def unload(self, name: str) -> ModelEntry:
         entry = self.entry(name)

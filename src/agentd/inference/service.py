@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from agentd.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.inference.batcher import BatchObserver, DynamicBatcher
 from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
 from agentd.inference.types import DataType, ModelMetadata
@@ -39,6 +39,8 @@ class InferenceService:
         # ctx.infer (version None) takes both from one lookup.
         self._serving: dict[str, tuple[ModelMetadata, DynamicBatcher, _OneInput | None]] = {}
         self._ready = False
+        # Loads and unloads of one model take turns: each swaps that model's batcher.
+        self._admin_locks: dict[str, asyncio.Lock] = {}
         self._server = {
             "name": server_name,
             "version": server_version,
@@ -52,6 +54,8 @@ class InferenceService:
         self._ready = True
 
     async def aclose(self) -> None:
+        """Close every model: the batches running finish and answer their callers, queued
+        calls fail with UNAVAILABLE; then the executors and the inference threads go."""
         self._ready = False
         for name in list(self._batchers):
             await self._drop_batcher(name)
@@ -93,29 +97,62 @@ class InferenceService:
     async def load(self, name: str) -> ModelEntry:
         """Load or reload ``name``; a model being reloaded serves its previous version
         until the new one is ready, and keeps serving it when the reload fails
-        (``entry.load_error`` says why)."""
+        (``entry.load_error`` says why). No call fails because of a reload: calls that
+        arrive once the new version is ready go to it, calls the old version had accepted
+        finish on it, and the old version is closed after that."""
         self._repository.scan()
-        loop = asyncio.get_running_loop()
-        entry, replaced = await loop.run_in_executor(self._pool, self._repository.load, name)
-        if entry.load_error:
+        async with self._admin_lock(name):
+            self._repository.begin_load(name)  # NotFound first
+            loop = asyncio.get_running_loop()
+            built = loop.run_in_executor(self._pool, self._repository.build, name)
+            try:
+                config, executor = await asyncio.shield(built)
+            except AgentdError as exc:
+                return self._repository.load_failed(name, exc)
+            except asyncio.CancelledError:
+                # The new version is not installed: close it once it is built.
+                built.add_done_callback(_close_built)
+                if self._repository.entry(name).state is ModelState.LOADING:
+                    self._repository.load_failed(name, Unavailable("the load was cancelled"))
+                raise
+            entry, replaced = self._repository.install(name, config, executor)
+            # One synchronous step: from here new calls reach the new version's batcher.
+            old = self._batchers.pop(name, None)
+            self._serving.pop(name, None)
+            self._start_batcher(entry)
+            try:
+                if old is not None:
+                    await old.aclose(drain=True)
+            finally:
+                if replaced is not None:
+                    replaced.close()
             return entry
-        await self._drop_batcher(name)
-        if replaced is not None:
-            replaced.close()
-        if entry.executor is not None and entry.config is not None:
-            batcher = DynamicBatcher(
-                name, entry.executor.run, entry.config.batching, self._pool, self._observer
-            )
-            batcher.start()
-            self._batchers[name] = batcher
-            metadata = entry.executor.metadata
-            self._serving[name] = (metadata, batcher, _one_input(metadata))
-        return entry
 
     async def unload(self, name: str) -> ModelEntry:
+        """Unload ``name``: new calls fail at once; its running batch finishes and answers
+        its callers, queued calls fail with UNAVAILABLE."""
         self._repository.entry(name)  # NotFound first
-        await self._drop_batcher(name)
-        return self._repository.unload(name)
+        async with self._admin_lock(name):
+            await self._drop_batcher(name)
+            return self._repository.unload(name)
+
+    def _admin_lock(self, name: str) -> asyncio.Lock:
+        lock = self._admin_locks.get(name)
+        if lock is None:
+            lock = self._admin_locks[name] = asyncio.Lock()
+        return lock
+
+    def _start_batcher(self, entry: ModelEntry) -> None:
+        if entry.executor is None or entry.config is None:
+            return
+        name = entry.name
+        batcher = DynamicBatcher(
+            name, entry.executor.run, entry.config.batching, self._pool, self._observer
+        )
+        batcher.start()
+        self._batchers[name] = batcher
+        metadata = entry.executor.metadata
+        self._serving[name] = (metadata, batcher, _one_input(metadata))
 
     async def _drop_batcher(self, name: str) -> None:
         self._serving.pop(name, None)
@@ -201,6 +238,13 @@ class InferenceService:
 
 
 _MAX_ELEMENTS = 1 << 28
+
+
+def _close_built(built: asyncio.Future[tuple[Any, Any]]) -> None:
+    """Close an executor built for a load that was cancelled before it was installed."""
+    if not built.cancelled() and built.exception() is None:
+        built.result()[1].close()
+
 
 # (input name, numpy dtype, dimensions, shape past the batch dimension, max batch size)
 _OneInput = tuple[str, np.dtype, int, tuple[int, ...], int]

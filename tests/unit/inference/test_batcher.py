@@ -132,19 +132,71 @@ async def test_model_failure_reaches_every_caller(pool):
     assert all(isinstance(r, Internal) for r in results)
 
 
-async def test_close_fails_queued_callers(pool):
-    model = Model()
+async def _held_batch(model, b):
+    """One caller whose batch is running (held in the model), and two queued behind it."""
     model.gate.clear()
-    b = batcher(model, pool, max_queue_delay_us=0)
-    running = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}, 1))
+    running = asyncio.ensure_future(b.submit({"x": np.full((1, 1), 1.0)}, 1))
     await asyncio.sleep(0.05)
-    queued = asyncio.ensure_future(b.submit({"x": np.zeros((1, 1))}, 1))
+    queued = [asyncio.ensure_future(b.submit({"x": np.full((1, 1), 2.0)}, 1)) for _ in range(2)]
     await asyncio.sleep(0)
-    await b.aclose()
+    assert b.stats.queued == 2
+    return running, queued
+
+
+async def test_close_lets_the_running_batch_finish_and_fails_the_queued_callers(pool):
+    model = Model()
+    b = batcher(model, pool, max_queue_delay_us=0)
+    running, queued = await _held_batch(model, b)
+    closing = asyncio.ensure_future(b.aclose())
+    await asyncio.sleep(0.05)
+    with pytest.raises(Unavailable, match="not loaded"):
+        await b.submit({"x": np.zeros((1, 1))}, 1)  # closed to new calls at once
     model.gate.set()
-    with pytest.raises(Unavailable):
-        await queued
-    running.cancel()
+    async with asyncio.timeout(5):  # every waiting caller hears, none hangs
+        await closing
+        result = await running
+        outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    np.testing.assert_array_equal(result["y"], np.full((1, 1), 2.0))
+    assert all(isinstance(o, Unavailable) and "unloaded" in o.message for o in outcomes)
+    assert model.batches == [1]  # the queued calls never ran
+
+
+async def test_close_with_drain_runs_every_queued_call(pool):
+    model = Model()
+    b = batcher(model, pool, max_queue_delay_us=0)
+    running, queued = await _held_batch(model, b)
+    closing = asyncio.ensure_future(b.aclose(drain=True))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    async with asyncio.timeout(5):
+        await closing
+        results = await asyncio.gather(running, *queued)
+    assert [r["y"][0, 0] for r in results] == [2.0, 4.0, 4.0]
+    assert sum(model.batches) == 3
+
+
+async def test_cancelling_close_fails_the_running_callers_with_a_clear_error(pool):
+    model = Model()
+    b = batcher(model, pool, max_queue_delay_us=0)
+    running, queued = await _held_batch(model, b)
+    closing = asyncio.ensure_future(b.aclose())
+    await asyncio.sleep(0.05)
+    closing.cancel()  # the closer gives up waiting: the callers must still hear
+    try:
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(running, *queued, return_exceptions=True)
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+    finally:
+        model.gate.set()  # free the model's thread
+    assert all(isinstance(o, Unavailable) and "unloaded" in o.message for o in outcomes)
+
+
+async def test_close_of_an_idle_batcher_returns_at_once(pool):
+    b = batcher(Model(), pool)
+    await b.submit({"x": np.zeros((1, 1))}, 1)
+    async with asyncio.timeout(5):
+        await b.aclose()
     with pytest.raises(Unavailable):
         await b.submit({"x": np.zeros((1, 1))}, 1)
 
