@@ -370,12 +370,15 @@ class _Activation:
             _fail(reply, DeadlineExceeded(f"agent {self.address} did not finish in time"))
         except asyncio.CancelledError:
             self._rollback()
-            if watch is None or not watch.fired:
-                outcome = "cancelled"
-                _fail(reply, Unavailable("the runtime is shutting down"))
-                raise
             outcome = "cancelled"
-            watch.task.uncancel()
+            if watch is not None and watch.fired:
+                watch.fired = False  # its cancellation request is taken back here
+                if watch.task.uncancel() == 0:
+                    return  # only the caller gave up: this turn ends, the worker goes on
+                # Another cancellation landed with the abandonment (the pool shutting
+                # down): it is the worker's, so it goes on up.
+            _fail(reply, Unavailable("the runtime is shutting down"))
+            raise
         except AgentdError as exc:
             self._rollback()
             _fail(reply, exc)
@@ -387,6 +390,11 @@ class _Activation:
             if watch is not None and reply is not None:
                 reply.remove_done_callback(watch)
                 watch.turn_over = True
+                if watch.fired:
+                    # The agent caught the abandonment's CancelledError and finished:
+                    # take the request back, or it would count against the worker's next
+                    # turns (a later abandonment would then look like a shutdown).
+                    watch.task.uncancel()
             if events is not None:
                 events.put_nowait(_END)
             host._turn_finished(self.address.type, outcome, _perf_counter() - started)
