@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from agentd.tools.build import ToolArtefact
 from agentd.tools.errors import ToolNotFound
-from agentd.tools.sandbox import WasmSandbox
+from agentd.tools.sandbox import SandboxEngine, WasmSandbox
 from agentd.tools.types import CallOutcome, ToolLimits
 
 __all__ = ["ComponentSet", "open_components"]
 
 
 class ComponentSet:
-    """Owns a :class:`WasmSandbox` per component; ``close`` frees them all."""
+    """Owns a :class:`WasmSandbox` per component and the engine they share; ``close`` frees
+    them all."""
 
-    def __init__(self, artefact: ToolArtefact, sandboxes: dict[int, WasmSandbox]) -> None:
+    def __init__(
+        self, artefact: ToolArtefact, sandboxes: dict[int, WasmSandbox], engine: SandboxEngine
+    ) -> None:
+        self._engine = engine
         self._sandboxes = list(sandboxes.values())
         self._routes = {name: sandboxes[index] for name, index in artefact.owners.items()}
 
@@ -36,21 +40,27 @@ class ComponentSet:
     def close(self) -> None:
         for sandbox in self._sandboxes:
             sandbox.close()
+        self._engine.close()
 
 
 def open_components(
-    artefact: ToolArtefact, limits: ToolLimits, *, pool_size: int = 0
+    artefact: ToolArtefact, limits: ToolLimits, *, pool_size: int = 0, threads: int = 4
 ) -> ComponentSet:
-    """Load every component of ``artefact`` (raises ToolsUnavailable if one cannot load;
-    those already loaded are closed)."""
+    """Load every component of ``artefact`` on one engine sized for ``threads`` calls at
+    once and ``pool_size`` prepared instances per component (raises ToolsUnavailable if one
+    cannot load; what was loaded is closed)."""
+    built = [i for i, component in enumerate(artefact.components) if not component.failed]
+    engine = SandboxEngine.for_node(
+        limits, threads=threads, pool_size=pool_size, components=len(built)
+    )
     sandboxes: dict[int, WasmSandbox] = {}
     try:
-        for index, component in enumerate(artefact.components):
-            if not component.failed:  # a file that broke its own build has no component
-                path = component.component_path
-                sandboxes[index] = WasmSandbox(path, limits, pool_size=pool_size)
+        for index in built:  # a file that broke its own build has no component
+            path = artefact.components[index].component_path
+            sandboxes[index] = WasmSandbox(path, limits, pool_size=pool_size, engine=engine)
     except BaseException:
         for sandbox in sandboxes.values():
             sandbox.close()
+        engine.close()
         raise
-    return ComponentSet(artefact, sandboxes)
+    return ComponentSet(artefact, sandboxes, engine)

@@ -54,6 +54,8 @@ def open_tool_service(settings: Settings, observer: ToolObserver | None = None) 
     def open_runtime() -> ToolRuntime:
         from agentd.tools.components import open_components
 
-        return open_components(artefact, limits, pool_size=settings.tool_pool_size)
+        return open_components(
+            artefact, limits, pool_size=settings.tool_pool_size, threads=settings.tool_threads
+        )
 
     return ToolService(artefact.tools, open_runtime, **common)  # type: ignore[arg-type]
