@@ -11,6 +11,7 @@ appears by an atomic rename, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -53,7 +54,7 @@ MANIFEST_FILE = "manifest.json"
 _WORLD = "tools"
 _APP_MODULE = GUEST_APP.stem
 _INDEX_MODULE = "agentd_tool_index"
-_KEEP = 8  # artefacts kept in a cache folder beyond those in use; older ones are removed
+_KEEP = 24  # artefacts kept beyond those just built or found, by last use (~40 MB each)
 _COMPONENTIZE = (
     "import sys; from componentize_py import script; "
     "sys.argv[0] = 'componentize-py'; sys.exit(script())"
@@ -175,6 +176,7 @@ def find_artefact(cache_dir: Path, plugin_tools: Path | None) -> ToolArtefact | 
         if found is None:
             return None
         components.append(found)
+    _mark_used(components)
     return merge_components(components)
 
 
@@ -201,6 +203,7 @@ def build_tools(
             if (artefact := load_artefact(cache_dir / unit.digest)) is not None:
                 found[unit.digest] = artefact
     missing = [unit for unit in units if unit.digest not in found]
+    _mark_used(list(found.values()))
     if missing:
         _prepare_cache_dir(cache_dir)
         say(f"building {len(missing)} of {len(units)} tool components")
@@ -424,9 +427,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _mark_used(components: list[ComponentArtefact]) -> None:
+    """Touch the manifests: pruning keeps the most recently used artefacts, so the
+    components another plugin folder (or server) uses are not removed by this build."""
+    for component in components:
+        with contextlib.suppress(OSError):
+            os.utime(component.directory / MANIFEST_FILE)
+
+
 def _prune(cache_dir: Path, keep: set[str]) -> None:
-    """Remove all but the newest ``_KEEP`` artefacts not in ``keep`` (a running server keeps
-    its mapping of a removed one)."""
+    """Remove all but the ``_KEEP`` most recently used artefacts not in ``keep`` (a running
+    server keeps its mapping of a removed one)."""
     built = sorted(
         (p for p in cache_dir.iterdir() if (p / MANIFEST_FILE).is_file() and p.name not in keep),
         key=lambda p: (p / MANIFEST_FILE).stat().st_mtime,
