@@ -71,7 +71,7 @@ class Inference(Protocol):
 
 
 class _Envelope:
-    __slots__ = ("deadline", "events", "message", "reply", "started")
+    __slots__ = ("deadline", "events", "message", "reply", "started", "timer")
 
     def __init__(
         self,
@@ -87,6 +87,9 @@ class _Envelope:
         # Set when its turn begins: from then on the turn's own timeout answers the
         # deadline (and a turn that finished waits for its commit, not for the clock).
         self.started = False
+        # Answers the caller at the deadline while the call waits (see ActorHost.ask);
+        # cancelled by the caller once it has its answer.
+        self.timer: asyncio.TimerHandle | None = None
 
     def dead(self) -> bool:
         """Nobody waits for it any more (its caller gave up or its deadline passed)."""
@@ -146,12 +149,15 @@ class _Activation:
                 if type(message) is _Envelope:
                     if self._expired(message):
                         continue  # the caller gave up or its deadline passed: never run
-                    if (
-                        self.state is None
-                        and not self._start_fresh()
-                        and (not await self._load_for(message) or self._expired(message))
-                    ):
-                        continue  # the load failed, or the call expired while it ran
+                    if self.state is None and not self._start_fresh():
+                        if message.deadline is not None and message.timer is None:
+                            # The load can take long (a slow store): the deadline must
+                            # reach the caller meanwhile.
+                            message.timer = asyncio.get_running_loop().call_at(
+                                message.deadline, host._expire, message, self.address
+                            )
+                        if not await self._load_for(message) or self._expired(message):
+                            continue  # the load failed, or the call expired while it ran
                     message.started = True
                     await self._turn(message)
                     continue
@@ -606,14 +612,11 @@ class ActorHost:
         reply: asyncio.Future[Any] = loop.create_future()
         activation = self._activation(address)
         envelope = _Envelope(message, reply, deadline, None)
-        self._deliver_nowait(activation, envelope)
-        # The deadline reaches the call while it waits (run queue, mailbox, state load):
-        # the caller hears at its deadline, not when a worker frees up.
-        timer = (
-            None
-            if deadline is None
-            else loop.call_at(deadline, self._expire, envelope, activation.address)
-        )
+        if not self._deliver_nowait(activation, envelope) and deadline is not None:
+            # It waits (run queue, mailbox): the deadline must reach it there, so that the
+            # caller hears at its deadline, not when a worker frees up. A call a worker
+            # takes at once needs no timer: its turn's own timeout covers it.
+            envelope.timer = loop.call_at(deadline, self._expire, envelope, activation.address)
         try:
             return await reply
         except asyncio.CancelledError:
@@ -622,8 +625,8 @@ class ActorHost:
                 self.pool.mark_stale()
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if envelope.timer is not None:
+                envelope.timer.cancel()
 
     async def ask_stream(
         self, address: str | Address, message: Any, *, timeout: float | None = None
@@ -635,12 +638,8 @@ class ActorHost:
         events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
         activation = self._activation(address)
         envelope = _Envelope(message, reply, deadline, events)
-        self._deliver_nowait(activation, envelope)
-        timer = (
-            None
-            if deadline is None
-            else loop.call_at(deadline, self._expire, envelope, activation.address)
-        )
+        if not self._deliver_nowait(activation, envelope) and deadline is not None:
+            envelope.timer = loop.call_at(deadline, self._expire, envelope, activation.address)
         try:
             while True:
                 get = asyncio.ensure_future(events.get())
@@ -660,8 +659,8 @@ class ActorHost:
                     return
             await reply
         finally:
-            if timer is not None:
-                timer.cancel()
+            if envelope.timer is not None:
+                envelope.timer.cancel()
             if not reply.done():
                 reply.cancel()
                 if not envelope.started:
@@ -678,19 +677,22 @@ class ActorHost:
         )
         self.pool.mark_stale()
 
-    def _deliver_nowait(self, activation: _Activation, envelope: Any) -> None:
+    def _deliver_nowait(self, activation: _Activation, envelope: Any) -> bool:
         """Enqueue, scheduling the agent if idle; undone and re-raised when the run queue
-        refuses it (full or closing)."""
+        refuses it (full or closing). True when a worker takes it at once (the agent was
+        idle and a worker was waiting), False when it waits."""
         activation.push(envelope, self._max_mailbox)
         self._waiting += 1
-        if not activation.scheduled:
-            try:
-                self.pool.submit_nowait(activation)
-            except AgentdError:
-                activation.unpush()
-                self._waiting -= 1
-                raise
-            activation.scheduled = True
+        if activation.scheduled:
+            return False  # behind the agent's running turn or its place on the run queue
+        try:
+            at_once = self.pool.submit_nowait(activation)
+        except AgentdError:
+            activation.unpush()
+            self._waiting -= 1
+            raise
+        activation.scheduled = True
+        return at_once
 
     def _activation(self, address: str | Address) -> _Activation:
         """The activation for ``address``, made on first use."""

@@ -86,14 +86,15 @@ class WorkerPool:
             self._dropped,
         )
 
-    def submit_nowait(self, job: Job) -> None:
-        """Queue ``job`` or raise ResourceExhausted at once."""
+    def submit_nowait(self, job: Job) -> bool:
+        """Queue ``job`` or raise ResourceExhausted at once. True when an idle worker was
+        woken for it (it starts in the next loop iteration), False when it waits."""
         if self._closing:
             raise Unavailable("the worker pool is shutting down")
         if len(self._queue) >= self._max_queued and not self._prune():
             self._rejected += 1
             raise ResourceExhausted(f"the run queue is full ({self._max_queued} jobs)")
-        self._push(job)
+        return self._push(job)
 
     def full(self) -> bool:
         return len(self._queue) >= self._max_queued and not self._prune()
@@ -175,13 +176,16 @@ class WorkerPool:
         past the bound, since nothing accepted may be dropped."""
         self._push(job)
 
-    def _push(self, job: Job) -> None:
+    def _push(self, job: Job) -> bool:
         self._queue.append(job)
         while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
+                # Workers wait only while the queue is empty, and each push wakes its own:
+                # a job that woke one is taken in the next loop iteration.
                 waiter.set_result(None)
-                break
+                return True
+        return False
 
     def _wake_submitter(self) -> None:
         while self._room:
