@@ -221,6 +221,22 @@ def test_config_with_a_non_string_key(tmp_path):
     assert out.returncode == 2
 
 
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"AGENTD_WORKERS": "many"}, "workers (AGENTD_WORKERS): "),
+        ({"AGENTD_TOOL_TIMEOUT_S": "-1", "AGENTD_MAX_BODY_BYTES": "x"}, "; "),
+    ],
+    ids=["one-field", "two-fields"],
+)
+def test_bad_settings_are_one_line_naming_the_variable(tmp_path, env, needle):
+    # The same formatter as every other command: no pydantic dump over several lines.
+    out = serve(state=tmp_path / "a.db", env=env)
+    line = assert_one_line_error(out, "invalid settings: ", needle)
+    assert "For further information" not in out.stdout and "errors.pydantic.dev" not in line
+    assert out.returncode == 2
+
+
 def test_etcd_is_refused(tmp_path):
     out = serve("--etcd", "http://127.0.0.1:2379", state=tmp_path / "a.db")
     assert_one_line_error(out, "--etcd: clustering is not available")

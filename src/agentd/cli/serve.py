@@ -39,10 +39,10 @@ def serve(
     ] = None,
 ) -> None:
     """Serve agents, models and tools on one port (gRPC, gRPC-Web, Connect, HTTP)."""
-    from pydantic import ValidationError
     from rich.console import Console
     from rich.markup import escape
 
+    from agentd.cli.tools import describe_settings_error
     from agentd.server import ConfigError, EnvoyProcess, StartupError, preflight
     from agentd.settings import load_settings
 
@@ -66,8 +66,8 @@ def serve(
             etcd=etcd,
             grace_period_s=grace,
         )
-    except (ValidationError, ValueError) as exc:
-        raise fail(f"invalid settings: {exc}", 2) from None
+    except ValueError as exc:  # pydantic's ValidationError included
+        raise fail(f"invalid settings: {describe_settings_error(exc)}", 2) from None
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
         if path is not None and not path.is_file():
             raise fail(f"{path} is not a readable file", 2)
