@@ -27,7 +27,7 @@ BOUND_S = 1.2
 
 @pytest.fixture(scope="module")
 def two_workers():
-    running = start_server(["--plugins", str(PLUGINS)], env={"AGENTD_WORKERS": "2"})
+    running = start_server(["--plugins", str(PLUGINS)], env={"AGENTD_WORKERS": "2"}, timeout=60)
     yield running
     running.stop()
 
