@@ -30,6 +30,7 @@ test: $(VENV)/.installed-dev system-test-deps
 	@# Tests and the servers they start find the tool components in the cache (built once).
 	$(BIN)/agentd tools build --plugins tests/plugins
 	$(BIN)/agentd tools build --plugins tests/tools/plugins
+	$(BIN)/agentd tools build --plugins tests/security/plugins
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 ## bench: run the benchmark suites; JSON results go to benchmarks/results/
