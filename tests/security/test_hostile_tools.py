@@ -28,17 +28,9 @@ from agentd.tools.errors import (
     ToolStackOverflow,
 )
 from agentd.tools.service import ToolService
-from agentd.tools.types import ToolLimits
-from tests.tools.support import cache_dir
+from tests.tools.support import LIMITS, cache_dir
 
 PLUGINS = Path(__file__).parent / "plugins"
-LIMITS = ToolLimits(
-    max_fuel=1_000_000_000,
-    max_memory_bytes=256 * 1024 * 1024,
-    timeout_s=2.0,
-    max_output_bytes=64 * 1024,
-    max_input_bytes=64 * 1024,
-)
 # A call ends at its deadline plus an epoch; the rest is a loaded 2-core machine.
 WITHIN_DEADLINE_S = LIMITS.timeout_s + 1.5
 
