@@ -3,8 +3,9 @@
 The gateway has already checked the bearer token; this module reads the body within its
 limit, validates it (requests.py), runs the completion and answers in OpenAI's shapes:
 JSON, or server-sent events ending with ``data: [DONE]`` when ``stream`` is true. Errors use
-OpenAI's ``{"error": {"message", "type", "param", "code"}}``. A client that goes away stops
-its generation, which returns the sequence's KV-cache blocks to the pool.
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as the body of a 4xx/5xx, or,
+once a stream's 200 is out, as its last event before ``data: [DONE]``. A client that goes
+away stops its generation, which returns the sequence's KV-cache blocks to the pool.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agentd.errors import AgentdError, Code
+from agentd.errors import AgentdError, Code, Internal
 from agentd.gateway.admission import (
     BodyTooLarge,
     InflatedTooLarge,
@@ -29,7 +30,7 @@ from agentd.gateway.admission import (
 )
 from agentd.gateway.detach import ClientGone
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
-from agentd.gateway.protocol import clip, header, http_status, send_json
+from agentd.gateway.protocol import clip, connect_code, header, http_status, send_json
 from agentd.gateway.redact import public_message
 from agentd.generate.service import PromptTooLong
 
@@ -54,6 +55,7 @@ _ERROR_TYPES = {
     Code.RESOURCE_EXHAUSTED: "rate_limit_error",
     Code.UNAUTHENTICATED: "authentication_error",
 }
+_DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -131,12 +133,8 @@ class OpenAIRoutes:
         except RequestError as exc:
             await _send_error(send, 400, exc.message, "invalid_request_error", param=exc.param)
         except AgentdError as exc:
-            status = http_status(exc.code)
-            kind = _ERROR_TYPES.get(exc.code) or (
-                "invalid_request_error" if status < 500 else "server_error"
-            )
-            code = "model_not_found" if exc.code is Code.NOT_FOUND else None
-            await _send_error(send, status, public_message(exc.message), kind, code=code)
+            status, error = _error_body(exc)
+            await send_json(send, status, error)
 
     async def _models(self, path: str, send: Send) -> None:
         if path == _MODELS:
@@ -342,21 +340,37 @@ async def _send_events(
 
     async def produce() -> None:
         await send_now({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        # Closed explicitly: a send that fails must stop generation now, not at collection.
-        async with contextlib.aclosing(aiter(stream)) as pieces:
-            async for piece in pieces:
-                await send_now(
-                    {
-                        "type": "http.response.body",
-                        "body": _event(piece_event(piece)),
-                        "more_body": True,
-                    }
-                )
+        try:
+            # Closed explicitly: a send that fails must stop generation now, not at collection.
+            async with contextlib.aclosing(aiter(stream)) as pieces:
+                async for piece in pieces:
+                    await send_now(
+                        {
+                            "type": "http.response.body",
+                            "body": _event(piece_event(piece)),
+                            "more_body": True,
+                        }
+                    )
+        except ClientGone:
+            raise
+        except Exception as exc:
+            # The 200 is out: a failure can only be told as an event now (OpenAI's error
+            # shape, which the openai package raises as APIError); then the stream ends as
+            # every stream does, for clients that read until [DONE].
+            if isinstance(exc, AgentdError):
+                failure: AgentdError = exc
+                log.info("a stream failed after %d tokens: %s", stream.completion_tokens, exc)
+            else:  # a bug: the details go to the log, not to the client
+                failure = Internal("internal error")
+                log.exception("a stream failed after %d tokens", stream.completion_tokens)
+            error = _event(_error_body(failure)[1])
+            await send_now({"type": "http.response.body", "body": error + _DONE})
+            return
         tail = _event(final_event())
         usage = usage_event()
         if usage is not None:
             tail += _event(usage)
-        await send_now({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+        await send_now({"type": "http.response.body", "body": tail + _DONE})
 
     try:
         await _until_gone(produce(), receive, on_gone=on_gone)
@@ -366,6 +380,19 @@ async def _send_events(
 
 def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _error_body(exc: AgentdError) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI's error object for ``exc``: ``type`` from the status (as
+    OpenAI names its errors), ``code`` the agentd code (``model_not_found`` for an unknown
+    model, as OpenAI says it)."""
+    status = http_status(exc.code)
+    kind = _ERROR_TYPES.get(exc.code) or (
+        "invalid_request_error" if status < 500 else "server_error"
+    )
+    code = "model_not_found" if exc.code is Code.NOT_FOUND else connect_code(exc.code)
+    error = {"message": public_message(exc.message), "type": kind, "param": None, "code": code}
+    return status, {"error": error}
 
 
 async def _send_error(
