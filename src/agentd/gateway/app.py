@@ -25,7 +25,7 @@ from agentd.gateway.admission import (
 from agentd.gateway.agent_service import AgentServiceImpl
 from agentd.gateway.connect_json import ConnectJsonInvoke
 from agentd.gateway.health import SERVICE as HEALTH_SERVICE
-from agentd.gateway.health import HealthState, Status, health_app
+from agentd.gateway.health import HealthState, Phase, health_app
 from agentd.gateway.kserve import OPEN_PATHS as KSERVE_OPEN_PATHS
 from agentd.gateway.kserve import KServeRest, kserve_grpc_app
 from agentd.gateway.model_admin import ModelAdmin
@@ -110,16 +110,23 @@ class Gateway:
         reflection = reflection_apps(
             ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, KSERVE_SERVICE, *REFLECTION_SERVICES])
         )
+        # The node's one readiness: /readyz, gRPC health and KServe's ready all ask it.
+        self.health = HealthState([AGENT_SERVICE, KSERVE_SERVICE])
+        self.health.add_check(self.runtime.not_ready_reason)
         kserve_app = kserve_grpc_app(
-            self.inference, limit, default_timeout_s=settings.default_timeout_s
+            self.inference,
+            limit,
+            default_timeout_s=settings.default_timeout_s,
+            ready=self.health.ready,
         )
         self._kserve = KServeRest(
-            self.inference, max_body_bytes=limit, default_timeout_s=settings.default_timeout_s
+            self.inference,
+            max_body_bytes=limit,
+            default_timeout_s=settings.default_timeout_s,
+            ready=self.health.ready,
         )
         self._model_admin = ModelAdmin(self.inference)
         self._openai = OpenAIRoutes(self.generation, max_body_bytes=limit)
-        self.health = HealthState([AGENT_SERVICE, kserve_app.path[1:]])
-        self.health.add_check(self.runtime.not_ready_reason)
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
         # "/pkg.Service" -> app; RPC paths are "/pkg.Service/Method".
         self._rpc_apps: dict[str, ASGIApp] = {app.path: app for app in rpc_apps}
@@ -302,15 +309,24 @@ class Gateway:
                 # process: take it out of the cyclic collector's full passes.
                 gc.collect()
                 gc.freeze()
-                self.health.set_all(Status.SERVING)
+                if self.health.phase is Phase.STARTING:  # a drain may have begun meanwhile
+                    self.health.set_phase(Phase.SERVING)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def start_draining(self) -> None:
+        """The server has begun to drain (``agentd serve`` got SIGTERM or Ctrl-C): from now
+        on the node says it is not ready, on every readiness surface, while the calls in
+        flight finish. Idempotent."""
+        if self.health.phase in (Phase.STARTING, Phase.SERVING):
+            log.info("draining: not ready, finishing in-flight calls")
+            self.health.set_phase(Phase.DRAINING)
+
     async def aclose(self) -> None:
-        self.health.set_all(Status.NOT_SERVING)
+        self.health.set_phase(Phase.STOPPED)
         await self.runtime.aclose()
         await self.generation.aclose()
         await self.tools.aclose()

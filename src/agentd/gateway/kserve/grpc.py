@@ -9,7 +9,7 @@ stay out of any process that also loads tritonclient's copy of the same package.
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,9 +43,17 @@ _UNSUPPORTED_OUTPUT = ("shared_memory_region", "classification")
 class KServeGrpcService:
     """The connect-python service object for ``inference.GRPCInferenceService``."""
 
-    def __init__(self, service: InferenceService, default_timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        default_timeout_s: float | None,
+        *,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self._service = service
         self._default_timeout_s = default_timeout_s
+        # ServerReady: the node's readiness in a gateway (default: the service's own).
+        self._ready = ready or service.ready
 
     async def server_live(
         self, request: pb.ServerLiveRequest, ctx: RequestContext
@@ -55,7 +63,7 @@ class KServeGrpcService:
     async def server_ready(
         self, request: pb.ServerReadyRequest, ctx: RequestContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._service.ready())
+        return pb.ServerReadyResponse(ready=self._ready())
 
     async def model_ready(
         self, request: pb.ModelReadyRequest, ctx: RequestContext
@@ -204,11 +212,15 @@ class KServeGrpcApp(GRPCInferenceServiceASGIApplication):
 
 
 def kserve_grpc_app(
-    service: InferenceService, read_max_bytes: int, *, default_timeout_s: float | None = None
+    service: InferenceService,
+    read_max_bytes: int,
+    *,
+    default_timeout_s: float | None = None,
+    ready: Callable[[], bool] | None = None,
 ) -> KServeGrpcApp:
     """The ASGI app serving ``/inference.GRPCInferenceService/*`` (gRPC, gRPC-Web, Connect)."""
     return KServeGrpcApp(
-        KServeGrpcService(service, default_timeout_s),
+        KServeGrpcService(service, default_timeout_s, ready=ready),
         read_max_bytes=read_max_bytes,
         compressions=compressions(read_max_bytes),
     )

@@ -100,7 +100,8 @@ class KServeRest:
 
     ``max_body_bytes`` bounds a request body after decompression (gzip or deflate), as the
     gateway bounds it on the wire. ``default_timeout_s`` applies to inference requests that
-    carry no ``timeout`` parameter.
+    carry no ``timeout`` parameter. ``ready`` answers ``/v2/health/ready``: the node's
+    readiness in a gateway (default: the inference service's own).
     """
 
     def __init__(
@@ -109,10 +110,12 @@ class KServeRest:
         *,
         max_body_bytes: int,
         default_timeout_s: float | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self._service = service
         self._max_body_bytes = max_body_bytes
         self._default_timeout_s = default_timeout_s
+        self._ready = ready or service.ready
 
     @staticmethod
     def route_label(path: str) -> str | None:
@@ -160,7 +163,7 @@ class KServeRest:
         if kind is RouteKind.LIVE:
             await _status(send, service.live(), "server is not live", head_only)
         elif kind is RouteKind.READY:
-            await _status(send, service.ready(), "server is not ready", head_only)
+            await _status(send, self._ready(), "server is not ready", head_only)
         elif kind is RouteKind.SERVER_METADATA:
             await _json(send, 200, orjson.dumps(service.server_metadata()), head_only)
         elif kind is RouteKind.MODEL_METADATA:
