@@ -564,10 +564,10 @@ def test_fuzz_openai_bodies(http, clean_log):
 # -- routes, methods and paths -------------------------------------------------------------
 
 
-# Percent-escapes that decode to valid UTF-8 only: pyvoy fails to build the request for a
-# path whose escapes decode to invalid UTF-8 (``/v1/models/%ff``) before the app is called;
-# the request hangs and a traceback is logged. That is refused in Envoy's configuration
-# (agentd/server/envoy.py), in front of pyvoy, not here.
+# Escapes that decode to invalid UTF-8 (``%ff``, overlong, surrogate) and stray "%" are in:
+# pyvoy would fail on them before the app (a hang and a traceback); Envoy's configuration
+# refuses them in front of it with a 400 (agentd/server/envoy.py, tests/security/
+# test_bad_paths.py).
 SEGMENTS = [
     "tinylm",
     "decision",
@@ -580,6 +580,13 @@ SEGMENTS = [
     "%C3%A9",
     "\u00e9",
     "x" * 3000,
+    "%ff",
+    "%c3%28",
+    "caf%e9",
+    "%e0%80%af",
+    "%ed%a0%80",
+    "%f4%90%80%80",
+    "%",
 ]
 
 
