@@ -46,7 +46,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     default_timeout_s: float | None = Field(
-        60.0, gt=0, description="turn deadline when the client sends none"
+        60.0,
+        gt=0,
+        description="deadline of a turn, inference or generation whose caller sends none "
+        "(told turns too); null: none",
+    )
+    max_timeout_s: float | None = Field(
+        None, gt=0, description="longest deadline a caller may ask for; null: no cap"
     )
     grace_period_s: float = Field(10.0, ge=0, description="drain time on shutdown")
     max_connections: int = Field(
@@ -135,6 +141,20 @@ class Settings(BaseSettings):
             raise ValueError("http3 needs TLS: give tls_cert and tls_key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: give tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _check_deadlines(self) -> Settings:
+        if (
+            self.default_timeout_s is not None
+            and self.max_timeout_s is not None
+            and self.default_timeout_s > self.max_timeout_s
+        ):
+            raise ValueError(
+                f"default_timeout_s ({self.default_timeout_s:g}) is longer than max_timeout_s "
+                f"({self.max_timeout_s:g}): a call without a deadline of its own would get "
+                "more time than any caller may ask for"
+            )
         return self
 
     @model_validator(mode="after")

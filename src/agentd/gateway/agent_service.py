@@ -1,4 +1,9 @@
-"""``agentd.v1.AgentService``: converts protobuf to plain messages and calls the runtime."""
+"""``agentd.v1.AgentService``: converts protobuf to plain messages and calls the runtime.
+
+A call's deadline is converted from ``grpc-timeout`` / ``connect-timeout-ms`` and passed on
+as is (None without one): the runtime applies the node's deadline rule, the tool service
+its own limit (``agentd.deadlines``).
+"""
 
 from __future__ import annotations
 
@@ -28,19 +33,12 @@ def message_to_pb(msg: Message) -> pb.Message:
 class AgentServiceImpl:
     """The connect-python service object; one per gateway."""
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        default_timeout_s: float | None,
-        *,
-        tools: ToolService | None = None,
-    ) -> None:
+    def __init__(self, runtime: Runtime, *, tools: ToolService | None = None) -> None:
         self._runtime = runtime
-        self._default_timeout_s = default_timeout_s
         self._tools = tools
 
     async def invoke(self, request: pb.InvokeRequest, ctx: RequestContext) -> pb.InvokeResponse:
-        timeout = call_timeout(ctx, self._default_timeout_s)
+        timeout = call_timeout(ctx)
         try:
             address, reply = await self._runtime.invoke(
                 request.agent, message_from_pb(request.message), timeout=timeout
@@ -52,7 +50,7 @@ class AgentServiceImpl:
     async def invoke_stream(
         self, request: pb.InvokeRequest, ctx: RequestContext
     ) -> AsyncIterator[pb.AgentEvent]:
-        timeout = call_timeout(ctx, self._default_timeout_s)
+        timeout = call_timeout(ctx)
         events = self._runtime.stream(
             request.agent, message_from_pb(request.message), timeout=timeout
         )
@@ -104,7 +102,7 @@ class AgentServiceImpl:
     async def call_tool(
         self, request: pb.CallToolRequest, ctx: RequestContext
     ) -> pb.CallToolResponse:
-        timeout = call_timeout(ctx, self._default_timeout_s)
+        timeout = call_timeout(ctx)
         try:
             if self._tools is None:
                 raise Unavailable("this server has no tool service")

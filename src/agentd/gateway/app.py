@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind
 
 from agentd.agents import AgentRegistry
 from agentd.agents.builtin import BUILTIN_AGENTS
+from agentd.deadlines import DeadlinePolicy
 from agentd.errors import Code
 from agentd.gateway.admission import (
     BodyTooLarge,
@@ -93,6 +94,8 @@ class Gateway:
             for agent_type in BUILTIN_AGENTS:
                 registry.register(agent_type)
             registry.load_directory(settings.plugins / "agents")
+        # One deadline rule, applied by the services; the adapters only convert.
+        self.deadlines = deadline_policy(settings)
         self.inference = build_inference(settings, self.metrics)
         self.generation = build_generation(settings, self.metrics)
         self.runtime = build_runtime(settings, registry, self.inference, self.metrics)
@@ -102,29 +105,19 @@ class Gateway:
         self.metrics.watch_runtime(self.runtime.host.gauges)
         install_strict_codecs()
         limit = settings.max_body_bytes
-        agent_service = AgentServiceImpl(self.runtime, settings.default_timeout_s, tools=self.tools)
+        agent_service = AgentServiceImpl(self.runtime, tools=self.tools)
         agent_app = AgentServiceASGIApplication(
             agent_service, read_max_bytes=limit, compressions=compressions(limit)
         )
-        self._json_invoke = ConnectJsonInvoke(self.runtime, settings.default_timeout_s)
+        self._json_invoke = ConnectJsonInvoke(self.runtime)
         reflection = reflection_apps(
             ReflectionService([AGENT_SERVICE, HEALTH_SERVICE, KSERVE_SERVICE, *REFLECTION_SERVICES])
         )
         # The node's one readiness: /readyz, gRPC health and KServe's ready all ask it.
         self.health = HealthState([AGENT_SERVICE, KSERVE_SERVICE])
         self.health.add_check(self.runtime.not_ready_reason)
-        kserve_app = kserve_grpc_app(
-            self.inference,
-            limit,
-            default_timeout_s=settings.default_timeout_s,
-            ready=self.health.ready,
-        )
-        self._kserve = KServeRest(
-            self.inference,
-            max_body_bytes=limit,
-            default_timeout_s=settings.default_timeout_s,
-            ready=self.health.ready,
-        )
+        kserve_app = kserve_grpc_app(self.inference, limit, ready=self.health.ready)
+        self._kserve = KServeRest(self.inference, max_body_bytes=limit, ready=self.health.ready)
         self._model_admin = ModelAdmin(self.inference)
         self._openai = OpenAIRoutes(self.generation, max_body_bytes=limit)
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
@@ -335,6 +328,11 @@ class Gateway:
         log.info("gateway stopped")
 
 
+def deadline_policy(settings: Settings) -> DeadlinePolicy:
+    """The node's deadline rule from its settings (see agentd.deadlines)."""
+    return DeadlinePolicy(settings.default_timeout_s, settings.max_timeout_s)
+
+
 def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
     """The inference service over the built-in models and ``plugins/models``."""
     from agentd import __version__
@@ -349,6 +347,7 @@ def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
         threads=settings.inference_threads,
         observer=metrics,
         server_version=__version__,
+        deadlines=deadline_policy(settings),
     )
 
 
@@ -361,6 +360,7 @@ def build_generation(settings: Settings, metrics: Metrics) -> GenerationService:
         threads=settings.inference_threads,
         providers=settings.execution_providers or None,
         observer=observer,
+        deadlines=deadline_policy(settings),
     )
     observer.watch(service.gauges)
     return service
@@ -384,6 +384,7 @@ def build_runtime(
         idle_seconds=settings.idle_seconds,
         max_mailbox=settings.max_mailbox,
         max_active=settings.max_agent_instances,
+        deadlines=deadline_policy(settings),
     )
     return Runtime(host)
 

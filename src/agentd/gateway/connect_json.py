@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from agentd.agents.message import Message
-from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument
+from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.protocol import Protocol, header, send_error
 from agentd.gateway.redact import public_message
 from agentd.runtime import Runtime
@@ -33,9 +33,8 @@ _MESSAGE_FIELDS = frozenset({"text", "data", "metadata"})
 class ConnectJsonInvoke:
     """Serves ``POST /agentd.v1.AgentService/Invoke`` with ``content-type: application/json``."""
 
-    def __init__(self, runtime: Runtime, default_timeout_s: float | None) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._default_timeout_s = default_timeout_s
 
     @staticmethod
     def accepts(scope: dict[str, Any]) -> bool:
@@ -62,15 +61,15 @@ class ConnectJsonInvoke:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    def _timeout(self, raw: bytes | None) -> float | None:
+    @staticmethod
+    def _timeout(raw: bytes | None) -> float | None:
+        """``connect-timeout-ms`` in seconds, None without one (the runtime applies the
+        node's deadline rule: its default, DEADLINE_EXCEEDED for 0)."""
         if raw is None:
-            return self._default_timeout_s
+            return None
         if not raw.isdigit() or len(raw) > 10:
             raise InvalidArgument(f"malformed connect-timeout-ms header {raw.decode('latin-1')!r}")
-        timeout_ms = int(raw)
-        if timeout_ms <= 0:
-            raise DeadlineExceeded("deadline passed before the call")
-        return timeout_ms / 1000.0
+        return int(raw) / 1000.0
 
 
 def _decode(body: bytes) -> tuple[str, Message]:

@@ -38,15 +38,12 @@ __all__ = [
 _GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
 
 
-def call_timeout(ctx: RequestContext, default_s: float | None) -> float | None:
-    """Seconds left of the client's deadline (``grpc-timeout`` / ``connect-timeout-ms``),
-    ``default_s`` without one; DEADLINE_EXCEEDED when it has already passed."""
+def call_timeout(ctx: RequestContext) -> float | None:
+    """Seconds left of the client's deadline (``grpc-timeout`` / ``connect-timeout-ms``), or
+    None without one. Only a conversion: the service the call reaches applies the node's
+    deadline rule (its default for None, DEADLINE_EXCEEDED for a deadline already past)."""
     remaining_ms = ctx.timeout_ms()
-    if remaining_ms is None:
-        return default_s
-    if remaining_ms <= 0:
-        raise ConnectError(ConnectCode.DEADLINE_EXCEEDED, "deadline passed before the call")
-    return remaining_ms / 1000.0
+    return None if remaining_ms is None else remaining_ms / 1000.0
 
 
 def to_connect_error(exc: AgentdError) -> ConnectError:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, InvalidArgument, NotFound
 from agentd.generate.chat import BOS, chat_pieces
 from agentd.generate.config import LMConfig, is_language_model, load_lm_config
@@ -80,9 +81,12 @@ class LanguageModel:
         if chars > 2 * context * self.tokenizer.max_token_chars:
             raise PromptTooLong(None, context, self.name)
 
-    def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> TextStream:
+    def complete(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float | None = None
+    ) -> TextStream:
         """Start a completion. ``max_tokens`` is cut to what the context leaves after the
-        prompt (0 means all of it); a prompt that fills the context raises PromptTooLong."""
+        prompt (0 means all of it); a prompt that fills the context raises PromptTooLong.
+        Past ``deadline`` (the event loop's clock) it stops with DeadlineExceeded."""
         context = self.config.context_length
         if len(prompt_ids) >= context:
             raise PromptTooLong(len(prompt_ids), context, self.name)
@@ -90,7 +94,7 @@ class LanguageModel:
         max_tokens = room if params.max_tokens == 0 else min(params.max_tokens, room)
         if max_tokens != params.max_tokens:
             params = dataclasses.replace(params, max_tokens=max_tokens)
-        return TextStream(self.generator, self.tokenizer, prompt_ids, params)
+        return TextStream(self.generator, self.tokenizer, prompt_ids, params, deadline=deadline)
 
 
 def load_language_model(
@@ -131,6 +135,9 @@ def load_language_model(
 
 
 class GenerationService:
+    """The node's language models. ``deadlines`` is the node's deadline rule, applied by
+    :meth:`complete` (default: no limits)."""
+
     def __init__(
         self,
         folders: Iterable[Path],
@@ -138,8 +145,10 @@ class GenerationService:
         threads: int = 2,
         providers: list[str] | None = None,
         observer: EngineObserver | None = None,
+        deadlines: DeadlinePolicy | None = None,
     ) -> None:
         self._folders = list(folders)
+        self._deadlines = deadlines or DeadlinePolicy()
         self._threads = threads
         self._providers = providers
         self._observer = observer
@@ -182,6 +191,23 @@ class GenerationService:
         if model is None:
             raise NotFound(f"The model '{name}' does not exist")
         return model
+
+    def complete(
+        self,
+        model: LanguageModel,
+        prompt: str | Sequence[Mapping[str, object]],
+        params: SamplingParams,
+        *,
+        timeout: float | None = None,
+    ) -> TextStream:
+        """Start a completion of ``prompt`` (raw text or chat messages) on ``model``, within
+        ``timeout`` seconds (None: the default deadline; never past the maximum).
+
+        Raises PromptTooLong, DeadlineExceeded (a timeout already up), or what the model's
+        generator refuses up front (InvalidArgument, ResourceExhausted).
+        """
+        deadline = self._deadlines.deadline(timeout)
+        return model.complete(model.prompt_ids(prompt), params, deadline=deadline)
 
     def default(self) -> LanguageModel:
         if not self._models:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from agentd.errors import DeadlineExceeded
 from agentd.generate.tokenizer import Detokenizer, Tokenizer
 from agentd.generate.types import SamplingParams, TextGenerator
 
@@ -29,7 +31,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class TextStream:
     """Iterate for text deltas; afterwards ``finish_reason`` and ``completion_tokens`` are
-    set. Leaving the loop early stops generation and frees the sequence's cache."""
+    set. Leaving the loop early stops generation and frees the sequence's cache.
+
+    ``deadline`` (the event loop's clock, or None): waiting for a token past it stops the
+    generation (its cache freed) and raises DeadlineExceeded."""
 
     def __init__(
         self,
@@ -37,10 +42,13 @@ class TextStream:
         tokenizer: Tokenizer,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        *,
+        deadline: float | None = None,
     ) -> None:
         self._generator = generator
         self._tokenizer = tokenizer
         self._params = params
+        self._deadline = deadline
         self.prompt_ids = list(prompt_ids)
         # Checks the request now (empty or too long prompt) rather than at first iteration.
         self._tokens = generator.stream(self.prompt_ids, params)
@@ -56,7 +64,7 @@ class TextStream:
         detokenizer = Detokenizer(self._tokenizer)
         pending = ""
         try:
-            async for token in self._tokens:
+            while (token := await self._next_token()) is not None:
                 self.completion_tokens += 1
                 pending += detokenizer.push(token)
                 if not pending:
@@ -87,6 +95,26 @@ class TextStream:
                 yield pending
         finally:
             await self._tokens.aclose()
+
+    async def _next_token(self) -> int | None:
+        """The generator's next token (None at its end), awaited within the deadline."""
+        deadline = self._deadline
+        try:
+            if deadline is None:
+                return await anext(self._tokens)
+            scope = asyncio.timeout_at(deadline)
+            try:
+                async with scope:
+                    return await anext(self._tokens)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                raise DeadlineExceeded(
+                    f"model {self._generator.info.name!r} did not finish before the deadline "
+                    f"({self.completion_tokens} tokens generated)"
+                ) from None
+        except StopAsyncIteration:
+            return None
 
     async def text(self) -> str:
         """The whole completion as one string."""

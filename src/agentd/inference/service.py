@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.inference.batcher import BatchObserver, DynamicBatcher
 from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
@@ -20,7 +21,11 @@ __all__ = ["InferenceService"]
 
 
 class InferenceService:
-    """Owns the repository's executors, their batchers and the inference threads."""
+    """Owns the repository's executors, their batchers and the inference threads.
+
+    ``deadlines`` is the node's deadline rule: ``infer`` without a timeout gets its default,
+    and no caller gets more than its maximum (default: no limits).
+    """
 
     def __init__(
         self,
@@ -30,8 +35,10 @@ class InferenceService:
         observer: BatchObserver | None = None,
         server_name: str = "agentd",
         server_version: str = "",
+        deadlines: DeadlinePolicy | None = None,
     ) -> None:
         self._repository = repository
+        self._deadlines = deadlines or DeadlinePolicy()
         self._observer = observer
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
         self._batchers: dict[str, DynamicBatcher] = {}
@@ -173,10 +180,12 @@ class InferenceService:
     ) -> dict[str, np.ndarray]:
         """Run ``inputs`` through model ``name`` (batched with other callers).
 
-        Raises NotFound, InvalidArgument (naming the tensor and what was expected),
-        ResourceExhausted (queue full), DeadlineExceeded, Unavailable or Internal.
-        Cancelling the caller drops its rows if their batch has not run yet.
+        ``timeout`` is the caller's (seconds; None: the service's default deadline, and at
+        most its maximum). Raises NotFound, InvalidArgument (naming the tensor and what was
+        expected), ResourceExhausted (queue full), DeadlineExceeded, Unavailable or
+        Internal. Cancelling the caller drops its rows if their batch has not run yet.
         """
+        timeout = self._deadlines.timeout(timeout)
         result = self.infer_nowait(name, inputs, version=version, outputs=outputs)
         if timeout is None:
             return await result

@@ -30,6 +30,7 @@ import orjson
 from agentd.agents.address import Address, parse_address
 from agentd.agents.base import Agent, Context
 from agentd.agents.registry import AgentRegistry
+from agentd.deadlines import DeadlinePolicy
 from agentd.errors import (
     AgentdError,
     DeadlineExceeded,
@@ -50,6 +51,7 @@ _NO_MESSAGE = object()  # an activation's next_message when none waits
 # nothing to store: stateless agents (echo) leave no rows behind.
 _EMPTY_SNAPSHOTS = (b"", b"{}")
 _TURNS_PER_RUN = 64
+_STOPPED = -1.0  # an activation's turn_deadline once the watchdog stopped its told turn
 _perf_counter = time.perf_counter
 _dumps = orjson.dumps
 _monotonic = time.monotonic
@@ -109,6 +111,7 @@ class _Activation:
         "scheduled",
         "snapshot",
         "state",
+        "turn_deadline",
     )
 
     def __init__(self, address: Address, agent: Agent, host: ActorHost) -> None:
@@ -124,6 +127,9 @@ class _Activation:
         self.state: dict[str, Any] | None = None  # None until loaded from the store
         self.snapshot = b""
         self.last_turn = 0.0
+        # The deadline of the told turn running now (loop clock), 0.0 when none runs,
+        # _STOPPED once the host's watchdog has cancelled it.
+        self.turn_deadline = 0.0
 
     async def run(self) -> None:
         """Run up to ``_TURNS_PER_RUN`` waiting messages, one turn each, then yield the
@@ -135,6 +141,7 @@ class _Activation:
         """
         host = self.host
         observer = host._observer
+        told_timeout = host._told_timeout
         try:
             for _ in range(_TURNS_PER_RUN):
                 message = self.next_message
@@ -176,7 +183,11 @@ class _Activation:
                         started = _perf_counter()
                 outcome = "ok"
                 try:
-                    await self.agent.handle(Context(self.address, self.state, None, host), message)  # type: ignore[arg-type]
+                    if told_timeout is None:
+                        ctx = Context(self.address, self.state, None, host)  # type: ignore[arg-type]
+                        await self.agent.handle(ctx, message)
+                    else:
+                        await self._told_turn(message, told_timeout)
                     state = self.state
                     if not state and (state is None or self.snapshot in _EMPTY_SNAPSHOTS):
                         # Still empty: nothing to serialise or store. Or None: a commit
@@ -197,6 +208,14 @@ class _Activation:
                     self._rollback()
                     outcome = "cancelled"
                     raise
+                except _TurnStopped:
+                    self._rollback()
+                    outcome = "deadline"
+                    log.warning(
+                        "agent %s: a told turn ran past its deadline (%gs) and was stopped",
+                        self.address,
+                        told_timeout,
+                    )
                 except Exception:
                     self._rollback()
                     outcome = "error"
@@ -207,6 +226,9 @@ class _Activation:
                         observer.turn_finished(  # type: ignore[union-attr]
                             self.address.type, outcome, _perf_counter() - started
                         )
+                    elif outcome == "deadline" and observer is not None:
+                        # Sampled timing aside, every stopped turn is counted.
+                        observer.turn_finished(self.address.type, outcome, told_timeout)  # type: ignore[arg-type]
         finally:
             self.last_turn = _monotonic()
             if self.next_message is not _NO_MESSAGE or self.mailbox:
@@ -214,6 +236,30 @@ class _Activation:
             else:
                 self.mailbox = None
                 self.scheduled = False
+
+    async def _told_turn(self, message: Any, timeout: float) -> None:
+        """Run a told turn that has the default deadline, counted from its start (nobody
+        waits for it). The host's watchdog cancels it once the deadline has passed (see
+        ``ActorHost._watch_told_turns``): that cancellation is taken back here and raised
+        as _TurnStopped; any other one (the pool shutting down) goes on up."""
+        host = self.host
+        deadline = host._loop_time() + timeout
+        self.turn_deadline = deadline
+        try:
+            await self.agent.handle(Context(self.address, self.state, deadline, host), message)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            if self.turn_deadline == _STOPPED:
+                self.turn_deadline = 0.0
+                if asyncio.current_task().uncancel() == 0:  # type: ignore[union-attr]
+                    raise _TurnStopped from None
+                # Another cancellation came with the stop: the worker's, so it goes on up.
+            raise
+        finally:
+            if self.turn_deadline == _STOPPED:
+                # The agent caught the stop's CancelledError: take the request back, or it
+                # would hit the worker's next turn.
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self.turn_deadline = 0.0
 
     def _expired(self, envelope: _Envelope) -> bool:
         """True (the caller answered, if its deadline passed) when ``envelope``'s turn must
@@ -433,6 +479,10 @@ class _Activation:
             self.state = orjson.loads(self.snapshot) if self.snapshot else {}
 
 
+class _TurnStopped(Exception):
+    """A told turn ran past its deadline and was stopped."""
+
+
 class _CancelTurnWhenAbandoned:
     __slots__ = ("fired", "task", "turn_over")
 
@@ -459,6 +509,10 @@ def _answer(reply: asyncio.Future, result: Any, committed: asyncio.Future) -> No
         reply.set_result(result)
 
 
+def _running_loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
 def _fail(reply: asyncio.Future | None, error: BaseException) -> None:
     if reply is not None and not reply.done():
         reply.set_exception(error)
@@ -480,6 +534,7 @@ class ActorHost:
         max_mailbox: int = 1_000_000,
         max_active: int = 2_000_000,
         freeze_every: int = 0,
+        deadlines: DeadlinePolicy | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -509,27 +564,56 @@ class ActorHost:
         self._stored_since_open: set[Address] = set()
         self._turns = 0
         self._sweeper: asyncio.Task[None] | None = None
+        # The node's deadline rule (agentd.deadlines): asks and tells without a timeout of
+        # their own get its default; told turns get it from their start. None: no limits.
+        self._deadlines = deadlines or DeadlinePolicy()
+        self._told_timeout = self._deadlines.default_s
+        self._loop_time = _running_loop_time  # the loop's own clock once started
+        self._watchdog: asyncio.Task[None] | None = None
         store.on_commit_failed = self._commit_failed
 
     async def start(self) -> None:
         await self.store.open()
         self.pool.start()
         loop = asyncio.get_running_loop()
+        self._loop_time = loop.time
         self._sweeper = loop.create_task(self._sweep_forever(), name="passivation")
+        if self._told_timeout is not None:
+            self._watchdog = loop.create_task(
+                self._watch_told_turns(self._told_timeout), name="told-turn-deadlines"
+            )
 
     async def aclose(self, grace: float = 10.0) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.wait([self._sweeper])
+        for task in (self._sweeper, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         await self.pool.aclose(timeout=grace)
         await self.store.aclose()
 
     # -- messaging ----------------------------------------------------------------------
 
-    async def tell(self, address: str | Address, message: Any) -> None:
-        """Deliver without waiting for the turn; waits while the run queue is full."""
-        while not self.tell_nowait(address, message):
-            await self.pool.wait_for_room()
+    async def tell(
+        self, address: str | Address, message: Any, *, timeout: float | None = None
+    ) -> None:
+        """Deliver without waiting for the turn; waits while the run queue is full, for at
+        most ``timeout`` (else the host's default deadline), then DeadlineExceeded (nothing
+        delivered)."""
+        if self.tell_nowait(address, message):
+            return
+        timeout = self._deadlines.timeout(timeout)
+        if timeout is None:  # no limit configured: no timer (a swarm's burst of tells)
+            while not self.tell_nowait(address, message):
+                await self.pool.wait_for_room()
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.tell_nowait(address, message):
+                    await self.pool.wait_for_room()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the run queue had no room for a message to {address} within {timeout:g}s"
+            ) from None
 
     def tell_nowait(self, address: str | Address, message: Any) -> bool:
         """Deliver without waiting; False (nothing delivered) when the agent would need a
@@ -605,9 +689,10 @@ class ActorHost:
         self, address: str | Address, message: Any, *, timeout: float | None = None
     ) -> Any:
         """Deliver and await the reply. Raises ResourceExhausted when the run queue is
-        full, DeadlineExceeded past ``timeout`` (the turn is cancelled), or the turn's
-        error."""
+        full, DeadlineExceeded past ``timeout`` (else the host's default deadline; the turn
+        is cancelled), or the turn's error."""
         loop = asyncio.get_running_loop()
+        timeout = self._deadlines.timeout(timeout)
         deadline = None if timeout is None else loop.time() + timeout
         reply: asyncio.Future[Any] = loop.create_future()
         activation = self._activation(address)
@@ -631,8 +716,10 @@ class ActorHost:
     async def ask_stream(
         self, address: str | Address, message: Any, *, timeout: float | None = None
     ) -> AsyncIterator[Any]:
-        """Run a streaming turn and yield its events."""
+        """Run a streaming turn and yield its events, within ``timeout`` (else the host's
+        default deadline)."""
         loop = asyncio.get_running_loop()
+        timeout = self._deadlines.timeout(timeout)
         deadline = None if timeout is None else loop.time() + timeout
         reply: asyncio.Future[Any] = loop.create_future()
         events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
@@ -775,6 +862,21 @@ class ActorHost:
                 self._stored_since_open.add(addr)
         self._passivated += len(idle)
         return len(idle)
+
+    async def _watch_told_turns(self, timeout: float) -> None:
+        """Stop told turns past their deadline: every ``timeout / 8`` (at most 1 s), cancel
+        the workers running one. Not a timer per turn: with uvloop one costs ~6 µs, five
+        times a whole told turn (docs/runtime.md); a turn is stopped within that tick."""
+        every = min(1.0, max(0.01, timeout / 8))
+        loop_time = self._loop_time
+        while True:
+            await asyncio.sleep(every)
+            now = loop_time()
+            for task, job in self.pool.running():
+                deadline = getattr(job, "turn_deadline", 0.0)
+                if 0.0 < deadline <= now:
+                    job.turn_deadline = _STOPPED  # type: ignore[attr-defined]
+                    task.cancel()
 
     async def _sweep_forever(self) -> None:
         interval = max(1.0, min(60.0, self._idle_seconds / 4))

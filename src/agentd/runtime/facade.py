@@ -2,6 +2,11 @@
 
 Behind it: virtual actors (``actors.py``) run by a fixed worker pool (``pool.py``) with
 state in a store (``store.py``). The gateway sees only these methods.
+
+Deadlines: ``timeout`` is the caller's (seconds), None when it gave none; the actor host
+applies the node's deadline rule (``agentd.deadlines``: the configured default for None,
+never past the maximum, DEADLINE_EXCEEDED for a time already up), for asks, streams and
+tells alike, and gives told turns the default from their start.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class Runtime:
     async def invoke(
         self, address: str | Address, message: Message, *, timeout: float | None = None
     ) -> tuple[Address, Message]:
-        """Run one turn and return the handling address and the reply.
+        """Run one turn and return the handling address and the reply, within ``timeout``
+        (the caller's; None: the node's default deadline).
 
         Raises NotFound (unknown type), InvalidArgument (malformed address),
         ResourceExhausted (run queue full), DeadlineExceeded (the turn is cancelled at the
@@ -72,7 +78,8 @@ class Runtime:
     async def stream(
         self, address: str | Address, message: Message, *, timeout: float | None = None
     ) -> AsyncIterator[tuple[Address, Message | str]]:
-        """Run one streaming turn, yielding ``(address, event)`` pairs."""
+        """Run one streaming turn, yielding ``(address, event)`` pairs, within ``timeout``
+        (the caller's; None: the node's default deadline)."""
         addr = parse_address(address) if isinstance(address, str) else address
         events = self.host.ask_stream(addr, message, timeout=timeout)
         try:

@@ -61,6 +61,7 @@ class WorkerPool:
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a job
         self._room: deque[asyncio.Future[None]] = deque()  # submitters waiting for room
         self._workers: list[asyncio.Task[None]] = []
+        self._running: list[Job | None] = []  # the job each worker runs now, by worker
         self._closing = False
         self._busy = 0
         self._completed = 0
@@ -71,8 +72,10 @@ class WorkerPool:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         if not self._workers:
+            self._running = [None] * self._num_workers
             self._workers = [
-                loop.create_task(self._work(), name=f"worker-{i}") for i in range(self._num_workers)
+                loop.create_task(self._work(i), name=f"worker-{i}")
+                for i in range(self._num_workers)
             ]
 
     def statistics(self) -> PoolStats:
@@ -106,6 +109,12 @@ class WorkerPool:
         if len(self._queue) >= self._max_queued:
             self._prune()
         return max(0, self._max_queued - len(self._queue))
+
+    def running(self) -> list[tuple[asyncio.Task[None], Job]]:
+        """The jobs running now, each with the worker task that runs it (for a watchdog
+        that stops work past its deadline)."""
+        pairs = zip(self._workers, self._running, strict=False)
+        return [(task, job) for task, job in pairs if job is not None]
 
     def mark_stale(self) -> None:
         """Work in a queued job expired: a full queue looks for jobs to drop first."""
@@ -200,8 +209,9 @@ class WorkerPool:
             if not room.done():
                 room.set_result(None)
 
-    async def _work(self) -> None:
+    async def _work(self, slot: int) -> None:
         queue = self._queue
+        running = self._running
         loop = asyncio.get_running_loop()
         while True:
             if not queue:
@@ -217,11 +227,13 @@ class WorkerPool:
                 # refill it in one go, instead of one wake-up per finished job.
                 self._wake_submitters()
             self._busy += 1
+            running[slot] = job
             try:
                 await job.run()
             except Exception:  # a job's own errors are its to report; keep the worker alive
                 log.exception("job %r failed", job)
             finally:
+                running[slot] = None
                 self._busy -= 1
                 self._completed += 1
 

@@ -766,12 +766,8 @@ async def call(
     return True, start["status"], dict(start["headers"]), b"".join(m["body"] for m in bodies)
 
 
-def rest(service: FakeService | None = None, timeout: float | None = 3.0) -> KServeRest:
-    return KServeRest(
-        service or FakeService(),  # type: ignore[arg-type]
-        max_body_bytes=1 << 16,
-        default_timeout_s=timeout,
-    )
+def rest(service: FakeService | None = None) -> KServeRest:
+    return KServeRest(service or FakeService(), max_body_bytes=1 << 16)  # type: ignore[arg-type]
 
 
 INFER_DOC = {
@@ -780,7 +776,7 @@ INFER_DOC = {
 }
 
 
-async def test_rest_json_infer_echoes_id_and_uses_default_timeout() -> None:
+async def test_rest_json_infer_echoes_id_and_leaves_the_default_deadline_to_the_service() -> None:
     service = FakeService()
     handled, status, headers, body = await call(
         rest(service), "POST", "/v2/models/ident/infer", orjson.dumps(INFER_DOC)
@@ -792,7 +788,9 @@ async def test_rest_json_infer_echoes_id_and_uses_default_timeout() -> None:
     assert doc["outputs"] == [
         {"name": "OUTPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}
     ]
-    assert service.calls[0]["timeout"] == 3.0 and service.calls[0]["outputs"] is None
+    # No timeout parameter: None goes to the service, whose deadline rule applies its
+    # default (the adapter only converts, the same as KServe gRPC).
+    assert service.calls[0]["timeout"] is None and service.calls[0]["outputs"] is None
 
 
 async def test_rest_binary_infer_round_trip() -> None:

@@ -44,14 +44,9 @@ class KServeGrpcService:
     """The connect-python service object for ``inference.GRPCInferenceService``."""
 
     def __init__(
-        self,
-        service: InferenceService,
-        default_timeout_s: float | None,
-        *,
-        ready: Callable[[], bool] | None = None,
+        self, service: InferenceService, *, ready: Callable[[], bool] | None = None
     ) -> None:
         self._service = service
-        self._default_timeout_s = default_timeout_s
         # ServerReady: the node's readiness in a gateway (default: the service's own).
         self._ready = ready or service.ready
 
@@ -94,14 +89,13 @@ class KServeGrpcService:
     async def model_infer(
         self, request: pb.ModelInferRequest, ctx: RequestContext
     ) -> pb.ModelInferResponse:
-        deadline = call_timeout(ctx, None)
         name, version = request.model_name, request.model_version or None
         try:
-            requested = request_timeout(request)
-            # The tighter of the call's deadline and the request's own timeout; the server's
-            # default only when neither is given (as KServe REST does).
-            bounds = [t for t in (deadline, requested) if t is not None]
-            timeout = min(bounds) if bounds else self._default_timeout_s
+            # The caller's time: the tighter of the call's deadline and the request's own
+            # timeout, None when neither is given. The service applies the node's rule (its
+            # default for None), exactly as for the same request over REST.
+            bounds = [t for t in (call_timeout(ctx), request_timeout(request)) if t is not None]
+            timeout = min(bounds) if bounds else None
             meta = self._service.metadata(name, version)
             outputs = await self._service.infer(
                 name,
@@ -212,15 +206,11 @@ class KServeGrpcApp(GRPCInferenceServiceASGIApplication):
 
 
 def kserve_grpc_app(
-    service: InferenceService,
-    read_max_bytes: int,
-    *,
-    default_timeout_s: float | None = None,
-    ready: Callable[[], bool] | None = None,
+    service: InferenceService, read_max_bytes: int, *, ready: Callable[[], bool] | None = None
 ) -> KServeGrpcApp:
     """The ASGI app serving ``/inference.GRPCInferenceService/*`` (gRPC, gRPC-Web, Connect)."""
     return KServeGrpcApp(
-        KServeGrpcService(service, default_timeout_s, ready=ready),
+        KServeGrpcService(service, ready=ready),
         read_max_bytes=read_max_bytes,
         compressions=compressions(read_max_bytes),
     )

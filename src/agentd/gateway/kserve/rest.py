@@ -99,9 +99,10 @@ class KServeRest:
     """Serves the KServe v2 REST routes from one :class:`InferenceService`.
 
     ``max_body_bytes`` bounds a request body after decompression (gzip or deflate), as the
-    gateway bounds it on the wire. ``default_timeout_s`` applies to inference requests that
-    carry no ``timeout`` parameter. ``ready`` answers ``/v2/health/ready``: the node's
-    readiness in a gateway (default: the inference service's own).
+    gateway bounds it on the wire. A request's ``timeout`` parameter is passed to the
+    service, which applies the node's deadline rule (its default without one, as over
+    gRPC). ``ready`` answers ``/v2/health/ready``: the node's readiness in a gateway
+    (default: the inference service's own).
     """
 
     def __init__(
@@ -109,12 +110,10 @@ class KServeRest:
         service: InferenceService,
         *,
         max_body_bytes: int,
-        default_timeout_s: float | None = None,
         ready: Callable[[], bool] | None = None,
     ) -> None:
         self._service = service
         self._max_body_bytes = max_body_bytes
-        self._default_timeout_s = default_timeout_s
         self._ready = ready or service.ready
 
     @staticmethod
@@ -181,13 +180,12 @@ class KServeRest:
         metadata = self._service.metadata(route.model, route.version)
         body = self._decompress(scope, body)
         request = decode_request(body, _header_length(scope))
-        timeout = request.timeout_s if request.timeout_s is not None else self._default_timeout_s
         outputs = await self._service.infer(
             route.model,
             request.inputs,
             version=route.version,
             outputs=request.output_names,
-            timeout=timeout,
+            timeout=request.timeout_s,
         )
         payload, json_length = encode_response(metadata.name, metadata.version, request, outputs)
         if json_length is None:

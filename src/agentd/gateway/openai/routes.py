@@ -6,6 +6,10 @@ JSON, or server-sent events ending with ``data: [DONE]`` when ``stream`` is true
 OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as the body of a 4xx/5xx, or,
 once a stream's 200 is out, as its last event before ``data: [DONE]``. A client that goes
 away stops its generation, which returns the sequence's KV-cache blocks to the pool.
+
+The OpenAI API carries no deadline of the caller's: every completion gets the node's
+default deadline from the generation service (a 504 before the answer, or an error event
+``deadline_exceeded`` ending a stream).
 """
 
 from __future__ import annotations
@@ -155,10 +159,25 @@ class OpenAIRoutes:
 
     # -- completions ---------------------------------------------------------------------
 
+    def _start(
+        self,
+        model: LanguageModel,
+        prompt: str | list[dict[str, str]],
+        params: Any,
+        field: str,
+    ) -> TextStream:
+        # The OpenAI API carries no deadline of the caller's: the service's default applies.
+        try:
+            return self._service.complete(model, prompt, params)
+        except PromptTooLong as exc:
+            raise RequestError(
+                f"'{field}' is {exc.size}; the model's context is {exc.context} tokens", field
+            ) from None
+
     async def _completion(self, data: Any, receive: Receive, send: Send) -> None:
         request = parse_completion(data)
         model = self._service.get(request.model)
-        stream = _start(model, request.prompt, request.params, "prompt")
+        stream = self._start(model, request.prompt, request.params, "prompt")
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -193,7 +212,7 @@ class OpenAIRoutes:
     async def _chat(self, data: Any, receive: Receive, send: Send) -> None:
         request = parse_chat(data)
         model = self._service.get(request.model)
-        stream = _start(model, request.messages, request.params, "messages")
+        stream = self._start(model, request.messages, request.params, "messages")
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def frame(choice: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -253,17 +272,6 @@ class OpenAIRoutes:
 class _MethodNotAllowed(Exception):
     def __init__(self, allowed: str) -> None:
         self.allowed = allowed
-
-
-def _start(
-    model: LanguageModel, prompt: str | list[dict[str, str]], params: Any, field: str
-) -> TextStream:
-    try:
-        return model.complete(model.prompt_ids(prompt), params)
-    except PromptTooLong as exc:
-        raise RequestError(
-            f"'{field}' is {exc.size}; the model's context is {exc.context} tokens", field
-        ) from None
 
 
 def _usage(stream: TextStream) -> dict[str, int]:
