@@ -11,12 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
-import re
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +29,6 @@ from agentd.v1 import agent_pb2 as pb
 from agentd.v1 import agent_pb2_grpc as pb_grpc
 from tests.conftest import PLUGINS, metric_value
 
-_LISTENING = re.compile(r"agentd listening on (https?)://(\S+):(\d+)")
 # Runs in the new mount namespace: mount the tmpfs over the folder, then become the server.
 _IN_NAMESPACE = 'mount -t tmpfs -o "size=$1" agentd-faults "$2" && shift 2 && exec "$@"'
 
@@ -47,37 +43,12 @@ def serve_on_small_disk(disk: Path, size: str, timeout: float = 60.0) -> Running
     if os.geteuid() != 0:
         command += ["--user", "--map-root-user"]  # unprivileged: a user namespace
     command += ["sh", "-c", _IN_NAMESPACE, "sh", size, str(disk)]
-    command += [sys.executable, "-m", "agentd", "serve", "--port", "0", "--plugins", str(PLUGINS)]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "250", "AGENTD_STATE_PATH": str(disk / "agents.db")},
+    return start_server(
+        ["--plugins", str(PLUGINS)],
+        env={"AGENTD_STATE_PATH": str(disk / "agents.db")},
+        timeout=timeout,
+        wrapper=command,
     )
-    output: list[str] = []
-    found: list[re.Match[str]] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            if not found and (match := _LISTENING.search(line)):
-                found.append(match)
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    ready.wait(timeout)
-    if not found:
-        process.kill()
-        process.wait()
-        reader.join(5)
-        raise AssertionError("the server did not start:\n" + "".join(output))
-    scheme, host, port = found[0].groups()
-    return RunningServer(process, scheme, host, int(port), output, reader)
 
 
 def fill(folder: Path) -> Path:

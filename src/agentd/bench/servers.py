@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["ServerError", "ServerProcess", "agentd_env", "free_port", "log_tails"]
+__all__ = ["ServerError", "ServerProcess", "agentd_env", "descendants", "free_port", "log_tails"]
 
 
 class ServerError(RuntimeError):
@@ -61,7 +61,8 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The PIDs below ``pid`` (children, their children, ...), from /proc."""
     found: list[int] = []
     stack = [pid]
     while stack:
@@ -139,7 +140,7 @@ class ServerProcess:
         proc = self._proc
         if proc is None:
             return None
-        family = [(pid, _start_time(pid)) for pid in _descendants(proc.pid)]
+        family = [(pid, _start_time(pid)) for pid in descendants(proc.pid)]
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

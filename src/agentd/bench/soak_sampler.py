@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agentd.bench.servers import descendants
+
 __all__ = ["HealthProbe", "MetricsReader", "cpu_seconds", "process_tree", "tree_stats"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -22,21 +24,7 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 def process_tree(root: int) -> list[int]:
     """``root`` and its descendants (``agentd serve`` runs the gateway in an Envoy child)."""
-    found, stack = [root], [root]
-    while stack:
-        parent = stack.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found.extend(children)
-            stack.extend(children)
-    return found
+    return [root, *descendants(root)]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -59,15 +59,20 @@ class RunningServer:
 
 
 def start_server(
-    args: Sequence[str] = (), *, env: dict[str, str] | None = None, timeout: float = 30.0
+    args: Sequence[str] = (),
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> RunningServer:
     """Run ``python -m agentd serve --port 0 ARGS`` and return once it listens.
 
     Agent state goes to a fresh temporary folder unless ``env`` sets ``AGENTD_STATE_PATH``.
+    ``wrapper`` goes before the command (e.g. ``unshare ... sh -c ...``: it must exec it).
     """
     state_dir = tempfile.mkdtemp(prefix="agentd-state-")
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentd", "serve", "--port", "0", *args],
+        [*wrapper, sys.executable, "-m", "agentd", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
