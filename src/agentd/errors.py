@@ -20,6 +20,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
 ]
 
 
@@ -83,3 +84,9 @@ class Unavailable(AgentdError):
 
 class Unauthenticated(AgentdError):
     code = Code.UNAUTHENTICATED
+
+
+class Unimplemented(AgentdError):
+    """The feature asked for is not available here (not built, not configured)."""
+
+    code = Code.UNIMPLEMENTED

@@ -37,9 +37,7 @@ def runtime_with(tools: ToolService | None) -> Runtime:
     registry = AgentRegistry()
     registry.register(Calculator)
     registry.register(Looper)
-    host = ActorHost(registry, MemoryStateStore(), pool=WorkerPool(4, 64))
-    host.tools = tools
-    return Runtime(host)
+    return Runtime(ActorHost(registry, MemoryStateStore(), pool=WorkerPool(4, 64), tools=tools))
 
 
 async def test_agent_calls_a_tool(artefact):

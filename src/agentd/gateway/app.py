@@ -65,6 +65,7 @@ from agentd.runtime import (
 )
 from agentd.settings import Settings
 from agentd.tools.factory import open_tool_service
+from agentd.tools.service import ToolService
 from agentd.v1 import agent_pb2
 from agentd.v1.agent_connect import AgentServiceASGIApplication
 
@@ -98,10 +99,10 @@ class Gateway:
         self.deadlines = deadline_policy(settings)
         self.inference = build_inference(settings, self.metrics)
         self.generation = build_generation(settings, self.metrics)
-        self.runtime = build_runtime(settings, registry, self.inference, self.metrics)
-        self.runtime.host.generation = self.generation
         self.tools = open_tool_service(settings, self.metrics)
-        self.runtime.host.tools = self.tools
+        self.runtime = build_runtime(
+            settings, registry, self.inference, self.metrics, self.generation, self.tools
+        )
         self.metrics.watch_runtime(self.runtime.host.gauges)
         install_strict_codecs()
         limit = settings.max_body_bytes
@@ -367,7 +368,12 @@ def build_generation(settings: Settings, metrics: Metrics) -> GenerationService:
 
 
 def build_runtime(
-    settings: Settings, registry: AgentRegistry, inference: InferenceService, metrics: Metrics
+    settings: Settings,
+    registry: AgentRegistry,
+    inference: InferenceService,
+    metrics: Metrics,
+    generation: GenerationService | None = None,
+    tools: ToolService | None = None,
 ) -> Runtime:
     """Virtual actors over a worker pool, state in SQLite (or memory) as configured."""
     store: StateStore
@@ -380,6 +386,8 @@ def build_runtime(
         store,
         pool=WorkerPool(settings.workers, settings.max_queued_turns),
         inference=inference,
+        generation=generation,
+        tools=tools,
         observer=metrics,
         idle_seconds=settings.idle_seconds,
         max_mailbox=settings.max_mailbox,

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import orjson
@@ -40,6 +40,10 @@ from agentd.errors import (
 )
 from agentd.runtime.pool import WorkerPool
 from agentd.runtime.store import StateStore
+
+if TYPE_CHECKING:
+    from agentd.generate.service import GenerationService
+    from agentd.tools.service import ToolService
 
 __all__ = ["ActorHost", "Inference", "TurnObserver"]
 
@@ -528,6 +532,8 @@ class ActorHost:
         *,
         pool: WorkerPool,
         inference: Inference | None = None,
+        generation: GenerationService | None = None,
+        tools: ToolService | None = None,
         observer: TurnObserver | None = None,
         observe_every: int = 1,
         idle_seconds: float = 300.0,
@@ -540,10 +546,9 @@ class ActorHost:
         self.store = store
         self.pool = pool
         self.inference = inference
-        # The node's language models for ctx.generate (a GenerationService), set by the app.
-        self.generation: Any = None
-        # The node's sandboxed tools for ctx.tool (a ToolService), set by the app.
-        self.tools: Any = None
+        # The node's language models (ctx.generate) and sandboxed tools (ctx.tool).
+        self.generation = generation
+        self.tools = tools
         self._observer = observer
         # Turns told (nobody waits for them) are timed and reported to the observer one in
         # ``observe_every``: a sampled latency picture without two clock reads and a call
