@@ -50,7 +50,7 @@ async def test_the_surfaces_agree_through_start_drain_and_stop(tmp_path):
         state_path=tmp_path / "agents.db",
         tools_cache_dir=tmp_path / "tools",  # nothing built: no sandbox to load
     )
-    gateway = Gateway(settings)
+    gateway = Gateway.from_settings(settings)
     probes = _AsgiProbes(gateway)
     lifespan: asyncio.Queue[dict] = asyncio.Queue()
     sent: list[str] = []

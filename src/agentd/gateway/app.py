@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -12,8 +11,6 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
 from agentd.agents import AgentRegistry
-from agentd.agents.builtin import BUILTIN_AGENTS
-from agentd.deadlines import DeadlinePolicy
 from agentd.errors import Code
 from agentd.gateway.admission import (
     BodyTooLarge,
@@ -50,22 +47,8 @@ from agentd.gateway.rpc_errors import (
     refused_encoding,
 )
 from agentd.gateway.tools_api import TOOLS_PATH, ToolsApi
-from agentd.generate.service import GenerationService
-from agentd.inference import InferenceService, ModelRepository
-from agentd.inference.repository import builtin_models_dir
-from agentd.observability import Metrics, Tracing
-from agentd.observability.generation_metrics import GenerationMetrics
-from agentd.runtime import (
-    ActorHost,
-    MemoryStateStore,
-    Runtime,
-    SQLiteStateStore,
-    StateStore,
-    WorkerPool,
-)
+from agentd.node import Node
 from agentd.settings import Settings
-from agentd.tools.factory import open_tool_service
-from agentd.tools.service import ToolService
 from agentd.v1 import agent_pb2
 from agentd.v1.agent_connect import AgentServiceASGIApplication
 
@@ -84,26 +67,20 @@ KSERVE_SERVICE = "inference.GRPCInferenceService"
 
 
 class Gateway:
-    """Owns the runtime, metrics and tracing of one node and serves them as ASGI."""
+    """Serves one node as ASGI: every protocol on one port, routed by path, guarded and
+    observed. Its ASGI lifespan starts the node (unless started already) and closes what
+    it started."""
 
-    def __init__(self, settings: Settings, *, registry: AgentRegistry | None = None) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        self.tracing = Tracing(settings.service_name, settings.otlp_endpoint)
-        if registry is None:
-            registry = AgentRegistry()
-            for agent_type in BUILTIN_AGENTS:
-                registry.register(agent_type)
-            registry.load_directory(settings.plugins / "agents")
-        # One deadline rule, applied by the services; the adapters only convert.
-        self.deadlines = deadline_policy(settings)
-        self.inference = build_inference(settings, self.metrics)
-        self.generation = build_generation(settings, self.metrics)
-        self.tools = open_tool_service(settings, self.metrics)
-        self.runtime = build_runtime(
-            settings, registry, self.inference, self.metrics, self.generation, self.tools
-        )
-        self.metrics.watch_runtime(self.runtime.host.gauges)
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        settings = self.settings = node.settings
+        self.metrics = node.metrics
+        self.tracing = node.tracing
+        self.runtime = node.runtime
+        self.inference = node.inference
+        self.generation = node.generation
+        self.tools = node.tools
+        self._owns_start = False
         install_strict_codecs()
         limit = settings.max_body_bytes
         agent_service = AgentServiceImpl(self.runtime, tools=self.tools)
@@ -295,14 +272,9 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.inference.start()
-                await self.generation.start()
-                await self.tools.start()
-                await self.runtime.start()
-                # Everything built so far (modules, models, the app) lives as long as the
-                # process: take it out of the cyclic collector's full passes.
-                gc.collect()
-                gc.freeze()
+                if not self.node.started:
+                    await self.node.start()
+                    self._owns_start = True
                 if self.health.phase is Phase.STARTING:  # a drain may have begun meanwhile
                     self.health.set_phase(Phase.SERVING)
                 await send({"type": "lifespan.startup.complete"})
@@ -319,82 +291,18 @@ class Gateway:
             log.info("draining: not ready, finishing in-flight calls")
             self.health.set_phase(Phase.DRAINING)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, registry: AgentRegistry | None = None) -> Gateway:
+        """A gateway over a new node of ``settings`` (started by the ASGI lifespan)."""
+        return cls(Node(settings, registry=registry))
+
     async def aclose(self) -> None:
+        """Not ready from now on; closes the node if this gateway started it."""
         self.health.set_phase(Phase.STOPPED)
-        await self.runtime.aclose()
-        await self.generation.aclose()
-        await self.tools.aclose()
-        await self.inference.aclose()
-        self.tracing.aclose()
+        if self._owns_start:
+            self._owns_start = False
+            await self.node.aclose()
         log.info("gateway stopped")
-
-
-def deadline_policy(settings: Settings) -> DeadlinePolicy:
-    """The node's deadline rule from its settings (see agentd.deadlines)."""
-    return DeadlinePolicy(settings.default_timeout_s, settings.max_timeout_s)
-
-
-def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
-    """The inference service over the built-in models and ``plugins/models``."""
-    from agentd import __version__
-    from agentd.inference.onnx_runtime import OnnxLoader
-
-    loader = OnnxLoader(
-        threads=settings.inference_threads, providers=settings.execution_providers or None
-    )
-    repository = ModelRepository([loader], [builtin_models_dir(), settings.plugins / "models"])
-    return InferenceService(
-        repository,
-        threads=settings.inference_threads,
-        observer=metrics,
-        server_version=__version__,
-        deadlines=deadline_policy(settings),
-    )
-
-
-def build_generation(settings: Settings, metrics: Metrics) -> GenerationService:
-    """Language models (``kind: language-model`` folders) for the OpenAI API and
-    ctx.generate: the built-in tinylm and any under ``plugins/models``."""
-    observer = GenerationMetrics(metrics.registry)
-    service = GenerationService(
-        [builtin_models_dir(), settings.plugins / "models"],
-        threads=settings.inference_threads,
-        providers=settings.execution_providers or None,
-        observer=observer,
-        deadlines=deadline_policy(settings),
-    )
-    observer.watch(service.gauges)
-    return service
-
-
-def build_runtime(
-    settings: Settings,
-    registry: AgentRegistry,
-    inference: InferenceService,
-    metrics: Metrics,
-    generation: GenerationService | None = None,
-    tools: ToolService | None = None,
-) -> Runtime:
-    """Virtual actors over a worker pool, state in SQLite (or memory) as configured."""
-    store: StateStore
-    if settings.state_store == "sqlite":
-        store = SQLiteStateStore(settings.state_path)
-    else:
-        store = MemoryStateStore()
-    host = ActorHost(
-        registry,
-        store,
-        pool=WorkerPool(settings.workers, settings.max_queued_turns),
-        inference=inference,
-        generation=generation,
-        tools=tools,
-        observer=metrics,
-        idle_seconds=settings.idle_seconds,
-        max_mailbox=settings.max_mailbox,
-        max_active=settings.max_agent_instances,
-        deadlines=deadline_policy(settings),
-    )
-    return Runtime(host)
 
 
 def _enveloped(content_type: bytes | None) -> bool:

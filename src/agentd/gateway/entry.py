@@ -151,7 +151,7 @@ def _build() -> Any:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return Gateway(settings)
+    return Gateway.from_settings(settings)
 
 
 app = _OneLoopApp()
