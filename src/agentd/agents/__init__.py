@@ -1,7 +1,9 @@
 """Agents: the programming model, addresses and the type registry."""
 
 from agentd.agents.address import DEFAULT_ID, Address, parse_address
-from agentd.agents.base import Agent, Context, Reply
+from agentd.agents.base import Agent, Reply
+from agentd.agents.context import Context
+from agentd.agents.host import AgentHost
 from agentd.agents.message import Message
 from agentd.agents.registry import AgentRegistry
 
@@ -9,6 +11,7 @@ __all__ = [
     "DEFAULT_ID",
     "Address",
     "Agent",
+    "AgentHost",
     "AgentRegistry",
     "Context",
     "Message",
