@@ -3,7 +3,7 @@
 from agentd.runtime.actors import ActorHost, TurnObserver
 from agentd.runtime.facade import AgentTypeInfo, Runtime
 from agentd.runtime.pool import PoolStats, WorkerPool
-from agentd.runtime.store import MemoryStateStore, SQLiteStateStore, StateStore
+from agentd.runtime.state import MemoryStateStore, SQLiteStateStore, StateStore
 
 __all__ = [
     "ActorHost",

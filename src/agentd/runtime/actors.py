@@ -39,7 +39,7 @@ from agentd.errors import (
     Unavailable,
 )
 from agentd.runtime.pool import WorkerPool
-from agentd.runtime.store import StateStore
+from agentd.runtime.state import StateStore
 
 if TYPE_CHECKING:
     from agentd.generate.service import GenerationService

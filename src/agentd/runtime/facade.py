@@ -1,7 +1,7 @@
 """The runtime facade the gateway calls: ``invoke`` and ``stream`` on an address.
 
 Behind it: virtual actors (``actors.py``) run by a fixed worker pool (``pool.py``) with
-state in a store (``store.py``). The gateway sees only these methods.
+state in a store (``state/``). The gateway sees only these methods.
 
 Deadlines: ``timeout`` is the caller's (seconds), None when it gave none; the actor host
 applies the node's deadline rule (``agentd.deadlines``: the configured default for None,

@@ -1,15 +1,10 @@
-"""Agent state stores. A store keeps one serialized snapshot per agent address.
+"""Agent state in SQLite: one table, one dedicated thread for every statement.
 
 ``save`` returns once the snapshot is committed; many concurrent saves share one
 transaction (group commit), so durability does not cost a disk sync per turn. ``load``
-calls are grouped the same way. SQLite in WAL mode is the default: embedded, no server,
-and a committed transaction survives the process being killed.
-
-A group that fails to commit (disk full, I/O error) is all-or-nothing: none of its rows
-changed. The store then drops the saves still queued for the same agents (they were made
-on top of the state that failed), fails their waiters with the same error and calls
-``on_commit_failed`` with those agents' keys, so that the host can roll them back to what
-the store holds. ``failing()`` says why the store is unhealthy while commits keep failing.
+calls are grouped the same way. WAL mode: embedded, no server, and a committed transaction
+survives the process being killed. A failed group is handled as ``agentd.runtime.state``
+describes (all or nothing, queued saves of its agents dropped, ``on_commit_failed``).
 """
 
 from __future__ import annotations
@@ -19,82 +14,20 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["MemoryStateStore", "SQLiteStateStore", "StateStore"]
+if TYPE_CHECKING:
+    from agentd.runtime.state import CommitFailed
+
+__all__ = ["SQLiteStateStore"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Called with the keys of the agents whose saves failed (after their waiters failed).
-CommitFailed = Callable[[Collection[str], BaseException], None]
-
-
-class StateStore(Protocol):
-    # True when the store held no state when opened: then only what this process saved
-    # can be loaded, and the host skips loads for agents it never passivated.
-    empty_at_open: bool
-    # Set by the host: told which agents' saves failed to commit (see the module doc).
-    on_commit_failed: CommitFailed | None
-    errors: int  # commits that failed so far
-
-    async def open(self) -> None: ...
-
-    async def load(self, address: str) -> bytes | None: ...
-
-    def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
-        """Queue a write; the future is done once it is committed."""
-        ...
-
-    def save_nowait(self, address: str, snapshot: bytes) -> None:
-        """Queue a write nobody waits for."""
-        ...
-
-    def failing(self) -> str | None:
-        """Why the store is failing (recent commits failed and none succeeded since), or
-        None while it is healthy."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class MemoryStateStore:
-    """Keeps snapshots in a dict: for tests and for runs that need no persistence."""
-
-    def __init__(self) -> None:
-        self.snapshots: dict[str, bytes] = {}
-        self.writes = 0
-        self.errors = 0
-        self.empty_at_open = True
-        self.on_commit_failed: CommitFailed | None = None
-
-    async def open(self) -> None:
-        self.empty_at_open = not self.snapshots
-
-    async def load(self, address: str) -> bytes | None:
-        return self.snapshots.get(address)
-
-    def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
-        self.snapshots[address] = snapshot
-        self.writes += 1
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    def save_nowait(self, address: str, snapshot: bytes) -> None:
-        self.snapshots[address] = snapshot
-        self.writes += 1
-
-    def failing(self) -> str | None:
-        return None
-
-    async def aclose(self) -> None:
-        pass
 
 
 @functools.lru_cache(maxsize=8)
