@@ -281,6 +281,23 @@ def test_explain_envoy_log():
     assert explain_envoy_log("something else\n") is None
 
 
+def test_explain_envoy_log_startup_failed():
+    # The gateway reports a failed start as lifespan.startup.failed; pyvoy logs its message.
+    app = (
+        "2026-01-01 ERROR agentd.gateway.app: the node failed to start\n"
+        "Traceback (most recent call last):\n"
+        '  File "node.py", line 112, in start\n'
+        "RuntimeError: the runtime refused to start\n"
+        "[x][error][dynamic_modules] Failed to initialize ASGI app\n"
+        "RuntimeError: Application startup failed: RuntimeError: the runtime refused to start\n"
+        "[x][critical][main] error `Failed to create filter config: Failed to initialize"
+        " dynamic module` initializing config '\n"
+    )
+    assert explain_envoy_log(app) == (
+        "the gateway failed to start: RuntimeError: the runtime refused to start"
+    )
+
+
 def test_plugins_path_that_is_a_file(tmp_path):
     (tmp_path / "notes").write_text("x")
     out = serve("--plugins", str(tmp_path / "notes"), state=tmp_path / "agents.db")

@@ -1,20 +1,25 @@
 """Admission checks before a request reaches a handler: bearer tokens, body size, content
-encoding and, for enveloped (gRPC, gRPC-Web, Connect streaming) bodies, their framing."""
+encoding and, for enveloped (gRPC, gRPC-Web, Connect streaming) bodies, their framing.
+
+:class:`Auth` and :class:`BodyLimit` are middleware: ASGI apps wrapping an app, reading the
+route and protocol the gateway put in the scope (:mod:`agentd.gateway.asgi`)."""
 
 from __future__ import annotations
 
 import hmac
 import zlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from connectrpc.code import Code as ConnectCode
 from connectrpc.errors import ConnectError
 
-from agentd.errors import InvalidArgument, ResourceExhausted
-from agentd.gateway.protocol import clip
+from agentd.errors import Code, InvalidArgument, ResourceExhausted
+from agentd.gateway.asgi import PROTOCOL, ROUTE, ASGIApp, Receive, Scope, Send
+from agentd.gateway.protocol import Protocol, clip, header, send_error
 
 __all__ = [
+    "Auth",
+    "BodyLimit",
     "BodyTooLarge",
     "InflatedTooLarge",
     "TokenCheck",
@@ -25,8 +30,6 @@ __all__ = [
     "inflate",
     "replay",
 ]
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class TokenCheck:
@@ -50,6 +53,74 @@ class TokenCheck:
         for token in self._tokens:
             ok |= hmac.compare_digest(presented, token)
         return ok
+
+
+class Auth:
+    """Middleware: a route that is not open needs a configured bearer token, else
+    UNAUTHENTICATED in the caller's protocol."""
+
+    __slots__ = ("_app", "_tokens")
+
+    def __init__(self, app: ASGIApp, tokens: TokenCheck) -> None:
+        self._app = app
+        self._tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not scope[ROUTE].open and not self._tokens.allows(header(scope, b"authorization")):
+            await send_error(
+                send, scope[PROTOCOL], Code.UNAUTHENTICATED, "missing or invalid bearer token"
+            )
+            return
+        await self._app(scope, receive, send)
+
+
+class BodyLimit:
+    """Middleware: a body past ``limit`` bytes is refused with 413 RESOURCE_EXHAUSTED.
+
+    A declared ``Content-Length`` past the limit is refused before anything is read. Then
+    the body is read whole and replayed to the app, and a client that left meanwhile gets
+    nothing; except, with ``stream_grpc``, a gRPC or gRPC-Web body, which streams on to
+    the app (that counts it as it reads, with :func:`framed_receive`).
+    """
+
+    __slots__ = ("_app", "_limit", "_stream_grpc")
+
+    def __init__(self, app: ASGIApp, limit: int, *, stream_grpc: bool = False) -> None:
+        self._app = app
+        self._limit = limit
+        self._stream_grpc = stream_grpc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self._limit
+        length = header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await too_large(send, scope[PROTOCOL], limit)
+            return
+        if self._stream_grpc and scope[PROTOCOL] in _GRPC:
+            await self._app(scope, receive, send)
+            return
+        try:
+            body, disconnected = await buffer_body(receive, limit)
+        except BodyTooLarge:
+            await too_large(send, scope[PROTOCOL], limit)
+            return
+        if disconnected:
+            return
+        await self._app(scope, replay(body, receive), send)
+
+
+_GRPC = (Protocol.GRPC, Protocol.GRPC_WEB)
+
+
+async def too_large(send: Send, protocol: Protocol, limit: int) -> None:
+    """413 RESOURCE_EXHAUSTED in ``protocol``."""
+    await send_error(
+        send,
+        protocol,
+        Code.RESOURCE_EXHAUSTED,
+        f"request body is larger than the limit of {limit} bytes",
+        status=413,
+    )
 
 
 class BodyTooLarge(Exception):

@@ -9,13 +9,11 @@ GET's 405 with its ``Allow`` header, still without a body.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["as_get"]
+from agentd.gateway.asgi import Scope, Send
 
-Scope = dict[str, Any]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+__all__ = ["as_get"]
 
 _LAST_BODY = {"type": "http.response.body", "body": b"", "more_body": False}
 

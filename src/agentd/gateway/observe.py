@@ -1,16 +1,20 @@
-"""Per-request observation: the status a response ended with, for metrics and spans."""
+"""Per-request observation: metrics, a span, and the status a response ended with."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
+
 from agentd.errors import Code
+from agentd.gateway.asgi import PROTOCOL, ROUTE, ASGIApp, Receive, Scope, Send
 from agentd.gateway.detach import client_gone
+from agentd.gateway.protocol import Protocol
+from agentd.observability import Metrics, Tracing
 
-__all__ = ["StatusRecorder"]
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+__all__ = ["Observe", "StatusRecorder"]
 _CODE_NAMES = {code.value: code.name for code in Code}
 _CODE_NAMES[0] = "OK"
 
@@ -72,3 +76,50 @@ class StatusRecorder:
         if self.http_status == 0:
             return "aborted", True
         return str(self.http_status), self.http_status >= 400
+
+
+class Observe:
+    """Middleware: counts each request in flight and when done (by protocol, route label
+    and status code, with its duration), and runs it in a server span named by its route
+    label when tracing is on, under the caller's ``traceparent`` when it sent one."""
+
+    __slots__ = ("_app", "_metrics", "_tracing")
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing) -> None:
+        self._app = app
+        self._metrics = metrics
+        self._tracing = tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        protocol: Protocol = scope[PROTOCOL]
+        label: str = scope[ROUTE].label
+        metrics = self._metrics
+        tracing = self._tracing
+        metrics.request_started(protocol)
+        recorder = StatusRecorder(send, grpc_web=protocol is Protocol.GRPC_WEB)
+        started = time.perf_counter()
+        token = None
+        parent = tracing.extract(scope["headers"]) if _has_trace(scope) else None
+        if parent is not None:
+            token = otel_context.attach(parent)
+        try:
+            if tracing.enabled:
+                with tracing.tracer.start_as_current_span(
+                    label, kind=SpanKind.SERVER, attributes={"rpc.system": str(protocol)}
+                ) as span:
+                    await self._app(scope, receive, recorder)
+                    code, _ = recorder.outcome()
+                    span.set_attribute("agentd.status", code)
+            else:
+                await self._app(scope, receive, recorder)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+            code, error = recorder.outcome()
+            metrics.request_finished(
+                protocol, label, code, time.perf_counter() - started, error=error
+            )
+
+
+def _has_trace(scope: Scope) -> bool:
+    return any(name == b"traceparent" for name, _ in scope["headers"])

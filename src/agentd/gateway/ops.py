@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 import orjson
 
 from agentd import __version__
+from agentd.gateway.asgi import Send
 from agentd.gateway.health import HealthState
 from agentd.gateway.protocol import send_body
 from agentd.observability import Metrics
 
 __all__ = ["OPEN_PATHS", "OpsRoutes"]
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Probes must work without credentials (load balancers and kubelets send none).
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})

@@ -12,6 +12,7 @@ from urllib.parse import quote
 import orjson
 
 from agentd.errors import Code
+from agentd.gateway.asgi import Scope
 
 __all__ = [
     "Protocol",
@@ -24,8 +25,6 @@ __all__ = [
     "send_error",
     "send_json",
 ]
-
-Scope = dict[str, Any]
 
 _HTTP_STATUS = {
     Code.CANCELLED: 499,

@@ -722,6 +722,7 @@ def redact_credentials(line: bytes) -> bytes:
 
 _CANNOT_BIND = re.compile(r"cannot bind '(?P<address>[^']*)': (?P<reason>[^`'\n]+)")
 _CONFIG_ERROR = re.compile(r"error `(?P<message>[^`]+)` initializing config")
+_STARTUP_FAILED = re.compile(r"Application startup failed: (?P<message>[^\n]+)")
 _BIND_ERRNO = {
     "Address already in use": errno.EADDRINUSE,
     "Cannot assign requested address": errno.EADDRNOTAVAIL,
@@ -746,9 +747,12 @@ def explain_envoy_log(log: str) -> str | None:
 
 
 def _lifespan_error(log: str) -> str | None:
-    """The exception line of the traceback pyvoy logs after "Exception in ASGI lifespan"
-    (the gateway's start-up raised). Other tracebacks, such as a plugin that failed to load
-    and was skipped, come before it and are not fatal."""
+    """The message of the gateway's ``lifespan.startup.failed`` (pyvoy logs "Application
+    startup failed: <message>"), else the exception line of the traceback pyvoy logs after
+    "Exception in ASGI lifespan" (the gateway's start-up raised). Other tracebacks, such as
+    a plugin that failed to load and was skipped, come before it and are not fatal."""
+    if (failed := _STARTUP_FAILED.search(log)) is not None:
+        return failed["message"].strip()
     _, found, after = log.partition("Exception in ASGI lifespan")
     _, found_tb, trace = after.partition("Traceback (most recent call last):")
     if not (found and found_tb):

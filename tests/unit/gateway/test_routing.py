@@ -1,0 +1,21 @@
+"""The gateway's routing, tested in process through ASGI: tests/unit/gateway/
+routing_in_process.py, run in a fresh interpreter (the gateway loads agentd's KServe protos,
+which cannot share a process with tritonclient's, imported by other tests of a session)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_routing_in_process():
+    inproc = Path(__file__).with_name("routing_in_process.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(inproc)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout
