@@ -1,7 +1,8 @@
 """The runtime facade the gateway calls: ``invoke`` and ``stream`` on an address.
 
-Behind it: virtual actors (``actors.py``) run by a fixed worker pool (``pool.py``) with
-state in a store (``state/``). The gateway sees only these methods.
+Behind it: virtual actors (``host.py``: the directory and delivery; ``activation.py``: one
+live instance and its turns; ``mailbox.py``: its waiting messages) run by a fixed worker
+pool (``pool.py``) with state in a store (``state/``). The gateway sees only these methods.
 
 Deadlines: ``timeout`` is the caller's (seconds), None when it gave none; the actor host
 applies the node's deadline rule (``agentd.deadlines``: the configured default for None,
@@ -18,7 +19,7 @@ from agentd.agents.address import Address, parse_address
 from agentd.agents.message import Message
 from agentd.agents.registry import AgentRegistry
 from agentd.errors import Internal
-from agentd.runtime.actors import ActorHost
+from agentd.runtime.host import ActorHost
 
 __all__ = ["AgentTypeInfo", "Runtime"]
 

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from agentd.agents import Agent, Context
 from agentd.agents.address import Address
-from agentd.agents.base import Agent, Context
 
 __all__ = ["Collector", "Decider", "make_collector"]
 

@@ -20,8 +20,9 @@ from agentd.agents import Address, AgentRegistry
 from agentd.inference import InferenceService, ModelRepository
 from agentd.inference.onnx_runtime import OnnxLoader
 from agentd.inference.repository import builtin_models_dir
-from agentd.runtime import ActorHost, MemoryStateStore, SQLiteStateStore, StateStore, WorkerPool
+from agentd.runtime import MemoryStateStore, SQLiteStateStore, StateStore, WorkerPool
 from agentd.swarm.agents import COLLECTOR, Decider, make_collector
+from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
 
 __all__ = ["SwarmResult", "run_swarm"]
@@ -114,7 +115,7 @@ async def run_swarm(
     else:
         store = MemoryStateStore()
     latency = _TurnLatency()
-    host = ActorHost(
+    host = SwarmHost(
         registry,
         store,
         pool=WorkerPool(workers, max_queued=max(workers * 4, 16_384)),

@@ -11,6 +11,8 @@ from agentd import Agent
 from agentd.agents import AgentRegistry
 from agentd.errors import NotFound, ResourceExhausted
 from agentd.runtime import ActorHost, MemoryStateStore, WorkerPool
+from agentd.runtime.activation import Phase
+from agentd.swarm.host import SwarmHost
 
 
 class Log(Agent):
@@ -27,6 +29,16 @@ async def host():
     registry = AgentRegistry()
     registry.register(Log)
     host = ActorHost(registry, MemoryStateStore(), pool=WorkerPool(4, 8), max_mailbox=5)
+    await host.start()
+    yield host
+    await host.aclose()
+
+
+@pytest.fixture
+async def swarm_host():
+    registry = AgentRegistry()
+    registry.register(Log)
+    host = SwarmHost(registry, MemoryStateStore(), pool=WorkerPool(4, 8), max_mailbox=5)
     await host.start()
     yield host
     await host.aclose()
@@ -74,7 +86,7 @@ def test_a_full_run_queue_delivers_nothing():
     assert host.tell_nowait("log/q0", "again")  # already queued: needs no new place
     assert not host.tell_nowait("log/late", 0)
     late = host._activations[host._activation("log/late").address]
-    assert late.waiting() == 0 and not late.scheduled
+    assert late.waiting() == 0 and late.phase is Phase.IDLE
     assert host.gauges()["messages_waiting"] == 4
 
 
@@ -108,7 +120,7 @@ async def test_told_turns_are_reported_one_in_observe_every():
 def test_tell_many_stops_at_a_full_run_queue_and_resumes():
     registry = AgentRegistry()
     registry.register(Log)
-    host = ActorHost(registry, MemoryStateStore(), pool=WorkerPool(1, 3))  # not started
+    host = SwarmHost(registry, MemoryStateStore(), pool=WorkerPool(1, 3))  # not started
     addresses = ["log/m0", "log/m1", "log/m0", "log/m2", "log/m3", "log/m1"]
     # m0, m1, m2 take the three places; m0's second message needs none; m3 does not fit.
     assert host.tell_many_nowait(addresses, list(range(6))) == 4
@@ -124,7 +136,8 @@ def test_tell_many_stops_at_a_full_run_queue_and_resumes():
     assert host.pool.statistics().queued == 1  # only m3 was idle
 
 
-async def test_tell_many_delivers_in_order_and_runs_every_turn(host):
+async def test_tell_many_delivers_in_order_and_runs_every_turn(swarm_host):
+    host = swarm_host
     addresses = [f"log/b{i % 3}" for i in range(5)]
     assert host.tell_many_nowait(addresses, list(range(5))) == 5
     await _idle(host)

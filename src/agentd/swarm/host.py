@@ -1,0 +1,56 @@
+"""The swarm's actor host: the runtime's, plus a burst of tells in one pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agentd.agents.address import Address
+from agentd.runtime import ActorHost
+from agentd.runtime.activation import IDLE, SCHEDULED, Activation
+
+__all__ = ["SwarmHost"]
+
+
+class SwarmHost(ActorHost):
+    """An :class:`ActorHost` that also takes many tells at once (``agentd swarm`` hands
+    its start messages over 4,096 at a time)."""
+
+    def tell_many_nowait(
+        self, addresses: Sequence[str | Address], messages: Sequence[Any], start: int = 0
+    ) -> int:
+        """``tell_nowait(addresses[i], messages[i])`` for ``i`` from ``start`` on, in order,
+        in one pass (a burst of tells, e.g. to many new agents); stops before the first
+        message whose agent would need a place on a full run queue. Returns the index of
+        the first message not delivered (``len(addresses)`` when all were). Raises as
+        ``tell_nowait`` does; the messages before the failing one stay delivered.
+        """
+        pool = self.pool
+        room = pool.room()
+        activations = self._activations
+        limit = self._max_mailbox
+        newly: list[Activation] = []  # idle agents that now have a message: to queue
+        index, end = start, len(addresses)
+        try:
+            while index < end:
+                address = addresses[index]
+                activation = activations.get(address)  # type: ignore[call-overload]
+                if activation is None:
+                    activation = self._activation_missed(address)
+                if activation.phase is not IDLE:
+                    activation.push(messages[index], limit)
+                else:
+                    # Idle, so nothing waits: the message takes the slot (or the empty deque).
+                    if len(newly) == room:
+                        break
+                    if activation.mailbox is None:
+                        activation.next_message = messages[index]
+                    else:
+                        activation.push(messages[index], limit)
+                    activation.phase = SCHEDULED
+                    newly.append(activation)
+                self._waiting += 1
+                index += 1
+        finally:
+            pool.submit_many_nowait(newly)  # fits: room was counted and nothing ran since
+        return index
