@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from agentd.agents.message import Message
 from agentd.errors import AgentdError, InvalidArgument
+from agentd.gateway.asgi import Send
 from agentd.gateway.protocol import Protocol, header, send_error
 from agentd.gateway.redact import public_message
 from agentd.runtime import Runtime
 
 __all__ = ["ConnectJsonInvoke"]
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 _JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
 _RESPONSE_HEADERS = [(b"content-type", b"application/json")]
 _REQUEST_FIELDS = frozenset({"agent", "message"})

@@ -6,17 +6,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agentd.errors import AgentdError, Code
+from agentd.gateway.asgi import Send
 from agentd.gateway.protocol import clip, http_status, send_json
 from agentd.gateway.redact import public_message
 from agentd.inference import InferenceService, ModelState
 
 __all__ = ["ModelAdmin"]
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 PREFIX = "/v2/repository/"
 
 

@@ -5,15 +5,14 @@ Calls go through ``agentd.v1.AgentService/CallTool`` (gRPC, gRPC-Web, Connect JS
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agentd.gateway.asgi import Send
 from agentd.gateway.protocol import send_json
 from agentd.tools.service import ToolService
 
 __all__ = ["TOOLS_PATH", "ToolsApi"]
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 TOOLS_PATH = "/v1/tools"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import orjson
 
 from agentd.errors import AgentdError, Code, InvalidArgument
 from agentd.gateway.admission import InflatedTooLarge, inflate
+from agentd.gateway.asgi import Scope, Send
 from agentd.gateway.kserve.rest_codec import decode_request, encode_response
 from agentd.gateway.protocol import clip, header, http_status
 from agentd.gateway.redact import public_message
@@ -30,8 +31,6 @@ __all__ = ["OPEN_PATHS", "KServeRest", "Route", "RouteKind", "match_route"]
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Liveness and readiness probes come from kubelets and load balancers without credentials.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})

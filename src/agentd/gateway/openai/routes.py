@@ -32,6 +32,7 @@ from agentd.gateway.admission import (
     buffer_body,
     inflate,
 )
+from agentd.gateway.asgi import Receive, Scope, Send
 from agentd.gateway.detach import ClientGone
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
 from agentd.gateway.protocol import clip, connect_code, header, http_status, send_json
@@ -46,9 +47,6 @@ __all__ = ["OpenAIRoutes"]
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 OnGone = Callable[[], bool] | None
 
 _MODELS = "/v1/models"
