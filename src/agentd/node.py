@@ -33,7 +33,7 @@ from agentd.agents.builtin import BUILTIN_AGENTS
 from agentd.deadlines import DeadlinePolicy
 from agentd.generate.service import GenerationService
 from agentd.inference import InferenceService, ModelRepository
-from agentd.inference.repository import builtin_models_dir
+from agentd.models.catalog import ModelCatalog, builtin_models_dir
 from agentd.observability import Metrics, Tracing
 from agentd.observability.generation_metrics import GenerationMetrics
 from agentd.runtime import (
@@ -50,6 +50,7 @@ from agentd.tools.service import ToolService
 
 __all__ = [
     "Node",
+    "build_catalog",
     "build_generation",
     "build_inference",
     "build_registry",
@@ -73,8 +74,10 @@ class Node:
             # One deadline rule, applied by the services; the adapters only convert.
             self.deadlines = deadline_policy(settings)
             self.registry = registry if registry is not None else build_registry(settings)
-            self.inference = build_inference(settings, self.metrics)
-            self.generation = build_generation(settings, self.metrics)
+            # One catalogue of model folders: each config.yaml is read once, for both.
+            self.models = build_catalog(settings)
+            self.inference = build_inference(settings, self.metrics, self.models)
+            self.generation = build_generation(settings, self.metrics, self.models)
             self.tools = open_tool_service(settings, self.metrics)
             self.runtime = build_runtime(
                 settings,
@@ -168,15 +171,23 @@ def build_registry(settings: Settings) -> AgentRegistry:
     return registry
 
 
-def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
-    """The inference service over the built-in models and ``plugins/models``."""
-    from agentd import __version__
-    from agentd.inference.onnx_runtime import OnnxLoader
+def build_catalog(settings: Settings) -> ModelCatalog:
+    """The model folders: the built-in models, then ``plugins/models`` (which override)."""
+    return ModelCatalog([builtin_models_dir(), settings.plugins / "models"])
 
-    loader = OnnxLoader(
+
+def build_inference(
+    settings: Settings, metrics: Metrics, catalog: ModelCatalog | None = None
+) -> InferenceService:
+    """The inference service over the tensor models of ``catalog`` (default: the
+    settings' own)."""
+    from agentd import __version__
+    from agentd.inference.onnx_runtime import OnnxLoader, SessionFactory
+
+    sessions = SessionFactory(
         threads=settings.inference_threads, providers=settings.execution_providers or None
     )
-    repository = ModelRepository([loader], [builtin_models_dir(), settings.plugins / "models"])
+    repository = ModelRepository([OnnxLoader(sessions)], catalog or build_catalog(settings))
     return InferenceService(
         repository,
         threads=settings.inference_threads,
@@ -186,12 +197,15 @@ def build_inference(settings: Settings, metrics: Metrics) -> InferenceService:
     )
 
 
-def build_generation(settings: Settings, metrics: Metrics) -> GenerationService:
-    """Language models (``kind: language-model`` folders) for the OpenAI API and
-    ctx.generate: the built-in tinylm and any under ``plugins/models``."""
+def build_generation(
+    settings: Settings, metrics: Metrics, catalog: ModelCatalog | None = None
+) -> GenerationService:
+    """Language models (``kind: language-model`` folders of ``catalog``, default: the
+    settings' own) for the OpenAI API and ctx.generate: the built-in tinylm and any under
+    ``plugins/models``."""
     observer = GenerationMetrics(metrics.registry)
     service = GenerationService(
-        [builtin_models_dir(), settings.plugins / "models"],
+        catalog or build_catalog(settings),
         threads=settings.inference_threads,
         providers=settings.execution_providers or None,
         observer=observer,

@@ -19,16 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentd.errors import InvalidArgument
+from agentd.models.catalog import CONFIG_FILE, LANGUAGE_MODEL_KIND, read_document
 from agentd.validation import describe
 
-__all__ = ["LANGUAGE_MODEL_KIND", "LMConfig", "is_language_model", "load_lm_config"]
-
-LANGUAGE_MODEL_KIND = "language-model"
-_CONFIG_FILE = "config.yaml"
+__all__ = ["LANGUAGE_MODEL_KIND", "LMConfig", "load_lm_config", "parse_lm_config"]
 
 
 class _Cache(BaseModel):
@@ -72,30 +69,20 @@ class LMConfig:
     extra: dict[str, Any]
 
 
-def _read(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidArgument(f"{path}: cannot read model config: {exc}") from None
-
-
-def is_language_model(folder: Path) -> bool:
-    """True when ``folder`` holds a language model (its config says so)."""
-    path = folder / _CONFIG_FILE
-    if not path.is_file():
-        return False
-    try:
-        data = _read(path)
-    except InvalidArgument:
-        return False
-    return isinstance(data, dict) and data.get("kind") == LANGUAGE_MODEL_KIND
-
-
 def load_lm_config(folder: Path) -> LMConfig:
-    path = folder / _CONFIG_FILE
-    data = _read(path)
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{path}: a model config must be a mapping")
+    """Read and check ``folder``'s config.yaml. Raises InvalidArgument naming the file."""
+    path = folder / CONFIG_FILE
+    document = read_document(path)
+    if document is None:
+        raise InvalidArgument(f"{path}: cannot read model config: no such file")
+    return parse_lm_config(document, folder)
+
+
+def parse_lm_config(document: dict[str, Any], folder: Path) -> LMConfig:
+    """A language model's config from its folder's parsed ``config.yaml``; checks that the
+    model and tokenizer files it names are inside the folder. Raises InvalidArgument."""
+    path = folder / CONFIG_FILE
+    data = dict(document)
     data.setdefault("name", folder.name)
     try:
         parsed = _Config.model_validate(data)

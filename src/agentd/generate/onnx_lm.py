@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentd.errors import InvalidArgument
 from agentd.generate.config import LMConfig
 from agentd.generate.engine import EngineObserver, TokenEngine
 from agentd.generate.kv_pool import TokenBlockPool
 from agentd.generate.types import LMInfo
+
+if TYPE_CHECKING:
+    from agentd.inference.onnx_runtime import SessionFactory
 
 __all__ = ["engine_for_session", "graph_shape", "load_onnx_lm", "open_session"]
 
@@ -20,23 +24,20 @@ _INPUTS = {
 
 
 def open_session(
-    path: Path, *, threads: int = 2, providers: list[str] | None = None, layout: str = "paged"
+    path: Path,
+    *,
+    threads: int = 2,
+    providers: list[str] | None = None,
+    layout: str = "paged",
+    sessions: SessionFactory | None = None,
 ):
     """An onnxruntime session for a graph from onnx_export in ``layout`` (paged, or the dense
-    baseline); raises InvalidArgument for anything else."""
-    import onnxruntime as ort
+    baseline), made by ``sessions`` (default: a factory for ``providers``) with ``threads``
+    intra-op threads; raises InvalidArgument for anything else."""
+    from agentd.inference.onnx_runtime import SessionFactory
 
-    from agentd.inference.onnx_runtime import choose_providers
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Spinning threads would burn the cores the gateway needs between decode steps.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        session = ort.InferenceSession(str(path), options, providers=choose_providers(providers))
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise InvalidArgument(f"{path}: cannot load: {exc}") from None
+    factory = sessions or SessionFactory(threads=threads, providers=providers)
+    session = factory.open(path, threads=threads)
     names = {i.name for i in session.get_inputs()}
     if names != _INPUTS[layout]:
         raise InvalidArgument(
@@ -100,6 +101,7 @@ def load_onnx_lm(
     threads: int = 2,
     providers: list[str] | None = None,
     observer: EngineObserver | None = None,
+    sessions: SessionFactory | None = None,
 ) -> TokenEngine:
     """Blocking (builds the session); run it off the event loop.
 
@@ -108,8 +110,14 @@ def load_onnx_lm(
     wakes its threads once per operator; see docs/generate.md for the measurement).
     """
     lanes = config.lanes or threads
+    session = open_session(
+        config.model_path,
+        threads=max(1, threads // lanes),
+        providers=providers,
+        sessions=sessions,
+    )
     return engine_for_session(
-        open_session(config.model_path, threads=max(1, threads // lanes), providers=providers),
+        session,
         name=config.name,
         eos_token_ids=config.eos_token_ids,
         blocks=config.cache_blocks,

@@ -1,8 +1,9 @@
 """GenerationService: the node's language models, found in model folders and loaded at start.
 
-A folder under the built-in models or ``plugins/models`` whose config.yaml says
-``kind: language-model`` is served here (the tensor models' repository skips it). The ONNX
-form runs on the token engine; GGUF and HF forms run through their optional extras.
+The language models of the node's :class:`~agentd.models.catalog.ModelCatalog` (folders
+whose config.yaml says ``kind: language-model``) are served here; the tensor models'
+repository takes the same catalogue and serves the others. The ONNX form runs on the token
+engine; GGUF and HF forms run through their optional extras.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, InvalidArgument, NotFound
 from agentd.generate.chat import BOS, chat_pieces
-from agentd.generate.config import LMConfig, is_language_model, load_lm_config
+from agentd.generate.config import LMConfig, parse_lm_config
 from agentd.generate.engine import EngineObserver
 from agentd.generate.text_stream import TextStream
 from agentd.generate.tokenizer import Tokenizer
 from agentd.generate.types import SamplingParams, TextGenerator
+from agentd.models.catalog import ModelCatalog, ModelKind
 
 __all__ = ["GenerationService", "LanguageModel", "PromptTooLong"]
 
@@ -135,19 +137,20 @@ def load_language_model(
 
 
 class GenerationService:
-    """The node's language models. ``deadlines`` is the node's deadline rule, applied by
-    :meth:`complete` (default: no limits)."""
+    """The language models of ``catalog`` (or of a catalogue over ``folders``).
+    ``deadlines`` is the node's deadline rule, applied by :meth:`complete` (default: no
+    limits)."""
 
     def __init__(
         self,
-        folders: Iterable[Path],
+        catalog: ModelCatalog | Iterable[Path],
         *,
         threads: int = 2,
         providers: list[str] | None = None,
         observer: EngineObserver | None = None,
         deadlines: DeadlinePolicy | None = None,
     ) -> None:
-        self._folders = list(folders)
+        self._catalog = catalog if isinstance(catalog, ModelCatalog) else ModelCatalog(catalog)
         self._deadlines = deadlines or DeadlinePolicy()
         self._threads = threads
         self._providers = providers
@@ -156,19 +159,18 @@ class GenerationService:
         self.failed: dict[str, str] = {}
 
     def discover(self) -> list[Path]:
-        found: dict[str, Path] = {}
-        for folder in self._folders:
-            if not folder.is_dir():
-                continue
-            for source in sorted(p for p in folder.iterdir() if p.is_dir()):
-                if not source.name.startswith(("_", ".")) and is_language_model(source):
-                    found[source.name] = source  # a later folder overrides an earlier one
-        return list(found.values())
+        """The language model folders of the catalogue (a later folder overrides an
+        earlier one's model of the same name)."""
+        return [entry.source for entry in self._catalog.entries(ModelKind.LANGUAGE)]
 
     async def start(self) -> None:
-        for source in self.discover():
+        """Load every language model of the catalogue (scanned again: folders added since
+        it was built count); a failure is recorded in ``failed``, never raised."""
+        self._catalog.scan()
+        for entry in self._catalog.entries(ModelKind.LANGUAGE):
+            source = entry.source
             try:
-                config = load_lm_config(source)
+                config = parse_lm_config(entry.require_document(), source)
                 model = await asyncio.to_thread(
                     load_language_model,
                     config,

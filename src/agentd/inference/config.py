@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agentd.errors import InvalidArgument
 from agentd.inference.types import BatchingConfig, DataType, ModelConfig, TensorSpec
+from agentd.models.catalog import CONFIG_FILE, read_document
 from agentd.validation import describe
 
-__all__ = ["CONFIG_FILE", "load_model_config"]
-
-CONFIG_FILE = "config.yaml"
+__all__ = ["CONFIG_FILE", "load_model_config", "parse_model_config"]
 
 
 class _Tensor(BaseModel):
@@ -69,16 +67,15 @@ def _tensors(items: list[_Tensor] | None) -> tuple[TensorSpec, ...] | None:
 
 def load_model_config(path: Path, default_name: str) -> ModelConfig:
     """Parse ``path`` (may be absent: defaults with ``default_name``). Raises InvalidArgument."""
-    data: Any = {}
-    if path.exists() and not path.is_file():
-        raise InvalidArgument(f"{path}: a model config must be a file")
-    if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InvalidArgument(f"{path}: cannot read model config: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidArgument(f"{path}: a model config must be a mapping")
+    return parse_model_config(read_document(path), path, default_name)
+
+
+def parse_model_config(
+    document: dict[str, Any] | None, path: Path, default_name: str
+) -> ModelConfig:
+    """A tensor model's config from its parsed ``config.yaml`` at ``path`` (None: absent, the
+    defaults with ``default_name``). Raises InvalidArgument naming the file and the field."""
+    data = dict(document or {})
     data.setdefault("name", default_name)
     try:
         parsed = _Config.model_validate(data)

@@ -1,4 +1,10 @@
-"""ONNX Runtime: the main loader and executor.
+"""ONNX Runtime: the node's session factory, and the tensor models' loader and executor.
+
+:class:`SessionFactory` is the one place sessions are made, for tensor models and for the
+token engine's language models alike: session options, threads, execution providers (the
+best installed, else those asked for) and the fallback to the CPU provider. It and
+:func:`run_error` turn onnxruntime's exceptions into agentd's error tree (chained with
+``from``), so no raw onnxruntime error reaches a caller.
 
 One session per model, shared by every caller (ONNX Runtime sessions are thread-safe).
 Inputs are bound as OrtValues over the callers' numpy arrays, so request bytes reach the
@@ -8,6 +14,7 @@ arrays allocated here, so results land where the caller reads them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,10 +23,19 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agentd.errors import Internal, InvalidArgument
+from agentd.errors import AgentdError, Internal, InvalidArgument, Unavailable
 from agentd.inference.types import DataType, ModelConfig, ModelMetadata, TensorSpec
 
-__all__ = ["PREFERRED_PROVIDERS", "OnnxExecutor", "OnnxLoader", "choose_providers"]
+__all__ = [
+    "PREFERRED_PROVIDERS",
+    "OnnxExecutor",
+    "OnnxLoader",
+    "SessionFactory",
+    "choose_providers",
+    "run_error",
+]
+
+log = logging.getLogger(__name__)
 
 # Fastest first; whichever of these the installed onnxruntime build has is used.
 PREFERRED_PROVIDERS = (
@@ -59,22 +75,55 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in available]
 
 
-class OnnxLoader:
-    """Loads ``model.onnx`` (a file, or a folder holding one)."""
+# onnxruntime's exception types (pybind11 classes, all plain Exception subclasses).
+_ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
+# The device or its provider failed, not the model or the request: worth a retry later.
+_DEVICE_ERRORS = tuple(
+    getattr(_ORT_ERRORS, name)
+    for name in ("EPFail", "DeviceReset", "ModelLoadCanceled")
+    if hasattr(_ORT_ERRORS, name)
+)
 
-    platform = "onnxruntime"
+# The model file itself is at fault: another provider would not load it either.
+_LOAD_ERRORS = tuple(
+    getattr(_ORT_ERRORS, name)
+    for name in ("NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph")
+    if hasattr(_ORT_ERRORS, name)
+)
 
-    def __init__(self, *, threads: int | None = None, providers: Sequence[str] | None = None):
-        self._threads = threads or os.cpu_count() or 1
-        self._providers = choose_providers(providers)
 
-    def can_load(self, source: Path) -> bool:
-        return _model_file(source).is_file()
+def run_error(what: str, exc: Exception) -> AgentdError:
+    """The agentd error for ``exc`` raised by a session run of ``what`` (e.g. "model 'm'"):
+    Unavailable when the device or its provider failed, else Internal (the request passed
+    agentd's checks, so a failing graph is the server's problem, and one bad row must not
+    blame the others batched with it). Raise it ``from exc``."""
+    if isinstance(exc, AgentdError):
+        return exc
+    if isinstance(exc, _DEVICE_ERRORS):
+        return Unavailable(f"{what} could not run on its execution provider: {exc}")
+    return Internal(f"{what} failed to run: {exc}")
 
-    def load(self, source: Path, config: ModelConfig) -> OnnxExecutor:
-        path = _model_file(source)
+
+class SessionFactory:
+    """Makes ONNX Runtime sessions with the node's options.
+
+    ``threads``: intra-op threads per session (default: one per core); ``providers``: the
+    execution providers to use, in order (default: the fastest installed, see
+    ``PREFERRED_PROVIDERS``). Asked-for providers that this onnxruntime build lacks raise
+    InvalidArgument here, at start; providers chosen by default that fail to create a
+    session fall back to the CPU provider alone (logged).
+    """
+
+    def __init__(
+        self, *, threads: int | None = None, providers: Sequence[str] | None = None
+    ) -> None:
+        self.threads = threads or os.cpu_count() or 1
+        self.providers = tuple(choose_providers(providers))
+        self._fallback = not providers and self.providers != ("CPUExecutionProvider",)
+
+    def options(self, threads: int | None = None) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self._threads
+        options.intra_op_num_threads = threads or self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -82,11 +131,54 @@ class OnnxLoader:
         # spin takes the cores the event loop needs (perf: 22% of the server's CPU in one
         # pause instruction; turning it off took KServe gRPC from 4.2k to 6.9k req/s).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def open(self, path: Path, *, threads: int | None = None) -> ort.InferenceSession:
+        """A session over the model file ``path``; blocking. Raises InvalidArgument (not a
+        loadable model) or Unavailable (the execution provider failed), from
+        onnxruntime's error."""
         try:
-            session = ort.InferenceSession(str(path), options, providers=self._providers)
+            return ort.InferenceSession(
+                str(path), self.options(threads), providers=list(self.providers)
+            )
         except Exception as exc:  # onnxruntime raises several unrelated types here
-            raise InvalidArgument(f"{path}: not a loadable ONNX model: {exc}") from None
-        return OnnxExecutor(session, config)
+            if self._fallback and not isinstance(exc, _LOAD_ERRORS):
+                log.warning("%s: %s failed (%s); using the CPU provider", path, self.providers, exc)
+                try:
+                    return ort.InferenceSession(
+                        str(path), self.options(threads), providers=["CPUExecutionProvider"]
+                    )
+                except Exception as retry:
+                    raise _load_error(path, retry) from retry
+            raise _load_error(path, exc) from exc
+
+
+def _load_error(path: Path, exc: Exception) -> AgentdError:
+    if isinstance(exc, _DEVICE_ERRORS):
+        return Unavailable(f"{path}: the execution provider failed to load it: {exc}")
+    return InvalidArgument(f"{path}: not a loadable ONNX model: {exc}")
+
+
+class OnnxLoader:
+    """Loads ``model.onnx`` (a file, or a folder holding one) with the node's
+    :class:`SessionFactory` (default: one from ``threads`` and ``providers``)."""
+
+    platform = "onnxruntime"
+
+    def __init__(
+        self,
+        sessions: SessionFactory | None = None,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self._sessions = sessions or SessionFactory(threads=threads, providers=providers)
+
+    def can_load(self, source: Path) -> bool:
+        return _model_file(source).is_file()
+
+    def load(self, source: Path, config: ModelConfig) -> OnnxExecutor:
+        return OnnxExecutor(self._sessions.open(_model_file(source)), config)
 
 
 def _model_file(source: Path) -> Path:
@@ -129,10 +221,10 @@ class OnnxExecutor:
             if self._strings:
                 return self._run_plain(inputs, names)
             return self._run_bound(inputs, names)
-        except (InvalidArgument, Internal):
+        except AgentdError:
             raise
         except Exception as exc:
-            raise Internal(f"model {self._metadata.name!r} failed to run: {exc}") from exc
+            raise run_error(f"model {self._metadata.name!r}", exc) from exc
 
     def bind_inputs(self, inputs: Mapping[str, np.ndarray]) -> tuple[Any, list[ort.OrtValue]]:
         """An IOBinding over ``inputs`` (no copy for C-contiguous arrays) and its OrtValues."""

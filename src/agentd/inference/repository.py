@@ -1,9 +1,10 @@
-"""The model repository: model folders found on disk, their load state, their executors.
+"""The model repository: the tensor models of the node's catalogue, their load state, their
+executors.
 
-Sources are the built-in models shipped in the ``agentd.models`` package and the folders of
-``plugins/models/`` (a plugin model with a built-in's name replaces it). Each folder holds a
-model file and an optional ``config.yaml``. A model that fails to load is marked FAILED with
-the reason; the others keep serving.
+The folders come from the :class:`~agentd.models.catalog.ModelCatalog` the node shares with
+the generation service (which serves the language models in it). Each folder holds a model
+file and an optional ``config.yaml``. A model that fails to load is marked FAILED with the
+reason; the others keep serving.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, NotFound
-from agentd.generate.config import is_language_model
-from agentd.inference.config import CONFIG_FILE, load_model_config
+from agentd.inference.config import parse_model_config
 from agentd.inference.protocols import ModelLoader, RuntimeExecutor
 from agentd.inference.types import ModelConfig
+from agentd.models.catalog import CONFIG_FILE, ModelCatalog, ModelKind, builtin_models_dir
 
 __all__ = ["ModelEntry", "ModelRepository", "ModelState", "builtin_models_dir"]
 
@@ -47,38 +47,36 @@ class ModelEntry:
     load_error: str = ""
 
 
-def builtin_models_dir() -> Path:
-    """The folder of models shipped inside the package."""
-    return Path(str(resources.files("agentd.models")))
-
-
 class ModelRepository:
-    """Finds model folders and loads them with the first loader that accepts each."""
+    """The tensor models of ``catalog`` (or of a catalogue over ``folders``), loaded with the
+    first loader that accepts each."""
 
-    def __init__(self, loaders: Iterable[ModelLoader], folders: Iterable[Path]) -> None:
+    def __init__(
+        self, loaders: Iterable[ModelLoader], catalog: ModelCatalog | Iterable[Path]
+    ) -> None:
         self._loaders = list(loaders)
-        self._folders = list(folders)
+        self._catalog = catalog if isinstance(catalog, ModelCatalog) else ModelCatalog(catalog)
         self._entries: dict[str, ModelEntry] = {}
-        self.scan()
+        self._scan_entries()
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        return self._catalog
 
     def scan(self) -> None:
         """(Re)discover model folders. Known entries keep their state; a later folder's model
         replaces an earlier one's of the same name unless that one is loaded."""
-        builtin = builtin_models_dir()
-        for folder in self._folders:
-            if not folder.is_dir():
+        self._catalog.scan()
+        self._scan_entries()
+
+    def _scan_entries(self) -> None:
+        for found in self._catalog.entries(ModelKind.TENSOR):
+            current = self._entries.get(found.name)
+            if current is not None and (
+                current.source == found.source or current.state is ModelState.READY
+            ):
                 continue
-            for source in sorted(p for p in folder.iterdir() if p.is_dir()):
-                if source.name.startswith(("_", ".")) or is_language_model(source):
-                    continue  # language models are served by agentd.generate
-                current = self._entries.get(source.name)
-                if current is not None and (
-                    current.source == source or current.state is ModelState.READY
-                ):
-                    continue
-                self._entries[source.name] = ModelEntry(
-                    source.name, source, builtin=folder == builtin
-                )
+            self._entries[found.name] = ModelEntry(found.name, found.source, found.builtin)
         for name, entry in list(self._entries.items()):
             if entry.executor is None and not entry.source.is_dir():
                 del self._entries[name]
@@ -116,7 +114,10 @@ class ModelRepository:
         loop). Changes no entry: the version being served keeps serving meanwhile. Raises
         an AgentdError saying why the model cannot load."""
         entry = self.entry(name)
-        config = load_model_config(entry.source / CONFIG_FILE, entry.name)
+        found = self._catalog.entry(entry.source)  # the config as it is now
+        if found.kind is not ModelKind.TENSOR:
+            raise InvalidArgument(f"{found.config_path}: a language model, not a tensor model")
+        config = parse_model_config(found.require_document(), found.config_path, entry.name)
         if config.name != entry.name:
             raise InvalidArgument(
                 f"{entry.source / CONFIG_FILE}: name {config.name!r} differs from its "
