@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from agentd.tools.errors import ToolError
+from agentd.tools.errors import ToolErrorKind
 from agentd.tools.sandbox import MAX_CLOCK_READS, WasmSandbox, compile_component
 from agentd.tools.source import WIT_DIR
 from agentd.tools.types import CallOutcome, ToolLimits
+from tests.tools.support import is_tool_error
 
 LIMITS = ToolLimits(
     max_fuel=2_000_000_000,
@@ -197,7 +198,7 @@ def test_a_wait_of_eleven_days_ends_at_once_and_frees_the_thread(sandbox, thread
     if outcome.error is not None:
         # Stopped by the host (a trap), or an error the guest raised on its own (EOF on a
         # closed stdin, a refused socket): never a deadline, never a wait.
-        assert isinstance(outcome.error, ToolError), outcome.error
+        assert is_tool_error(outcome.error, ToolErrorKind.RAISED), outcome.error
         assert outcome.error.message.startswith(f"tool {tool!r}")
     else:
         assert outcome.result_json in ('"returned"', '""')  # nothing to wait for
@@ -212,7 +213,7 @@ def test_a_clock_wait_is_refused_by_the_host(sandbox, tool):
     # These reach wasi:clocks/monotonic-clock subscribe-duration, which traps: the guest
     # cannot catch it, and the message says why the call stopped.
     outcome = sandbox.call(tool, '{"seconds": 1000000}')
-    assert isinstance(outcome.error, ToolError)
+    assert is_tool_error(outcome.error, ToolErrorKind.RAISED)
     assert "waiting is not allowed in the tool sandbox" in outcome.error.message
     assert outcome.error.message.startswith(f"tool {tool!r} was stopped")
 
@@ -220,13 +221,13 @@ def test_a_clock_wait_is_refused_by_the_host(sandbox, tool):
 def test_a_tool_can_read_the_clock_but_not_spin_on_it(sandbox):
     assert isinstance(float(sandbox.call("clock", '{"seconds": 100}').result_json), float)
     spinning = sandbox.call("clock", f'{{"seconds": {MAX_CLOCK_READS * 50}}}').error
-    assert isinstance(spinning, ToolError)
+    assert is_tool_error(spinning, ToolErrorKind.RAISED)
     assert f"more than {MAX_CLOCK_READS:,} times" in spinning.message
     # A timeout loop (queue.get) spins on the clock once its waits return at once: it is
     # stopped by the read limit long before its fuel or deadline.
     started = time.monotonic()
     looping = sandbox.call("queue", '{"seconds": 1000000}').error
-    assert isinstance(looping, ToolError)
+    assert is_tool_error(looping, ToolErrorKind.RAISED)
     assert time.monotonic() - started < LIMITS.timeout_s
 
 
@@ -243,7 +244,7 @@ def test_four_waits_at_once_leave_the_other_calls_answered(sandbox):
         "2",
         "3",
     ], [o.error for o in outcomes]
-    assert all(isinstance(w.result(timeout=1).error, ToolError) for w in waits)
+    assert all(is_tool_error(w.result(timeout=1).error, ToolErrorKind.RAISED) for w in waits)
     assert time.monotonic() - started < WITHIN_DEADLINE_S
 
 

@@ -25,17 +25,18 @@ import pytest
 from agentd.observability import Metrics
 from agentd.settings import load_settings
 from agentd.testing import start_server
-from agentd.tools import (
-    ToolDeadlineExceeded,
-    ToolOutOfFuel,
-    ToolOutOfMemory,
-    ToolsUnavailable,
-)
+from agentd.tools import ToolErrorKind
 from agentd.tools.build import ToolArtefact
 from agentd.tools.factory import open_tool_service
 from agentd.tools.service import ToolService
 from tests.conftest import metric_value
-from tests.tools.support import PLUGINS, cache_dir, session_artefact
+from tests.tools.support import (
+    PLUGINS,
+    cache_dir,
+    is_tool_error,
+    raises_tool_error,
+    session_artefact,
+)
 
 MiB = 1024 * 1024
 
@@ -94,7 +95,7 @@ async def test_a_flood_of_one_tool_does_not_hold_up_another_tools_call(
     config = settings(tool_threads=2, tool_max_running_per_tool=per_tool)
     async with serving(config) as service:
         started = time.monotonic()
-        with pytest.raises(ToolOutOfFuel):
+        with raises_tool_error(ToolErrorKind.OUT_OF_FUEL):
             await service.call("loop_forever")
         one_call = time.monotonic() - started
 
@@ -106,7 +107,7 @@ async def test_a_flood_of_one_tool_does_not_hold_up_another_tools_call(
         pending = sum(not task.done() for task in flood)
         results = await asyncio.gather(*flood, return_exceptions=True)
 
-    assert all(isinstance(r, ToolOutOfFuel) for r in results), results
+    assert all(is_tool_error(r, ToolErrorKind.OUT_OF_FUEL) for r in results), results
     # Served ahead of the flood: at most a couple of flood calls finished before it.
     assert pending >= flood_size - may_start_first, (pending, waited, one_call)
     assert waited < 2 * one_call + 1.0, (waited, one_call)
@@ -147,7 +148,7 @@ async def test_the_memory_budget_bounds_sandboxes_running_at_once(settings):
         # Other tools still answer after the memory flood.
         assert await service.call("add", {"a": 1}) == 2
 
-    assert all(isinstance(r, ToolOutOfMemory) for r in results), results
+    assert all(is_tool_error(r, ToolErrorKind.OUT_OF_MEMORY) for r in results), results
     assert peak_running == 3
     growth = peak_rss - baseline
     # 3 calls reserve 384 MiB; 16 at once (8 threads) grew the process by 500-1,000 MiB.
@@ -161,10 +162,10 @@ async def test_a_queued_call_past_its_deadline_is_answered_then_and_never_runs(s
         hog = asyncio.create_task(service.call("loop_forever"))
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        with pytest.raises(ToolDeadlineExceeded, match="waited past its deadline to start"):
+        with raises_tool_error(ToolErrorKind.DEADLINE, match="waited past its deadline to start"):
             await service.call("count_calls", timeout=0.2)
         waited = time.monotonic() - started
-        with pytest.raises(ToolDeadlineExceeded):
+        with raises_tool_error(ToolErrorKind.DEADLINE):
             await hog
     assert 0.15 < waited < 0.6
     assert ("count_calls", "deadline") in recorder.calls
@@ -185,7 +186,7 @@ async def test_cancelled_callers_leave_the_queue(settings):
         await asyncio.gather(*queued, return_exceptions=True)
         assert service.statistics().num_queued == 0
         assert service.in_flight == 1
-        with pytest.raises(ToolDeadlineExceeded):
+        with raises_tool_error(ToolErrorKind.DEADLINE):
             await hog
         assert await service.call("add", {"a": 1}) == 2
     assert recorder.calls.count(("count_calls", "cancelled")) == 10
@@ -208,10 +209,10 @@ async def test_closing_answers_every_waiting_caller_and_none_hangs(settings):
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
     answered = time.monotonic() - started
     for result in results:
-        assert isinstance(result, ToolsUnavailable), result
+        assert is_tool_error(result, ToolErrorKind.UNAVAILABLE), result
         assert result.message == "tools are unavailable: the tool service is shut down"
     assert answered < 0.5  # at once, not when the running call ends
-    with pytest.raises(ToolDeadlineExceeded):  # the running call ends by its deadline
+    with raises_tool_error(ToolErrorKind.DEADLINE):  # the running call ends by its deadline
         await asyncio.wait_for(hog, 5)
     await asyncio.wait_for(closing, 5)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agentd.tools.build import ToolArtefact, build_tools
+from agentd.tools.errors import ToolError, ToolErrorKind
 from agentd.tools.types import ToolLimits
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -32,3 +35,18 @@ def cache_dir(factory: pytest.TempPathFactory | None = None) -> Path:
 
 def session_artefact(factory: pytest.TempPathFactory) -> ToolArtefact:
     return build_tools(cache_dir(factory), PLUGINS / "tools").artefact
+
+
+@contextlib.contextmanager
+def raises_tool_error(
+    kind: ToolErrorKind, match: str | None = None
+) -> Iterator[pytest.ExceptionInfo[ToolError]]:
+    """``pytest.raises(ToolError, match=match)`` that also checks the error's kind."""
+    with pytest.raises(ToolError, match=match) as caught:
+        yield caught
+    assert caught.value.kind is kind, caught.value
+
+
+def is_tool_error(value: object, *kinds: ToolErrorKind) -> bool:
+    """Whether ``value`` is a ToolError of one of ``kinds``."""
+    return isinstance(value, ToolError) and value.kind in kinds

@@ -16,17 +16,11 @@ from pydantic import ValidationError
 
 from agentd.observability import Metrics
 from agentd.settings import load_settings
-from agentd.tools import (
-    CallOutcome,
-    ToolDeadlineExceeded,
-    ToolLimits,
-    ToolQueueFull,
-    ToolSpec,
-    ToolsUnavailable,
-)
+from agentd.tools import CallOutcome, ToolErrorKind, ToolLimits, ToolSpec
 from agentd.tools.admission import AdmissionLimits, FairScheduler, Grant
 from agentd.tools.factory import open_tool_service
 from agentd.tools.service import ToolService
+from tests.tools.support import is_tool_error, raises_tool_error
 
 MiB = 1024 * 1024
 
@@ -185,11 +179,13 @@ async def test_queue_bounds_total_and_per_tool():
     calls.submit("a1", "a")
     calls.submit("a2", "a")
     await calls.settle()
-    with pytest.raises(ToolQueueFull, match="too many calls of tool 'a' waiting \\(2\\)"):
+    with raises_tool_error(
+        ToolErrorKind.QUEUE_FULL, match="too many calls of tool 'a' waiting \\(2\\)"
+    ):
         await calls.sched.admit("a", memory_bytes=1, timeout=1)
     calls.submit("b0", "b")
     await calls.settle()
-    with pytest.raises(ToolQueueFull, match=r"too many tool calls in flight \(4\)"):
+    with raises_tool_error(ToolErrorKind.QUEUE_FULL, match=r"too many tool calls in flight \(4\)"):
         await calls.sched.admit("c", memory_bytes=1, timeout=1)
     stats = calls.sched.statistics()
     assert (stats.num_rejected, stats.num_queued, stats.num_running) == (2, 3, 1)
@@ -203,13 +199,13 @@ async def test_a_waiting_call_gets_its_deadline_at_the_deadline_and_never_starts
     calls.submit("a0", "a")
     await calls.settle()
     started = time.monotonic()
-    with pytest.raises(ToolDeadlineExceeded, match="'b' waited past its deadline to start"):
+    with raises_tool_error(ToolErrorKind.DEADLINE, match="'b' waited past its deadline to start"):
         await calls.sched.admit("b", memory_bytes=1, timeout=0.2)
     assert 0.15 < time.monotonic() - started < 1.0
     stats = calls.sched.statistics()
     assert (stats.num_expired, stats.num_queued, stats.running_per_tool["b"]) == (1, 0, 0)
     # A call that must wait with no time left fails at once; one that can start does.
-    with pytest.raises(ToolDeadlineExceeded):
+    with raises_tool_error(ToolErrorKind.DEADLINE):
         await calls.sched.admit("b", memory_bytes=1, timeout=0)
     await calls.finish("a0")
     (await calls.sched.admit("b", memory_bytes=1, timeout=0)).release()
@@ -254,9 +250,9 @@ async def test_close_answers_every_waiting_caller_and_refuses_new_ones():
     )
     assert isinstance(results[0], Grant)
     for error in results[1:]:
-        assert isinstance(error, ToolsUnavailable)
+        assert is_tool_error(error, ToolErrorKind.UNAVAILABLE)
         assert error.message == "tools are unavailable: shutting down"
-    with pytest.raises(ToolsUnavailable, match="shutting down"):
+    with raises_tool_error(ToolErrorKind.UNAVAILABLE, match="shutting down"):
         await calls.sched.admit("a", memory_bytes=1, timeout=1)
     calls.grants["a0"].release()  # a running call gives its slot back as usual
     assert calls.sched.in_flight == 0
@@ -394,7 +390,7 @@ async def test_service_deadline_in_the_queue_and_the_call_never_runs():
         running = asyncio.create_task(svc.call("slow"))
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        with pytest.raises(ToolDeadlineExceeded, match="waited past its deadline to start"):
+        with raises_tool_error(ToolErrorKind.DEADLINE, match="waited past its deadline to start"):
             await svc.call("quick", timeout=0.15)
         assert time.monotonic() - started < 0.45
         assert await running == "slow"
@@ -430,12 +426,12 @@ async def test_aclose_answers_every_waiting_caller_unavailable_and_none_hangs():
     closing = asyncio.create_task(svc.aclose())
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1)
     for error in results:
-        assert isinstance(error, ToolsUnavailable)
+        assert is_tool_error(error, ToolErrorKind.UNAVAILABLE)
         assert "the tool service is shut down" in error.message
     assert await asyncio.wait_for(running, 2) == "slow"  # a running call ends as usual
     await asyncio.wait_for(closing, 2)
     assert runtime.names_started() == ["slow"]
-    with pytest.raises(ToolsUnavailable):
+    with raises_tool_error(ToolErrorKind.UNAVAILABLE):
         await svc.call("quick")
 
 
@@ -447,7 +443,7 @@ async def test_admission_metrics():
         running = asyncio.create_task(svc.call("slow"))
         queued = asyncio.create_task(svc.call("quick"))
         await asyncio.sleep(0.05)
-        with pytest.raises(ToolQueueFull):
+        with raises_tool_error(ToolErrorKind.QUEUE_FULL):
             await svc.call("quick")
         text = metrics.render()[0].decode()
         assert 'agentd_tool_calls_queued{tool="quick"} 1.0' in text

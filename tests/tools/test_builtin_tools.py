@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from agentd.tools import ToolError, ToolErrorKind
 from agentd.tools.builtin.calc import calc
 from agentd.tools.builtin.text import text_stats
 
@@ -81,5 +82,5 @@ def test_builtins_run_in_the_sandbox(sandbox):
 
 def test_calc_error_is_a_tool_error_with_its_message(sandbox):
     error = sandbox.call("calc", '{"expression": "1/0"}').error
-    assert type(error).__name__ == "ToolError"
+    assert isinstance(error, ToolError) and error.kind is ToolErrorKind.RAISED
     assert error.message == "tool 'calc' raised ZeroDivisionError: division by zero"

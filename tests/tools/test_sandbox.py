@@ -12,48 +12,49 @@ import time
 import pytest
 
 from agentd.errors import Code
-from agentd.tools import (
-    ToolArgumentsInvalid,
-    ToolDeadlineExceeded,
-    ToolError,
-    ToolLimits,
-    ToolNotFound,
-    ToolOutOfFuel,
-    ToolOutOfMemory,
-    ToolOutputTooLarge,
-    ToolResultInvalid,
-    ToolStackOverflow,
-)
+from agentd.tools import ToolError, ToolErrorKind, ToolLimits
 from agentd.tools.sandbox import SandboxEngine, WasmSandbox
-from tests.tools.support import LIMITS
+from tests.tools.support import LIMITS, is_tool_error
 
 HOSTILE = [
-    # tool, error class, message fragment
-    ("read_passwd", ToolError, "FileNotFoundError: [Errno 44] No such file or directory"),
-    ("list_root", ToolError, "FileNotFoundError"),
-    ("open_socket", ToolError, "PermissionError"),
-    ("loop_forever", ToolOutOfFuel, "ran out of fuel (CPU budget of 1,000,000,000 units)"),
-    ("allocate_4gib", ToolOutOfMemory, "ran out of memory (limit 268,435,456 bytes)"),
-    ("allocate_at_once", ToolOutOfMemory, "ran out of memory"),
-    ("recurse", ToolStackOverflow, "recursed too deeply (RecursionError"),
-    ("deep_json", ToolStackOverflow, "exhausted its stack"),
-    ("return_100mb", ToolOutputTooLarge, "more than the output limit of 65,536 bytes"),
-    ("raise_error", ToolError, "raised ValueError: this tool always fails"),
-    ("return_set", ToolResultInvalid, "not JSON: TypeError: Object of type set"),
-    ("os_system", ToolError, "AttributeError: module 'os' has no attribute 'system'"),
-    ("sleep_long", ToolError, "PermissionError: waiting is not allowed in the tool sandbox"),
-    ("recreate_time", ToolError, "AttributeError"),
-    ("exit_process", ToolError, "raised SystemExit: 3"),
+    # tool, error kind, message fragment
+    (
+        "read_passwd",
+        ToolErrorKind.RAISED,
+        "FileNotFoundError: [Errno 44] No such file or directory",
+    ),
+    ("list_root", ToolErrorKind.RAISED, "FileNotFoundError"),
+    ("open_socket", ToolErrorKind.RAISED, "PermissionError"),
+    (
+        "loop_forever",
+        ToolErrorKind.OUT_OF_FUEL,
+        "ran out of fuel (CPU budget of 1,000,000,000 units)",
+    ),
+    ("allocate_4gib", ToolErrorKind.OUT_OF_MEMORY, "ran out of memory (limit 268,435,456 bytes)"),
+    ("allocate_at_once", ToolErrorKind.OUT_OF_MEMORY, "ran out of memory"),
+    ("recurse", ToolErrorKind.STACK_OVERFLOW, "recursed too deeply (RecursionError"),
+    ("deep_json", ToolErrorKind.STACK_OVERFLOW, "exhausted its stack"),
+    ("return_100mb", ToolErrorKind.OUTPUT_TOO_LARGE, "more than the output limit of 65,536 bytes"),
+    ("raise_error", ToolErrorKind.RAISED, "raised ValueError: this tool always fails"),
+    ("return_set", ToolErrorKind.BAD_RESULT, "not JSON: TypeError: Object of type set"),
+    ("os_system", ToolErrorKind.RAISED, "AttributeError: module 'os' has no attribute 'system'"),
+    (
+        "sleep_long",
+        ToolErrorKind.RAISED,
+        "PermissionError: waiting is not allowed in the tool sandbox",
+    ),
+    ("recreate_time", ToolErrorKind.RAISED, "AttributeError"),
+    ("exit_process", ToolErrorKind.RAISED, "raised SystemExit: 3"),
 ]
 
 
-@pytest.mark.parametrize(("tool", "error", "fragment"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_tool_gets_its_error_within_its_limits(sandbox, tool, error, fragment):
+@pytest.mark.parametrize(("tool", "kind", "fragment"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_tool_gets_its_error_within_its_limits(sandbox, tool, kind, fragment):
     started = time.monotonic()
     outcome = sandbox.call(tool, "{}")
     elapsed = time.monotonic() - started
     assert outcome.result_json is None
-    assert type(outcome.error) is error, outcome.error
+    assert is_tool_error(outcome.error, kind), outcome.error
     assert fragment in outcome.error.message
     assert outcome.error.message.startswith(f"tool {tool!r}")
     assert elapsed < LIMITS.timeout_s
@@ -65,9 +66,9 @@ def test_hostile_tool_gets_its_error_within_its_limits(sandbox, tool, error, fra
 def test_error_codes_tell_the_causes_apart(sandbox):
     codes = {t: sandbox.call(t, "{}").error.code for t in ("raise_error", "loop_forever")}
     assert codes == {"raise_error": Code.UNKNOWN, "loop_forever": Code.RESOURCE_EXHAUSTED}
-    assert ToolDeadlineExceeded("x").code is Code.DEADLINE_EXCEEDED
-    assert ToolNotFound("x").code is Code.NOT_FOUND
-    assert ToolArgumentsInvalid("x").code is Code.INVALID_ARGUMENT
+    assert ToolError(ToolErrorKind.DEADLINE, "x").code is Code.DEADLINE_EXCEEDED
+    assert ToolError(ToolErrorKind.NOT_FOUND, "x").code is Code.NOT_FOUND
+    assert ToolError(ToolErrorKind.INVALID_ARGUMENTS, "x").code is Code.INVALID_ARGUMENT
 
 
 def test_no_environment_files_or_network(sandbox):
@@ -83,16 +84,16 @@ def test_deadline_stops_a_loop_that_has_fuel_to_spare(artefact):
         elapsed = time.monotonic() - started
     finally:
         box.close()
-    assert isinstance(outcome.error, ToolDeadlineExceeded)
+    assert is_tool_error(outcome.error, ToolErrorKind.DEADLINE)
     assert outcome.error.message == "tool 'loop_forever' did not finish within 0.3 s"
     assert 0.25 < elapsed < 1.0
 
 
 def test_a_caller_deadline_shorter_than_the_limit_wins(sandbox):
     outcome = sandbox.call("spin", '{"iterations": 100000000}', deadline=time.monotonic() + 0.05)
-    assert isinstance(outcome.error, (ToolDeadlineExceeded, ToolOutOfFuel))
+    assert is_tool_error(outcome.error, ToolErrorKind.DEADLINE, ToolErrorKind.OUT_OF_FUEL)
     late = sandbox.call("calc", '{"expression": "1"}', deadline=time.monotonic() - 1)
-    assert isinstance(late.error, ToolDeadlineExceeded)
+    assert is_tool_error(late.error, ToolErrorKind.DEADLINE)
     assert late.fuel_used == 0
 
 
@@ -121,13 +122,13 @@ def test_results_and_arguments_are_json(sandbox):
 )
 def test_bad_arguments_are_invalid_argument(sandbox, arguments, fragment):
     error = sandbox.call("add", arguments).error
-    assert isinstance(error, ToolArgumentsInvalid)
+    assert is_tool_error(error, ToolErrorKind.INVALID_ARGUMENTS)
     assert fragment in error.message
 
 
 def test_unknown_tool_is_not_found(sandbox):
     error = sandbox.call("no_such_tool", "{}").error
-    assert isinstance(error, ToolNotFound)
+    assert is_tool_error(error, ToolErrorKind.NOT_FOUND)
     assert error.message == "no tool named 'no_such_tool'"
 
 
@@ -157,7 +158,7 @@ def test_components_share_one_engine_and_one_ticker(artefact):
         assert boxes[0].call("echo", '{"value": 1}').result_json == "1"
         # The shared ticker drives every component's deadline.
         slow = boxes[1].call("loop_forever", "{}", deadline=time.monotonic() + 0.2)
-        assert isinstance(slow.error, (ToolDeadlineExceeded, ToolOutOfFuel))
+        assert is_tool_error(slow.error, ToolErrorKind.DEADLINE, ToolErrorKind.OUT_OF_FUEL)
     finally:
         for box in boxes:
             box.close()

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from agentd.tools import ToolArgumentsInvalid, ToolSpec
+from agentd.tools import ToolErrorKind, ToolSpec
 from agentd.tools.schema import check_arguments, spec_problem
+from tests.tools.support import raises_tool_error
 
 SPEC = ToolSpec(
     "t",
@@ -45,7 +46,7 @@ def test_accepts_matching_arguments():
     ],
 )
 def test_rejects_with_a_message_naming_the_problem(arguments, message):
-    with pytest.raises(ToolArgumentsInvalid, match=message):
+    with raises_tool_error(ToolErrorKind.INVALID_ARGUMENTS, match=message):
         check_arguments(SPEC, arguments)
 
 

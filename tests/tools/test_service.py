@@ -9,22 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agentd.observability import Metrics
-from agentd.tools import (
-    CallOutcome,
-    ToolArgumentsInvalid,
-    ToolDeadlineExceeded,
-    ToolError,
-    ToolInputTooLarge,
-    ToolLimits,
-    ToolNotFound,
-    ToolOutOfFuel,
-    ToolQueueFull,
-    ToolSpec,
-    ToolsUnavailable,
-)
+from agentd.tools import CallOutcome, ToolErrorKind, ToolLimits, ToolSpec
 from agentd.tools.components import open_components
 from agentd.tools.service import ToolService
-from tests.tools.support import LIMITS
+from tests.tools.support import LIMITS, is_tool_error, raises_tool_error
 
 
 class Recorder:
@@ -75,15 +63,19 @@ async def test_call_returns_parsed_json_and_call_json_the_text(service, recorder
 
 
 async def test_unknown_tool_and_bad_arguments_fail_before_any_sandbox(service, recorder):
-    with pytest.raises(ToolNotFound, match="no tool named 'nope'"):
+    with raises_tool_error(ToolErrorKind.NOT_FOUND, match="no tool named 'nope'"):
         await service.call("nope", {})
-    with pytest.raises(ToolArgumentsInvalid, match="argument 'a' must be an integer, not string"):
+    with raises_tool_error(
+        ToolErrorKind.INVALID_ARGUMENTS, match="argument 'a' must be an integer, not string"
+    ):
         await service.call("add", {"a": "1"})
-    with pytest.raises(ToolArgumentsInvalid, match="not valid JSON"):
+    with raises_tool_error(ToolErrorKind.INVALID_ARGUMENTS, match="not valid JSON"):
         await service.call_json("add", "{oops")
-    with pytest.raises(ToolArgumentsInvalid, match="not JSON-serialisable"):
+    with raises_tool_error(ToolErrorKind.INVALID_ARGUMENTS, match="not JSON-serialisable"):
         await service.call("echo", {"value": object()})
-    with pytest.raises(ToolInputTooLarge, match="larger than the limit of 65,536 bytes"):
+    with raises_tool_error(
+        ToolErrorKind.INPUT_TOO_LARGE, match="larger than the limit of 65,536 bytes"
+    ):
         await service.call("echo", {"value": "x" * 70_000})
     assert recorder.calls == [
         ("unknown", "not_found", 0),
@@ -107,7 +99,7 @@ async def test_a_long_tool_does_not_block_the_event_loop(service):
 
     tick = asyncio.create_task(ticker())
     try:
-        with pytest.raises(ToolOutOfFuel):
+        with raises_tool_error(ToolErrorKind.OUT_OF_FUEL):
             await service.call("loop_forever")
     finally:
         tick.cancel()
@@ -122,7 +114,7 @@ async def test_hundred_concurrent_calls_with_a_hostile_one(service):
     results = await asyncio.gather(*calls, return_exceptions=True)
     elapsed = time.monotonic() - started
     hostile = results.pop(50)
-    assert isinstance(hostile, ToolOutOfFuel)
+    assert is_tool_error(hostile, ToolErrorKind.OUT_OF_FUEL)
     assert results == [i + 1 for i in range(99)]
     assert elapsed < 10
     assert service.in_flight == 0
@@ -135,7 +127,7 @@ async def test_timeout_shorter_than_the_limit(artefact):
         started = time.monotonic()
         # The sandbox names the time the call had left when it started (0.2 s, or a little
         # less on a loaded machine: "0.19 s").
-        with pytest.raises(ToolDeadlineExceeded, match=r"did not finish within 0\.(2|1\d) s"):
+        with raises_tool_error(ToolErrorKind.DEADLINE, match=r"did not finish within 0\.(2|1\d) s"):
             await svc.call("loop_forever", timeout=0.2)
         assert time.monotonic() - started < 1.0
     finally:
@@ -150,12 +142,12 @@ async def test_full_queue_pushes_back_and_queued_calls_can_be_cancelled(artefact
         running = asyncio.create_task(svc.call("loop_forever"))
         queued = asyncio.create_task(svc.call("count_calls"))
         await asyncio.sleep(0.05)
-        with pytest.raises(ToolQueueFull, match="too many tool calls in flight"):
+        with raises_tool_error(ToolErrorKind.QUEUE_FULL, match="too many tool calls in flight"):
             await svc.call("count_calls")
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
-        with pytest.raises(ToolDeadlineExceeded):
+        with raises_tool_error(ToolErrorKind.DEADLINE):
             await running
     finally:
         await svc.aclose()
@@ -171,7 +163,7 @@ async def test_without_a_component_calls_are_unavailable():
     await svc.start()
     assert svc.list_tools() == []
     assert not svc.available
-    with pytest.raises(ToolsUnavailable, match="tools are unavailable: not built"):
+    with raises_tool_error(ToolErrorKind.UNAVAILABLE, match="tools are unavailable: not built"):
         await svc.call("calc", {"expression": "1"})
     await svc.aclose()
 
@@ -181,7 +173,7 @@ async def test_closed_service_refuses_calls(artefact):
     await svc.start()
     assert await svc.call("add", {"a": 1}) == 2
     await svc.aclose()
-    with pytest.raises(ToolsUnavailable):
+    with raises_tool_error(ToolErrorKind.UNAVAILABLE):
         await svc.call("add", {"a": 1})
 
 
@@ -191,9 +183,9 @@ async def test_metrics_count_calls_errors_duration_and_fuel(artefact):
     await svc.start()
     try:
         await svc.call("add", {"a": 1})
-        with pytest.raises(ToolError):
+        with raises_tool_error(ToolErrorKind.RAISED):
             await svc.call("raise_error")
-        with pytest.raises(ToolOutOfFuel):
+        with raises_tool_error(ToolErrorKind.OUT_OF_FUEL):
             await svc.call("loop_forever")
     finally:
         await svc.aclose()
@@ -230,7 +222,7 @@ async def test_caller_gets_its_deadline_even_when_the_call_is_stuck():
     await svc.start()
     try:
         started = time.monotonic()
-        with pytest.raises(ToolDeadlineExceeded, match=r"did not finish within 0\.2 s"):
+        with raises_tool_error(ToolErrorKind.DEADLINE, match=r"did not finish within 0\.2 s"):
             await svc.call("stuck")
         assert time.monotonic() - started < 0.6
         assert svc.in_flight == 1  # its thread is still held, and admission counts it

@@ -153,9 +153,10 @@ class Context:
         result (parsed JSON). Runs in a fresh WebAssembly instance off the event loop,
         bounded by the tool limits, ``timeout`` and this turn's deadline.
 
-        Raises (all from :mod:`agentd.tools.errors`): ToolNotFound, ToolArgumentsInvalid,
-        ToolError (the tool raised; its message), ToolOutOfFuel, ToolOutOfMemory,
-        ToolDeadlineExceeded, ToolOutputTooLarge, ToolsUnavailable.
+        Raises :class:`agentd.tools.ToolError`; its ``kind`` (a ``ToolErrorKind``) says
+        why: ``not_found``, ``invalid_arguments``, ``raised`` (the tool raised; its message),
+        ``out_of_fuel``, ``out_of_memory``, ``deadline``, ``output_too_large``,
+        ``unavailable``, ... (docs/tools.md lists them with their codes).
         """
         tools = self._require_host().tools
         if tools is None:

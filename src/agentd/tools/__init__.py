@@ -5,43 +5,15 @@ hash-cached artefact; ``ToolService`` runs calls in fresh wasmtime instances on 
 pool with fuel, memory, deadline and output limits.
 """
 
-from agentd.tools.errors import (
-    ToolArgumentsInvalid,
-    ToolBuildError,
-    ToolCallFailed,
-    ToolCrashed,
-    ToolDeadlineExceeded,
-    ToolError,
-    ToolInputTooLarge,
-    ToolNotFound,
-    ToolOutOfFuel,
-    ToolOutOfMemory,
-    ToolOutputTooLarge,
-    ToolQueueFull,
-    ToolResultInvalid,
-    ToolStackOverflow,
-    ToolsUnavailable,
-)
+from agentd.tools.errors import ToolBuildError, ToolError, ToolErrorKind
 from agentd.tools.types import CallOutcome, LoadError, ToolLimits, ToolSpec
 
 __all__ = [
     "CallOutcome",
     "LoadError",
-    "ToolArgumentsInvalid",
     "ToolBuildError",
-    "ToolCallFailed",
-    "ToolCrashed",
-    "ToolDeadlineExceeded",
     "ToolError",
-    "ToolInputTooLarge",
+    "ToolErrorKind",
     "ToolLimits",
-    "ToolNotFound",
-    "ToolOutOfFuel",
-    "ToolOutOfMemory",
-    "ToolOutputTooLarge",
-    "ToolQueueFull",
-    "ToolResultInvalid",
     "ToolSpec",
-    "ToolStackOverflow",
-    "ToolsUnavailable",
 ]

@@ -11,9 +11,9 @@ flooding tool is at its cap with threads to spare). Each running call reserves i
 limit; a call that would take the total past the budget waits, in turn (later calls do not
 pass it).
 
-A waiting call ends with ToolDeadlineExceeded at its deadline and never starts; a cancelled
-caller's call leaves its queue; :meth:`FairScheduler.close` answers every waiting call
-ToolsUnavailable. Plain asyncio: every method runs on the event loop's thread.
+A waiting call ends with a ToolError of kind ``deadline`` at its deadline and never starts;
+a cancelled caller's call leaves its queue; :meth:`FairScheduler.close` answers every waiting
+call kind ``unavailable``. Plain asyncio: every method runs on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from agentd.tools.errors import ToolDeadlineExceeded, ToolQueueFull, ToolsUnavailable
+from agentd.tools.errors import ToolError, ToolErrorKind
 
 __all__ = ["AdmissionLimits", "AdmissionStats", "FairScheduler", "Grant"]
 
@@ -60,7 +60,7 @@ class AdmissionStats:
     memory_reserved_bytes: int
     running_per_tool: dict[str, int] = field(default_factory=dict)
     queued_per_tool: dict[str, int] = field(default_factory=dict)
-    num_rejected: int = 0  # ToolQueueFull
+    num_rejected: int = 0  # kind queue_full
     num_expired: int = 0  # deadline passed while waiting
     num_cancelled: int = 0  # caller gone while waiting
 
@@ -104,8 +104,8 @@ class FairScheduler:
     """Admits tool calls fairly across tools within ``limits`` (see the module docstring).
 
     Owns no task and no thread: waiting callers hold their own futures, deadlines are loop
-    timers. Raises ToolQueueFull (queue bound), ToolDeadlineExceeded (deadline while
-    waiting) and ToolsUnavailable (closed) from :meth:`admit`.
+    timers. Raises ToolError of kind ``queue_full`` (queue bound), ``deadline`` (deadline
+    while waiting) and ``unavailable`` (closed) from :meth:`admit`.
     """
 
     def __init__(self, limits: AdmissionLimits) -> None:
@@ -149,12 +149,12 @@ class FairScheduler:
     async def admit(self, tool: str, *, memory_bytes: int, timeout: float | None) -> Grant:
         """Wait for a running slot for one call of ``tool`` reserving ``memory_bytes``.
 
-        ``timeout`` (seconds) bounds the wait: past it the call gets ToolDeadlineExceeded and
+        ``timeout`` (seconds) bounds the wait: past it the call gets kind ``deadline`` and
         never starts. A call that can start now does, whatever its timeout. Cancelling the
         caller takes its call out of the queue (or gives back a slot granted meanwhile).
         """
         if self._closed is not None:
-            raise ToolsUnavailable(f"tools are unavailable: {self._closed}")
+            raise ToolError(ToolErrorKind.UNAVAILABLE, f"tools are unavailable: {self._closed}")
         if memory_bytes > self._limits.max_memory_bytes:
             # Settings validation keeps this from happening: such a call could never start.
             raise ValueError(
@@ -175,14 +175,16 @@ class FairScheduler:
         if self._num_queued > self._limits.max_queued:
             self._remove(waiter)
             self._rejected += 1
-            raise ToolQueueFull(
-                f"too many tool calls in flight ({self.in_flight}); try again later"
+            raise ToolError(
+                ToolErrorKind.QUEUE_FULL,
+                f"too many tool calls in flight ({self.in_flight}); try again later",
             )
         if queued > self._limits.max_queued_per_tool:
             self._remove(waiter)
             self._rejected += 1
-            raise ToolQueueFull(
-                f"too many calls of tool {tool!r} waiting ({queued - 1}); try again later"
+            raise ToolError(
+                ToolErrorKind.QUEUE_FULL,
+                f"too many calls of tool {tool!r} waiting ({queued - 1}); try again later",
             )
         if timeout is not None:
             if timeout <= 0:
@@ -197,8 +199,8 @@ class FairScheduler:
             raise
 
     def close(self, reason: str) -> None:
-        """Refuse new calls and answer every waiting one ToolsUnavailable(``reason``).
-        Running calls keep their slots until released."""
+        """Refuse new calls and answer every waiting one a ToolError of kind
+        ``unavailable`` (``reason``). Running calls keep their slots until released."""
         self._closed = reason
         queues, self._queues = self._queues, {}
         self._num_queued = 0
@@ -208,7 +210,7 @@ class FairScheduler:
                     waiter.timer.cancel()
                 if not waiter.future.done():
                     waiter.future.set_exception(
-                        ToolsUnavailable(f"tools are unavailable: {reason}")
+                        ToolError(ToolErrorKind.UNAVAILABLE, f"tools are unavailable: {reason}")
                     )
 
     # -- internals -----------------------------------------------------------------------
@@ -291,8 +293,9 @@ class FairScheduler:
             future.result().release()
 
     @staticmethod
-    def _deadline_error(waiter: _Waiter) -> ToolDeadlineExceeded:
+    def _deadline_error(waiter: _Waiter) -> ToolError:
         waited = time.monotonic() - waiter.enqueued
-        return ToolDeadlineExceeded(
-            f"tool {waiter.tool!r} waited past its deadline to start ({waited:.2g} s in the queue)"
+        return ToolError(
+            ToolErrorKind.DEADLINE,
+            f"tool {waiter.tool!r} waited past its deadline to start ({waited:.2g} s in the queue)",
         )

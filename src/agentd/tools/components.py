@@ -9,7 +9,7 @@ WebAssembly memory and cannot change what another file's tools answer.
 from __future__ import annotations
 
 from agentd.tools.build import ToolArtefact
-from agentd.tools.errors import ToolNotFound
+from agentd.tools.errors import ToolError, ToolErrorKind
 from agentd.tools.sandbox import SandboxEngine, WasmSandbox
 from agentd.tools.types import CallOutcome, ToolLimits
 
@@ -30,7 +30,9 @@ class ComponentSet:
     def call(self, name: str, arguments_json: str, *, deadline: float | None = None) -> CallOutcome:
         sandbox = self._routes.get(name)
         if sandbox is None:
-            return CallOutcome(None, ToolNotFound(f"no tool named {name!r}"), 0)
+            return CallOutcome(
+                None, ToolError(ToolErrorKind.NOT_FOUND, f"no tool named {name!r}"), 0
+            )
         return sandbox.call(name, arguments_json, deadline=deadline)
 
     def refill(self) -> None:
@@ -47,7 +49,7 @@ def open_components(
     artefact: ToolArtefact, limits: ToolLimits, *, pool_size: int = 0, threads: int = 4
 ) -> ComponentSet:
     """Load every component of ``artefact`` on one engine sized for ``threads`` calls at
-    once and ``pool_size`` prepared instances per component (raises ToolsUnavailable if one
+    once and ``pool_size`` prepared instances per component (raises ToolError ``unavailable`` if one
     cannot load; what was loaded is closed)."""
     built = [i for i, component in enumerate(artefact.components) if not component.failed]
     engine = SandboxEngine.for_node(

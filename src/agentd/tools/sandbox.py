@@ -39,20 +39,7 @@ from wasmtime import Config, Engine, Store, WasiConfig, WasmtimeError
 from wasmtime import _ffi as ffi  # the C API, for what wasmtime-py does not wrap (pinned <51)
 from wasmtime.component import Component, Func, Instance, Linker, LinkerInstance, Variant
 
-from agentd.tools.errors import (
-    ToolArgumentsInvalid,
-    ToolCallFailed,
-    ToolCrashed,
-    ToolDeadlineExceeded,
-    ToolError,
-    ToolNotFound,
-    ToolOutOfFuel,
-    ToolOutOfMemory,
-    ToolOutputTooLarge,
-    ToolResultInvalid,
-    ToolStackOverflow,
-    ToolsUnavailable,
-)
+from agentd.tools.errors import ToolError, ToolErrorKind
 from agentd.tools.types import CallOutcome, LoadError, ToolLimits, ToolSpec
 
 __all__ = ["MAX_CLOCK_READS", "SandboxEngine", "WasmSandbox", "compile_component"]
@@ -317,7 +304,7 @@ class WasmSandbox:
     Uses ``engine`` (shared by the node's components) or, without one, an engine of its
     own sized for ``pool_size`` prepared instances and :func:`default_call_slots` calls,
     which ``close`` then stops. Keeps up to ``pool_size`` prepared instances; ``close``
-    frees them. Raises ToolsUnavailable when the artefact cannot be loaded.
+    frees them. Raises ToolError (``unavailable``) when the artefact cannot be loaded.
     """
 
     def __init__(
@@ -344,8 +331,9 @@ class WasmSandbox:
         except WasmtimeError as exc:
             if self._own_engine:
                 engine.close()
-            raise ToolsUnavailable(
-                f"cannot load the tool component {component_path}: {_cause(exc)}"
+            raise ToolError(
+                ToolErrorKind.UNAVAILABLE,
+                f"cannot load the tool component {component_path}: {_cause(exc)}",
             ) from exc
         self._ready: deque[_Instance] = deque()
         self._refilling = threading.Lock()
@@ -362,7 +350,9 @@ class WasmSandbox:
             budget = min(budget, deadline - time.monotonic())
         if budget <= 0:
             return CallOutcome(
-                None, ToolDeadlineExceeded(f"tool {name!r}: deadline passed before it ran"), 0
+                None,
+                ToolError(ToolErrorKind.DEADLINE, f"tool {name!r}: deadline passed before it ran"),
+                0,
             )
         try:
             instance = self._ready.popleft()
@@ -383,7 +373,9 @@ class WasmSandbox:
             return CallOutcome(None, self._trap_error(name, exc, store, budget), fuel_used)
         except Exception as exc:  # converting values across the boundary failed
             log.exception("tool %r: unexpected error from the sandbox", name)
-            error = ToolCrashed(f"tool {name!r} crashed: {type(exc).__name__}: {exc}")
+            error = ToolError(
+                ToolErrorKind.CRASHED, f"tool {name!r} crashed: {type(exc).__name__}: {exc}"
+            )
             return CallOutcome(None, error, limits.max_fuel - _fuel_left(store))
         finally:
             _calls.clock_reads_left = 0
@@ -475,73 +467,83 @@ class WasmSandbox:
             raise WasmtimeError("the component exports no 'call' function")
         return _Instance(store, call)
 
-    def _start_error(self, name: str, exc: WasmtimeError) -> ToolCrashed:
+    def _start_error(self, name: str, exc: WasmtimeError) -> ToolError:
         cause = _cause(exc)
         if "concurrent" in cause and "limit" in cause:  # the pool's slots are all in use
             cause = (
                 f"all {self._shared.max_instances} sandbox slots are in use "
                 "(more calls at once than the engine was sized for)"
             )
-        return ToolCrashed(f"tool {name!r}: cannot start a sandbox: {cause}")
+        return ToolError(ToolErrorKind.CRASHED, f"tool {name!r}: cannot start a sandbox: {cause}")
 
-    def _too_large(self, name: str) -> ToolOutputTooLarge:
-        return ToolOutputTooLarge(
+    def _too_large(self, name: str) -> ToolError:
+        return ToolError(
+            ToolErrorKind.OUTPUT_TOO_LARGE,
             f"tool {name!r} returned more than the output limit of "
-            f"{self._limits.max_output_bytes:,} bytes"
+            f"{self._limits.max_output_bytes:,} bytes",
         )
 
-    def _guest_error(self, name: str, reply: Variant) -> ToolCallFailed:
+    def _guest_error(self, name: str, reply: Variant) -> ToolError:
         detail = reply.payload
         match reply.tag:
             case "not-found":
-                return ToolNotFound(f"no tool named {name!r}")
+                return ToolError(ToolErrorKind.NOT_FOUND, f"no tool named {name!r}")
             case "invalid-arguments":
-                return ToolArgumentsInvalid(f"tool {name!r}: {detail}")
+                return ToolError(ToolErrorKind.INVALID_ARGUMENTS, f"tool {name!r}: {detail}")
             case "raised":
-                return ToolError(f"tool {name!r} raised {detail}")
+                return ToolError(ToolErrorKind.RAISED, f"tool {name!r} raised {detail}")
             case "bad-result":
-                return ToolResultInvalid(
-                    f"tool {name!r} returned a value that is not JSON: {detail}"
+                return ToolError(
+                    ToolErrorKind.BAD_RESULT,
+                    f"tool {name!r} returned a value that is not JSON: {detail}",
                 )
             case "output-too-large":
                 return self._too_large(name)
             case "out-of-memory":
                 return self._out_of_memory(name)
             case "stack-overflow":
-                return ToolStackOverflow(f"tool {name!r} recursed too deeply ({detail})")
-        return ToolCrashed(f"tool {name!r}: unknown error {reply.tag!r}")
+                return ToolError(
+                    ToolErrorKind.STACK_OVERFLOW, f"tool {name!r} recursed too deeply ({detail})"
+                )
+        return ToolError(ToolErrorKind.CRASHED, f"tool {name!r}: unknown error {reply.tag!r}")
 
-    def _out_of_memory(self, name: str) -> ToolOutOfMemory:
-        return ToolOutOfMemory(
-            f"tool {name!r} ran out of memory (limit {self._limits.max_memory_bytes:,} bytes)"
+    def _out_of_memory(self, name: str) -> ToolError:
+        return ToolError(
+            ToolErrorKind.OUT_OF_MEMORY,
+            f"tool {name!r} ran out of memory (limit {self._limits.max_memory_bytes:,} bytes)",
         )
 
-    def _trap_error(
-        self, name: str, exc: WasmtimeError, store: Store, budget: float
-    ) -> ToolCallFailed:
+    def _trap_error(self, name: str, exc: WasmtimeError, store: Store, budget: float) -> ToolError:
         cause = _cause(exc)
         if cause == WAIT_REFUSED:
             return ToolError(
+                ToolErrorKind.RAISED,
                 f"tool {name!r} was stopped: {WAIT_REFUSED} (it asked the host to wait: "
-                "sleep, select, poll or a timeout)"
+                "sleep, select, poll or a timeout)",
             )
         if cause == _CLOCK_REFUSED:
             return ToolError(
+                ToolErrorKind.RAISED,
                 f"tool {name!r} was stopped: it read the monotonic clock more than "
                 f"{MAX_CLOCK_READS:,} times in one call (busy waiting is not allowed in the "
-                "tool sandbox)"
+                "tool sandbox)",
             )
         if _fuel_left(store) == 0 or "fuel" in cause:
-            return ToolOutOfFuel(
-                f"tool {name!r} ran out of fuel (CPU budget of {self._limits.max_fuel:,} units)"
+            return ToolError(
+                ToolErrorKind.OUT_OF_FUEL,
+                f"tool {name!r} ran out of fuel (CPU budget of {self._limits.max_fuel:,} units)",
             )
         if "interrupt" in cause:
-            return ToolDeadlineExceeded(f"tool {name!r} did not finish within {budget:.2g} s")
+            return ToolError(
+                ToolErrorKind.DEADLINE, f"tool {name!r} did not finish within {budget:.2g} s"
+            )
         if "stack" in cause:
-            return ToolStackOverflow(f"tool {name!r} exhausted its stack ({cause})")
+            return ToolError(
+                ToolErrorKind.STACK_OVERFLOW, f"tool {name!r} exhausted its stack ({cause})"
+            )
         if "allocation" in cause:  # wasmtime's "allocation size too large"
             return self._out_of_memory(name)
-        return ToolCrashed(f"tool {name!r} crashed: {cause}")
+        return ToolError(ToolErrorKind.CRASHED, f"tool {name!r} crashed: {cause}")
 
 
 # -- the call across the boundary ------------------------------------------------------

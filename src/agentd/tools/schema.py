@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agentd.tools.errors import ToolArgumentsInvalid
+from agentd.tools.errors import ToolError, ToolErrorKind
 from agentd.tools.types import ToolSpec
 
 __all__ = ["check_arguments", "spec_problem"]
@@ -27,29 +27,36 @@ _CHECKS = {
 
 
 def check_arguments(spec: ToolSpec, arguments: Any) -> None:
-    """Raise ToolArgumentsInvalid naming the first problem with ``arguments``."""
+    """Raise ToolError (``invalid_arguments``) naming the first problem with ``arguments``."""
     if not isinstance(arguments, Mapping):
-        raise ToolArgumentsInvalid(f"tool {spec.name!r}: arguments must be a JSON object")
+        raise ToolError(
+            ToolErrorKind.INVALID_ARGUMENTS, f"tool {spec.name!r}: arguments must be a JSON object"
+        )
     schema = spec.parameters
     properties: dict[str, Any] = schema.get("properties", {})
     for name in schema.get("required", ()):
         if name not in arguments:
-            raise ToolArgumentsInvalid(f"tool {spec.name!r}: missing required argument {name!r}")
+            raise ToolError(
+                ToolErrorKind.INVALID_ARGUMENTS,
+                f"tool {spec.name!r}: missing required argument {name!r}",
+            )
     for name, value in arguments.items():
         prop = properties.get(name)
         if prop is None:
             if not schema.get("additionalProperties", False):
                 known = ", ".join(properties) or "none"
-                raise ToolArgumentsInvalid(
-                    f"tool {spec.name!r}: unexpected argument {name!r} (takes: {known})"
+                raise ToolError(
+                    ToolErrorKind.INVALID_ARGUMENTS,
+                    f"tool {spec.name!r}: unexpected argument {name!r} (takes: {known})",
                 )
             continue
         kind = prop.get("type")
         check = _CHECKS.get(kind) if kind else None
         if check is not None and not check(value):
-            raise ToolArgumentsInvalid(
+            raise ToolError(
+                ToolErrorKind.INVALID_ARGUMENTS,
                 f"tool {spec.name!r}: argument {name!r} must be {_article(kind)} {kind}, "
-                f"not {_json_type(value)}"
+                f"not {_json_type(value)}",
             )
 
 

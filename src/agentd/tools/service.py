@@ -21,15 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 
 from agentd.tools.admission import AdmissionLimits, AdmissionStats, FairScheduler, Grant
-from agentd.tools.errors import (
-    ToolArgumentsInvalid,
-    ToolCallFailed,
-    ToolDeadlineExceeded,
-    ToolInputTooLarge,
-    ToolNotFound,
-    ToolResultInvalid,
-    ToolsUnavailable,
-)
+from agentd.tools.errors import ToolError, ToolErrorKind
 from agentd.tools.schema import check_arguments
 from agentd.tools.types import CallOutcome, ToolLimits, ToolSpec
 
@@ -76,19 +68,19 @@ class ToolService:
 
     Owns a thread pool of ``threads`` workers, the runtime ``open_runtime`` returns at
     :meth:`start` and the fair scheduler that admits calls to the threads; :meth:`aclose`
-    answers every waiting call ToolsUnavailable, lets running calls end (each within its
-    deadline) and frees the rest.
+    answers every waiting call a ToolError of kind ``unavailable``, lets running calls end
+    (each within its deadline) and frees the rest.
 
     Admission: at most ``threads`` calls run at once, at most ``max_running_per_tool`` of
     one tool (default: half the threads, at least 1), and no more than
     ``max_total_memory_bytes // limits.max_memory_bytes`` (each running call reserves its
     memory limit; default budget 1 GiB, or one call's limit if that is more). Others wait,
     at most ``max_queued`` in all and ``max_queued_per_tool`` per tool (default: no bound
-    of its own); more get ToolQueueFull. Free threads take waiting calls round-robin across
-    tools. A waiting call gets ToolDeadlineExceeded at its deadline without running. With
-    ``open_runtime=None`` the service lists no tools and every call gets ToolsUnavailable
-    with ``unavailable_reason``. Raises ValueError when one call's memory limit is over the
-    budget, or a bound is below 1.
+    of its own); more get kind ``queue_full``. Free threads take waiting calls round-robin
+    across tools. A waiting call gets kind ``deadline`` at its deadline without running.
+    With ``open_runtime=None`` the service lists no tools and every call gets kind
+    ``unavailable`` with ``unavailable_reason``. Raises ValueError when one call's memory
+    limit is over the budget, or a bound is below 1.
     """
 
     def __init__(
@@ -147,7 +139,7 @@ class ToolService:
         executor = ThreadPoolExecutor(self._threads, thread_name_prefix="agentd-tool")
         try:
             runtime = await asyncio.wrap_future(executor.submit(self._open_runtime))
-        except ToolCallFailed as exc:
+        except ToolError as exc:
             executor.shutdown(wait=False)
             self._unavailable = exc.message
             self._specs = {}
@@ -197,8 +189,10 @@ class ToolService:
         spec = self._specs.get(name)
         if spec is None:
             if self._runtime is None:
-                raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
-            raise ToolNotFound(f"no tool named {name!r}")
+                raise ToolError(
+                    ToolErrorKind.UNAVAILABLE, f"tools are unavailable: {self._unavailable}"
+                )
+            raise ToolError(ToolErrorKind.NOT_FOUND, f"no tool named {name!r}")
         return spec
 
     # -- calls ---------------------------------------------------------------------------
@@ -213,9 +207,9 @@ class ToolService:
         """Call tool ``name`` with keyword ``arguments``; return its result (parsed JSON).
 
         Bounded by the configured limits and by ``timeout`` (seconds), the time waiting for a
-        thread included. Raises a :class:`ToolCallFailed` subclass: ToolNotFound,
-        ToolArgumentsInvalid, ToolError (the tool raised), ToolOutOfFuel, ToolOutOfMemory,
-        ToolDeadlineExceeded, ToolQueueFull, ToolsUnavailable (shut down while waiting), ...
+        thread included. Raises :class:`ToolError` with its ``kind``: not_found,
+        invalid_arguments, raised (the tool raised), out_of_fuel, out_of_memory, deadline,
+        queue_full, unavailable (shut down while waiting), ...
         Cancelling the caller removes a call still queued; a running one ends by its
         deadline.
         """
@@ -235,8 +229,10 @@ class ToolService:
             spec = self.spec(name)
             arguments_json = self._encode_arguments(spec, arguments)
             if self._executor is None:
-                raise ToolsUnavailable(f"tools are unavailable: {self._unavailable}")
-        except ToolCallFailed as exc:
+                raise ToolError(
+                    ToolErrorKind.UNAVAILABLE, f"tools are unavailable: {self._unavailable}"
+                )
+        except ToolError as exc:
             self._observe(name if name in self._specs else "unknown", exc.kind, started, 0)
             raise
         outcome = await self._run(name, arguments_json, timeout, started)
@@ -246,21 +242,25 @@ class ToolService:
         try:
             orjson.loads(outcome.result_json)
         except orjson.JSONDecodeError as exc:
-            raise ToolResultInvalid(f"tool {name!r} returned malformed JSON: {exc}") from None
+            raise ToolError(
+                ToolErrorKind.BAD_RESULT, f"tool {name!r} returned malformed JSON: {exc}"
+            ) from None
         return outcome.result_json
 
     def _encode_arguments(self, spec: ToolSpec, arguments: str | bytes | Mapping[str, Any]) -> str:
         limit = self._limits.max_input_bytes
         if isinstance(arguments, str | bytes):
             if len(arguments) > limit:
-                raise ToolInputTooLarge(
-                    f"tool {spec.name!r}: arguments are larger than the limit of {limit:,} bytes"
+                raise ToolError(
+                    ToolErrorKind.INPUT_TOO_LARGE,
+                    f"tool {spec.name!r}: arguments are larger than the limit of {limit:,} bytes",
                 )
             try:
                 parsed = orjson.loads(arguments or b"{}")
             except orjson.JSONDecodeError as exc:
-                raise ToolArgumentsInvalid(
-                    f"tool {spec.name!r}: arguments are not valid JSON: {exc}"
+                raise ToolError(
+                    ToolErrorKind.INVALID_ARGUMENTS,
+                    f"tool {spec.name!r}: arguments are not valid JSON: {exc}",
                 ) from None
             check_arguments(spec, parsed)
             if isinstance(arguments, bytes):
@@ -270,12 +270,14 @@ class ToolService:
         try:
             encoded = orjson.dumps(arguments)
         except TypeError as exc:
-            raise ToolArgumentsInvalid(
-                f"tool {spec.name!r}: arguments are not JSON-serialisable: {exc}"
+            raise ToolError(
+                ToolErrorKind.INVALID_ARGUMENTS,
+                f"tool {spec.name!r}: arguments are not JSON-serialisable: {exc}",
             ) from None
         if len(encoded) > limit:
-            raise ToolInputTooLarge(
-                f"tool {spec.name!r}: arguments are larger than the limit of {limit:,} bytes"
+            raise ToolError(
+                ToolErrorKind.INPUT_TOO_LARGE,
+                f"tool {spec.name!r}: arguments are larger than the limit of {limit:,} bytes",
             )
         return encoded.decode()
 
@@ -293,7 +295,7 @@ class ToolService:
         except asyncio.CancelledError:
             self._observe(name, "cancelled", started, 0)
             raise
-        except ToolCallFailed as exc:  # queue full, deadline while waiting, shut down
+        except ToolError as exc:  # queue full, deadline while waiting, shut down
             self._observe(name, exc.kind, started, 0)
             raise
         if self._admission_observer is not None:
@@ -339,7 +341,7 @@ class ToolService:
             loop.call_soon(self._refill)
             return future.result()
         if job.cancel():
-            self._observe(name, ToolDeadlineExceeded.kind, started, 0)
+            self._observe(name, ToolErrorKind.DEADLINE, started, 0)
             message = f"tool {name!r} waited past its deadline to start"
         else:
             # Running but past its deadline: blocked in a host call, which the epoch check
@@ -348,13 +350,15 @@ class ToolService:
             # deadline).
             log.warning("tool %r is past its %.3g s deadline in a host call", name, budget)
             message = f"tool {name!r} did not finish within {budget:.2g} s"
-        return CallOutcome(None, ToolDeadlineExceeded(message), 0)
+        return CallOutcome(None, ToolError(ToolErrorKind.DEADLINE, message), 0)
 
     def _job(self, name: str, arguments_json: str, deadline: float) -> CallOutcome:
         # Runs on a pool thread.
         runtime = self._runtime
         if runtime is None:
-            return CallOutcome(None, ToolsUnavailable("the tool service is shut down"), 0)
+            return CallOutcome(
+                None, ToolError(ToolErrorKind.UNAVAILABLE, "the tool service is shut down"), 0
+            )
         started = time.perf_counter()
         outcome = runtime.call(name, arguments_json, deadline=deadline)
         kind = "ok" if outcome.error is None else outcome.error.kind
@@ -362,8 +366,12 @@ class ToolService:
         return outcome
 
     def _shut_down(self, name: str, started: float) -> CallOutcome:
-        self._observe(name, ToolsUnavailable.kind, started, 0)
-        return CallOutcome(None, ToolsUnavailable("tools are unavailable: " + self._unavailable), 0)
+        self._observe(name, ToolErrorKind.UNAVAILABLE, started, 0)
+        return CallOutcome(
+            None,
+            ToolError(ToolErrorKind.UNAVAILABLE, "tools are unavailable: " + self._unavailable),
+            0,
+        )
 
     def _refill(self) -> None:
         executor, runtime = self._executor, self._runtime

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agentd.tools.errors import ToolCallFailed
+from agentd.tools.errors import ToolError
 
 __all__ = ["CallOutcome", "LoadError", "ToolLimits", "ToolSpec"]
 
@@ -46,5 +46,5 @@ class CallOutcome:
     """What one sandboxed call produced: a JSON result or an error, and the fuel it used."""
 
     result_json: str | None
-    error: ToolCallFailed | None
+    error: ToolError | None
     fuel_used: int

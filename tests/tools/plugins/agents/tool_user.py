@@ -1,5 +1,5 @@
 from agentd import Agent
-from agentd.tools import ToolCallFailed
+from agentd.tools import ToolError
 
 
 class ToolUser(Agent):
@@ -14,6 +14,6 @@ class ToolUser(Agent):
                 result = await ctx.tool("calc", {"expression": text})
             else:
                 result = await ctx.tool(tool, {})
-        except ToolCallFailed as exc:
+        except ToolError as exc:
             return f"{type(exc).__name__}: {exc.message}"
         return f"{tool} = {result}"
