@@ -24,18 +24,25 @@ SLACK_S = 0.6
 
 
 class Sleeper(Agent):
-    """Records each turn it starts, then sleeps for the seconds in the message."""
+    """Records each turn it starts (and signals it), then sleeps for the seconds in the
+    message."""
 
     name = "sleeper"
     started: ClassVar[list[str]] = []
+    turn_started: ClassVar[asyncio.Event]
+
+    @staticmethod
+    def _start(ctx) -> None:
+        Sleeper.started.append(ctx.address.id)
+        Sleeper.turn_started.set()
 
     async def handle(self, ctx, message):
-        Sleeper.started.append(ctx.address.id)
+        self._start(ctx)
         await asyncio.sleep(float(message.text or "0"))
         return "done"
 
     async def stream(self, ctx, message):
-        Sleeper.started.append(ctx.address.id)
+        self._start(ctx)
         await asyncio.sleep(float(message.text or "0"))
         yield "done"
 
@@ -56,6 +63,7 @@ class SlowLoadStore(MemoryStateStore):
 @pytest.fixture(autouse=True)
 async def _runtimes():
     Sleeper.started = []
+    Sleeper.turn_started = asyncio.Event()
     yield
     while _open:
         await _open.pop().aclose()
@@ -89,7 +97,8 @@ async def _busy(runtime: Runtime, *ids: str) -> list[asyncio.Future]:
         for i in ids
     ]
     while len(Sleeper.started) < len(ids):  # every one of them holds a worker now
-        await asyncio.sleep(0.005)
+        await Sleeper.turn_started.wait()
+        Sleeper.turn_started.clear()
     return calls
 
 
