@@ -4,6 +4,9 @@ llama-cpp-python is an optional extra (``pip install 'agentd[gguf]'``; it compil
 llama.cpp from source, a few minutes) and is imported only when a model is loaded. Sampling
 stays in agentd (:class:`~agentd.generate.sampling.Sampler`): llama.cpp only evaluates
 tokens and returns logits.
+
+No llama.cpp error leaves this module raw: a file it cannot load is InvalidArgument, a failed
+evaluation Internal, each with the llama-cpp-python exception as its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agentd.errors import FailedPrecondition, InvalidArgument
+from agentd.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 from agentd.generate.serial import SerialGenerator
 from agentd.generate.types import LMInfo
 
@@ -50,15 +53,17 @@ class GGUFBackend:
                     logits_all=False,
                     verbose=False,
                 )
-        except ValueError as exc:  # llama-cpp-python reports a bad file as ValueError
-            raise InvalidArgument(f"cannot load GGUF model {path}: {exc}") from None
-        self.info = LMInfo(
-            name=name,
-            platform="gguf",
-            context_length=int(self._llama.n_ctx()),
-            vocab_size=int(self._llama.n_vocab()),
-            eos_token_ids=(int(self._llama.token_eos()),),
-        )
+            self.info = LMInfo(
+                name=name,
+                platform="gguf",
+                context_length=int(self._llama.n_ctx()),
+                vocab_size=int(self._llama.n_vocab()),
+                eos_token_ids=(int(self._llama.token_eos()),),
+            )
+        except MemoryError as exc:
+            raise ResourceExhausted(f"not enough memory to load GGUF model {path}") from exc
+        except Exception as exc:  # llama-cpp-python reports a bad file as ValueError
+            raise InvalidArgument(f"cannot load GGUF model {path}: {exc}") from exc
 
     def _last_logits(self) -> np.ndarray:
         # The last evaluated position's row; llama-cpp-python keeps no copy without
@@ -67,13 +72,24 @@ class GGUFBackend:
         return np.ctypeslib.as_array(row, shape=(self.info.vocab_size,)).copy()
 
     def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        self._llama.reset()
-        self._llama.eval(list(prompt_ids))
-        return self._last_logits()
+        try:
+            self._llama.reset()
+            self._llama.eval(list(prompt_ids))
+            return self._last_logits()
+        except Exception as exc:
+            raise self._eval_error(exc) from exc
 
     def decode(self, token_id: int) -> np.ndarray:
-        self._llama.eval([token_id])
-        return self._last_logits()
+        try:
+            self._llama.eval([token_id])
+            return self._last_logits()
+        except Exception as exc:
+            raise self._eval_error(exc) from exc
+
+    def _eval_error(self, exc: Exception) -> Internal:
+        # The generator checked the prompt (length, vocabulary) already: what llama.cpp
+        # still refuses is a fault of this server, not of the caller.
+        return Internal(f"model {self.info.name!r}: llama.cpp failed: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         self._llama.close()
