@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,16 @@ class _Graph:
         self.initializers.append(self._numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        """A node with one output; returns its name."""
+        return self.op_n(op_type, *inputs, outputs=1, **attrs)[0]
+
+    def op_n(self, op_type: str, *inputs: str, outputs: int, **attrs: Any) -> list[str]:
+        """A node with ``outputs`` outputs; returns their names."""
         self._count += 1
         names = [f"{op_type.lower()}_{self._count}_{i}" for i in range(outputs)]
         self.nodes.append(self._helper.make_node(op_type, list(inputs), names, **attrs))
-        return names[0] if outputs == 1 else names
+        return names
 
 
 def _load_hf(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -240,7 +246,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         new = g.op("MatMul", q_heads, g.op("Transpose", k, perm=[2, 0, 3, 1]))
         scores = g.op("Concat", past, new, axis=-1)
         attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), head_mask), axis=-1)
-        attn_past, attn_new = g.op("Split", attn, split_sizes, axis=-1, outputs=2)
+        attn_past, attn_new = g.op_n("Split", attn, split_sizes, axis=-1, outputs=2)
         out = g.op(
             "Add",
             g.op("MatMul", attn_past, values),
