@@ -3,12 +3,13 @@
 import ast
 import math
 import operator
+from collections.abc import Callable
 
 _MAX_EXPRESSION = 1000
 _MAX_EXPONENT = 10_000
 _MAX_INT_BITS = 4096
 
-_BINARY = {
+_BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
@@ -17,8 +18,11 @@ _BINARY = {
     ast.Mod: operator.mod,
     ast.Pow: operator.pow,
 }
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_FUNCTIONS = {
+_UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+}
+_FUNCTIONS: dict[str, Callable[..., float]] = {
     "abs": abs,
     "round": round,
     "min": min,
@@ -85,6 +89,9 @@ def _check_power(base: float, exponent: float) -> None:
     # Refuse before computing: 9**9**9 would take the whole CPU budget.
     if abs(exponent) > _MAX_EXPONENT:
         raise ValueError(f"exponent {exponent} is larger than {_MAX_EXPONENT}")
-    exact = isinstance(base, int) and isinstance(exponent, int)
-    if exact and base.bit_length() * exponent > _MAX_INT_BITS:
+    if (
+        isinstance(base, int)
+        and isinstance(exponent, int)
+        and base.bit_length() * exponent > _MAX_INT_BITS
+    ):
         raise ValueError(f"result has more than {_MAX_INT_BITS} bits")
