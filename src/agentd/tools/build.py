@@ -200,8 +200,8 @@ def build_tools(
     found: dict[str, ComponentArtefact] = {}
     if not force:
         for unit in units:
-            if (artefact := load_artefact(cache_dir / unit.digest)) is not None:
-                found[unit.digest] = artefact
+            if (cached := load_artefact(cache_dir / unit.digest)) is not None:
+                found[unit.digest] = cached
     missing = [unit for unit in units if unit.digest not in found]
     _mark_used(list(found.values()))
     if missing:
@@ -213,8 +213,8 @@ def build_tools(
                 pool.submit(_build_unit, cache_dir, unit, force, say, timeout_s) for unit in missing
             ]
             for future in futures:  # the first failure is raised; the others finish first
-                artefact = future.result()
-                found[artefact.digest] = artefact
+                built = future.result()
+                found[built.digest] = built
         _prune(cache_dir, keep={unit.digest for unit in units})
     artefact = merge_components([found[unit.digest] for unit in units])
     seconds = time.perf_counter() - started
