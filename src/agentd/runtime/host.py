@@ -17,7 +17,7 @@ import asyncio
 import gc
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -33,6 +33,7 @@ from agentd.runtime.pool import WorkerPool
 from agentd.runtime.state import StateStore
 
 if TYPE_CHECKING:
+    from agentd.agents.host import AgentHost
     from agentd.generate.service import GenerationService
     from agentd.tools.service import ToolService
 
@@ -160,7 +161,7 @@ class ActorHost:
         """Deliver without waiting; False (nothing delivered) when the agent would need a
         place on a full run queue. Raises for unknown or malformed addresses and a full
         mailbox."""
-        activation = self._activations.get(address)  # type: ignore[call-overload]
+        activation = self._activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
         if activation is None:
             activation = self._activation_missed(address)
         if activation.phase is not IDLE:
@@ -209,7 +210,7 @@ class ActorHost:
 
     async def ask_stream(
         self, address: str | Address, message: Any, *, timeout: float | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Run a streaming turn and yield its events, within ``timeout`` (else the host's
         default deadline)."""
         events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
@@ -294,7 +295,7 @@ class ActorHost:
 
     def _activation(self, address: str | Address) -> Activation:
         """The activation for ``address``, made on first use."""
-        activation = self._activations.get(address)  # type: ignore[call-overload]
+        activation = self._activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
         if activation is None:
             activation = self._activation_missed(address)
         return activation
@@ -423,3 +424,9 @@ class ActorHost:
             "state_errors": self.store.errors,
             "state_failing": 1 if self.store.failing() is not None else 0,
         }
+
+
+if TYPE_CHECKING:
+
+    def _serves_agents(host: ActorHost) -> AgentHost:
+        return host  # the type checker proves that ActorHost is an AgentHost

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -146,7 +147,7 @@ class WorkerPool:
             self._wake_submitters()
         return len(kept) < self._max_queued
 
-    def submit_many_nowait(self, jobs: list[Job]) -> None:
+    def submit_many_nowait(self, jobs: Sequence[Job]) -> None:
         """Queue ``jobs`` in order, all or none: ResourceExhausted (nothing queued) when
         they do not fit (see ``room``), Unavailable when closing."""
         if len(jobs) > self.room():

@@ -34,7 +34,7 @@ class SwarmHost(ActorHost):
         try:
             while index < end:
                 address = addresses[index]
-                activation = activations.get(address)  # type: ignore[call-overload]
+                activation = activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
                 if activation is None:
                     activation = self._activation_missed(address)
                 if activation.phase is not IDLE:

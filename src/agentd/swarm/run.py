@@ -21,7 +21,7 @@ from agentd.inference import InferenceService, ModelRepository
 from agentd.inference.onnx_runtime import OnnxLoader
 from agentd.inference.repository import builtin_models_dir
 from agentd.runtime import MemoryStateStore, SQLiteStateStore, StateStore, WorkerPool
-from agentd.swarm.agents import COLLECTOR, Decider, make_collector
+from agentd.swarm.agents import COLLECTOR, Collector, Decider, make_collector
 from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
 
@@ -156,9 +156,10 @@ async def run_swarm(
         finished_at = time.time()
         rss_after = _rss_bytes()
         collector = host.instance(COLLECTOR)
+        assert isinstance(collector, Collector)
         batcher = inference.batcher("decision")
         runs = batcher.stats.runs if batcher else 0
-        rows = batcher.stats.rows_run if batcher else 0
+        rows_run = batcher.stats.rows_run if batcher else 0
     finally:
         gc.unfreeze()
         await host.aclose()  # waits for the last state commits
@@ -179,7 +180,7 @@ async def run_swarm(
         turn_p50_ms=round(latency.histogram.quantile(0.5) * 1000, 3),
         turn_p99_ms=round(latency.histogram.quantile(0.99) * 1000, 3),
         inference_runs=runs,
-        mean_batch=round(rows / runs, 1) if runs else 0.0,
+        mean_batch=round(rows_run / runs, 1) if runs else 0.0,
         store_writes=store_writes,
         persistence=persist,
         actions={label: int(c) for label, c in zip(labels, collector.actions, strict=True)},
