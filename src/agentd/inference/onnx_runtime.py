@@ -271,7 +271,7 @@ class OnnxExecutor:
         }
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
 
 def _specs(

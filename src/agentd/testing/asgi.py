@@ -161,7 +161,11 @@ class AsgiLifespan:
 
     async def __aenter__(self) -> dict[str, Any]:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
-        self._task = asyncio.create_task(self._app(scope, self._to_app.get, self._send))
+
+        async def run() -> None:  # App promises an awaitable; a task needs a coroutine
+            await self._app(scope, self._to_app.get, self._send)
+
+        self._task = asyncio.create_task(run())
         await self._to_app.put({"type": "lifespan.startup"})
         return await self._next()
 
