@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from agentd.errors import DeadlineExceeded
 from agentd.generate.tokenizer import Detokenizer, Tokenizer
@@ -59,7 +59,7 @@ class TextStream:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def __aiter__(self) -> AsyncGenerator[str, None]:
         stops = [s for s in self._params.stop if s]
         detokenizer = Detokenizer(self._tokenizer)
         pending = ""

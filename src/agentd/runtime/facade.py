@@ -12,7 +12,7 @@ tells alike, and gives told turns the default from their start.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from agentd.agents.address import Address, parse_address
@@ -78,7 +78,7 @@ class Runtime:
 
     async def stream(
         self, address: str | Address, message: Message, *, timeout: float | None = None
-    ) -> AsyncIterator[tuple[Address, Message | str]]:
+    ) -> AsyncGenerator[tuple[Address, Message | str], None]:
         """Run one streaming turn, yielding ``(address, event)`` pairs, within ``timeout``
         (the caller's; None: the node's default deadline)."""
         addr = parse_address(address) if isinstance(address, str) else address
