@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd.bench import SUITES
+from agentd.cli.bench import SUITES
 
 
 def agentd(

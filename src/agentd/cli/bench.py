@@ -1,15 +1,25 @@
-"""``agentd bench``: run a benchmark suite, print a table (or JSON) and save JSON results."""
+"""``agentd bench``: run a benchmark suite, print a table (or JSON) and save JSON results.
+
+The suites live outside the runtime package, in a package of their own in the same
+distribution (their peers and clients come with the ``bench`` extra); this command finds them
+through the ``agentd.bench`` entry point, so nothing in ``agentd`` imports them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from agentd.bench import SUITES
+__all__ = ["INSTALL_HINT", "SUITES", "bench"]
 
-__all__ = ["bench"]
+# The suites this command offers (its public interface); the benchmarks' SUITES implement the
+# same names (tests/bench/test_bench_cli.py holds them equal).
+SUITES = ("gateway", "inference", "swarm", "generate", "tools", "soak")
+INSTALL_HINT = "pip install 'agentd[bench]'"
+ENTRY_POINT_GROUP = "agentd.bench"
 
 
 def bench(
@@ -33,14 +43,12 @@ def bench(
     ] = None,
 ) -> None:
     """Benchmark agentd against peer servers measured in the same run."""
-    import importlib
     import math
 
-    from agentd.bench.results import ResultsDirError, check_results_dir
     from agentd.cli.tools import settings_or_exit
+    from agentd.errors import AgentdError, InvalidArgument
 
-    target = SUITES.get(suite)
-    if target is None:
+    if suite not in SUITES:
         typer.echo(f"error: unknown suite {suite!r}; choose from: {', '.join(SUITES)}", err=True)
         raise typer.Exit(2)
     extra: dict[str, float] = {}
@@ -55,16 +63,29 @@ def bench(
             raise typer.Exit(2)
         extra["minutes"] = minutes
     settings_or_exit()  # the suites start servers and build tools from these settings
+    load_suite = _bench_package()
     try:
-        check_results_dir(out_dir)
-    except ResultsDirError as exc:
+        run_suite = load_suite(suite, out_dir)
+    except InvalidArgument as exc:  # the only bad argument it checks is the results folder
         typer.echo(f"error: --out-dir: {exc}", err=True)
         raise typer.Exit(2) from None
-    module_name, func_name = target.split(":")
-    module = importlib.import_module(module_name)
-    error_type = getattr(module, "BenchError", RuntimeError)
-    try:
-        getattr(module, func_name)(quick=quick, json_out=json_out, results_dir=out_dir, **extra)
-    except error_type as exc:
+    except AgentdError as exc:  # e.g. the bench extra is not installed
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        run_suite(quick=quick, json_out=json_out, results_dir=out_dir, **extra)
+    except AgentdError as exc:  # every benchmark error is one
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _bench_package() -> Callable[..., Any]:
+    """The benchmarks' ``load_suite``, or exit with what to install when they are not there."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=ENTRY_POINT_GROUP, name="load_suite")
+    try:
+        return next(iter(found)).load()
+    except (StopIteration, ImportError):
+        typer.echo(f"error: agentd bench needs the benchmarks: {INSTALL_HINT}", err=True)
         raise typer.Exit(1) from None

@@ -1,0 +1,42 @@
+"""`agentd bench generate --quick` runs end to end and writes complete JSON (timings are the
+benchmark's business, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agentd_bench.generate import REPEATS
+
+pytestmark = pytest.mark.bench  # a suite end to end: `pytest -m bench`
+
+
+def test_bench_generate_quick(tmp_path):
+    command = ["agentd", "bench", "generate", "--quick", "--json", "--out-dir", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, "-m", *command], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    document = json.loads(out.stdout)
+    assert (tmp_path / "generate-latest.json").is_file()
+    batching = document["batching"]
+    for streams, point in batching["continuous"].items():
+        assert point["streams"] == int(streams)
+        assert point["tokens"] == int(streams) * batching["max_tokens"]
+        assert point["tokens_per_s"] > 0 and point["ttft"]["p50_ms"] > 0
+    assert batching["one_at_a_time_32"]["tokens"] == 32 * batching["max_tokens"]
+    # The 32-stream comparison runs as interleaved pairs; the target is their median ratio.
+    assert len(batching["ratios_32"]) == REPEATS
+    assert batching["ratio_32"] == sorted(batching["ratios_32"])[REPEATS // 2]
+    assert batching["lanes"] >= 1
+    cache = document["cache"]
+    assert cache["pooled"]["p99_ms"] > 0 and cache["concatenated"]["p99_ms"] > 0
+    long = document["long_prompt"]
+    assert long["chunked"]["prefill_tokens"] < long["prompt_tokens"]
+    assert long["whole"]["prefill_tokens"] == long["prompt_tokens"]
+    for case in ("chunked", "whole"):
+        assert long[case]["long_ttft_ms"] > 0 and long[case]["running_max_gap_ms"] > 0
+    assert {t["name"] for t in document["targets"]} == {"continuous_batching", "pooled_kv_cache"}
