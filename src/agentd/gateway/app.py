@@ -201,8 +201,8 @@ def _build_router(
             # Health probes come from load balancers and kubelets without credentials.
             router.add(path, Route(path, handler, open=health, rpc=True))
         router.add_service(app.path, Route("other", unknown_method, open=False, rpc=True))
-    for path, handler in ops.routes.items():
-        router.add(path, Route(path, GetOnly(handler), open=path in OPEN_PATHS))
+    for path, op in ops.routes.items():
+        router.add(path, Route(path, GetOnly(op), open=path in OPEN_PATHS))
     router.add_prefix("/v1/", by_label(openai.label, lambda label: Route(label, openai.handle)))
     admin_app = BodyLimit(ModelAdminEndpoint(admin), limit)
     router.add_prefix(

@@ -22,7 +22,7 @@ class Chat(Agent):
     async def handle(self, ctx: Context, message: Message) -> Reply:
         return "".join([piece async for piece in self.stream(ctx, message)])
 
-    async def stream(self, ctx: Context, message: Message) -> AsyncIterator[Reply]:
+    async def stream(self, ctx: Context, message: Message) -> AsyncIterator[str]:
         text = message.text if isinstance(message, Message) else str(message)
         history: list[list[str]] = ctx.state.get("history", [])
         messages = [{"role": role, "content": content} for role, content in history]
