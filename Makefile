@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test lint bench proto models train-lm system-test-deps clean
+.PHONY: run test lint bench bench-test proto models train-lm system-test-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ run: $(VENV)/.installed
 	$(BIN)/agentd serve $(ARGS)
 
 ## test: install test needs (Python and system packages), lint, run the whole suite
+## (tests/bench included: a --quick run of each benchmark suite)
 test: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/ruff check src tests
 	@# Tests and the servers they start find the tool components in the cache (built once).
@@ -33,13 +34,18 @@ test: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd tools build --plugins tests/security/plugins
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-## bench: run the benchmark suites; JSON results go to benchmarks/results/
+## bench: run the benchmark suites (package agentd_bench, the bench extra); JSON results go to
+## benchmarks/results/
 bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench gateway
 	$(BIN)/agentd bench inference
 	$(BIN)/agentd bench swarm
 	$(BIN)/agentd bench tools
 	$(BIN)/agentd bench generate
+
+## bench-test: only the benchmark tests (marker bench: each suite once with --quick)
+bench-test: $(VENV)/.installed-dev system-test-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m bench
 
 ## models: retrain the built-in int8 decision model (package data), make the benchmark MLP,
 ## and export the tiny language model (models/tinylm/hf) to ONNX and GGUF
