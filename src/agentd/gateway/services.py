@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+# The union of the four endpoint kinds that ConnectASGIApplication takes (connectrpc.server
+# exports only their common base class).
+from connectrpc._server_async import Endpoint
 from connectrpc._server_shared import EndpointBidiStream, EndpointClientStream
 from connectrpc.method import IdempotencyLevel, MethodInfo
-from connectrpc.server import ConnectASGIApplication, Endpoint
+from connectrpc.server import ConnectASGIApplication
 
 from agentd.gateway.rpc_errors import compressions
 
