@@ -12,12 +12,14 @@ __all__ = [
     "AgentdError",
     "Cancelled",
     "Code",
+    "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
+    "StartupError",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -90,3 +92,14 @@ class Unimplemented(AgentdError):
     """The feature asked for is not available here (not built, not configured)."""
 
     code = Code.UNIMPLEMENTED
+
+
+class ConfigError(InvalidArgument):
+    """A setting is wrong: a flag, an ``AGENTD_*`` variable, the config file, or a file or
+    address a setting names. The message is one line naming it (``agentd`` exits 2)."""
+
+
+class StartupError(Unavailable):
+    """The node could not start although its settings are valid: the port is taken, Envoy
+    cannot run or did not come up, the open-file limit is too low. The message is one line
+    naming the cause (``agentd`` exits 1)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -19,7 +19,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-__all__ = ["Settings", "load_settings"]
+from agentd.errors import ConfigError
+
+__all__ = ["Settings", "describe_settings_error", "load_settings"]
 
 CONFIG_ENV = "AGENTD_CONFIG"
 
@@ -219,5 +221,33 @@ def _cache_home() -> Path:
 
 
 def load_settings(**flags: Any) -> Settings:
-    """Build settings from flags (None means 'not given'), environment and config file."""
-    return Settings(**{k: v for k, v in flags.items() if v is not None})
+    """Build settings from flags (None means 'not given'), environment and config file.
+
+    Raises :class:`~agentd.errors.ConfigError` with one line naming each bad field (and the
+    ``AGENTD_*`` variable that set it) or the config file's problem; pydantic's
+    ValidationError is its ``__cause__``.
+    """
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        raise ConfigError(describe_settings_error(exc)) from exc
+
+
+def describe_settings_error(exc: ValueError) -> str:
+    """One line for what the settings refused: each bad field with the variable that set it
+    and the value it got, or the config file's problem. Every command prints this."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(_describe(error) for error in exc.errors())
+    return " ".join(str(exc).split())  # the config file: unreadable, not YAML, not a mapping
+
+
+def _describe(error: Any) -> str:
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    if not where:
+        return message
+    env = f"AGENTD_{where.upper()}"
+    env = env if len(error["loc"]) == 1 and env in os.environ else None  # name it if set
+    got = repr(error.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{where}{f' ({env})' if env else ''}: {message} (got {got})"

@@ -12,8 +12,8 @@ import threading
 import time
 
 import pytest
-from pydantic import ValidationError
 
+from agentd.errors import ConfigError
 from agentd.observability import Metrics
 from agentd.settings import load_settings
 from agentd.tools import CallOutcome, ToolErrorKind, ToolLimits, ToolSpec
@@ -499,5 +499,5 @@ def test_settings_reach_the_service(tmp_path, monkeypatch):
     ],
 )
 def test_invalid_admission_settings(flags, message):
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_settings(**flags)

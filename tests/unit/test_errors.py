@@ -10,14 +10,22 @@ from pathlib import Path
 import pytest
 
 import agentd.errors
-from agentd.errors import AgentdError, Code
+import agentd.server
+from agentd.errors import (
+    AgentdError,
+    Code,
+    ConfigError,
+    InvalidArgument,
+    StartupError,
+    Unavailable,
+)
 from agentd.tools import ToolBuildError, ToolError, ToolErrorKind
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def public_errors() -> list[type[BaseException]]:
-    modules = [agentd.errors, agentd.tools]
+    modules = [agentd.errors, agentd.tools, agentd.server]
     found = []
     for module in modules:
         for name in module.__all__:
@@ -34,14 +42,16 @@ def test_every_public_error_is_in_the_tree_with_a_code(error):
 
 
 def test_each_code_class_carries_its_own_code():
-    classes = [
-        value
-        for value in vars(agentd.errors).values()
-        if isinstance(value, type) and issubclass(value, AgentdError) and value is not AgentdError
-    ]
+    # The code classes; ConfigError and the like refine one of them.
+    classes = [c for c in AgentdError.__subclasses__() if c.__module__ == "agentd.errors"]
     codes = [cls.code for cls in classes]
     assert len(codes) == len(set(codes)), "two classes share a code"
     assert {cls.__name__ for cls in classes} >= {"Unimplemented", "Unavailable", "Internal"}
+
+
+def test_start_up_and_config_errors_refine_a_code_class():
+    assert issubclass(ConfigError, InvalidArgument) and ConfigError.code is Code.INVALID_ARGUMENT
+    assert issubclass(StartupError, Unavailable) and StartupError.code is Code.UNAVAILABLE
 
 
 def documented_tool_kinds() -> dict[str, str]:

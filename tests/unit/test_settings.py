@@ -1,6 +1,6 @@
 import pytest
-from pydantic import ValidationError
 
+from agentd.errors import ConfigError
 from agentd.settings import load_settings
 
 
@@ -35,32 +35,32 @@ def test_tokens_from_comma_list(monkeypatch):
     ],
 )
 def test_invalid_settings(flags, message):
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_settings(**flags)
 
 
 def test_bad_config_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("port: [\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(config=bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n")
-    with pytest.raises(ValueError, match="mapping"):
+    with pytest.raises(ConfigError, match="mapping"):
         load_settings(config=listy)
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         load_settings(config=tmp_path / "missing.yaml")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("prot: 1\n")
-    with pytest.raises(ValidationError, match="prot"):
+    with pytest.raises(ConfigError, match="prot"):
         load_settings(config=unknown)
 
 
 def test_config_file_with_non_string_keys(tmp_path):
     config = tmp_path / "k.yaml"
     config.write_text("1: 2\n")
-    with pytest.raises(ValueError, match="setting names must be strings, not 1"):
+    with pytest.raises(ConfigError, match="setting names must be strings, not 1"):
         load_settings(config=config)
     config.write_text("port: 9000\ntrue: 1\n")
-    with pytest.raises(ValueError, match="setting names must be strings"):
+    with pytest.raises(ConfigError, match="setting names must be strings"):
         load_settings(config=config)

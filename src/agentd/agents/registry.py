@@ -104,7 +104,7 @@ def _import_file(path: Path):
     module_name = _module_name(path)
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
+        raise InvalidArgument(f"agent plugin {path} cannot be imported")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:

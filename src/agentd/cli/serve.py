@@ -42,8 +42,8 @@ def serve(
     from rich.console import Console
     from rich.markup import escape
 
-    from agentd.cli.tools import describe_settings_error
-    from agentd.server import ConfigError, EnvoyProcess, StartupError, preflight
+    from agentd.errors import ConfigError, StartupError
+    from agentd.server import EnvoyProcess, preflight
     from agentd.settings import load_settings
 
     console = Console(highlight=False)
@@ -66,8 +66,8 @@ def serve(
             etcd=etcd,
             grace_period_s=grace,
         )
-    except ValueError as exc:  # pydantic's ValidationError included
-        raise fail(f"invalid settings: {describe_settings_error(exc)}", 2) from None
+    except ConfigError as exc:  # one line naming each bad field, or the config file
+        raise fail(f"invalid settings: {exc.message}", 2) from None
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
         if path is not None and not path.is_file():
             raise fail(f"{path} is not a readable file", 2)

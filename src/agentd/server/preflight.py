@@ -1,7 +1,7 @@
 """Checks ``agentd serve`` runs before starting Envoy, so a bad setting fails in one line.
 
-Each check raises :class:`ConfigError` (a setting is wrong: exit 2) or
-:class:`~agentd.server.envoy.StartupError` (the machine refuses: exit 1) with a message
+Each check raises :class:`~agentd.errors.ConfigError` (a setting is wrong: exit 2) or
+:class:`~agentd.errors.StartupError` (the machine refuses: exit 1) with a message
 that names the cause. Nothing here writes to an existing file.
 """
 
@@ -17,13 +17,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
-from agentd.server.envoy import (
-    ConfigError,
-    StartupError,
-    bind_error,
-    connection_limit,
-    raise_open_file_limit,
-)
+from agentd.errors import ConfigError, StartupError
+from agentd.server.envoy import bind_error, connection_limit, raise_open_file_limit
 from agentd.settings import Settings
 
 __all__ = ["check_bind", "check_state_store", "check_tls", "preflight", "resolve_host"]
@@ -64,7 +59,7 @@ def resolve_host(host: str) -> str:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(f"host {host!r} does not resolve to an address: {reason}") from None
+        raise ConfigError(f"host {host!r} does not resolve to an address: {reason}") from exc
     addresses = [str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
     if not addresses:
         raise ConfigError(f"host {host!r} does not resolve to an IP address")
@@ -88,9 +83,7 @@ def check_bind(host: str, port: int, *, udp: bool = False) -> None:
                 sock.bind((host, port))
             except OSError as exc:
                 proto = "UDP: " if kind == socket.SOCK_DGRAM else ""
-                raise StartupError(
-                    proto + bind_error(host, port, exc.errno, exc.strerror)
-                ) from None
+                raise StartupError(proto + bind_error(host, port, exc.errno, exc.strerror)) from exc
 
 
 def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
@@ -107,8 +100,8 @@ def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
         context.load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as exc:
         if "MISMATCH" in (exc.reason or str(exc)).upper():
-            raise ConfigError(f"tls-key {key} does not match tls-cert {cert}") from None
-        raise ConfigError(f"tls-key {key} is not a PEM private key") from None
+            raise ConfigError(f"tls-key {key} does not match tls-cert {cert}") from exc
+        raise ConfigError(f"tls-key {key} is not a PEM private key") from exc
 
 
 def _load_certs(path: Path, name: str) -> None:
@@ -116,15 +109,15 @@ def _load_certs(path: Path, name: str) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_verify_locations(cafile=path)
-    except ssl.SSLError:
-        raise ConfigError(f"{name} {path} is not a PEM certificate") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{name} {path} is not a PEM certificate") from exc
 
 
 def _read(path: Path, name: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{name} {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{name} {path} cannot be read: {exc.strerror}") from exc
 
 
 def check_state_store(path: Path) -> None:
@@ -140,13 +133,13 @@ def check_state_store(path: Path) -> None:
         try:
             db = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=rw", uri=True)
         except sqlite3.Error as exc:
-            raise ConfigError(f"{name} cannot be opened: {exc}") from None
+            raise ConfigError(f"{name} cannot be opened: {exc}") from exc
         try:
             db.execute("PRAGMA schema_version").fetchone()  # reads the header, writes nothing
         except sqlite3.DatabaseError as exc:
             if "not a database" in str(exc):
-                raise ConfigError(f"{name} is not a SQLite database") from None
-            raise ConfigError(f"{name} cannot be opened: {exc}") from None
+                raise ConfigError(f"{name} is not a SQLite database") from exc
+            raise ConfigError(f"{name} cannot be opened: {exc}") from exc
         finally:
             db.close()
         parent = path.absolute().parent
@@ -162,4 +155,4 @@ def check_state_store(path: Path) -> None:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
-        raise ConfigError(f"{name}: cannot write in {parent}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{name}: cannot write in {parent}: {exc.strerror or exc}") from exc
