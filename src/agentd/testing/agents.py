@@ -14,8 +14,8 @@ the agent did, and :func:`run_turn`, which runs one turn with a given state.
 Canned answers (``infer``, ``generate``, ``tools``, ``asks``) are either a value or a
 callable computing one (sync or async); an exception instance is raised instead of
 returned. What the runtime would refuse, the fake refuses the same way: a malformed
-address is InvalidArgument, an unknown model, tool or asked agent NotFound, a state that is
-not JSON-serialisable Internal.
+address is InvalidArgument, an unknown model or asked agent NotFound, an unknown tool a
+ToolError of kind ``not_found``, a state that is not JSON-serialisable Internal.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import orjson
 
 from agentd.agents import Address, Agent, Context, parse_address
 from agentd.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from agentd.tools.errors import ToolError, ToolErrorKind
 
 __all__ = ["Asked", "FakeHost", "Generated", "Inferred", "ToolCall", "Turn", "run_turn"]
 
@@ -122,7 +123,7 @@ class _FakeTools:
         args = dict(arguments or {})
         self._host.tool_calls.append(ToolCall(name, args, timeout))
         if name not in self._canned:
-            raise NotFound(f"no tool named {name!r}")
+            raise ToolError(ToolErrorKind.NOT_FOUND, f"no tool named {name!r}")
         return await _answer(self._canned[name], **args)
 
 

@@ -21,6 +21,7 @@ from agentd.errors import (
     Unimplemented,
 )
 from agentd.testing import FakeHost, run_turn
+from agentd.tools import ToolError, ToolErrorKind
 
 
 class Greeter(Agent):
@@ -101,8 +102,9 @@ async def test_canned_errors_and_async_answers():
         await ctx.ask("judge/2", "?")
     with pytest.raises(InvalidArgument):
         await ctx.send("Not An Address/", "?")
-    with pytest.raises(NotFound, match="tool"):
+    with pytest.raises(ToolError, match="tool") as caught:  # as the tool service answers
         await ctx.tool("missing")
+    assert caught.value.kind is ToolErrorKind.NOT_FOUND
 
 
 async def test_what_a_host_without_models_or_tools_answers():
