@@ -43,6 +43,7 @@ def models(
                 response = client.post("/v2/repository/index")
                 language_models = client.get("/v1/models")
             else:
+                assert name  # checked above: load and unload need one
                 # A name is one path segment: '?', '/' or '..' in it must not change the route.
                 response = client.post(f"/v2/repository/models/{quote(name, safe='')}/{action}")
     except (httpx.HTTPError, httpx.InvalidURL) as exc:

@@ -144,7 +144,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)
-    for key, add in (
+    for key, add_id in (
         ("bos_token_id", writer.add_bos_token_id),
         ("eos_token_id", writer.add_eos_token_id),
         ("pad_token_id", writer.add_pad_token_id),
@@ -153,7 +153,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
         if isinstance(value, list):
             value = value[0]
         if value is not None:
-            add(int(value))
+            add_id(int(value))
     writer.add_add_bos_token(False)  # prompts and the chat template carry their own BOS
     tokenizer_config = hf_dir / "tokenizer_config.json"
     if tokenizer_config.exists():
@@ -161,7 +161,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
         if isinstance(template, str):
             writer.add_chat_template(template)
 
-    def add(name: str, array: np.ndarray) -> None:
+    def add_tensor(name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
         # Like llama.cpp's converter: 1-D tensors (norms) stay f32.
         if dtype == "f16" and array.ndim > 1:
@@ -172,7 +172,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
     for name, gguf_name in _GLOBAL_TENSORS.items():
         if name == "lm_head.weight" and tied:
             continue  # llama.cpp falls back to token_embd when output.weight is absent
-        add(gguf_name, weights[name])
+        add_tensor(gguf_name, weights[name])
     for layer in range(layers):
         prefix = f"model.layers.{layer}."
         for name, gguf_name in _LAYER_TENSORS.items():
@@ -181,7 +181,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
                 array = _permute_rotary(array, n_head)
             elif name == "self_attn.k_proj.weight":
                 array = _permute_rotary(array, n_head_kv)
-            add(f"blk.{layer}.{gguf_name}", array)
+            add_tensor(f"blk.{layer}.{gguf_name}", array)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
