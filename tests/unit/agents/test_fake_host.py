@@ -154,6 +154,25 @@ async def test_a_streamed_turn_returns_its_events():
     assert turn.state == {"last": 2}
 
 
+class DocScout(Agent):
+    """docs/runtime.md's first example, tested as the docs show."""
+
+    name = "scout"
+
+    async def handle(self, ctx, message):
+        features = message
+        result = await ctx.infer("decision", {"features": features})
+        ctx.state["last_action"] = int(result["action"][0])
+        await ctx.send("base/main", (ctx.address.id, ctx.state["last_action"]))
+
+
+async def test_the_docs_example():
+    host = FakeHost(infer={"decision": {"action": np.array([2])}})
+    turn = await run_turn(DocScout(), np.zeros((1, 16), np.float32), host=host, address="scout/7")
+    assert turn.state == {"last_action": 2}
+    assert host.sent == [(Address("base", "main"), ("7", 2))]
+
+
 def test_the_agent_sdk_loads_without_the_runtime():
     # The agents package is typed against a host protocol: importing it (and the fake host)
     # must not pull the runtime in.
