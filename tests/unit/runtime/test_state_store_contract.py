@@ -1,0 +1,59 @@
+"""What every StateStore implementation owes the actor host (agentd.runtime.state): run
+against each implementation, so that a new backend (the cluster issue's Redis) joins the
+parametrization and is held to the same rules."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from agentd.runtime import MemoryStateStore, SQLiteStateStore, StateStore
+
+STORES: dict[str, Callable[[Path], StateStore]] = {
+    "memory": lambda tmp: MemoryStateStore(),
+    "sqlite": lambda tmp: SQLiteStateStore(tmp / "state.db"),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request, tmp_path) -> AsyncIterator[StateStore]:
+    store = STORES[request.param](tmp_path)
+    store.on_commit_failed = None
+    await store.open()
+    yield store
+    await store.aclose()
+
+
+async def test_a_new_store_is_empty_and_healthy(store: StateStore) -> None:
+    assert store.empty_at_open
+    assert store.errors == 0
+    assert store.failing() is None
+    assert await store.load("a/1") is None
+
+
+async def test_saved_snapshots_load_back_last_write_wins(store: StateStore) -> None:
+    committed = store.save("a/1", b'{"n":1}')
+    store.save_nowait("a/2", b'{"n":2}')
+    store.save_nowait("a/1", b'{"n":3}')
+    await committed
+    last = store.save("a/3", b"{}")
+    await last  # saves are committed in order: those before it are committed too
+    loaded = await asyncio.gather(*(store.load(k) for k in ("a/1", "a/2", "a/3", "a/4")))
+    assert loaded == [b'{"n":3}', b'{"n":2}', b"{}", None]
+    assert store.failing() is None
+
+
+async def test_what_aclose_committed_is_there_after_reopening(tmp_path: Path) -> None:
+    # For a durable store only: the memory store forgets with its object.
+    first = SQLiteStateStore(tmp_path / "state.db")
+    await first.open()
+    first.save_nowait("a/1", b'{"n":1}')
+    await first.aclose()  # commits what is queued
+    again = SQLiteStateStore(tmp_path / "state.db")
+    await again.open()
+    assert not again.empty_at_open
+    assert await again.load("a/1") == b'{"n":1}'
+    await again.aclose()
