@@ -76,6 +76,7 @@ def _cpu_model() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge absolute numbers: cores, CPU, Python, OS."""
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
@@ -104,10 +104,12 @@ class Generators:
 
     def pump(self, timeout: float) -> None:
         """Read what the generators sent within ``timeout`` s (so their pipes never fill)."""
-        for conn in wait(self.conns, timeout):
-            i = self.conns.index(conn)  # type: ignore[arg-type]
+        # wait() returns some of the objects it was given: here, connections.
+        ready = cast("list[Connection]", wait(self.conns, timeout))
+        for conn in ready:
+            i = self.conns.index(conn)
             try:
-                self._pending[i].append(conn.recv())  # type: ignore[union-attr]
+                self._pending[i].append(conn.recv())
             except EOFError:
                 self._pending[i].append({"type": "exit"})
 

@@ -286,7 +286,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.3 * len(panels)), sharex=True)
     warmup_min = document["config"]["warmup_s"] / 60
-    colours = plt.get_cmap("tab20").colors  # 11 lines in the by-kind panels: tab10 repeats
+    colours = list(matplotlib.color_sequences["tab20"])  # 11 lines by kind: tab10 repeats
     for ax, (title, lines, log_y) in zip(axes, panels, strict=True):
         ax.set_prop_cycle(color=colours[::2] + colours[1::2])
         for label, values, xs in lines:

@@ -28,7 +28,7 @@ async def run(agents: int) -> dict:
         await results.put((index, int(action[0])))
 
     started = time.perf_counter()
-    mailboxes = [asyncio.Queue() for _ in range(agents)]
+    mailboxes: list[asyncio.Queue[np.ndarray]] = [asyncio.Queue() for _ in range(agents)]
     tasks = [asyncio.create_task(agent(i, m)) for i, m in enumerate(mailboxes)]
     for index, mailbox in enumerate(mailboxes):
         mailbox.put_nowait(features[index : index + 1])

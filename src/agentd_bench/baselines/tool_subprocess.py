@@ -14,6 +14,8 @@ import sys
 def main() -> None:
     request = json.load(sys.stdin)
     spec = importlib.util.spec_from_file_location("tool", request["file"])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {request['file']!r} as a Python module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = getattr(module, request["name"])(**request["arguments"])
