@@ -247,7 +247,7 @@ def _trap(message: str) -> int:
 
 
 @_HostFunc
-def _clock_now(_env, _context, _ty, _args, _nargs, results, _nresults):  # type: ignore[no-untyped-def]
+def _clock_now(_env, _context, _ty, _args, _nargs, results, _nresults):
     left = getattr(_calls, "clock_reads_left", 0)
     if left <= 0:
         return _trap(_CLOCK_REFUSED)
@@ -258,20 +258,20 @@ def _clock_now(_env, _context, _ty, _args, _nargs, results, _nresults):  # type:
 
 
 @_HostFunc
-def _clock_resolution(_env, _context, _ty, _args, _nargs, results, _nresults):  # type: ignore[no-untyped-def]
+def _clock_resolution(_env, _context, _ty, _args, _nargs, results, _nresults):
     results[0].kind = _U64_KIND
     results[0].of.u64 = 1
     return 0
 
 
 @_HostFunc
-def _no_waiting(_env, _context, _ty, _args, _nargs, _results, _nresults):  # type: ignore[no-untyped-def]
+def _no_waiting(_env, _context, _ty, _args, _nargs, _results, _nresults):
     # A trap ends the call at once; the guest cannot catch it.
     return _trap(WAIT_REFUSED)
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-def _no_finalizer(_env):  # type: ignore[no-untyped-def]
+def _no_finalizer(_env):
     return None
 
 
