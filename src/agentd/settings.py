@@ -246,7 +246,7 @@ def _describe(error: Any) -> str:
     where = ".".join(str(part) for part in error.get("loc", ()))
     if not where:
         return message
-    env = f"AGENTD_{where.upper()}"
+    env: str | None = f"AGENTD_{where.upper()}"
     env = env if len(error["loc"]) == 1 and env in os.environ else None  # name it if set
     got = repr(error.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
