@@ -11,6 +11,8 @@ from agentd.inference.service import InferenceService
 from agentd.inference.types import (
     BatchingConfig,
     DataType,
+    InferenceRequest,
+    InferenceResponse,
     ModelConfig,
     ModelMetadata,
     TensorSpec,
@@ -21,6 +23,8 @@ __all__ = [
     "BatchingConfig",
     "DataType",
     "DynamicBatcher",
+    "InferenceRequest",
+    "InferenceResponse",
     "InferenceService",
     "ModelConfig",
     "ModelEntry",

@@ -15,7 +15,12 @@ from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.inference.batcher import BatchObserver, DynamicBatcher
 from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
-from agentd.inference.types import DataType, ModelMetadata
+from agentd.inference.types import (
+    DataType,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+)
 
 __all__ = ["InferenceService"]
 
@@ -187,13 +192,21 @@ class InferenceService:
         """
         timeout = self._deadlines.timeout(timeout)
         result = self.infer_nowait(name, inputs, version=version, outputs=outputs)
-        if timeout is None:
-            return await result
-        try:
-            async with asyncio.timeout(timeout):
-                return await result
-        except TimeoutError:
-            raise DeadlineExceeded(f"model {name!r} did not answer within {timeout:.3f}s") from None
+        return await _answer(name, result, timeout)
+
+    async def infer_request(self, request: InferenceRequest) -> InferenceResponse:
+        """Run ``request`` (the form the KServe adapters give) and say which model version
+        answered. Its time is the tighter of its ``timeout`` and ``call_timeout`` under
+        the node's deadline rule, for every protocol alike. Raises as :meth:`infer`."""
+        bounds = [t for t in (request.timeout, request.call_timeout) if t is not None]
+        timeout = self._deadlines.timeout(min(bounds) if bounds else None)
+        name, version = request.model, request.version
+        result = self.infer_nowait(name, request.inputs, version=version, outputs=request.outputs)
+        # Nothing awaited since the call was queued: this is the version it was queued on
+        # (a reload swaps the served version in one synchronous step).
+        metadata = self.metadata(name, version)
+        outputs = await _answer(name, result, timeout)
+        return InferenceResponse(metadata.name, metadata.version, outputs)
 
     def infer_nowait(
         self,
@@ -247,6 +260,20 @@ class InferenceService:
 
 
 _MAX_ELEMENTS = 1 << 28
+
+
+async def _answer(
+    name: str, result: asyncio.Future[dict[str, np.ndarray]], timeout: float | None
+) -> dict[str, np.ndarray]:
+    """``result``'s outputs, or DeadlineExceeded once ``timeout`` seconds have passed (its
+    rows are dropped when their batch has not run yet)."""
+    if timeout is None:
+        return await result
+    try:
+        async with asyncio.timeout(timeout):
+            return await result
+    except TimeoutError:
+        raise DeadlineExceeded(f"model {name!r} did not answer within {timeout:.3f}s") from None
 
 
 def _close_built(built: asyncio.Future[tuple[Any, Any]]) -> None:

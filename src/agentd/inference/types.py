@@ -6,6 +6,7 @@ Plain Python and numpy only: no runtime library is imported here.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 __all__ = [
     "BatchingConfig",
     "DataType",
+    "InferenceRequest",
+    "InferenceResponse",
     "ModelConfig",
     "ModelMetadata",
     "TensorSpec",
@@ -161,3 +164,29 @@ class ModelMetadata:
             if spec.name == name:
                 return spec
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """One inference call as a protocol adapter hands it to the service.
+
+    ``timeout`` is the request's own timeout and ``call_timeout`` the transport's deadline
+    for the call (e.g. grpc-timeout), both in seconds, None when not given: the service
+    takes the tighter and applies the node's deadline rule to it.
+    """
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    version: str | None = None
+    outputs: Sequence[str] | None = None  # None: every output of the model
+    timeout: float | None = None
+    call_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResponse:
+    """The outputs of one call and the model version that computed them."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]

@@ -42,7 +42,13 @@ from agentd.gateway.kserve.rest_codec import (
     decode_request,
     encode_response,
 )
-from agentd.inference.types import DataType, ModelMetadata, TensorSpec
+from agentd.inference.types import (
+    DataType,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    TensorSpec,
+)
 
 ALL_TYPES = list(DataType)
 NUMERIC = [dt for dt in DataType if dt is not DataType.BYTES]
@@ -739,11 +745,14 @@ class FakeService:
         self.metadata(name, version)
         return True
 
-    async def infer(self, name, inputs, *, version=None, outputs=None, timeout=None):
-        self.calls.append({"inputs": inputs, "outputs": outputs, "timeout": timeout})
+    async def infer_request(self, request: InferenceRequest) -> InferenceResponse:
+        inputs = request.inputs
+        self.calls.append(
+            {"inputs": inputs, "outputs": request.outputs, "timeout": request.timeout}
+        )
         if self.error is not None:
             raise self.error
-        return {"OUTPUT0": np.asarray(inputs["INPUT0"]).copy()}
+        return InferenceResponse("ident", "1", {"OUTPUT0": np.asarray(inputs["INPUT0"]).copy()})
 
 
 async def call(

@@ -20,7 +20,7 @@ from connectrpc.request import RequestContext
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.gateway.kserve.codec import datatype_of, decode_contents, decode_raw, encode_raw
 from agentd.gateway.rpc_errors import call_timeout, compressions, to_connect_error
-from agentd.inference.types import ModelMetadata
+from agentd.inference.types import InferenceRequest, InferenceResponse, ModelMetadata
 from agentd.kserve.v2 import grpc_service_pb2 as pb
 from agentd.kserve.v2.grpc_service_connect import GRPCInferenceServiceASGIApplication
 
@@ -91,20 +91,22 @@ class KServeGrpcService:
     ) -> pb.ModelInferResponse:
         name, version = request.model_name, request.model_version or None
         try:
-            # The caller's time: the tighter of the call's deadline and the request's own
-            # timeout, None when neither is given. The service applies the node's rule (its
-            # default for None), exactly as for the same request over REST.
-            bounds = [t for t in (call_timeout(ctx), request_timeout(request)) if t is not None]
-            timeout = min(bounds) if bounds else None
-            meta = self._service.metadata(name, version)
-            outputs = await self._service.infer(
-                name,
-                decode_inputs(request),
-                version=version,
-                outputs=requested_outputs(request),
-                timeout=timeout,
+            call = call_timeout(ctx)
+            timeout = request_timeout(request)
+            # Unknown model first: NOT_FOUND tells more than complaints about the tensors.
+            self._service.metadata(name, version)
+            # The service resolves the deadline from both times, exactly as over REST.
+            response = await self._service.infer_request(
+                InferenceRequest(
+                    name,
+                    decode_inputs(request),
+                    version=version,
+                    outputs=requested_outputs(request),
+                    timeout=timeout,
+                    call_timeout=call,
+                )
             )
-            return encode_response(meta, request.id, outputs)
+            return encode_response(response, request.id)
         except AgentdError as exc:
             raise to_connect_error(exc) from exc
         except Exception as exc:
@@ -167,13 +169,11 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str] | None:
     return names or None
 
 
-def encode_response(
-    meta: ModelMetadata, request_id: str, outputs: dict[str, np.ndarray]
-) -> pb.ModelInferResponse:
+def encode_response(answer: InferenceResponse, request_id: str) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
-        model_name=meta.name, model_version=meta.version, id=request_id
+        model_name=answer.model, model_version=answer.version, id=request_id
     )
-    for name, array in outputs.items():
+    for name, array in answer.outputs.items():
         response.outputs.add(name=name, datatype=datatype_of(array).value, shape=array.shape)
         response.raw_output_contents.append(encode_raw(array))
     return response

@@ -22,7 +22,7 @@ from agentd.gateway.asgi import Scope, Send
 from agentd.gateway.kserve.rest_codec import decode_request, encode_response
 from agentd.gateway.protocol import clip, header, http_status
 from agentd.gateway.redact import public_message
-from agentd.inference.types import ModelMetadata, TensorSpec
+from agentd.inference.types import InferenceRequest, ModelMetadata, TensorSpec
 
 if TYPE_CHECKING:
     from agentd.inference.service import InferenceService
@@ -99,9 +99,9 @@ class KServeRest:
 
     ``max_body_bytes`` bounds a request body after decompression (gzip or deflate), as the
     gateway bounds it on the wire. A request's ``timeout`` parameter is passed to the
-    service, which applies the node's deadline rule (its default without one, as over
-    gRPC). ``ready`` answers ``/v2/health/ready``: the node's readiness in a gateway
-    (default: the inference service's own).
+    service, which resolves the call's deadline (the node's rule, as over gRPC).
+    ``ready`` answers ``/v2/health/ready``: the node's readiness in a gateway (default:
+    the inference service's own).
     """
 
     def __init__(
@@ -176,17 +176,21 @@ class KServeRest:
     async def _infer(self, scope: Scope, body: bytes, send: Send, route: Route) -> None:
         assert route.model is not None
         # Unknown model first: a 404 tells more than complaints about the body.
-        metadata = self._service.metadata(route.model, route.version)
+        self._service.metadata(route.model, route.version)
         body = self._decompress(scope, body)
         request = decode_request(body, _header_length(scope))
-        outputs = await self._service.infer(
-            route.model,
-            request.inputs,
-            version=route.version,
-            outputs=request.output_names,
-            timeout=request.timeout_s,
+        response = await self._service.infer_request(
+            InferenceRequest(
+                route.model,
+                request.inputs,
+                version=route.version,
+                outputs=request.output_names,
+                timeout=request.timeout_s,
+            )
         )
-        payload, json_length = encode_response(metadata.name, metadata.version, request, outputs)
+        payload, json_length = encode_response(
+            response.model, response.version, request, response.outputs
+        )
         if json_length is None:
             await _json(send, 200, payload)
             return
