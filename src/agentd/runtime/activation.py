@@ -157,7 +157,10 @@ class Activation(Mailbox):
                         await self.agent.handle(ctx, message)
                     else:
                         await self._told_turn(message, told_timeout)
-                    self._persist(False)
+                    if self.state or self.snapshot not in _EMPTY_SNAPSHOTS:
+                        # (Skips the call when _persist would find nothing to do: an
+                        # agent whose state stays empty, as the swarm's collector.)
+                        self._persist(False)
                 except asyncio.CancelledError:
                     self._rollback()
                     outcome = "cancelled"
