@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,14 +53,15 @@ class EngineObserver(Protocol):
     def sequence_finished(self, model: str, reason: str, tokens: int) -> None: ...
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, kw_only=True)
 class _Stream(_Sequence):
     """A sequence with what the runner needs (its sampler, its blocks as an array) and its
     consumer (the queue its tokens go to, its timings)."""
 
-    sampler: Sampler | None = None
+    sampler: Sampler
     table: Any = None  # np.ndarray of its blocks (set on admission), for block tables
-    queue: asyncio.Queue | None = None
+    # Tokens, then _DONE or the error that ended the sequence.
+    queue: asyncio.Queue[int | AgentdError | None] = field(default_factory=asyncio.Queue)
     submitted: float = 0.0
     last_emit: float = 0.0
 
@@ -83,7 +84,7 @@ class TokenEngine:
         self._info = info
         self.pool = pool
         self.lanes = lanes  # model runs at once: a step's batch is split across them
-        self.scheduler = Scheduler(
+        self.scheduler: Scheduler[_Stream] = Scheduler(
             pool,
             context_length=info.context_length,
             eos_token_ids=info.eos_token_ids,
@@ -161,21 +162,24 @@ class TokenEngine:
         the queue of waiting sequences is full."""
         self.scheduler.check(prompt_len, params.max_tokens, repr(self._info.name))
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
         self.check_request(len(prompt_ids), params)
         return self._stream(np.asarray(prompt_ids, dtype=np.int64), params)
 
-    async def _stream(self, prompt: np.ndarray, params: SamplingParams) -> AsyncIterator[int]:
+    async def _stream(
+        self, prompt: np.ndarray, params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
         seq = _Stream(
             prompt=prompt,
             max_tokens=params.max_tokens,
             sampler=Sampler(params),
-            queue=asyncio.Queue(),
             submitted=time.perf_counter(),
         )
-        self._ensure_running()
+        wake = self._ensure_running()
         self.scheduler.add(seq)
-        self._wake.set()
+        wake.set()
         queue = seq.queue
         try:
             while True:
@@ -189,10 +193,14 @@ class TokenEngine:
             if self.scheduler.abandon(seq):
                 self._ended(seq, "cancelled")
 
-    def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="token-engine")
+    def _ensure_running(self) -> asyncio.Event:
+        """The step loop's wake-up event; starts the loop (with a new one) if not running."""
+        wake = self._wake
+        if wake is None or self._task is None or self._task.done():
+            wake = self._wake = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(wake), name="token-engine")
+        return wake
 
     async def close(self) -> None:
         if self._task is not None:
@@ -203,14 +211,14 @@ class TokenEngine:
 
     # -- the step loop -------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, wake: asyncio.Event) -> None:
         scheduler, runner, lanes = self.scheduler, self.runner, self.lanes
         while True:
             for seq in scheduler.admit():
                 runner.admitted(seq)
             if not scheduler.has_work():
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             planned = scheduler.plan_prefill()
             if planned:

@@ -45,7 +45,7 @@ class OnnxRunner:
         self._vocab_size = vocab_size
         self._keys = ort.OrtValue.ortvalue_from_numpy(pool.model_keys)
         self._values = ort.OrtValue.ortvalue_from_numpy(pool.model_values)
-        self._decode_outputs: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self._decode_outputs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def admitted(seq: RunnerSequence) -> None:

@@ -23,7 +23,7 @@ import contextlib
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from agentd.errors import InvalidArgument, ResourceExhausted
 
@@ -73,7 +73,11 @@ class Sequence:
     finished: bool = False
 
 
-class Scheduler:
+# The engine schedules its own subclass (with a sampler and a consumer) and gets it back.
+S = TypeVar("S", bound=Sequence)
+
+
+class Scheduler(Generic[S]):
     """Admission, prefill planning, decode batches and the end of sequences over ``pool``.
 
     ``max_batch``: sequences admitted at once (prefilling and running); ``prefill_tokens``:
@@ -98,10 +102,10 @@ class Scheduler:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.max_waiting = max_waiting
-        self.waiting: deque[Sequence] = deque()
-        self.prefilling: list[Sequence] = []  # admitted, prompt not all in the cache yet
-        self.running: list[Sequence] = []  # decoding
-        self.in_flight: frozenset[Sequence] = frozenset()
+        self.waiting: deque[S] = deque()
+        self.prefilling: list[S] = []  # admitted, prompt not all in the cache yet
+        self.running: list[S] = []  # decoding
+        self.in_flight: frozenset[S] = frozenset()
 
     def has_work(self) -> bool:
         """Whether a step has anything to run (admitted sequences)."""
@@ -127,14 +131,14 @@ class Scheduler:
                 f"{len(self.waiting)} sequences are already waiting for {model}"
             )
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: S) -> None:
         """Queue ``seq`` for admission (after everything queued before it)."""
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
+    def admit(self) -> list[S]:
         """Move waiting sequences in, oldest first, while the batch and the pool have room;
         returns those admitted (each now holds its blocks)."""
-        admitted: list[Sequence] = []
+        admitted: list[S] = []
         waiting, pool = self.waiting, self.pool
         while waiting and len(self.running) + len(self.prefilling) < self.max_batch:
             seq = waiting[0]
@@ -148,11 +152,11 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def plan_prefill(self) -> list[Sequence]:
+    def plan_prefill(self) -> list[S]:
         """The sequences for the next prefill run, oldest first, each with its ``chunk``:
         rows right-padded to the widest chunk stay within ``prefill_tokens``. The oldest
         always gets a chunk (of at most ``prefill_tokens``)."""
-        planned: list[Sequence] = []
+        planned: list[S] = []
         width = 0
         budget = self.prefill_tokens
         for seq in self.prefilling:
@@ -166,7 +170,7 @@ class Scheduler:
         return planned
 
     @staticmethod
-    def split(batch: list[Sequence], lanes: int) -> list[list[Sequence]]:
+    def split(batch: list[S], lanes: int) -> list[list[S]]:
         """``batch`` cut into one near-equal run per lane (at most ``lanes`` runs)."""
         if not batch:
             return []
@@ -177,7 +181,7 @@ class Scheduler:
             cuts.append(cuts[-1] + size + (lane < extra))
         return [batch[cuts[i] : cuts[i + 1]] for i in range(count)]
 
-    def begin_step(self, groups: list[list[Sequence]]) -> None:
+    def begin_step(self, groups: list[list[S]]) -> None:
         """The sequences of ``groups`` run now: abandoning one keeps its blocks until
         :meth:`end_step` (the run is writing into them)."""
         self.in_flight = frozenset(seq for group in groups for seq in group)
@@ -185,7 +189,7 @@ class Scheduler:
     def end_step(self) -> None:
         self.in_flight = frozenset()
 
-    def update(self, seq: Sequence, token: int) -> Outcome:
+    def update(self, seq: S, token: int) -> Outcome:
         """Take the token ``seq`` produced (its prompt is now all in the cache)."""
         if seq.generated == 0:
             self.prefilling.remove(seq)
@@ -199,7 +203,7 @@ class Scheduler:
             self.running.append(seq)
         return Outcome.CONTINUE
 
-    def abandon(self, seq: Sequence) -> bool:
+    def abandon(self, seq: S) -> bool:
         """Its consumer went away. True when ``seq`` ended now (its blocks are back);
         False when it had ended already, or is in the step in flight (then it ends when
         the engine hands that step's results out: it is marked ``cancelled``)."""
@@ -212,7 +216,7 @@ class Scheduler:
             self.waiting.remove(seq)
         return self.finish(seq)
 
-    def finish(self, seq: Sequence) -> bool:
+    def finish(self, seq: S) -> bool:
         """End ``seq``: its blocks go back to the pool and it leaves every list. False when
         it had ended already."""
         if seq.finished:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from agentd.errors import FailedPrecondition, InvalidArgument
@@ -40,7 +40,9 @@ class SerialGenerator:
     def info(self) -> LMInfo:
         return self._backend.info
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
         """Yield generated token ids (eos excluded) until eos, ``params.max_tokens`` or the
         end of the context window."""
         if self._closed:

@@ -6,7 +6,7 @@ finish reasons happens once, above them (``text_stream.py``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -69,7 +69,9 @@ class TextGenerator(Protocol):
     @property
     def info(self) -> LMInfo: ...
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncGenerator[int, None]:
         """Yield generated token ids (eos excluded) until eos or ``params.max_tokens``.
 
         Closing the iterator early (``aclose()``, or the consuming task being cancelled)
