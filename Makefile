@@ -24,10 +24,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/agentd serve $(ARGS)
 
-## test: install test needs (Python and system packages), lint, run the whole suite
+## test: install test needs (Python and system packages), lint, type-check, run the whole suite
 ## (tests/bench included: a --quick run of each benchmark suite)
 test: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	@# Tests and the servers they start find the tool components in the cache (built once).
 	$(BIN)/agentd tools build --plugins tests/plugins
 	$(BIN)/agentd tools build --plugins tests/tools/plugins
