@@ -74,10 +74,10 @@ class Sequence:
 
 
 # The engine schedules its own subclass (with a sampler and a consumer) and gets it back.
-S = TypeVar("S", bound=Sequence)
+_S = TypeVar("_S", bound=Sequence)
 
 
-class Scheduler(Generic[S]):
+class Scheduler(Generic[_S]):
     """Admission, prefill planning, decode batches and the end of sequences over ``pool``.
 
     ``max_batch``: sequences admitted at once (prefilling and running); ``prefill_tokens``:
@@ -102,10 +102,10 @@ class Scheduler(Generic[S]):
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.max_waiting = max_waiting
-        self.waiting: deque[S] = deque()
-        self.prefilling: list[S] = []  # admitted, prompt not all in the cache yet
-        self.running: list[S] = []  # decoding
-        self.in_flight: frozenset[S] = frozenset()
+        self.waiting: deque[_S] = deque()
+        self.prefilling: list[_S] = []  # admitted, prompt not all in the cache yet
+        self.running: list[_S] = []  # decoding
+        self.in_flight: frozenset[_S] = frozenset()
 
     def has_work(self) -> bool:
         """Whether a step has anything to run (admitted sequences)."""
@@ -131,14 +131,14 @@ class Scheduler(Generic[S]):
                 f"{len(self.waiting)} sequences are already waiting for {model}"
             )
 
-    def add(self, seq: S) -> None:
+    def add(self, seq: _S) -> None:
         """Queue ``seq`` for admission (after everything queued before it)."""
         self.waiting.append(seq)
 
-    def admit(self) -> list[S]:
+    def admit(self) -> list[_S]:
         """Move waiting sequences in, oldest first, while the batch and the pool have room;
         returns those admitted (each now holds its blocks)."""
-        admitted: list[S] = []
+        admitted: list[_S] = []
         waiting, pool = self.waiting, self.pool
         while waiting and len(self.running) + len(self.prefilling) < self.max_batch:
             seq = waiting[0]
@@ -152,11 +152,11 @@ class Scheduler(Generic[S]):
             admitted.append(seq)
         return admitted
 
-    def plan_prefill(self) -> list[S]:
+    def plan_prefill(self) -> list[_S]:
         """The sequences for the next prefill run, oldest first, each with its ``chunk``:
         rows right-padded to the widest chunk stay within ``prefill_tokens``. The oldest
         always gets a chunk (of at most ``prefill_tokens``)."""
-        planned: list[S] = []
+        planned: list[_S] = []
         width = 0
         budget = self.prefill_tokens
         for seq in self.prefilling:
@@ -170,7 +170,7 @@ class Scheduler(Generic[S]):
         return planned
 
     @staticmethod
-    def split(batch: list[S], lanes: int) -> list[list[S]]:
+    def split(batch: list[_S], lanes: int) -> list[list[_S]]:
         """``batch`` cut into one near-equal run per lane (at most ``lanes`` runs)."""
         if not batch:
             return []
@@ -181,7 +181,7 @@ class Scheduler(Generic[S]):
             cuts.append(cuts[-1] + size + (lane < extra))
         return [batch[cuts[i] : cuts[i + 1]] for i in range(count)]
 
-    def begin_step(self, groups: list[list[S]]) -> None:
+    def begin_step(self, groups: list[list[_S]]) -> None:
         """The sequences of ``groups`` run now: abandoning one keeps its blocks until
         :meth:`end_step` (the run is writing into them)."""
         self.in_flight = frozenset(seq for group in groups for seq in group)
@@ -189,7 +189,7 @@ class Scheduler(Generic[S]):
     def end_step(self) -> None:
         self.in_flight = frozenset()
 
-    def update(self, seq: S, token: int) -> Outcome:
+    def update(self, seq: _S, token: int) -> Outcome:
         """Take the token ``seq`` produced (its prompt is now all in the cache)."""
         if seq.generated == 0:
             self.prefilling.remove(seq)
@@ -203,7 +203,7 @@ class Scheduler(Generic[S]):
             self.running.append(seq)
         return Outcome.CONTINUE
 
-    def abandon(self, seq: S) -> bool:
+    def abandon(self, seq: _S) -> bool:
         """Its consumer went away. True when ``seq`` ended now (its blocks are back);
         False when it had ended already, or is in the step in flight (then it ends when
         the engine hands that step's results out: it is marked ``cancelled``)."""
@@ -216,7 +216,7 @@ class Scheduler(Generic[S]):
             self.waiting.remove(seq)
         return self.finish(seq)
 
-    def finish(self, seq: S) -> bool:
+    def finish(self, seq: _S) -> bool:
         """End ``seq``: its blocks go back to the pool and it leaves every list. False when
         it had ended already."""
         if seq.finished:
