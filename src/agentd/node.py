@@ -16,6 +16,14 @@ closes the ones already started, in reverse order, and the error is raised from
 before its ASGI lifespan starts it. The node knows no protocol; the gateway serves it and
 owns its readiness (``agentd.gateway.health``).
 
+:class:`NodeOptions` changes what a node builds beyond its settings: the actor host's class
+and extra options (``agentd swarm`` runs its ``SwarmHost`` with its own turn observer), and
+which optional services it leaves out (the swarm starts no language models and no tools)::
+
+    options = NodeOptions(host_type=SwarmHost, host_options={"observe_every": 8},
+                          generation=False, tools=False)
+    async with open_node(settings, registry=registry, options=options) as node: ...
+
 ``build_inference``, ``build_generation``, ``build_runtime`` and ``build_registry`` build
 one service each, for a caller that needs only that one.
 """
@@ -24,9 +32,11 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from agentd.agents import AgentRegistry
 from agentd.agents.builtin import BUILTIN_AGENTS
@@ -45,11 +55,13 @@ from agentd.runtime import (
     WorkerPool,
 )
 from agentd.settings import Settings
-from agentd.tools.factory import open_tool_service
-from agentd.tools.service import ToolService
+
+if TYPE_CHECKING:
+    from agentd.tools.service import ToolService
 
 __all__ = [
     "Node",
+    "NodeOptions",
     "build_catalog",
     "build_generation",
     "build_inference",
@@ -62,11 +74,40 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """What a node builds beyond its settings (the default: everything, as ``agentd serve``).
+
+    ``host_type``: the actor host's class, :class:`ActorHost` or a subclass (the swarm's
+    ``SwarmHost``). ``host_options``: more keyword arguments for it, which win over those
+    the node derives from its settings (``observer``, ``observe_every``, ``freeze_every``,
+    ``max_mailbox``, ...). ``generation`` / ``tools``: False leaves that service out: it is
+    neither built nor started (no language model loads, no WebAssembly component), the
+    node's attribute is None, and agents get the error of a host without it.
+    """
+
+    host_type: type[ActorHost] = ActorHost
+    host_options: Mapping[str, Any] = field(default_factory=dict)
+    generation: bool = True
+    tools: bool = True
+
+
 class Node:
     """Every service of one node. Built, it has started nothing (no threads, files or
-    models); :meth:`start` starts them, :meth:`aclose` closes them."""
+    models); :meth:`start` starts them, :meth:`aclose` closes them. ``generation`` and
+    ``tools`` are None when ``options`` left them out."""
 
-    def __init__(self, settings: Settings, *, registry: AgentRegistry | None = None) -> None:
+    generation: GenerationService | None
+    tools: ToolService | None
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: AgentRegistry | None = None,
+        options: NodeOptions | None = None,
+    ) -> None:
+        options = options or NodeOptions()
         self.settings = settings
         self.metrics = Metrics()
         self.tracing = Tracing(settings.service_name, settings.otlp_endpoint)
@@ -77,8 +118,14 @@ class Node:
             # One catalogue of model folders: each config.yaml is read once, for both.
             self.models = build_catalog(settings)
             self.inference = build_inference(settings, self.metrics, self.models)
-            self.generation = build_generation(settings, self.metrics, self.models)
-            self.tools = open_tool_service(settings, self.metrics)
+            self.generation = None
+            if options.generation:
+                self.generation = build_generation(settings, self.metrics, self.models)
+            self.tools = None
+            if options.tools:
+                from agentd.tools.factory import open_tool_service  # not loaded without tools
+
+                self.tools = open_tool_service(settings, self.metrics)
             self.runtime = build_runtime(
                 settings,
                 self.registry,
@@ -86,6 +133,8 @@ class Node:
                 self.metrics,
                 self.generation,
                 self.tools,
+                host_type=options.host_type,
+                host_options=options.host_options,
             )
             self.metrics.watch_runtime(self.runtime.host.gauges)
         except BaseException:
@@ -100,7 +149,7 @@ class Node:
         return self._started
 
     async def start(self) -> None:
-        """Start the services in order: inference, generation, tools, runtime.
+        """Start the services in order: inference, generation, tools, runtime (those built).
 
         A service that raises closes every service started before it (and itself, which
         may have started in part), in reverse order, and the error propagates. Starts once.
@@ -109,7 +158,10 @@ class Node:
             raise RuntimeError("the node was started already")
         async with AsyncExitStack() as stack:
             stack.callback(self.tracing.aclose)
-            for service in (self.inference, self.generation, self.tools, self.runtime):
+            services = (self.inference, self.generation, self.tools, self.runtime)
+            for service in services:
+                if service is None:  # left out by the node's options
+                    continue
                 # Its close first: a start that fails half-way leaves some of it to close.
                 stack.push_async_callback(service.aclose)
                 await service.start()
@@ -146,14 +198,18 @@ class Node:
 
 @asynccontextmanager
 async def open_node(
-    settings: Settings, *, registry: AgentRegistry | None = None
+    settings: Settings,
+    *,
+    registry: AgentRegistry | None = None,
+    options: NodeOptions | None = None,
 ) -> AsyncIterator[Node]:
     """Build the node of ``settings`` and start it; closed when the block ends.
 
     ``registry`` replaces the agent types found from settings (built-ins and
-    ``plugins/agents``). A failed start closes what had started and raises.
+    ``plugins/agents``); ``options`` chooses the host and leaves services out (see
+    :class:`NodeOptions`). A failed start closes what had started and raises.
     """
-    async with Node(settings, registry=registry) as node:
+    async with Node(settings, registry=registry, options=options) as node:
         yield node
 
 
@@ -222,24 +278,29 @@ def build_runtime(
     metrics: Metrics,
     generation: GenerationService | None = None,
     tools: ToolService | None = None,
+    *,
+    host_type: type[ActorHost] = ActorHost,
+    host_options: Mapping[str, Any] | None = None,
 ) -> Runtime:
-    """Virtual actors over a worker pool, state in SQLite (or memory) as configured."""
+    """Virtual actors over a worker pool, state in SQLite (or memory) as configured.
+
+    ``host_type`` is the host's class; ``host_options`` are more keyword arguments for it,
+    which win over those taken from ``settings``."""
     store: StateStore
     if settings.state_store == "sqlite":
         store = SQLiteStateStore(settings.state_path)
     else:
         store = MemoryStateStore()
-    host = ActorHost(
-        registry,
-        store,
-        pool=WorkerPool(settings.workers, settings.max_queued_turns),
-        inference=inference,
-        generation=generation,
-        tools=tools,
-        observer=metrics,
-        idle_seconds=settings.idle_seconds,
-        max_mailbox=settings.max_mailbox,
-        max_active=settings.max_agent_instances,
-        deadlines=deadline_policy(settings),
-    )
-    return Runtime(host)
+    options: dict[str, Any] = {
+        "inference": inference,
+        "generation": generation,
+        "tools": tools,
+        "observer": metrics,
+        "idle_seconds": settings.idle_seconds,
+        "max_mailbox": settings.max_mailbox,
+        "max_active": settings.max_agent_instances,
+        "deadlines": deadline_policy(settings),
+    }
+    options.update(host_options or {})
+    pool = WorkerPool(settings.workers, settings.max_queued_turns)
+    return Runtime(host_type(registry, store, pool=pool, **options))

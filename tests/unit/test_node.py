@@ -3,10 +3,14 @@ and a failed start closes what had started (real services, no server)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agentd.agents.message import Message
-from agentd.node import Node, open_node
+from agentd.errors import Unimplemented
+from agentd.node import Node, NodeOptions, open_node
+from agentd.runtime import ActorHost
 from agentd.settings import Settings
 from tests.conftest import PLUGINS
 
@@ -61,3 +65,74 @@ def test_building_a_node_starts_nothing(tmp_path):
     assert not node.started
     assert not node.inference.ready()
     assert not (tmp_path / "agents.db").exists()
+
+
+# -- NodeOptions: a chosen host class and options, services left out ----------------------
+
+
+class _RecordingHost(ActorHost):
+    """An ActorHost that remembers the keyword arguments the node built it with."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.built_with = kwargs
+        super().__init__(*args, **kwargs)
+
+
+class _Turns:
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, str]] = []
+
+    def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
+        self.finished.append((agent_type, outcome))
+
+
+async def test_a_node_builds_the_host_type_it_is_given_with_its_options(tmp_path):
+    turns = _Turns()
+    options = NodeOptions(
+        host_type=_RecordingHost, host_options={"observer": turns, "observe_every": 8}
+    )
+    settings = _settings(tmp_path, max_mailbox=7, idle_seconds=42.0)
+    async with open_node(settings, options=options) as node:
+        host = node.runtime.host
+        assert type(host) is _RecordingHost
+        # The options win over what the node derives; the rest still comes from settings.
+        assert host.built_with["observer"] is turns
+        assert host.built_with["observe_every"] == 8
+        assert host.built_with["max_mailbox"] == 7
+        assert host.built_with["idle_seconds"] == 42.0
+        assert host.inference is node.inference
+        _, reply = await node.runtime.invoke("echo", Message(text="hi"))
+        assert reply.text == "hi"
+        assert turns.finished == [("echo", "ok")]  # the given observer saw the turn
+
+
+async def test_a_node_without_generation_and_tools_neither_builds_nor_starts_them(tmp_path):
+    options = NodeOptions(generation=False, tools=False)
+    async with open_node(_settings(tmp_path), options=options) as node:
+        assert node.generation is None and node.tools is None
+        assert node.runtime.host.generation is None and node.runtime.host.tools is None
+        assert node.inference.ready()
+        _, reply = await node.runtime.invoke("echo", Message(text="hi"))
+        assert reply.text == "hi"
+        # An agent that needs a language model hears that this node has none.
+        with pytest.raises(Unimplemented, match="no language models"):
+            await node.runtime.invoke("chat", Message(text="hi"))
+    assert not node.started
+    assert not node.inference.ready()
+
+
+async def test_a_node_can_leave_out_one_service(tmp_path):
+    async with open_node(_settings(tmp_path), options=NodeOptions(tools=False)) as node:
+        assert node.tools is None
+        assert node.generation is not None and node.generation.models()
+    assert node.generation.models() == []  # closed with the node
+
+
+def test_a_gateway_needs_a_node_with_generation_and_tools(tmp_path):
+    from agentd.gateway.app import Gateway
+
+    for options in (NodeOptions(generation=False), NodeOptions(tools=False)):
+        node = Node(_settings(tmp_path), options=options)
+        with pytest.raises(ValueError, match="language models and tools"):
+            Gateway(node)
+        assert not node.started

@@ -66,6 +66,9 @@ class Gateway:
         self.tracing = node.tracing
         self.runtime = node.runtime
         self.inference = node.inference
+        if node.generation is None or node.tools is None:
+            # Its OpenAI and tools routes need both (NodeOptions left one out).
+            raise ValueError("a gateway serves a node with language models and tools")
         self.generation = node.generation
         self.tools = node.tools
         self._owns_start = False
