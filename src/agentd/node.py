@@ -18,10 +18,11 @@ owns its readiness (``agentd.gateway.health``).
 
 :class:`NodeOptions` changes what a node builds beyond its settings: the actor host's class
 and extra options (``agentd swarm`` runs its ``SwarmHost`` with its own turn observer), and
-which optional services it leaves out (the swarm starts no language models and no tools)::
+which optional parts it leaves out (the swarm keeps no metrics and starts no language
+models and no tools)::
 
     options = NodeOptions(host_type=SwarmHost, host_options={"observe_every": 8},
-                          generation=False, tools=False)
+                          metrics=False, generation=False, tools=False)
     async with open_node(settings, registry=registry, options=options) as node: ...
 
 ``build_inference``, ``build_generation``, ``build_runtime`` and ``build_registry`` build
@@ -84,19 +85,28 @@ class NodeOptions:
     ``max_mailbox``, ...). ``generation`` / ``tools``: False leaves that service out: it is
     neither built nor started (no language model loads, no WebAssembly component), the
     node's attribute is None, and agents get the error of a host without it.
+    ``metrics``: False builds no metrics registry (``node.metrics`` None) and the services
+    report to none: every model call is one histogram observation otherwise, about 5% of
+    the swarm's time. The language models need the registry (their gauges live there).
     """
 
     host_type: type[ActorHost] = ActorHost
     host_options: Mapping[str, Any] = field(default_factory=dict)
+    metrics: bool = True
     generation: bool = True
     tools: bool = True
+
+    def __post_init__(self) -> None:
+        if self.generation and not self.metrics:
+            raise ValueError("a node with language models needs its metrics: leave out both")
 
 
 class Node:
     """Every service of one node. Built, it has started nothing (no threads, files or
-    models); :meth:`start` starts them, :meth:`aclose` closes them. ``generation`` and
-    ``tools`` are None when ``options`` left them out."""
+    models); :meth:`start` starts them, :meth:`aclose` closes them. ``metrics``,
+    ``generation`` and ``tools`` are None when ``options`` left them out."""
 
+    metrics: Metrics | None
     generation: GenerationService | None
     tools: ToolService | None
 
@@ -109,7 +119,7 @@ class Node:
     ) -> None:
         options = options or NodeOptions()
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics() if options.metrics else None
         self.tracing = Tracing(settings.service_name, settings.otlp_endpoint)
         try:
             # One deadline rule, applied by the services; the adapters only convert.
@@ -120,6 +130,7 @@ class Node:
             self.inference = build_inference(settings, self.metrics, self.models)
             self.generation = None
             if options.generation:
+                assert self.metrics is not None  # NodeOptions refuses generation without it
                 self.generation = build_generation(settings, self.metrics, self.models)
             self.tools = None
             if options.tools:
@@ -136,7 +147,8 @@ class Node:
                 host_type=options.host_type,
                 host_options=options.host_options,
             )
-            self.metrics.watch_runtime(self.runtime.host.gauges)
+            if self.metrics is not None:
+                self.metrics.watch_runtime(self.runtime.host.gauges)
         except BaseException:
             self.tracing.aclose()  # its exporter thread, when tracing is on
             raise
@@ -233,7 +245,7 @@ def build_catalog(settings: Settings) -> ModelCatalog:
 
 
 def build_inference(
-    settings: Settings, metrics: Metrics, catalog: ModelCatalog | None = None
+    settings: Settings, metrics: Metrics | None, catalog: ModelCatalog | None = None
 ) -> InferenceService:
     """The inference service over the tensor models of ``catalog`` (default: the
     settings' own)."""
@@ -275,7 +287,7 @@ def build_runtime(
     settings: Settings,
     registry: AgentRegistry,
     inference: InferenceService,
-    metrics: Metrics,
+    metrics: Metrics | None,
     generation: GenerationService | None = None,
     tools: ToolService | None = None,
     *,

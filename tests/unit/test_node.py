@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from agentd.agents.message import Message
@@ -128,11 +129,33 @@ async def test_a_node_can_leave_out_one_service(tmp_path):
     assert node.generation.models() == []  # closed with the node
 
 
-def test_a_gateway_needs_a_node_with_generation_and_tools(tmp_path):
+async def test_a_node_without_metrics_builds_no_registry_and_still_serves(tmp_path):
+    options = NodeOptions(metrics=False, generation=False, tools=False)
+    async with open_node(_settings(tmp_path), options=options) as node:
+        assert node.metrics is None
+        assert node.runtime.host.gauges() is not None
+        _, reply = await node.runtime.invoke("echo", Message(text="hi"))
+        assert reply.text == "hi"
+        features = np.zeros((1, 16), dtype=np.float32)
+        outputs = await node.inference.infer("decision", {"features": features})
+        assert outputs["action"].shape == (1,)
+
+
+def test_language_models_need_the_metrics():
+    with pytest.raises(ValueError, match="needs its metrics"):
+        NodeOptions(metrics=False)
+    NodeOptions(metrics=False, generation=False)  # fine
+
+
+def test_a_gateway_needs_a_full_node(tmp_path):
     from agentd.gateway.app import Gateway
 
-    for options in (NodeOptions(generation=False), NodeOptions(tools=False)):
+    for options in (
+        NodeOptions(generation=False),
+        NodeOptions(tools=False),
+        NodeOptions(metrics=False, generation=False),
+    ):
         node = Node(_settings(tmp_path), options=options)
-        with pytest.raises(ValueError, match="language models and tools"):
+        with pytest.raises(ValueError, match="metrics, language models and tools"):
             Gateway(node)
         assert not node.started

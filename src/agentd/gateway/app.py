@@ -61,14 +61,14 @@ class Gateway:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        if node.metrics is None or node.generation is None or node.tools is None:
+            # Its routes need them all (NodeOptions left one out).
+            raise ValueError("a gateway serves a node with metrics, language models and tools")
         settings = self.settings = node.settings
         self.metrics = node.metrics
         self.tracing = node.tracing
         self.runtime = node.runtime
         self.inference = node.inference
-        if node.generation is None or node.tools is None:
-            # Its OpenAI and tools routes need both (NodeOptions left one out).
-            raise ValueError("a gateway serves a node with language models and tools")
         self.generation = node.generation
         self.tools = node.tools
         self._owns_start = False
