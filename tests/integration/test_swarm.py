@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,26 @@ def test_swarm_rejects_bad_count():
     )
     assert out.returncode == 2
     assert "at least 1" in out.stderr
+
+
+def test_swarm_takes_no_settings_from_the_environment(tmp_path):
+    # The swarm runs on a node built from its flags only: agentd serve's variables and
+    # config file (here an unreadable one, a default deadline too short for any turn and
+    # a plugins folder with no decision model) do not reach it.
+    env = {
+        **os.environ,
+        "AGENTD_CONFIG": str(tmp_path / "missing.yaml"),
+        "AGENTD_DEFAULT_TIMEOUT_S": "0.000001",
+        "AGENTD_PLUGINS": str(tmp_path / "plugins"),
+        "AGENTD_WORKERS": "0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "agentd", "swarm", "--agents", "2000", "--json", "--no-persist"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["ok"] is True and result["distinct_results"] == 2000

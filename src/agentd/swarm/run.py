@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from agentd.agents import Address, AgentRegistry
-from agentd.inference import InferenceService, ModelRepository
-from agentd.inference.onnx_runtime import OnnxLoader
-from agentd.inference.repository import builtin_models_dir
-from agentd.runtime import MemoryStateStore, SQLiteStateStore, StateStore, WorkerPool
+from agentd.node import NodeOptions, open_node
+from agentd.settings import Settings
 from agentd.swarm.agents import COLLECTOR, Collector, Decider, make_collector
 from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
@@ -79,6 +78,42 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _SwarmSettings(Settings):
+    """A swarm's node settings: from ``run_swarm``'s arguments only, never from
+    ``AGENTD_*`` variables or a config file (those configure ``agentd serve``)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def _swarm_settings(
+    agents: int, *, persist: bool, state_path: Path, plugins: Path, workers: int
+) -> Settings:
+    """The node a swarm of ``agents`` runs on: every agent in memory with room for its
+    start message, no passivation during the run, and no default deadline (a told turn
+    gets no watchdog, ``ctx.infer`` no timer). ``plugins`` should hold no models: the
+    built-in ``decision`` model is the one the deciders ask."""
+    return _SwarmSettings(
+        plugins=plugins,
+        workers=workers,
+        max_queued_turns=max(workers * 4, 16_384),
+        max_mailbox=agents + 1,
+        max_agent_instances=agents + 16,
+        idle_seconds=3600,
+        state_store="sqlite" if persist else "memory",
+        state_path=state_path,
+        default_timeout_s=None,
+    )
+
+
 def _features(n: int, seed: int) -> np.ndarray:
     # Situations spread over the model's input range; row i belongs to agent i.
     rng = np.random.default_rng(seed)
@@ -103,70 +138,68 @@ async def run_swarm(
     registry = AgentRegistry()
     registry.register(Decider)
     registry.register(collector_type)
-    inference = InferenceService(ModelRepository([OnnxLoader()], [builtin_models_dir()]), threads=1)
-    await inference.start()
-    tmp = None
-    store: StateStore
-    if persist:
-        if state_path is None:
-            tmp = tempfile.TemporaryDirectory(prefix="agentd-swarm-")
-            state_path = Path(tmp.name) / "swarm.db"
-        store = SQLiteStateStore(state_path)
-    else:
-        store = MemoryStateStore()
     latency = _TurnLatency()
-    host = SwarmHost(
-        registry,
-        store,
-        pool=WorkerPool(workers, max_queued=max(workers * 4, 16_384)),
-        inference=inference,
-        observer=latency,
-        observe_every=_TurnLatency.SAMPLE,
-        max_mailbox=agents + 1,
-        max_active=agents + 16,
-        idle_seconds=3600,
-        freeze_every=freeze_every,
+    # The swarm's node: its own host and turn observer; no metrics registry (a histogram
+    # observation per model call), no language models and no tools (neither loaded nor
+    # counted in the run's time and memory).
+    options = NodeOptions(
+        host_type=SwarmHost,
+        host_options={
+            "observer": latency,
+            "observe_every": _TurnLatency.SAMPLE,
+            "freeze_every": freeze_every,
+        },
+        metrics=False,
+        generation=False,
+        tools=False,
     )
-    await host.start()
-    gc.collect()
-    gc.freeze()  # the long-lived objects made so far need no more GC passes
-    rss_before = _rss_bytes()
-    started_at = time.time()
-    started = time.perf_counter()
-    try:
-        new_address = tuple.__new__  # Address(...) without its Python-level __new__
-        for first in range(0, agents, _BURST):
-            ids = range(first, min(agents, first + _BURST))
-            addresses = [new_address(Address, ("decider", str(i))) for i in ids]
-            # One-row views of the agents' features, cut in one C loop.
-            rows = features[first : first + len(ids)].reshape(len(ids), 1, -1)
-            messages = list(zip(ids, rows, strict=True))
-            sent = 0
-            while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
-                await host.pool.wait_for_room()  # backpressure: the run queue is full
-            if progress is not None:
-                progress(host.turns)
-        done = collector_type.done
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.25)
-            if progress is not None:
-                progress(host.turns)
-        wall = time.perf_counter() - started
-        finished_at = time.time()
-        rss_after = _rss_bytes()
-        collector = host.instance(COLLECTOR)
-        assert isinstance(collector, Collector)
-        batcher = inference.batcher("decision")
-        runs = batcher.stats.runs if batcher else 0
-        rows_run = batcher.stats.rows_run if batcher else 0
-    finally:
-        gc.unfreeze()
-        await host.aclose()  # waits for the last state commits
-        await inference.aclose()
-        if tmp is not None:
-            tmp.cleanup()
-    store_writes = getattr(store, "writes", 0)
+    with tempfile.TemporaryDirectory(prefix="agentd-swarm-") as scratch:
+        settings = _swarm_settings(
+            agents,
+            persist=persist,
+            state_path=state_path or Path(scratch) / "swarm.db",
+            plugins=Path(scratch) / "plugins",  # none: the built-in models only
+            workers=workers,
+        )
+        # The node's start ends with gc.collect() and gc.freeze(): the long-lived objects
+        # made so far need no more GC passes.
+        async with open_node(settings, registry=registry, options=options) as node:
+            host = node.runtime.host
+            assert isinstance(host, SwarmHost)
+            rss_before = _rss_bytes()
+            started_at = time.time()
+            started = time.perf_counter()
+            try:
+                new_address = tuple.__new__  # Address(...) without its Python-level __new__
+                for first in range(0, agents, _BURST):
+                    ids = range(first, min(agents, first + _BURST))
+                    addresses = [new_address(Address, ("decider", str(i))) for i in ids]
+                    # One-row views of the agents' features, cut in one C loop.
+                    rows = features[first : first + len(ids)].reshape(len(ids), 1, -1)
+                    messages = list(zip(ids, rows, strict=True))
+                    sent = 0
+                    while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
+                        await host.pool.wait_for_room()  # backpressure: the run queue is full
+                    if progress is not None:
+                        progress(host.turns)
+                done = collector_type.done
+                while not done.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(done.wait(), 0.25)
+                    if progress is not None:
+                        progress(host.turns)
+                wall = time.perf_counter() - started
+                finished_at = time.time()
+                rss_after = _rss_bytes()
+                collector = host.instance(COLLECTOR)
+                assert isinstance(collector, Collector)
+                batcher = node.inference.batcher("decision")
+                runs = batcher.stats.runs if batcher else 0
+                rows_run = batcher.stats.rows_run if batcher else 0
+            finally:
+                gc.unfreeze()
+        # The node is closed: the store has committed the last states.
+        store_writes = getattr(host.store, "writes", 0)
     labels = ["wait", "explore", "exploit", "retreat"]
     return SwarmResult(
         agents=agents,
