@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, NotFound
+from agentd.errors import AgentdError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agentd.inference.config import parse_model_config
 from agentd.inference.protocols import ModelLoader, RuntimeExecutor
 from agentd.inference.types import ModelConfig
@@ -124,7 +124,16 @@ class ModelRepository:
                 f"folder name {entry.name!r}"
             )
         loader = self._loader_for(entry.source, config.platform)
-        return config, loader.load(entry.source, config)
+        try:
+            return config, loader.load(entry.source, config)
+        except AgentdError:
+            raise
+        except Exception as exc:
+            # A loader's own bug or its library's error: the load fails with a reason (a
+            # raw error would leave the model LOADING and reach the caller unwrapped).
+            raise Internal(
+                f"{entry.source}: the {config.platform} loader failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def install(
         self, name: str, config: ModelConfig, executor: RuntimeExecutor
