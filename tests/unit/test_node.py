@@ -145,17 +145,3 @@ def test_language_models_need_the_metrics():
     with pytest.raises(ValueError, match="needs its metrics"):
         NodeOptions(metrics=False)
     NodeOptions(metrics=False, generation=False)  # fine
-
-
-def test_a_gateway_needs_a_full_node(tmp_path):
-    from agentd.gateway.app import Gateway
-
-    for options in (
-        NodeOptions(generation=False),
-        NodeOptions(tools=False),
-        NodeOptions(metrics=False, generation=False),
-    ):
-        node = Node(_settings(tmp_path), options=options)
-        with pytest.raises(ValueError, match="metrics, language models and tools"):
-            Gateway(node)
-        assert not node.started

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from agentd.gateway.app import Gateway
-from agentd.node import Node
+from agentd.node import Node, NodeOptions
 from agentd.settings import Settings
 from agentd.testing import AsgiLifespan, asgi_request
 from tests.conftest import PLUGINS
@@ -299,3 +299,15 @@ async def test_a_gateway_over_an_open_node_leaves_its_lifecycle_to_the_opener(tm
             assert (await asgi_request(gateway, "GET", "/readyz")).status == 200
         assert node.started  # the gateway did not start it, so it does not close it
     assert not node.started
+
+
+def test_a_gateway_needs_a_full_node(tmp_path):
+    for options in (
+        NodeOptions(generation=False),
+        NodeOptions(tools=False),
+        NodeOptions(metrics=False, generation=False),
+    ):
+        node = Node(_settings(tmp_path), options=options)
+        with pytest.raises(ValueError, match="metrics, language models and tools"):
+            Gateway(node)
+        assert not node.started
