@@ -39,9 +39,30 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="require client certs signed by it")
     http3: bool = False
     plugins: Path = Path("plugins")
-    etcd: str | None = Field(
-        None, description="etcd URL for clustering; not available yet: serve refuses it"
+    etcd: str | None = Field(None, description="etcd URL (http://host:2379): join a cluster")
+
+    # Cluster (docs/cluster.md). One process owns every agent unless ``processes`` > 1
+    # (static placement among local processes) or ``etcd`` is set (placement in etcd).
+    processes: int = Field(1, ge=1, le=64, description="node processes on this port")
+    partitions: int = Field(1024, ge=1, le=65_536, description="agent partitions per cluster")
+    cluster: str = Field(
+        "agentd", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="cluster name"
     )
+    node_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="this node's id in the cluster (default: host name and port)",
+    )
+    advertise: str | None = Field(
+        None, description="HOST:PORT other nodes reach this node's peer listener at"
+    )
+    zone: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    lease_ttl_s: float = Field(5.0, ge=1.0, le=300.0, description="etcd lease of a node")
+    status_interval_s: float = Field(1.0, gt=0, le=60.0, description="node status refresh")
+    # Set by the ``--processes`` supervisor for its children: this process's peer listener
+    # (``unix:/path`` or ``tcp:host:port``) and every process's, as ``id=endpoint``.
+    peer_listen: str | None = None
+    peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer tokens"
@@ -82,7 +103,8 @@ class Settings(BaseSettings):
     max_queued_turns: int = Field(65536, gt=0, description="run queue bound (backpressure)")
     max_mailbox: int = Field(10_000, gt=0, description="messages waiting per agent")
     idle_seconds: float = Field(300.0, gt=0, description="passivate agents idle this long")
-    state_store: Literal["sqlite", "memory"] = "sqlite"
+    state_store: Literal["sqlite", "memory", "redis"] = "sqlite"
+    redis_url: str | None = Field(None, description="redis://host:port/db for state_store redis")
     state_path: Path = Field(Path("state/agents.db"), description="SQLite file for agent state")
 
     inference_threads: int = Field(
@@ -127,7 +149,7 @@ class Settings(BaseSettings):
         "trace", "debug", "info", "warning", "warn", "error", "critical", "off"
     ] = Field("error", description="Envoy's log; credentials are redacted at every level")
 
-    @field_validator("auth_tokens", "execution_providers", mode="before")
+    @field_validator("auth_tokens", "execution_providers", "peers", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         # AGENTD_AUTH_TOKENS=a,b is friendlier than a JSON list.
@@ -143,6 +165,16 @@ class Settings(BaseSettings):
             raise ValueError("http3 needs TLS: give tls_cert and tls_key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: give tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _check_state_store(self) -> Settings:
+        if self.state_store == "redis" and not self.redis_url:
+            raise ValueError("state_store redis needs redis_url (redis://host:port/db)")
+        if self.processes > 1 and self.state_store == "memory":
+            raise ValueError(
+                "processes > 1 needs a shared state store (sqlite or redis), not memory"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,10 +14,11 @@ turns past the default deadline with one watchdog task. State lives in a
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import time
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -28,7 +29,7 @@ from agentd.agents.registry import AgentRegistry
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, ResourceExhausted, Unavailable
 from agentd.runtime.activation import IDLE, PASSIVATED, SCHEDULED, STOPPED, Activation
-from agentd.runtime.mailbox import END, Envelope, fail
+from agentd.runtime.mailbox import END, NO_MESSAGE, Envelope, fail
 from agentd.runtime.pool import WorkerPool
 from agentd.runtime.state import StateStore
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from agentd.generate.service import GenerationService
     from agentd.tools.service import ToolService
 
-__all__ = ["ActorHost", "Inference", "TurnObserver"]
+__all__ = ["ActorHost", "Forwarder", "Inference", "TurnObserver"]
 
 
 class TurnObserver(Protocol):
@@ -53,6 +54,32 @@ class Inference(Protocol):
         version: str | None = None,
         outputs: Sequence[str] | None = None,
     ) -> asyncio.Future[dict[str, np.ndarray]]: ...
+
+
+class Forwarder(Protocol):
+    """Where a host sends messages for agents its node does not own (``agentd.cluster``
+    implements it: placement, then one hop to the owner over a peer connection).
+
+    The host asks ``owns`` only when an address has no activation here (activations exist
+    only for owned agents: a partition handed away is released first), so agents already
+    active pay nothing. ``timeout`` is already resolved by the node's deadline rule (None:
+    no limit); the owner's reply, or its error (the same agentd error class), is returned.
+    """
+
+    def owns(self, address: Address) -> bool: ...
+
+    def tell_nowait(self, address: Address, message: Any) -> bool:
+        """Queue a tell for the owner (batched with others); False when the peer's
+        buffer is full (then ``wait_for_room``). Raises Unavailable without a peer."""
+        ...
+
+    async def wait_for_room(self, address: Address) -> None: ...
+
+    async def ask(self, address: Address, message: Any, timeout: float | None) -> Any: ...
+
+    def ask_stream(
+        self, address: Address, message: Any, timeout: float | None
+    ) -> AsyncGenerator[Any, None]: ...
 
 
 def _running_loop_time() -> float:
@@ -78,6 +105,7 @@ class ActorHost:
         max_active: int = 2_000_000,
         freeze_every: int = 0,
         deadlines: DeadlinePolicy | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -112,10 +140,16 @@ class ActorHost:
         self._told_timeout = self._deadlines.default_s
         self._loop_time = _running_loop_time  # the loop's own clock once started
         self._watchdog: asyncio.Task[None] | None = None
+        # Agents this node does not own go to their owner (None: it owns every agent).
+        self.forwarder = forwarder
         store.on_commit_failed = self._commit_failed
 
     async def start(self) -> None:
         await self.store.open()
+        if self.forwarder is not None:
+            # Other nodes write this store too: an agent that moves here may have a state
+            # although this node never stored one, so every new activation loads.
+            self.store.empty_at_open = False
         self.pool.start()
         loop = asyncio.get_running_loop()
         self._loop_time = loop.time
@@ -143,15 +177,21 @@ class ActorHost:
         delivered)."""
         if self.tell_nowait(address, message):
             return
+        remote = self._forwarded(address)
+        wait_for_room = (
+            self.pool.wait_for_room
+            if remote is None or self.forwarder is None
+            else functools.partial(self.forwarder.wait_for_room, remote)
+        )
         timeout = self._deadlines.timeout(timeout)
         if timeout is None:  # no limit configured: no timer (a swarm's burst of tells)
             while not self.tell_nowait(address, message):
-                await self.pool.wait_for_room()
+                await wait_for_room()
             return
         try:
             async with asyncio.timeout(timeout):
                 while not self.tell_nowait(address, message):
-                    await self.pool.wait_for_room()
+                    await wait_for_room()
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the run queue had no room for a message to {address} within {timeout:g}s"
@@ -163,6 +203,8 @@ class ActorHost:
         mailbox."""
         activation = self._activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
         if activation is None:
+            if self.forwarder is not None and (remote := self._forwarded(address)) is not None:
+                return self.forwarder.tell_nowait(remote, message)
             activation = self._activation_missed(address)
         if activation.phase is not IDLE:
             # Already on the run queue (or running): it will see the message.
@@ -194,6 +236,8 @@ class ActorHost:
         """Deliver and await the reply. Raises ResourceExhausted when the run queue is
         full, DeadlineExceeded past ``timeout`` (else the host's default deadline; the turn
         is cancelled), or the turn's error."""
+        if self.forwarder is not None and (remote := self._forwarded(address)) is not None:
+            return await self.forwarder.ask(remote, message, self._deadlines.timeout(timeout))
         envelope = self._post(address, message, timeout, None)
         reply = envelope.reply
         assert reply is not None
@@ -213,6 +257,14 @@ class ActorHost:
     ) -> AsyncGenerator[Any, None]:
         """Run a streaming turn and yield its events, within ``timeout`` (else the host's
         default deadline)."""
+        if self.forwarder is not None and (remote := self._forwarded(address)) is not None:
+            stream = self.forwarder.ask_stream(remote, message, self._deadlines.timeout(timeout))
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                await stream.aclose()
+            return
         events: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
         envelope = self._post(address, message, timeout, events)
         reply = envelope.reply
@@ -292,6 +344,61 @@ class ActorHost:
             raise
         activation.phase = SCHEDULED
         return at_once
+
+    def _forwarded(self, address: str | Address) -> Address | None:
+        """``address`` parsed when another node owns it (and it has no activation here),
+        else None. Raises InvalidArgument for a malformed address."""
+        forwarder = self.forwarder
+        if forwarder is None or address in self._activations:
+            return None
+        addr = parse_address(address) if isinstance(address, str) else address
+        if addr in self._activations or forwarder.owns(addr):
+            return None
+        return addr
+
+    async def release(self, keep: Callable[[Address], bool], *, timeout: float = 10.0) -> int:
+        """Hand agents away: passivate every activation ``keep`` refuses once its queued
+        turns have run, then commit the store, so that the new owner reads their last
+        state. Activations still busy after ``timeout`` are dropped (their queued
+        messages fail with UNAVAILABLE). Returns how many were released."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        released = 0
+        while True:
+            leaving = [a for a in self._activations if not keep(a)]
+            if not leaving:
+                break
+            settled = [
+                a
+                for a in leaving
+                if self._activations[a].phase is IDLE and not self._activations[a].waiting()
+            ]
+            for addr in settled:
+                self._drop(addr)
+            released += len(settled)
+            if len(settled) == len(leaving):
+                break
+            if loop.time() >= deadline:
+                for addr in leaving:
+                    if addr in self._activations:
+                        _fail_waiting(
+                            self._activations[addr],
+                            Unavailable(f"agent {addr} moved to another node; retry"),
+                        )
+                        self._drop(addr)
+                        released += 1
+                break
+            await asyncio.sleep(0.005)
+        await self.store.flush()
+        return released
+
+    def _drop(self, addr: Address) -> None:
+        activation = self._activations.pop(addr)
+        activation.phase = PASSIVATED
+        self._active_by_type[addr.type] -= 1
+        self._passivated += 1
+        if activation.snapshot:
+            self._stored_since_open.add(addr)
 
     def _activation(self, address: str | Address) -> Activation:
         """The activation for ``address``, made on first use."""
@@ -424,6 +531,22 @@ class ActorHost:
             "state_errors": self.store.errors,
             "state_failing": 1 if self.store.failing() is not None else 0,
         }
+
+
+def _fail_waiting(activation: Activation, error: AgentdError) -> None:
+    """Answer the callers waiting in ``activation``'s mailbox with ``error`` and empty it
+    (tells in it are dropped)."""
+    waiting = list(activation.mailbox or ())
+    if activation.next_message is not NO_MESSAGE:
+        waiting.insert(0, activation.next_message)
+    activation.next_message = NO_MESSAGE
+    if activation.mailbox is not None:
+        activation.mailbox.clear()
+    for message in waiting:
+        if type(message) is Envelope:
+            fail(message.reply, error)
+            if message.events is not None:
+                message.events.put_nowait(END)
 
 
 if TYPE_CHECKING:

@@ -36,6 +36,13 @@ class SwarmHost(ActorHost):
                 address = addresses[index]
                 activation = activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
                 if activation is None:
+                    remote = self._forwarded(address)
+                    if remote is not None:  # another process owns it: batched there
+                        assert self.forwarder is not None
+                        if not self.forwarder.tell_nowait(remote, messages[index]):
+                            break
+                        index += 1
+                        continue
                     activation = self._activation_missed(address)
                 if activation.phase is not IDLE:
                     activation.push(messages[index], limit)

@@ -18,7 +18,10 @@ without persistence). A new backend (the cluster issue's Redis) implements
   failing, and None again once one succeeds (or after a quiet while).
 * ``empty_at_open`` is True when the store held nothing when opened: the host then skips
   loads for agents it never passivated.
-* ``aclose`` commits what is queued, then releases the store.
+* ``flush`` waits until what is queued is committed (an agent handed to another node);
+  ``aclose`` commits what is queued, then releases the store.
+* Stores shared by several nodes (SQLite among the processes of one machine, Redis among
+  machines) may hold states this node never wrote: the host loads every activation then.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ class StateStore(Protocol):
     def failing(self) -> str | None:
         """Why the store is failing (recent commits failed and none succeeded since), or
         None while it is healthy."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once every write queued so far is committed (or failed): an agent
+        handed to another node is read there only after this."""
         ...
 
     async def aclose(self) -> None:

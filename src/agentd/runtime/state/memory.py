@@ -41,5 +41,8 @@ class MemoryStateStore:
     def failing(self) -> str | None:
         return None
 
+    async def flush(self) -> None:
+        pass  # every write is done when made
+
     async def aclose(self) -> None:
         pass

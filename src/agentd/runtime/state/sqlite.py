@@ -291,6 +291,9 @@ class SQLiteStateStore:
             )
         return found
 
+    async def flush(self) -> None:
+        await self._saves.drain()
+
     async def aclose(self) -> None:
         await self._saves.drain()
         await self._loads.drain()
