@@ -27,6 +27,10 @@ class Agent:
     __slots__ = ()
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # True for a type that keeps no state between turns (``ctx.state`` stays empty): in a
+    # cluster every node runs it where the call arrives instead of forwarding the call to
+    # the address's owner, so one address may be active on several nodes at once.
+    stateless: ClassVar[bool] = False
 
     async def handle(self, ctx: Context, message: Any) -> Any:
         raise NotImplementedError(f"agent type {self.name!r} does not handle messages")

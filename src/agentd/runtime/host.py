@@ -354,6 +354,8 @@ class ActorHost:
         addr = parse_address(address) if isinstance(address, str) else address
         if addr in self._activations or forwarder.owns(addr):
             return None
+        if self.registry.get(addr.type).stateless:  # runs where the call arrives
+            return None
         return addr
 
     async def release(self, keep: Callable[[Address], bool], *, timeout: float = 10.0) -> int:

@@ -85,3 +85,11 @@ async def test_agents_busy_past_the_timeout_are_dropped_and_their_callers_answer
         Counter.gate = None
         gate.set()
         await host.aclose()
+
+
+def test_agent_types_keep_state_unless_they_say_otherwise() -> None:
+    # The cluster forwards calls to the owner of an address unless its type is stateless.
+    from agentd.agents.builtin.echo import Echo
+
+    assert Counter.stateless is False
+    assert Echo.stateless is True

@@ -11,6 +11,7 @@ from agentd.agents.message import Message
 class Echo(Agent):
     name = "echo"
     description = "Replies with the message it receives; streams it back word by word."
+    stateless = True  # any node answers it: no forwarding in a cluster
 
     async def handle(self, ctx: Context, message: Message) -> Reply:
         return message
