@@ -31,6 +31,7 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "torch": ("agentd.generate.hf_backend",),
     "transformers": ("agentd.generate.hf_backend",),
     "prometheus_client": ("agentd.observability",),
+    "aetcd": ("agentd.cluster.etcd",),
     "opentelemetry": ("agentd.observability",),
     # protocol and server libraries: the outer ring only
     "grpc": (),
