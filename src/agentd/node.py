@@ -294,13 +294,18 @@ def build_runtime(
     host_type: type[ActorHost] = ActorHost,
     host_options: Mapping[str, Any] | None = None,
 ) -> Runtime:
-    """Virtual actors over a worker pool, state in SQLite (or memory) as configured.
+    """Virtual actors over a worker pool, state in SQLite, Redis or memory as configured.
 
     ``host_type`` is the host's class; ``host_options`` are more keyword arguments for it,
     which win over those taken from ``settings``."""
     store: StateStore
     if settings.state_store == "sqlite":
         store = SQLiteStateStore(settings.state_path)
+    elif settings.state_store == "redis":
+        # Imported here: redis-py is the optional cluster extra.
+        from agentd.runtime.state.redis import RedisStateStore
+
+        store = RedisStateStore(settings.redis_url or "")
     else:
         store = MemoryStateStore()
     options: dict[str, Any] = {

@@ -26,6 +26,10 @@ class Server:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -92,9 +96,15 @@ def etcd_server(folder: Path) -> Iterator[Server]:
 
 
 @contextmanager
-def redis_server(folder: Path) -> Iterator[Server]:
-    """A Redis server (Debian's redis-server) on a loopback port, no persistence."""
-    port = _free_port()
+def redis_server(folder: Path, port: int | None = None) -> Iterator[Server]:
+    """A Redis server (Debian's redis-server) on a loopback port (a free one unless
+    ``port`` is given), its data in ``folder``.
+
+    Durable as the fault tests need: an append-only file synced on every write
+    (``appendonly yes``, ``appendfsync always``), so that a write Redis acknowledged
+    survives ``kill -9`` of Redis; a server started again on the same port and folder
+    reads it back. No RDB snapshots (``save ""``)."""
+    port = port or _free_port()
     argv = [
         _binary("redis-server", "redis-server"),
         "--port",
@@ -106,7 +116,9 @@ def redis_server(folder: Path) -> Iterator[Server]:
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes",
+        "--appendfsync",
+        "always",
     ]
     with _running(argv, port, folder / "redis.log") as server:
         yield server

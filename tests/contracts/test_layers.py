@@ -26,6 +26,7 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "onnx": ("agentd.generate.onnx_export",),
     "wasmtime": ("agentd.tools.sandbox",),
     "sqlite3": ("agentd.runtime.state.sqlite",),
+    "redis": ("agentd.runtime.state.redis",),
     "llama_cpp": ("agentd.generate.gguf_backend",),
     "gguf": ("agentd.generate.gguf_export", "agentd.generate.gguf_backend"),
     "torch": ("agentd.generate.hf_backend",),

@@ -5,22 +5,34 @@ parametrization and is held to the same rules."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agentd.runtime import MemoryStateStore, SQLiteStateStore, StateStore
+from agentd.runtime.state.redis import RedisStateStore
+from tests.cluster.servers import redis_server
 
-STORES: dict[str, Callable[[Path], StateStore]] = {
-    "memory": lambda tmp: MemoryStateStore(),
-    "sqlite": lambda tmp: SQLiteStateStore(tmp / "state.db"),
-}
+STORES = ("memory", "redis", "sqlite")
+DURABLE = ("redis", "sqlite")  # what they committed outlives the store object
 
 
-@pytest.fixture(params=sorted(STORES))
-async def store(request, tmp_path) -> AsyncIterator[StateStore]:
-    store = STORES[request.param](tmp_path)
+@pytest.fixture(params=STORES)
+def make_store(request, tmp_path: Path) -> Iterator[Callable[[], StateStore]]:
+    """New store objects over one storage: a file, a real redis-server (started here)."""
+    if request.param == "redis":
+        with redis_server(tmp_path) as server:
+            yield lambda: RedisStateStore(server.redis_url)
+    elif request.param == "sqlite":
+        yield lambda: SQLiteStateStore(tmp_path / "state.db")
+    else:
+        yield MemoryStateStore
+
+
+@pytest.fixture
+async def store(make_store: Callable[[], StateStore]) -> AsyncIterator[StateStore]:
+    store = make_store()
     store.on_commit_failed = None
     await store.open()
     yield store
@@ -46,13 +58,15 @@ async def test_saved_snapshots_load_back_last_write_wins(store: StateStore) -> N
     assert store.failing() is None
 
 
-async def test_what_aclose_committed_is_there_after_reopening(tmp_path: Path) -> None:
-    # For a durable store only: the memory store forgets with its object.
-    first = SQLiteStateStore(tmp_path / "state.db")
+@pytest.mark.parametrize("make_store", DURABLE, indirect=True)
+async def test_what_aclose_committed_is_there_after_reopening(
+    make_store: Callable[[], StateStore],
+) -> None:
+    first = make_store()
     await first.open()
     first.save_nowait("a/1", b'{"n":1}')
     await first.aclose()  # commits what is queued
-    again = SQLiteStateStore(tmp_path / "state.db")
+    again = make_store()
     await again.open()
     assert not again.empty_at_open
     assert await again.load("a/1") == b'{"n":1}'

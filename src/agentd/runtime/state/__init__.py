@@ -5,8 +5,10 @@ reads an agent's snapshot before its first turn (``load``), queues a new one aft
 turn that changed the state (``save`` when a caller waits for it to be durable,
 ``save_nowait`` otherwise) and never reads its own writes back while the agent stays
 active. Implementations: :class:`SQLiteStateStore` (``state.sqlite``, the default: embedded,
-durable, group commit) and :class:`MemoryStateStore` (``state.memory``: tests and runs
-without persistence). A new backend (the cluster issue's Redis) implements
+durable, group commit; shared by the processes of one machine), :class:`RedisStateStore`
+(``state.redis``: shared by the nodes of a cluster, versioned writes; imported on first use,
+redis-py being the optional ``cluster`` extra) and :class:`MemoryStateStore`
+(``state.memory``: tests and runs without persistence). A new backend implements
 :class:`StateStore` and keeps its rules:
 
 * Writes may be grouped (one transaction for many saves), but a group commits all or
@@ -14,6 +16,11 @@ without persistence). A new backend (the cluster issue's Redis) implements
   (they were made on top of the state that failed), fails their ``save`` futures with the
   error, counts it in ``errors``, and calls ``on_commit_failed(keys, error)`` so that the
   host rolls those agents back to what the store holds.
+* Refinement for a store with versioned writes (Redis): a write refused because another
+  node wrote that agent since this store read it (a stale owner: fencing) fails only that
+  agent's saves, with Unavailable ("... written by another node; retry"), and reports it
+  to ``on_commit_failed``; the other writes of the group commit. ``load`` remembers the
+  version it read, and a save carries it.
 * ``failing()`` says why the store is unhealthy (readiness shows it) while commits keep
   failing, and None again once one succeeds (or after a quiet while).
 * ``empty_at_open`` is True when the store held nothing when opened: the host then skips
@@ -33,7 +40,17 @@ from typing import Protocol
 from agentd.runtime.state.memory import MemoryStateStore
 from agentd.runtime.state.sqlite import SQLiteStateStore
 
-__all__ = ["CommitFailed", "MemoryStateStore", "SQLiteStateStore", "StateStore"]
+__all__ = ["CommitFailed", "MemoryStateStore", "RedisStateStore", "SQLiteStateStore", "StateStore"]
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: redis-py is optional (the cluster extra) and costs ~0.25 s.
+    if name == "RedisStateStore":
+        from agentd.runtime.state.redis import RedisStateStore
+
+        return RedisStateStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Called with the keys of the agents whose saves failed (after their waiters failed).
 CommitFailed = Callable[[Collection[str], BaseException], None]

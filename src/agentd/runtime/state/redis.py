@@ -1,0 +1,519 @@
+"""Agent state in Redis, shared by the nodes of a cluster: versioned (fenced) writes,
+grouped into one Lua script per batch.
+
+Layout: one hash per agent, ``<key_prefix><type>/<id>`` with fields ``v`` (the version: the
+number of committed writes, absent = 0) and ``s`` (the snapshot).
+
+Fencing: ``load`` remembers the version it read (per address); a save carries the version
+the store last saw for its agent, and the script writes only if Redis still holds that
+version, then stores the snapshot with the version + 1. A node that lost an agent to
+another (two nodes briefly both believing they own it during a hand-over) finds a newer
+version there: its write is refused, and only that agent's save fails (Unavailable, its
+state dropped through ``on_commit_failed``, read again before its next turn); the other
+writes of the batch commit. Versions are kept for every agent this store has read or
+written (an int per address; the host does not tell the store about passivation).
+
+Group commit as in SQLite: saves arriving while a batch is in flight go together in the
+next one; a batch is one round trip (scripts of at most ``_KEYS_PER_SCRIPT`` agents,
+pipelined). Loads are grouped the same way, and a load waits for the pending write of its
+own agent first (an agent passivated and activated again reads its last turn).
+
+Redis unreachable: commits and loads fail with Unavailable within the socket timeouts,
+``failing()`` says why, and the client reconnects by itself once Redis is back (a pooled
+connection broken by a restart is retried once on a new one; a write retried after its
+reply was lost finds its own snapshot at the next version and counts as committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from agentd.errors import ConfigError, Unavailable
+
+if TYPE_CHECKING:
+    from agentd.runtime.state import CommitFailed
+
+__all__ = ["FenceObserver", "RedisStateStore"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: the agents' hashes; ARGV: expected version, snapshot, expected version, ...
+# Returns the 1-based indexes of the refused (stale) writes. A key already holding this
+# very snapshot at the next version is our own write, retried after a lost reply.
+_WRITE = """
+local stale = {}
+for i, key in ipairs(KEYS) do
+  local expected = tonumber(ARGV[2 * i - 1])
+  local snapshot = ARGV[2 * i]
+  local v = tonumber(redis.call('HGET', key, 'v') or '0')
+  if v == expected then
+    redis.call('HSET', key, 'v', v + 1, 's', snapshot)
+  elseif not (v == expected + 1 and redis.call('HGET', key, 's') == snapshot) then
+    stale[#stale + 1] = i
+  end
+end
+return stale
+"""
+
+# KEYS: the agents' hashes; returns [version, snapshot] for each (nils when absent).
+_READ = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HMGET', key, 'v', 's')
+end
+return out
+"""
+
+
+class FenceObserver(Protocol):
+    """Told how many writes of a stale owner the store refused (the cluster metrics)."""
+
+    def fenced_write(self, count: int = 1) -> None: ...
+
+
+def check_redis_url(url: object) -> str:
+    """``url`` if it names a Redis server agentd can use, else ConfigError saying why."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError("redis_url must be a URL such as redis://127.0.0.1:6379/0")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"redis_url {url[:200]!r}: the scheme must be redis://, rediss:// or unix://"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"redis_url {url[:200]!r}: the port is not a number 0-65535") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"redis_url {url[:200]!r}: no host (redis://HOST:PORT/DB)")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"redis_url {url[:200]!r}: no socket path (unix:///path/redis.sock)")
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ConfigError(f"redis_url {url[:200]!r}: the database must be a number (/0)")
+    return url
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisStateStore:
+    """Snapshots in Redis hashes with versioned writes (module doc). Owns its connection
+    pool (closed by ``aclose``)."""
+
+    _KEYS_PER_SCRIPT = 2048  # agents per script: Redis runs one script at a time
+    _LOG_EVERY_S = 10.0  # while operations keep failing, one log line per this many seconds
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "agentd:state:",
+        observer: FenceObserver | None = None,
+        failure_window_s: float = 10.0,
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = check_redis_url(url)
+        if not isinstance(key_prefix, str):
+            raise ConfigError("key_prefix must be a string")
+        self.key_prefix = key_prefix
+        self._observer = observer
+        self._socket_timeout_s = socket_timeout_s
+        self._client: aredis.Redis | None = None
+        self._shas = {"write": "", "read": ""}  # the scripts' SHA1s on the server
+        # address -> the version Redis holds for it as far as this store knows (absent: 0).
+        self._versions: dict[str, int] = {}
+        self._queued: dict[str, bytes] = {}  # the next batch: an address's last write wins
+        self._waiters: list[Any] = []  # flat: address, future, ... for the queued saves
+        self._inflight: dict[str, bytes] = {}  # the batch being written
+        self._writing: asyncio.Task[list[str]] | None = None
+        self._write_scheduled = False
+        self._load_queue: list[Any] = []  # flat: address, future, ...
+        self._reading: asyncio.Task[None] | None = None
+        self._read_scheduled = False
+        self.writes = 0
+        self.commits = 0
+        self.errors = 0
+        self.fenced = 0  # writes refused as stale (not failures of the store)
+        self.round_trips = 0  # pipelines sent for writes
+        self.scripts = 0  # write scripts run
+        self.empty_at_open = False
+        self.on_commit_failed: CommitFailed | None = None
+        # Health, as in SQLiteStateStore: failing while operations fail, until one succeeds
+        # or ``failure_window_s`` passes without a failure.
+        self.failure_window_s = failure_window_s
+        self.consecutive_failures = 0
+        self._last_failure = 0.0
+        self._last_error = ""
+        self._logged_failures = 0
+        self._last_log = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, load the scripts and see whether any state is stored under the prefix.
+        Raises Unavailable when Redis cannot be reached."""
+        client = aredis.Redis.from_url(
+            self.url,
+            socket_timeout=self._socket_timeout_s,
+            socket_connect_timeout=self._socket_timeout_s,
+            # One retry on a new connection: a pooled connection broken by a Redis restart
+            # must not fail the first batch after it is back. Not more: a caller waits.
+            retry=Retry(NoBackoff(), 1),
+        )
+        try:
+            for name, source in _SCRIPTS.items():
+                self._shas[name] = await client.script_load(source)
+            self.empty_at_open = not await self._any_key(client)
+        except RedisError as exc:
+            await client.aclose()
+            raise Unavailable(
+                f"state store: Redis at {self._where()} is not reachable: {exc}"
+            ) from exc
+        self._client = client
+
+    async def _any_key(self, client: aredis.Redis) -> bool:
+        match = _glob_escape(self.key_prefix) + "*"
+        cursor = 0
+        while True:
+            cursor, keys = await client.scan(cursor, match=match, count=1000)
+            if keys:
+                return True
+            if not cursor:
+                return False
+
+    def _where(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
+
+    async def flush(self) -> None:
+        while self._queued or self._writing is not None or self._write_scheduled:
+            if self._writing is not None:
+                await asyncio.wait([self._writing])
+            else:
+                await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        while self._load_queue or self._reading is not None or self._read_scheduled:
+            if self._reading is not None:
+                await asyncio.wait([self._reading])
+            else:
+                await asyncio.sleep(0)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued[address] = snapshot
+        waiters = self._waiters
+        waiters.append(address)
+        waiters.append(future)
+        if not self._write_scheduled and self._writing is None:
+            self._schedule_write()
+        return future
+
+    def save_nowait(self, address: str, snapshot: bytes) -> None:
+        self._queued[address] = snapshot
+        if not self._write_scheduled and self._writing is None:
+            self._schedule_write()
+
+    def _schedule_write(self) -> None:
+        self._write_scheduled = True
+        asyncio.get_running_loop().call_soon(self._start_write)
+
+    def _start_write(self) -> None:
+        self._write_scheduled = False
+        if not self._queued:
+            return
+        rows, self._queued = self._queued, {}
+        waiters, self._waiters = self._waiters, []
+        self._inflight = rows
+        task = asyncio.get_running_loop().create_task(self._write(rows))
+        self._writing = task
+        task.add_done_callback(lambda t: self._written(rows, waiters, t))
+
+    async def _write(self, rows: dict[str, bytes]) -> list[str]:
+        """Commit ``rows`` (one round trip); returns the addresses refused as stale."""
+        versions = self._versions
+        keys = list(rows)
+        prefix = self.key_prefix
+        step = self._KEYS_PER_SCRIPT
+        calls: list[tuple[list[str], list[Any]]] = []
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
+            args: list[Any] = []
+            for key in chunk:
+                args.append(versions.get(key, 0))
+                args.append(rows[key])
+            calls.append(([prefix + key for key in chunk], args))
+        results = await self._eval("write", calls)
+        self.round_trips += 1
+        self.scripts += len(calls)
+        stale = [
+            keys[start + int(i) - 1]
+            for start, refused in zip(range(0, len(keys), step), results, strict=True)
+            for i in refused
+        ]
+        for key in keys:
+            versions[key] = versions.get(key, 0) + 1
+        for key in stale:
+            del versions[key]  # read again with the agent's state (the host drops it)
+        self.writes += len(keys) - len(stale)
+        self.commits += 1
+        return stale
+
+    def _written(
+        self, rows: dict[str, bytes], waiters: list[Any], task: asyncio.Task[list[str]]
+    ) -> None:
+        self._writing = None
+        self._inflight = {}
+        exc = None if not task.cancelled() else asyncio.CancelledError()
+        exc = exc or task.exception()
+        if exc is not None:
+            self._commit_failed(rows, waiters, self._unavailable(exc))
+        else:
+            self._healthy()
+            stale = task.result()
+            if stale:
+                self._refused(set(stale), waiters)
+            else:
+                for i in range(1, len(waiters), 2):
+                    future = waiters[i]
+                    if not future.done():
+                        future.set_result(None)
+        if self._queued and not self._write_scheduled:
+            self._start_write()  # what arrived meanwhile: the next batch
+
+    def _refused(self, stale: set[str], waiters: list[Any]) -> None:
+        """Writes refused as stale (another node wrote these agents since this one read
+        them): fail only their saves, and have the host drop their states."""
+        self.fenced += len(stale)
+        if self._observer is not None:
+            self._observer.fenced_write(len(stale))
+        log.warning(
+            "state store: %d write%s refused: another node wrote %s first (this node's"
+            " copy is stale and is read again)",
+            len(stale),
+            "s" if len(stale) > 1 else "",
+            ", ".join(sorted(stale)[:5]) + (", ..." if len(stale) > 5 else ""),
+        )
+        dropped = self._drop_queued(stale)
+        for pairs in (waiters, dropped):
+            for i in range(0, len(pairs), 2):
+                future = pairs[i + 1]
+                if future.done():
+                    continue
+                if pairs[i] in stale:
+                    future.set_exception(_fenced(pairs[i]))
+                else:
+                    future.set_result(None)
+        self._report(
+            stale, Unavailable(f"{len(stale)} agents' states were written by another node; retry")
+        )
+
+    def _commit_failed(
+        self, rows: dict[str, bytes], waiters: list[Any], error: Unavailable
+    ) -> None:
+        self.errors += 1
+        self._failed(error, "commit")
+        failed = set(rows)
+        versions = self._versions
+        for key in failed:
+            # Unknown whether it committed (a reply lost): the host drops these states and
+            # reads them, with their versions, again.
+            versions.pop(key, None)
+        for pairs in (waiters, self._drop_queued(failed)):
+            for i in range(1, len(pairs), 2):
+                future = pairs[i]
+                if not future.done():
+                    future.set_exception(error)
+        self._report(failed, error)
+
+    def _drop_queued(self, failed: set[str]) -> list[Any]:
+        """Drop the queued saves of ``failed`` agents (made on top of the state that
+        failed); returns their waiters (flat: address, future, ...)."""
+        queued = self._queued
+        for key in failed:
+            queued.pop(key, None)
+        dropped: list[Any] = []
+        waiters = self._waiters
+        if waiters:
+            keep: list[Any] = []
+            for i in range(0, len(waiters), 2):
+                (dropped if waiters[i] in failed else keep).extend((waiters[i], waiters[i + 1]))
+            self._waiters = keep
+        return dropped
+
+    def _report(self, keys: Collection[str], error: BaseException) -> None:
+        if self.on_commit_failed is not None:
+            try:
+                self.on_commit_failed(keys, error)
+            except Exception:
+                log.exception("state store: the commit-failure handler raised")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def load(self, address: str) -> bytes | None:
+        """The snapshot of ``address`` (None: none stored); remembers its version. Raises
+        Unavailable when Redis cannot be read."""
+        while address in self._queued or address in self._inflight:
+            # Its own last write first (passivated and activated again meanwhile).
+            if self._writing is not None:
+                await asyncio.wait([self._writing])
+            else:
+                await asyncio.sleep(0)
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        queue = self._load_queue
+        queue.append(address)
+        queue.append(future)
+        if not self._read_scheduled and self._reading is None:
+            self._read_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_read)
+        return await future
+
+    def _start_read(self) -> None:
+        self._read_scheduled = False
+        if not self._load_queue:
+            return
+        items, self._load_queue = self._load_queue, []
+        task = asyncio.get_running_loop().create_task(self._read(items))
+        self._reading = task
+        task.add_done_callback(lambda t: self._read_done(items, t))
+
+    async def _read(self, items: list[Any]) -> None:
+        addresses = list(dict.fromkeys(items[0::2]))
+        prefix = self.key_prefix
+        step = self._KEYS_PER_SCRIPT
+        starts = range(0, len(addresses), step)
+        calls = [([prefix + a for a in addresses[s : s + step]], []) for s in starts]
+        results = await self._eval("read", calls)
+        versions = self._versions
+        found: dict[str, bytes] = {}
+        for start, rows in zip(starts, results, strict=True):
+            for address, (version, snapshot) in zip(
+                addresses[start : start + step], rows, strict=True
+            ):
+                if version:
+                    versions[address] = int(version)
+                    found[address] = snapshot
+                else:
+                    versions.pop(address, None)
+        self._healthy()
+        for i in range(0, len(items), 2):
+            future = items[i + 1]
+            if not future.done():
+                future.set_result(found.get(items[i]))
+
+    def _read_done(self, items: list[Any], task: asyncio.Task[None]) -> None:
+        self._reading = None
+        exc = None if not task.cancelled() else asyncio.CancelledError()
+        exc = exc or task.exception()
+        if exc is not None:
+            error = self._unavailable(exc)
+            self._failed(error, "load")
+            for i in range(1, len(items), 2):
+                future = items[i]
+                if not future.done():
+                    future.set_exception(error)
+        if self._load_queue and not self._read_scheduled:
+            self._start_read()
+
+    # -- Redis ----------------------------------------------------------------------------
+
+    async def _eval(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run script ``name`` once per call (its keys, its arguments) in one pipeline."""
+        client = self._client
+        if client is None:
+            raise Unavailable("the Redis state store is not open")
+        results = await _pipeline(client, self._shas[name], calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            # Redis restarted and lost its scripts: the NOSCRIPT calls did not run.
+            self._shas[name] = sha = await client.script_load(_SCRIPTS[name])
+            again = await _pipeline(client, sha, [calls[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def _unavailable(self, exc: BaseException) -> Unavailable:
+        if isinstance(exc, Unavailable):
+            return exc
+        error = Unavailable(f"state store (Redis at {self._where()}): {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    # -- health ---------------------------------------------------------------------------
+
+    def failing(self) -> str | None:
+        failures = self.consecutive_failures
+        if not failures:
+            return None
+        ago = time.monotonic() - self._last_failure
+        if ago > self.failure_window_s:
+            return None
+        return (
+            f"state store: the last {failures} operation{'s' if failures > 1 else ''} failed"
+            f" (the latest {ago:.1f} s ago): {self._last_error}"
+        )
+
+    def _healthy(self) -> None:
+        if self.consecutive_failures:
+            log.warning(
+                "state store: Redis answers again (after %d failed operations)",
+                self.consecutive_failures,
+            )
+            self.consecutive_failures = 0
+            self._logged_failures = 0
+
+    def _failed(self, error: Unavailable, what: str) -> None:
+        now = time.monotonic()
+        self.consecutive_failures += 1
+        self._last_failure = now
+        self._last_error = error.message
+        if not self._logged_failures or now - self._last_log >= self._LOG_EVERY_S:
+            # Not a line per failure: Redis down fails every batch.
+            log.error(
+                "state store %s failed (%d in a row, %d since the last log line): %s",
+                what,
+                self.consecutive_failures,
+                self.consecutive_failures - self._logged_failures,
+                error.message,
+            )
+            self._logged_failures = self.consecutive_failures
+            self._last_log = now
+
+
+_SCRIPTS = {"write": _WRITE, "read": _READ}
+
+
+def _fenced(address: str) -> Unavailable:
+    return Unavailable(f"agent {address}'s state was written by another node; retry")
+
+
+async def _pipeline(
+    client: aredis.Redis, sha: str, calls: list[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """EVALSHA once per call, in one round trip; a script's error comes back as its
+    result (NOSCRIPT is handled by the caller)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
