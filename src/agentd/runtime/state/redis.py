@@ -215,6 +215,11 @@ class RedisStateStore:
             await self._client.aclose()
             self._client = None
 
+    def version(self, address: str) -> int:
+        """The version of ``address``'s state as this store last read or wrote it (0:
+        none seen); its next write expects Redis to hold this one."""
+        return self._versions.get(address, 0)
+
     # -- writes ---------------------------------------------------------------------------
 
     def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
