@@ -58,12 +58,14 @@ from agentd.runtime import (
 from agentd.settings import Settings
 
 if TYPE_CHECKING:
+    from agentd.cluster.service import ClusterService
     from agentd.tools.service import ToolService
 
 __all__ = [
     "Node",
     "NodeOptions",
     "build_catalog",
+    "build_cluster",
     "build_generation",
     "build_inference",
     "build_registry",
@@ -109,6 +111,7 @@ class Node:
     metrics: Metrics | None
     generation: GenerationService | None
     tools: ToolService | None
+    cluster: ClusterService | None
 
     def __init__(
         self,
@@ -137,6 +140,11 @@ class Node:
                 from agentd.tools.factory import open_tool_service  # not loaded without tools
 
                 self.tools = open_tool_service(settings, self.metrics)
+            # Agents owned by other nodes (peers or etcd set) go through the cluster.
+            self.cluster = build_cluster(settings, self.metrics, self.tracing)
+            host_options = dict(options.host_options)
+            if self.cluster is not None:
+                host_options.setdefault("forwarder", self.cluster.forwarder)
             self.runtime = build_runtime(
                 settings,
                 self.registry,
@@ -145,8 +153,10 @@ class Node:
                 self.generation,
                 self.tools,
                 host_type=options.host_type,
-                host_options=options.host_options,
+                host_options=host_options,
             )
+            if self.cluster is not None:
+                self.cluster.attach(self.runtime.host)
             if self.metrics is not None:
                 self.metrics.watch_runtime(self.runtime.host.gauges)
         except BaseException:
@@ -170,7 +180,7 @@ class Node:
             raise RuntimeError("the node was started already")
         async with AsyncExitStack() as stack:
             stack.callback(self.tracing.aclose)
-            services = (self.inference, self.generation, self.tools, self.runtime)
+            services = (self.inference, self.generation, self.tools, self.runtime, self.cluster)
             for service in services:
                 if service is None:  # left out by the node's options
                     continue
@@ -228,6 +238,21 @@ async def open_node(
 def deadline_policy(settings: Settings) -> DeadlinePolicy:
     """The node's deadline rule from its settings (see agentd.deadlines)."""
     return DeadlinePolicy(settings.default_timeout_s, settings.max_timeout_s)
+
+
+def build_cluster(
+    settings: Settings, metrics: Metrics | None, tracing: Tracing | None = None
+) -> ClusterService | None:
+    """The cluster service when ``settings`` name peers or etcd, else None (one node
+    owns every agent)."""
+    if not settings.peers and not settings.etcd:
+        return None
+    from agentd.cluster.service import ClusterService  # not loaded by a single node
+    from agentd.observability.cluster_metrics import NO_METRICS, ClusterMetrics
+
+    observer = ClusterMetrics(metrics.registry) if metrics is not None else NO_METRICS
+    tracer = tracing.tracer if tracing is not None and tracing.enabled else None
+    return ClusterService(settings, observer, tracer=tracer)
 
 
 def build_registry(settings: Settings) -> AgentRegistry:

@@ -6,13 +6,16 @@ pays almost nothing; the incoming trace context is still made current for the re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["Tracing"]
+__all__ = ["Tracing", "current_traceparent", "traced"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -54,3 +57,32 @@ class Tracing:
     def aclose(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current context (to carry to another node), or None
+    when no trace is current."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent")
+
+
+@contextmanager
+def traced(traceparent: str | None, tracer: Any = None, name: str = "") -> Iterator[None]:
+    """Run the block under the trace context ``traceparent`` (from another node; ignored
+    when malformed), in a server span ``name`` when ``tracer`` (an OpenTelemetry tracer)
+    is given. Nothing happens without a ``traceparent``."""
+    if not traceparent:
+        yield
+        return
+    token = otel_context.attach(_PROPAGATOR.extract({"traceparent": traceparent[:256]}))
+    try:
+        if tracer is None:
+            yield
+        else:
+            with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER):
+                yield
+    finally:
+        otel_context.detach(token)
