@@ -242,3 +242,17 @@ async def test_opening_without_redis_is_unavailable_and_quick(tmp_path) -> None:
     with pytest.raises(Unavailable, match=f"Redis at 127.0.0.1:{port} is not reachable"):
         await store.open()
     assert loop.time() - started < 10
+
+
+async def test_a_write_sent_again_after_its_reply_was_lost_is_not_fenced(redis: Server) -> None:
+    # The client retries once on a new connection; if the first try had run, Redis holds
+    # this very snapshot at the next version: that is this write, committed.
+    store = await opened(redis.redis_url)
+    await store.save("once/1", b"same")
+    store._versions["once/1"] = 0  # as before the first try
+    await store.save("once/1", b"same")
+    assert store.fenced == 0 and store.version("once/1") == 1
+    store._versions["once/1"] = 0
+    with pytest.raises(Unavailable, match="written by another node"):
+        await store.save("once/1", b"different")  # not ours: a stale owner's
+    await store.aclose()
