@@ -98,6 +98,16 @@ def test_tcp_listener_does_not_reuse_its_port(tmp_path):
     # Envoy refuses UDP without SO_REUSEPORT on several workers; the TCP bind guards both.
     assert udp["address"]["socket_address"]["protocol"] == "UDP"
     assert "enable_reuse_port" not in udp
+    # --processes N: the node's processes share the port (the health port too); serve
+    # checked it without SO_REUSEPORT first.
+    shared = load_settings(processes=2, health_port=9090)
+    listeners = EnvoyProcess(shared).config(8080)["static_resources"]["listeners"]
+    assert [listener["enable_reuse_port"] for listener in listeners] == [True, True]
+    # HTTP/3 is not shared: a QUIC connection's packets could reach another process.
+    tls = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)]
+    out = serve(*tls, "--http3", "--processes", "2", state=tmp_path / "a.db")
+    assert_one_line_error(out, "processes 2: not available with http3")
+    assert out.returncode == 2
 
 
 def test_second_serve_with_http3_on_a_served_port_is_refused(first, tmp_path):
@@ -237,12 +247,27 @@ def test_bad_settings_are_one_line_naming_the_variable(tmp_path, env, needle):
     assert out.returncode == 2
 
 
-def test_etcd_is_refused(tmp_path):
-    out = serve("--etcd", "http://127.0.0.1:2379", state=tmp_path / "a.db")
-    assert_one_line_error(out, "--etcd: clustering is not available")
+def test_a_malformed_etcd_url_is_refused(tmp_path):
+    out = serve("--etcd", "127.0.0.1:2379", state=tmp_path / "a.db")
+    assert_one_line_error(out, "--etcd: '127.0.0.1:2379' is not an etcd URL")
     assert out.returncode == 2
-    out = serve(state=tmp_path / "a.db", env={"AGENTD_ETCD": "http://127.0.0.1:2379"})
-    assert_one_line_error(out, "etcd", "clustering is not available")
+    out = serve(state=tmp_path / "a.db", env={"AGENTD_ETCD": "http://127.0.0.1:2379,ftp://x"})
+    assert_one_line_error(out, "etcd (config file or AGENTD_ETCD): 'ftp://x' is not an etcd URL")
+    assert out.returncode == 2
+    assert not (tmp_path / "a.db").exists()
+
+
+def test_processes_refuse_what_they_cannot_share(tmp_path):
+    out = serve("--processes", "0", state=tmp_path / "a.db")
+    assert_one_line_error(out, "processes", "greater than or equal to 1")
+    assert out.returncode == 2
+    out = serve("--processes", "2", "--etcd", "http://127.0.0.1:2379", state=tmp_path / "a.db")
+    assert_one_line_error(out, "processes 2: not available with etcd")
+    assert out.returncode == 2
+    out = serve(
+        state=tmp_path / "a.db", env={"AGENTD_PROCESSES": "2", "AGENTD_STATE_STORE": "memory"}
+    )
+    assert_one_line_error(out, "processes > 1 needs a shared state store")
     assert out.returncode == 2
 
 

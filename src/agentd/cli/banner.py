@@ -19,7 +19,9 @@ def plugin_folder_line(plugins: Path) -> str:
     return f"plugin folder: {folder} (does not exist: built-in agents, models and tools only)"
 
 
-def banner(listening: Listening, auth: bool, plugins: Path | None = None) -> str:
+def banner(
+    listening: Listening, auth: bool, plugins: Path | None = None, processes: int = 1
+) -> str:
     host = listening.host if listening.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
@@ -34,6 +36,8 @@ def banner(listening: Listening, auth: bool, plugins: Path | None = None) -> str
     grpc_auth = " -H 'authorization: Bearer $TOKEN'" if auth else ""
     body = '{"agent":"echo","message":{"text":"hello"}}'
     chat = '{"model":"tinylm","messages":[{"role":"user","content":"hello"}],"stream":true}'
+    if processes > 1:
+        protocols += f"; {processes} processes"
     lines = [f"agentd listening on {url} ({protocols})"]
     if plugins is not None:
         lines.append(plugin_folder_line(plugins))

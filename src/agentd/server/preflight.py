@@ -15,13 +15,20 @@ import sqlite3
 import ssl
 import tempfile
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from agentd.errors import ConfigError, StartupError
 from agentd.server.envoy import bind_error, connection_limit, raise_open_file_limit
 from agentd.settings import Settings
 
-__all__ = ["check_bind", "check_state_store", "check_tls", "preflight", "resolve_host"]
+__all__ = [
+    "check_bind",
+    "check_etcd",
+    "check_state_store",
+    "check_tls",
+    "preflight",
+    "resolve_host",
+]
 
 _NUMERIC = re.compile(r"^[0-9.]+$")
 
@@ -84,6 +91,29 @@ def check_bind(host: str, port: int, *, udp: bool = False) -> None:
             except OSError as exc:
                 proto = "UDP: " if kind == socket.SOCK_DGRAM else ""
                 raise StartupError(proto + bind_error(host, port, exc.errno, exc.strerror)) from exc
+
+
+def check_etcd(url: str) -> None:
+    """``url`` names etcd endpoints: ``http(s)://host:port``, several joined by commas;
+    ConfigError naming the first that is not one (nothing is contacted here)."""
+    endpoints = [part.strip() for part in url.split(",")]
+    for endpoint in endpoints:
+        shown = endpoint if len(endpoint) <= 60 else endpoint[:57] + "..."
+        try:
+            parsed = urlsplit(endpoint)
+            port = parsed.port
+        except ValueError:
+            parsed, port = None, None
+        if (
+            parsed is None
+            or parsed.scheme not in ("http", "https")
+            or not parsed.hostname
+            or port is None
+            or parsed.path not in ("", "/")
+            or parsed.query
+            or parsed.fragment
+        ):
+            raise ConfigError(f"{shown!r} is not an etcd URL (http://host:2379, comma-separated)")
 
 
 def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
