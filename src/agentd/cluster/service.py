@@ -79,6 +79,7 @@ class ClusterService:
             self.forwarder = ClusterForwarder(self.node_id, None, {}, observer)
         else:
             raise ConfigError("a cluster service needs peers or an etcd URL")
+        observer.node(self.node_id)
         self.server: PeerServer | None = None
         self.host: Any = None
 

@@ -41,6 +41,10 @@ class ClusterObserver:
     def desired_nodes(self, desired: int) -> None:
         """The last decision read from etcd (exported for an HPA or KEDA rule)."""
 
+    def node(self, node_id: str) -> None:
+        """This node's id: a scrape of a port that ``--processes N`` share names the
+        process that answered."""
+
 
 NO_METRICS = ClusterObserver()
 
@@ -94,6 +98,12 @@ class ClusterMetrics(ClusterObserver):
             registry=registry,
         )
         self._desired.set(-1)
+        self._node = Gauge(
+            "agentd_cluster_node",
+            "This node's id in its cluster (the sample is 1).",
+            ["node"],
+            registry=registry,
+        )
 
     def forwarded(self, kind: str, outcome: str, seconds: float) -> None:
         self._forwarded.labels(kind, outcome).observe(seconds)
@@ -120,3 +130,6 @@ class ClusterMetrics(ClusterObserver):
 
     def desired_nodes(self, desired: int) -> None:
         self._desired.set(desired)
+
+    def node(self, node_id: str) -> None:
+        self._node.labels(node_id).set(1)
