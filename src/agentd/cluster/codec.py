@@ -65,9 +65,10 @@ _ERRORS: dict[str, type[AgentdError]] = {
     for name in errors.__all__
     if isinstance(cls := getattr(errors, name), type) and issubclass(cls, AgentdError)
 }
-_BY_CODE: dict[int, type[AgentdError]] = {}
-for _cls in _ERRORS.values():
-    _BY_CODE.setdefault(_cls.code.value, _cls)
+# An unknown class arrives as the plain class of its code (Unavailable, not StartupError).
+_BY_CODE: dict[int, type[AgentdError]] = {
+    cls.code.value: cls for cls in _ERRORS.values() if cls.__bases__ == (AgentdError,)
+}
 
 
 class CodecError(InvalidArgument):

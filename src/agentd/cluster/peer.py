@@ -162,6 +162,7 @@ class PeerServer:
         self.endpoint = listen
         self.tells_received = 0
         self.frames_received = 0
+        self.pauses = 0  # times the owner's full run queue stopped reading a connection
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -255,6 +256,7 @@ class _ServerConnection(_Frames):
                 if not tell_nowait(addresses[index], messages[index]):
                     # The run queue is full: read nothing more until these are in.
                     self._held = True
+                    self._server.pauses += 1
                     if self.transport is not None:
                         self.transport.pause_reading()
                     self._blocked = asyncio.get_running_loop().create_task(
