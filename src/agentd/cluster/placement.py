@@ -46,9 +46,11 @@ class Placement:
 
     __slots__ = ("owners", "revision")
 
-    def __init__(self, owners: Sequence[str], revision: int = 0) -> None:
+    def __init__(self, owners: Sequence[str], revision: int = 0, *, unowned: bool = False) -> None:
+        """``unowned``: a partition may have no owner yet (the empty string), as while an
+        etcd cluster hands partitions over; calls to its agents fail with a retry hint."""
         check_partitions(len(owners))
-        if any(not isinstance(owner, str) or not owner for owner in owners):
+        if any(not isinstance(owner, str) or not (owner or unowned) for owner in owners):
             raise InvalidArgument("every partition needs an owner (a non-empty node id)")
         self.owners: tuple[str, ...] = tuple(owners)
         self.revision = revision
