@@ -1,5 +1,7 @@
 """Agent state in SQLite: one table, one dedicated thread for every statement.
 
+Several processes of one machine may share the file (``serve --processes N``): WAL lets
+them read while one writes, and a writer waits up to a minute for another's transaction.
 ``save`` returns once the snapshot is committed; many concurrent saves share one
 transaction (group commit), so durability does not cost a disk sync per turn. ``load``
 calls are grouped the same way. WAL mode: embedded, no server, and a committed transaction
@@ -103,6 +105,7 @@ class SQLiteStateStore:
     _CHUNK = 500  # keys per SELECT ... IN (...)
     _ROWS_PER_INSERT = 400  # 800 parameters: under every SQLite build's variable limit
     _LOG_EVERY_S = 10.0  # while commits keep failing, one log line per this many seconds
+    _BUSY_TIMEOUT_S = 60.0  # how long a statement waits for another process's lock
 
     def __init__(self, path: Path | str, *, failure_window_s: float = 10.0) -> None:
         path = Path(path)
@@ -134,7 +137,13 @@ class SQLiteStateStore:
         await self._call(self._open)
 
     def _open(self) -> None:
-        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        # The processes of ``serve --processes N`` share this file: a commit waits for
+        # another process's transaction (a swarm process's group of 500k states holds the
+        # write lock for seconds) instead of failing with "database is locked" after
+        # SQLite's default 5 s. Locks of a dead process are released by the OS.
+        db = sqlite3.connect(
+            self._path, check_same_thread=False, isolation_level=None, timeout=self._BUSY_TIMEOUT_S
+        )
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a killed process (not a power cut).
         db.execute("PRAGMA synchronous=NORMAL")
