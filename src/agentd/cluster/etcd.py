@@ -154,9 +154,20 @@ class EtcdClient:
         # aetcd hands its timeout to every gRPC call as the deadline.
         return aetcd.Client(host=host, port=port, timeout=self._timeout)
 
-    async def connect(self) -> None:
-        """Connect to the first endpoint that answers; Unavailable if none does."""
-        await self.revision()
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect to the first endpoint that answers, trying again for up to ``timeout``
+        seconds (default: the request timeout; an etcd just started may still be electing
+        its leader); Unavailable if none does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or 0.0)
+        while True:
+            try:
+                await self.revision()
+                return
+            except Unavailable:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.1)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -53,6 +53,7 @@ HANDOVER_SETTLE_S = 1.0
 RELEASE_TIMEOUT_S = 10.0
 RETRY_S = 0.5  # etcd unreachable: the pause before the next try
 CLAIM_BATCH = 64  # concurrent transactions of one claim round
+CONNECT_TIMEOUT_S = 10.0  # a node starting with etcd waits this long for it to answer
 
 
 def cluster_prefix(cluster: str) -> str:
@@ -190,7 +191,7 @@ class EtcdMembership:
         self._peer = local or (f"tcp:{advertise}" if advertise else "")
         if not self._peer:
             raise ValueError("etcd membership needs the node's peer endpoint")
-        await self._etcd.connect()
+        await self._etcd.connect(timeout=CONNECT_TIMEOUT_S)
         self._host.forwarder = self.gate
         await self._register()
         items, revision = await self._etcd.get_prefix(self.prefix)
