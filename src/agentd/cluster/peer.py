@@ -88,8 +88,9 @@ class _Frames(asyncio.Protocol):
         self._held = False  # frames are not read on while the owner has no room
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not isinstance(asyncio.Transport): uvloop's transports (the gateway's and the
+        # swarm's loop) are not its subclasses, though they have its methods.
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
