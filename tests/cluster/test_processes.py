@@ -3,13 +3,25 @@ and, with real servers started here, N processes on one port."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from openai import OpenAI
 
 from agentd.cluster.supervisor import Supervisor, die_with_parent, local_peers
+from agentd.testing import RunningServer, start_server
+from agentd.v1 import agent_pb2 as pb
+from agentd.v1 import agent_pb2_grpc
 
 # -- the supervisor's rule, without processes ------------------------------------------------
 
@@ -137,3 +149,124 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# -- agentd serve --processes 2, real servers ------------------------------------------------
+
+PLUGINS = Path(__file__).parent.parent / "plugins"
+_PROCESSES = re.compile(r"^processes: (.+)$", re.M)
+_PID = re.compile(r"(p\d+) \(pid (\d+)\)")
+_NODE = re.compile(r'^agentd_cluster_node\{node="([^"]+)"\} 1\.0$', re.M)
+
+
+def serve_processes(*args: str, state: Path | None = None, count: int = 2) -> RunningServer:
+    """``agentd serve --processes COUNT`` with the test agents; returns once every process
+    serves (the supervisor names them after the banner)."""
+    env = {"AGENTD_STATE_PATH": str(state)} if state is not None else None
+    running = start_server(
+        ["--processes", str(count), "--plugins", str(PLUGINS), *args], env=env, timeout=90
+    )
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not _PROCESSES.search(running.log()):
+        time.sleep(0.05)
+    return running
+
+
+def child_pids(running: RunningServer) -> dict[str, int]:
+    match = _PROCESSES.search(running.log())
+    assert match is not None, running.log()
+    return {name: int(pid) for name, pid in _PID.findall(match[1])}
+
+
+def answering_node(url: str) -> str:
+    """The node id of the process that answers /metrics on a fresh connection."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    match = _NODE.search(text)
+    assert match is not None, text[:500]
+    return match[1]
+
+
+def invoke(url: str, agent: str, text: str = "", timeout: float = 10) -> httpx.Response:
+    """One JSON Invoke on a fresh connection (each can reach either process)."""
+    return httpx.post(
+        f"{url}/agentd.v1.AgentService/Invoke",
+        json={"agent": agent, "message": {"text": text}},
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def two() -> Iterator[RunningServer]:
+    running = serve_processes()
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+def test_the_readme_examples_are_served_unchanged(two):
+    url = two.url
+    # Connect JSON over HTTP/1.1 and HTTP/2 (curl, as the README)
+    body = '{"agent":"echo","message":{"text":"hello"}}'
+    json_type = "content-type: application/json"
+    for flags in ([], ["--http2-prior-knowledge"]):
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                *flags,
+                f"{url}/agentd.v1.AgentService/Invoke",
+                "-H",
+                json_type,
+                "-d",
+                body,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert json.loads(out.stdout) == {"agent": "echo/default", "message": {"text": "hello"}}
+    # gRPC with the grpcio stub
+    with grpc.insecure_channel(two.target) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        reply = stub.Invoke(pb.InvokeRequest(agent="echo", message=pb.Message(text="hi")))
+        assert reply.message.text == "hi"
+    # OpenAI chat with the openai package
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model="tinylm", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+    )
+    assert chat.choices[0].message.content
+    client.close()
+    # KServe v2 REST infer
+    features = [0.9, 0.8, 0.1, 0.5, 0.2, 0.7, 0.3, 0.4, 0.6, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    body = {
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16], "data": features}]
+    }
+    infer = httpx.post(f"{url}/v2/models/decision/infer", json=body, timeout=30)
+    assert infer.status_code == 200, infer.text
+    assert {o["name"] for o in infer.json()["outputs"]} >= {"action"}
+
+
+def test_both_processes_answer_on_the_one_port(two):
+    seen = {answering_node(two.url) for _ in range(40)}
+    assert seen == {"p0", "p1"}
+
+
+def test_an_agents_state_is_one_across_processes(two):
+    # Fresh connections land on either process; the agent lives on its owner only.
+    replies = [invoke(two.url, "counter/shared-40").json()["message"]["text"] for _ in range(40)]
+    assert replies == [str(n) for n in range(1, 41)]
+
+
+def test_an_unrelated_serve_on_the_port_is_refused(two, tmp_path):
+    for extra in ([], ["--processes", "2"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "agentd", "serve", "--port", str(two.port), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200", "AGENTD_STATE_PATH": str(tmp_path / "b.db")},
+        )
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"error: port {two.port} is in use" in out.stdout, out.stdout
+    assert {answering_node(two.url) for _ in range(20)} == {"p0", "p1"}
