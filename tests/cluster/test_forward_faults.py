@@ -72,3 +72,14 @@ async def test_hostile_bytes_on_the_peer_socket_close_that_connection_only(tmp_p
         # The node serves on, to its peers and locally.
         assert await a.runtime.host.ask(address, 2) == 2
         assert await b.runtime.host.ask(address, 3) == 3
+
+
+def test_forwarding_works_on_uvloop_and_the_benchmark_reports_it():
+    # agentd serves on uvloop, whose transports are not asyncio.Transport subclasses.
+    from agentd_bench.forwarding import measure_forwarding
+
+    result = measure_forwarding(n=50)
+    for scheme in ("unix", "tcp"):
+        assert result[scheme]["forwarded"]["p50_ms"] > 0
+        assert result[scheme]["local"]["p50_ms"] > 0
+    assert result["codec_batch_4096"]["int_pairs_ms"] > 0
