@@ -59,6 +59,18 @@ class Settings(BaseSettings):
     zone: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     lease_ttl_s: float = Field(5.0, ge=1.0, le=300.0, description="etcd lease of a node")
     status_interval_s: float = Field(1.0, gt=0, le=60.0, description="node status refresh")
+    # Scaling (the coordinator's HPA-style rule, agentd.cluster.scaling; docs/cluster.md).
+    min_nodes: int = Field(1, ge=1, le=10_000, description="fewest nodes a decision asks for")
+    max_nodes: int = Field(10, ge=1, le=10_000, description="most nodes a decision asks for")
+    target_utilization: float = Field(0.7, gt=0, le=1.0, description="target mean node load")
+    queue_time_target_s: float = Field(0.5, gt=0, description="target mean turn queue time")
+    kv_occupancy_target: float = Field(0.8, gt=0, le=1.0, description="target KV-cache use")
+    scale_tolerance: float = Field(0.1, ge=0, lt=1.0, description="no change within ±this ratio")
+    scale_down_stabilization_s: float = Field(
+        300.0, ge=0, le=86_400, description="scale down to the window's highest recommendation"
+    )
+    max_scale_up_factor: float = Field(2.0, gt=1.0, le=100.0, description="growth per decision")
+    scale_interval_s: float = Field(5.0, gt=0, le=3600.0, description="coordinator's period")
     # Set by the ``--processes`` supervisor for its children: this process's peer listener
     # (``unix:/path`` or ``tcp:host:port``) and every process's, as ``id=endpoint``.
     peer_listen: str | None = None
@@ -174,6 +186,14 @@ class Settings(BaseSettings):
         if self.processes > 1 and self.state_store == "memory":
             raise ValueError(
                 "processes > 1 needs a shared state store (sqlite or redis), not memory"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_scaling(self) -> Settings:
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(
+                f"min_nodes ({self.min_nodes}) is larger than max_nodes ({self.max_nodes})"
             )
         return self
 

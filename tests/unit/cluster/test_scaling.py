@@ -236,3 +236,19 @@ def test_used_blocks_beyond_the_total_are_capped():
 def test_a_bad_policy_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScalingPolicy(**kwargs)
+
+
+def test_settings_give_the_policy_and_refuse_bad_bounds():
+    from agentd.cluster.coordinator import policy_from_settings
+    from agentd.errors import ConfigError
+    from agentd.settings import load_settings
+
+    policy = policy_from_settings(load_settings(min_nodes=2, max_nodes=4, scale_tolerance=0.2))
+    assert (policy.min_nodes, policy.max_nodes, policy.tolerance) == (2, 4, 0.2)
+    assert policy_from_settings(load_settings()) == ScalingPolicy(target_utilization=0.7)
+    with pytest.raises(ConfigError, match=r"min_nodes \(5\) is larger than max_nodes \(4\)"):
+        load_settings(min_nodes=5, max_nodes=4)
+    with pytest.raises(ConfigError, match="max_scale_up_factor"):
+        load_settings(max_scale_up_factor=1.0)
+    with pytest.raises(ConfigError, match="target_utilization"):
+        load_settings(target_utilization=1.5)
