@@ -317,6 +317,18 @@ class EtcdClient:
         with contextlib.suppress(LeaseLost):
             await self._call("revoke_lease", lambda c: c.revoke_lease(lease_id))
 
+    async def lease_time_to_live(self, lease: Lease | int) -> int | None:
+        """Seconds ``lease`` has left, or None when etcd no longer knows it (for
+        ``agentd cluster status``)."""
+        lease_id = _lease_id(lease)
+        try:
+            reply = await self._call(
+                "lease_time_to_live", lambda c: c.get_lease_info(lease_id, keys=False)
+            )
+        except LeaseLost:
+            return None
+        return None if reply.TTL < 0 else int(reply.TTL)
+
     # -- watches ------------------------------------------------------------------------
 
     async def watch_prefix(
