@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,14 +48,27 @@ __all__ = ["FenceObserver", "RedisStateStore"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: the agents' hashes; ARGV: expected version, snapshot, expected version, ...
-# Returns the 1-based indexes of the refused (stale) writes. A key already holding this
-# very snapshot at the next version is our own write, retried after a lost reply.
+# A batch travels as one argument (building a command of thousands of arguments costs
+# redis-py ~5 µs per write on the event loop; one packed blob, ~0.5 µs). The keys are not
+# declared to Redis: a single server (or a primary with replicas), not Redis Cluster.
+_ROW = struct.Struct(">QII")  # expected version, key length, snapshot length; then both
+_KEY = struct.Struct(">I")  # key length; then the key
+_FOUND = struct.Struct(">QI")  # version (0: none), snapshot length; then the snapshot
+
+# ARGV[1]: rows as _ROW packs them. Returns the 1-based indexes of the refused (stale)
+# writes. A key already holding this very snapshot at the next version is our own write,
+# sent again after its reply was lost.
 _WRITE = """
+local data = ARGV[1]
+local pos, n, i = 1, #data, 0
 local stale = {}
-for i, key in ipairs(KEYS) do
-  local expected = tonumber(ARGV[2 * i - 1])
-  local snapshot = ARGV[2 * i]
+while pos <= n do
+  i = i + 1
+  local expected, klen, slen
+  expected, klen, slen, pos = struct.unpack('>I8I4I4', data, pos)
+  local key = string.sub(data, pos, pos + klen - 1)
+  local snapshot = string.sub(data, pos + klen, pos + klen + slen - 1)
+  pos = pos + klen + slen
   local v = tonumber(redis.call('HGET', key, 'v') or '0')
   if v == expected then
     redis.call('HSET', key, 'v', v + 1, 's', snapshot)
@@ -65,13 +79,21 @@ end
 return stale
 """
 
-# KEYS: the agents' hashes; returns [version, snapshot] for each (nils when absent).
+# ARGV[1]: keys as _KEY packs them. Returns one string: _FOUND and the snapshot per key.
 _READ = """
+local data = ARGV[1]
+local pos, n = 1, #data
 local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', key, 'v', 's')
+while pos <= n do
+  local klen
+  klen, pos = struct.unpack('>I4', data, pos)
+  local got = redis.call('HMGET', string.sub(data, pos, pos + klen - 1), 'v', 's')
+  pos = pos + klen
+  local snapshot = got[2] or ''
+  out[#out + 1] = struct.pack('>I8I4', tonumber(got[1] or '0'), #snapshot)
+  out[#out + 1] = snapshot
 end
-return out
+return table.concat(out)
 """
 
 
@@ -255,30 +277,35 @@ class RedisStateStore:
     async def _write(self, rows: dict[str, bytes]) -> list[str]:
         """Commit ``rows`` (one round trip); returns the addresses refused as stale."""
         versions = self._versions
-        keys = list(rows)
+        addresses = list(rows)
         prefix = self.key_prefix
+        pack = _ROW.pack
         step = self._KEYS_PER_SCRIPT
-        calls: list[tuple[list[str], list[Any]]] = []
-        for start in range(0, len(keys), step):
-            chunk = keys[start : start + step]
-            args: list[Any] = []
-            for key in chunk:
-                args.append(versions.get(key, 0))
-                args.append(rows[key])
-            calls.append(([prefix + key for key in chunk], args))
-        results = await self._eval("write", calls)
+        starts = range(0, len(addresses), step)
+        blobs = []
+        for start in starts:
+            parts: list[bytes] = []
+            append = parts.append
+            for address in addresses[start : start + step]:
+                key = (prefix + address).encode()
+                snapshot = rows[address]
+                append(pack(versions.get(address, 0), len(key), len(snapshot)))
+                append(key)
+                append(snapshot)
+            blobs.append(b"".join(parts))
+        results = await self._eval("write", blobs)
         self.round_trips += 1
-        self.scripts += len(calls)
+        self.scripts += len(blobs)
         stale = [
-            keys[start + int(i) - 1]
-            for start, refused in zip(range(0, len(keys), step), results, strict=True)
+            addresses[start + int(i) - 1]
+            for start, refused in zip(starts, results, strict=True)
             for i in refused
         ]
-        for key in keys:
-            versions[key] = versions.get(key, 0) + 1
-        for key in stale:
-            del versions[key]  # read again with the agent's state (the host drops it)
-        self.writes += len(keys) - len(stale)
+        for address in addresses:
+            versions[address] = versions.get(address, 0) + 1
+        for address in stale:
+            del versions[address]  # read again with the agent's state (the host drops it)
+        self.writes += len(addresses) - len(stale)
         self.commits += 1
         return stale
 
@@ -403,21 +430,33 @@ class RedisStateStore:
     async def _read(self, items: list[Any]) -> None:
         addresses = list(dict.fromkeys(items[0::2]))
         prefix = self.key_prefix
+        pack = _KEY.pack
         step = self._KEYS_PER_SCRIPT
         starts = range(0, len(addresses), step)
-        calls = [([prefix + a for a in addresses[s : s + step]], []) for s in starts]
-        results = await self._eval("read", calls)
+        blobs = []
+        for start in starts:
+            parts: list[bytes] = []
+            for address in addresses[start : start + step]:
+                key = (prefix + address).encode()
+                parts.append(pack(len(key)))
+                parts.append(key)
+            blobs.append(b"".join(parts))
+        results = await self._eval("read", blobs)
         versions = self._versions
         found: dict[str, bytes] = {}
-        for start, rows in zip(starts, results, strict=True):
-            for address, (version, snapshot) in zip(
-                addresses[start : start + step], rows, strict=True
-            ):
+        unpack = _FOUND.unpack_from
+        head = _FOUND.size
+        for start, blob in zip(starts, results, strict=True):
+            pos = 0
+            for address in addresses[start : start + step]:
+                version, size = unpack(blob, pos)
+                pos += head
                 if version:
-                    versions[address] = int(version)
-                    found[address] = snapshot
+                    versions[address] = version
+                    found[address] = blob[pos : pos + size]
                 else:
                     versions.pop(address, None)
+                pos += size
         self._healthy()
         for i in range(0, len(items), 2):
             future = items[i + 1]
@@ -440,8 +479,8 @@ class RedisStateStore:
 
     # -- Redis ----------------------------------------------------------------------------
 
-    async def _eval(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run script ``name`` once per call (its keys, its arguments) in one pipeline."""
+    async def _eval(self, name: str, calls: list[bytes]) -> list[Any]:
+        """Run script ``name`` once per call (its packed argument) in one pipeline."""
         client = self._client
         if client is None:
             raise Unavailable("the Redis state store is not open")
@@ -513,12 +552,10 @@ def _fenced(address: str) -> Unavailable:
     return Unavailable(f"agent {address}'s state was written by another node; retry")
 
 
-async def _pipeline(
-    client: aredis.Redis, sha: str, calls: list[tuple[list[str], list[Any]]]
-) -> list[Any]:
+async def _pipeline(client: aredis.Redis, sha: str, calls: list[bytes]) -> list[Any]:
     """EVALSHA once per call, in one round trip; a script's error comes back as its
     result (NOSCRIPT is handled by the caller)."""
     async with client.pipeline(transaction=False) as pipe:
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        for blob in calls:
+            pipe.execute_command("EVALSHA", sha, 0, blob)
         return await pipe.execute(raise_on_error=False)
