@@ -1,6 +1,6 @@
 """What every StateStore implementation owes the actor host (agentd.runtime.state): run
-against each implementation, so that a new backend (the cluster issue's Redis) joins the
-parametrization and is held to the same rules."""
+against each implementation (memory, SQLite, and Redis on a real redis-server started by
+the test), so that a new backend joins the parametrization and is held to the same rules."""
 
 from __future__ import annotations
 

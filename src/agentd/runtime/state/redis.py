@@ -150,7 +150,8 @@ class RedisStateStore:
         if not isinstance(key_prefix, str):
             raise ConfigError("key_prefix must be a string")
         self.key_prefix = key_prefix
-        self._observer = observer
+        # Told about fenced writes (the node's ClusterMetrics); may be set after creation.
+        self.observer = observer
         self._socket_timeout_s = socket_timeout_s
         self._client: aredis.Redis | None = None
         self._shas = {"write": "", "read": ""}  # the scripts' SHA1s on the server
@@ -335,8 +336,8 @@ class RedisStateStore:
         """Writes refused as stale (another node wrote these agents since this one read
         them): fail only their saves, and have the host drop their states."""
         self.fenced += len(stale)
-        if self._observer is not None:
-            self._observer.fenced_write(len(stale))
+        if self.observer is not None:
+            self.observer.fenced_write(len(stale))
         log.warning(
             "state store: %d write%s refused: another node wrote %s first (this node's"
             " copy is stale and is read again)",
