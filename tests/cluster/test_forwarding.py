@@ -16,10 +16,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentd import Agent
 from agentd.agents import AgentRegistry
 from agentd.agents.address import Address
+from agentd.agents.builtin.echo import Echo
 from agentd.agents.message import Message
 from agentd.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.node import Node, NodeOptions, open_node
@@ -82,7 +84,7 @@ class Ticks(Agent):
 
 def registry() -> AgentRegistry:
     types = AgentRegistry()
-    for agent_type in (Record, Sleeper, Relay, Missing, Ticks):
+    for agent_type in (Record, Sleeper, Relay, Missing, Ticks, Echo):
         types.register(agent_type)
     return types
 
@@ -310,3 +312,75 @@ async def test_callers_in_flight_get_unavailable_when_the_owner_goes_away(tmp_pa
         with pytest.raises(Unavailable, match="node b is unreachable"):
             await a.runtime.host.ask(addresses[0], 0.0)
         assert time.monotonic() - started < 2.0
+
+
+async def test_a_stateless_type_runs_where_the_call_arrives(tmp_path):
+    """echo is stateless: asked on the node that does not own its address, it runs there and
+    nothing crosses to the owner; a stateful type at an address of the same owner is
+    forwarded."""
+    async with cluster(tmp_path) as (a, b):
+        echo = owned_by(a, "b", "echo")[0]
+        _, reply = await a.runtime.invoke(echo, Message(text="hello"))
+        assert reply.text == "hello"
+        assert await a.runtime.host.ask(echo, "again") == "again"
+        assert a.runtime.host.tell_nowait(echo, "told")
+        await asyncio.sleep(0.05)  # a tell that crossed would have arrived by now
+        assert a.runtime.host.active_counts().get("echo") == 1
+        assert b.runtime.host.active_counts().get("echo", 0) == 0
+        assert a.cluster.forwarder.client("b").frames_sent == 0
+        assert b.cluster.server.frames_received == 0
+        # The stateful type is forwarded to b.
+        record = owned_by(a, "b", "record")[0]
+        assert await a.runtime.host.ask(record, "stateful") == "stateful"
+        assert b.runtime.host.active_counts().get("record") == 1
+        assert a.runtime.host.active_counts().get("record", 0) == 0
+        assert b.cluster.server.frames_received == 1
+
+
+def _samples(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The node's /metrics text parsed back: (sample name, labels) -> value."""
+    text, _ = node.metrics.render()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+async def test_the_cluster_metrics_count_what_was_forwarded(tmp_path):
+    async with cluster(tmp_path) as (a, b):
+        records = owned_by(a, "b", "record", 30)
+        for address in records[:20]:
+            assert await a.runtime.host.ask(address, "ask") == "ask"
+        for address in records:
+            for i in range(5):
+                assert a.runtime.host.tell_nowait(address, i)
+        missing = owned_by(a, "b", "missing", 3)
+        for address in missing:
+            with pytest.raises(NotFound):
+                await a.runtime.host.ask(address, 1)
+        events = [e async for e in a.runtime.host.ask_stream(owned_by(a, "b", "ticks")[0], 2)]
+        assert len(events) == 2
+        async with asyncio.timeout(10):  # the 150 tells arrived
+            while sum(len(SEEN.get(str(x), [])) for x in records) < 20 + 150:
+                await asyncio.sleep(0.01)
+        # Calls b made to its own agents are not forwarded: they add nothing.
+        assert await b.runtime.host.ask(records[0], "local") == "local"
+        seen = _samples(a)
+        ask_ok = (("kind", "ask"), ("outcome", "ok"))
+        assert seen[("agentd_cluster_forwarded_seconds_count", ask_ok)] == 20
+        not_found = (("kind", "ask"), ("outcome", "NOT_FOUND"))
+        assert seen[("agentd_cluster_forwarded_seconds_count", not_found)] == 3
+        stream_ok = (("kind", "stream"), ("outcome", "ok"))
+        assert seen[("agentd_cluster_forwarded_seconds_count", stream_ok)] == 1
+        assert seen[("agentd_cluster_forwarded_seconds_sum", ask_ok)] > 0
+        assert seen[("agentd_cluster_forwarded_tells_total", ())] == 150
+        batches = seen[("agentd_cluster_forwarded_tell_batches_total", ())]
+        assert 1 <= batches <= 150
+        # The owner forwarded nothing.
+        on_b = _samples(b)
+        assert not any(
+            name == "agentd_cluster_forwarded_seconds_count" and value
+            for (name, _), value in on_b.items()
+        )
+        assert on_b[("agentd_cluster_forwarded_tells_total", ())] == 0
