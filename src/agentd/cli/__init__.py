@@ -6,6 +6,7 @@ import typer
 
 from agentd.cli.bench import bench
 from agentd.cli.call import call
+from agentd.cli.cluster import cluster
 from agentd.cli.models import models
 from agentd.cli.serve import serve
 from agentd.cli.swarm import swarm
@@ -24,6 +25,7 @@ app.command()(bench)
 app.command()(models)
 app.command()(swarm)
 app.add_typer(tools)
+app.add_typer(cluster)
 
 
 @app.command()
