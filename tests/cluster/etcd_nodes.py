@@ -75,8 +75,11 @@ async def converged(nodes: Sequence[Node], timeout: float = 20.0) -> list[str]:
         while True:
             views = [list(membership(n).owners) for n in nodes]
             forwarders = [n.cluster.forwarder.placement for n in nodes]
-            if all(v == want for v in views) and all(
-                p is not None and list(p.owners) == want for p in forwarders
+            serving = not any(membership(n).gate.fenced for n in nodes)
+            if (
+                serving
+                and all(v == want for v in views)
+                and all(p is not None and list(p.owners) == want for p in forwarders)
             ):
                 return want
             await asyncio.sleep(0.05)

@@ -308,8 +308,12 @@ class EtcdMembership:
         self.gate.fence()
         if not self._fenced_released:
             self._fenced_released = True
-            # Queued turns fail with UNAVAILABLE now rather than run as a stale owner.
-            self._chore(self._host.release(lambda address: False, timeout=0.0))
+            # At once, not in a task: after a stall this runs before any turn that input
+            # arriving with the wake could start; waiting callers get UNAVAILABLE.
+            self._host.release_nowait(
+                lambda address: False,
+                Unavailable(f"node {self.node_id} may have lost its etcd lease; retry"),
+            )
 
     def _unfence(self) -> None:
         self._fenced_released = False

@@ -394,6 +394,16 @@ class ActorHost:
         await self.store.flush()
         return released
 
+    def release_nowait(self, keep: Callable[[Address], bool], error: AgentdError) -> int:
+        """Drop every activation ``keep`` refuses at once (no waiting, no flush): the
+        callers waiting in their mailboxes get ``error``. For a node that may no longer own
+        its agents (its cluster lease lapsed): nothing queued may run as their owner."""
+        leaving = [a for a in self._activations if not keep(a)]
+        for addr in leaving:
+            _fail_waiting(self._activations[addr], error)
+            self._drop(addr)
+        return len(leaving)
+
     def _drop(self, addr: Address) -> None:
         activation = self._activations.pop(addr)
         activation.phase = PASSIVATED
