@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,3 +271,101 @@ def test_an_unrelated_serve_on_the_port_is_refused(two, tmp_path):
         assert out.returncode == 1, out.stdout + out.stderr
         assert f"error: port {two.port} is in use" in out.stdout, out.stdout
     assert {answering_node(two.url) for _ in range(20)} == {"p0", "p1"}
+
+
+def test_a_killed_process_is_restarted_with_its_identity(tmp_path):
+    running = serve_processes(state=tmp_path / "agents.db")
+    try:
+        pids = child_pids(running)
+        outcomes: list[bool] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:  # a small load: one caller, fresh connections
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    reply = invoke(running.url, f"counter/k{n % 16}")
+                except httpx.HTTPError as exc:
+                    failures.append(type(exc).__name__)
+                    outcomes.append(False)
+                    continue
+                outcomes.append(reply.status_code == 200)
+                if reply.status_code != 200:
+                    failures.append(f"{reply.status_code} {reply.text}")
+
+        caller = threading.Thread(target=load)
+        caller.start()
+        time.sleep(1)
+        os.kill(pids["p1"], signal.SIGKILL)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and "process p1 restarted" not in running.log():
+            time.sleep(0.1)
+        restarted = re.search(r"process p1 restarted \(pid (\d+)\)", running.log())
+        assert restarted is not None, running.log()
+        assert f"process p1 (pid {pids['p1']}) exited with signal SIGKILL" in running.log()
+        after = len(outcomes)
+        time.sleep(1.5)
+        stop.set()
+        caller.join(30)
+        # Calls succeed again once it is back, and it answers as p1 on the port.
+        assert outcomes[after:] and all(outcomes[after:]), outcomes[after:]
+        assert {answering_node(running.url) for _ in range(30)} == {"p0", "p1"}
+        assert int(restarted[1]) != pids["p1"]
+        # Failed: the call in flight on the killed process (its connection reset) and,
+        # while it restarts, calls for its agents that arrive at p0: UNAVAILABLE with a
+        # retry hint, never another error.
+        assert all(
+            f.startswith("503 ") and "unreachable" in f and "retry" in f
+            for f in failures
+            if not f.startswith(("Remote", "Read"))
+        ), failures
+        assert sum(f.startswith(("Remote", "Read")) for f in failures) <= 1, failures
+    finally:
+        assert running.stop() == 0, running.log()
+
+
+def test_state_survives_a_change_of_processes(tmp_path):
+    state = tmp_path / "agents.db"
+    counts = []
+    for count in (2, 1, 2):
+        running = serve_processes(state=state, count=count)
+        try:
+            for _ in range(5):
+                counts.append(int(invoke(running.url, "counter/kept").json()["message"]["text"]))
+        finally:
+            assert running.stop() == 0, running.log()
+    assert counts == list(range(1, 16))
+
+
+def test_serve_killed_leaves_no_process_and_a_stop_removes_the_run_folder():
+    running = serve_processes()
+    pids = child_pids(running)
+    settings = _settings_of(pids["p0"])
+    run_dir = Path(settings["peer_listen"].removeprefix("unix:")).parent
+    assert run_dir.is_dir() and settings["peers"] == [
+        f"p0=unix:{run_dir}/p0.sock",
+        f"p1=unix:{run_dir}/p1.sock",
+    ]
+    assert running.stop() == 0
+    assert "stopped" in running.log() and not run_dir.exists()
+    assert not any(_alive(pid) for pid in pids.values())
+
+    running = serve_processes()
+    pids = child_pids(running)
+    running.process.kill()  # SIGKILL: nothing of serve runs to stop them
+    running.stop()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(_alive(pid) for pid in pids.values()):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids.values())
+
+
+def _settings_of(pid: int) -> dict:
+    """The settings serve handed to one of its Envoys (its environment)."""
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        variables = dict(
+            entry.split(b"=", 1) for entry in environ.read().split(b"\0") if b"=" in entry
+        )
+    return json.loads(variables[b"AGENTD_SERVE_SETTINGS"])
