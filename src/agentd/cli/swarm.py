@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = ["swarm"]
 
 MAX_WORKERS = 1_000_000
+MAX_PROCESSES = 64
 
 
 def swarm(
@@ -36,6 +37,13 @@ def swarm(
     workers: Annotated[
         int, typer.Option(help=f"Worker tasks running turns (1 to {MAX_WORKERS:,}).")
     ] = 8192,
+    processes: Annotated[
+        int,
+        typer.Option(
+            help=f"Node processes the agents are spread over (1 to {MAX_PROCESSES});"
+            " they share the SQLite file."
+        ),
+    ] = 1,
 ) -> None:
     """Run the multi-agent demo in-process: each agent gets a start message, asks the
     `decision` model (batched across agents), and reports to a collector that checks it
@@ -46,6 +54,12 @@ def swarm(
     if not 1 <= workers <= MAX_WORKERS:
         typer.echo(
             f"error: --workers must be between 1 and {MAX_WORKERS:,}, not {workers}", err=True
+        )
+        raise typer.Exit(2)
+    if not 1 <= processes <= MAX_PROCESSES:
+        typer.echo(
+            f"error: --processes must be between 1 and {MAX_PROCESSES}, not {processes}",
+            err=True,
         )
         raise typer.Exit(2)
     if state_path is not None and not persist:
@@ -66,8 +80,13 @@ def swarm(
             raise typer.Exit(2) from None
     import sqlite3
 
+    from agentd.errors import StartupError
+
     try:
-        result = _run(agents, persist, state_path, workers, json_out)
+        result = _run(agents, persist, state_path, workers, json_out, processes)
+    except StartupError as exc:  # a process of --processes N failed
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except (sqlite3.Error, OSError) as exc:
         where = f" ({state_path})" if state_path is not None else ""
         typer.echo(f"error: agent state store{where}: {exc}", err=True)
@@ -86,6 +105,7 @@ def _run(
     state_path: Path | None,
     workers: int,
     json_out: bool,
+    processes: int = 1,
 ) -> SwarmResult:
     import uvloop
     from rich.console import Console
@@ -110,6 +130,20 @@ def _run(
         def progress(turns: int) -> None:
             bar.update(task, completed=turns)
 
+        if processes > 1:
+            from agentd.swarm.multi import run_swarm_processes
+
+            return uvloop.run(
+                run_swarm_processes(
+                    agents,
+                    processes,
+                    persist=persist,
+                    state_path=state_path,
+                    workers=workers,
+                    # the collector's count of reports: a decider's turn and its own each
+                    progress=lambda reports: progress(2 * reports),
+                )
+            )
         with many_objects_gc():
             result = uvloop.run(
                 run_swarm(
@@ -133,7 +167,7 @@ def _print(result: SwarmResult) -> None:
         ("distinct results / duplicates", f"{result.distinct_results:,} / {result.duplicates}"),
         ("wall time", f"{result.wall_s:.2f} s"),
         ("decisions/s", f"{result.decisions_per_s:,.0f}"),
-        ("peak RSS", f"{result.peak_rss_mb:,.0f} MB"),
+        ("peak RSS", _peak_rss(result)),
         ("bytes per agent", f"{result.bytes_per_agent:,.0f}"),
         ("turn latency p50 / p99", f"{result.turn_p50_ms:.1f} / {result.turn_p99_ms:.1f} ms"),
         ("inference runs (mean batch)", f"{result.inference_runs:,} ({result.mean_batch:,.0f})"),
@@ -143,3 +177,11 @@ def _print(result: SwarmResult) -> None:
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+def _peak_rss(result: SwarmResult) -> str:
+    total = f"{result.peak_rss_mb:,.0f} MB"
+    if result.processes == 1:
+        return total
+    each = ", ".join(f"{mb:,.0f}" for mb in result.process_peak_rss_mb)
+    return f"{total} in {result.processes} processes ({each} MB)"

@@ -48,6 +48,10 @@ class SwarmResult:
     # runs in separate processes be lined up (``agentd bench swarm``'s two halves).
     started_at: float
     finished_at: float
+    # ``--processes N``: how many node processes ran it; each one's peak RSS (peak_rss_mb
+    # is then their sum).
+    processes: int = 1
+    process_peak_rss_mb: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

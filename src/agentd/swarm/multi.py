@@ -1,0 +1,319 @@
+"""``agentd swarm --processes N``: one swarm over N node processes on this machine.
+
+The parent starts N children (``python -m agentd.swarm.multi SPEC``), each a swarm node
+with its identity (``p0``..; see :func:`agentd.cluster.supervisor.local_peers`): the same
+agent types, the static placement of ``--processes N`` and peers over Unix sockets, all
+persisting to one SQLite file. Each child starts only the deciders it owns (no start is
+forwarded); the collector lives on its owner, and the reports of deciders elsewhere reach
+it as forwarded tells (batched by the peer clients).
+
+The children talk to the parent in JSON lines: a child writes ``ready`` once its node has
+started, the parent answers ``go`` to all (a barrier: start-up is not in the wall time),
+the collector's child writes ``done`` when it has heard from every agent, the parent
+answers ``stop`` to all, and each child closes its node and writes its ``stats``. A child
+that exits before that fails the run (StartupError naming it and its exit status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import resource
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agentd.agents import Address, AgentRegistry
+from agentd.cluster.placement import Placement
+from agentd.cluster.supervisor import die_with_parent, local_peers
+from agentd.errors import StartupError
+from agentd.node import NodeOptions, open_node
+from agentd.swarm.agents import COLLECTOR, Collector, Decider, make_collector
+from agentd.swarm.host import SwarmHost
+from agentd.swarm.latency import LatencyHistogram
+from agentd.swarm.run import (
+    _BURST,
+    SwarmResult,
+    _features,
+    _rss_bytes,
+    _swarm_settings,
+    _TurnLatency,
+)
+
+__all__ = ["run_swarm_processes"]
+
+_START_TIMEOUT_S = 120.0
+
+
+async def run_swarm_processes(
+    agents: int,
+    processes: int,
+    *,
+    persist: bool = True,
+    state_path: Path | None = None,
+    workers: int = 8192,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> SwarmResult:
+    """Run a swarm of ``agents`` over ``processes`` node processes and measure it: the wall
+    time from the first start message (after every process has started) to the last
+    report, peak RSS per process and in total. Raises StartupError when a process fails."""
+    if agents < 1:
+        raise ValueError("a swarm needs at least one agent")
+    if processes < 1:
+        raise ValueError("at least one process")
+    peers = local_peers(processes, prefix="agentd-swarm-run-")
+    children: list[asyncio.subprocess.Process] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="agentd-swarm-") as scratch:
+            spec = {
+                "agents": agents,
+                "persist": persist,
+                "state_path": str(state_path or Path(scratch) / "swarm.db"),
+                "plugins": str(Path(scratch) / "plugins"),
+                "workers": workers,
+                "seed": seed,
+                "peers": peers.peers,
+            }
+            for node in peers.ids:
+                children.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "agentd.swarm.multi",
+                        json.dumps({**spec, "node_id": node}),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        preexec_fn=die_with_parent(),
+                    )
+                )
+            return await _conduct(children, peers.ids, agents, persist, progress)
+    finally:
+        for child in children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await child.wait()
+        peers.remove()
+
+
+async def _conduct(
+    children: list[asyncio.subprocess.Process],
+    names: tuple[str, ...],
+    agents: int,
+    persist: bool,
+    progress: Callable[[int], None] | None,
+) -> SwarmResult:
+    async def read(index: int) -> dict[str, Any]:
+        stdout = children[index].stdout
+        assert stdout is not None
+        line = await stdout.readline()
+        if not line:
+            status = await children[index].wait()
+            raise StartupError(f"swarm process {names[index]} exited with status {status}")
+        return json.loads(line)
+
+    async def tell_all(command: str) -> None:
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(command.encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await child.stdin.drain()
+
+    async with asyncio.timeout(_START_TIMEOUT_S):
+        ready = await asyncio.gather(*(read(i) for i in range(len(children))))
+    collector_at = next(i for i, r in enumerate(ready) if r["collector"])
+    await tell_all("go")
+    # Progress lines from the collector's process until it is done; the others are quiet.
+    while True:
+        message = await read(collector_at)
+        if "done" in message:
+            break
+        if progress is not None:
+            progress(message["reports"])
+    await tell_all("stop")
+    stats = await asyncio.gather(*(read(i) for i in range(len(children))))
+    for child in children:
+        await child.wait()
+    return _result(agents, persist, message, stats)
+
+
+def _result(
+    agents: int, persist: bool, done: dict[str, Any], stats: list[dict[str, Any]]
+) -> SwarmResult:
+    started_at = min(s["started_at"] for s in stats)
+    wall = done["finished_at"] - started_at
+    latency = LatencyHistogram()
+    for s in stats:
+        for index, count in s["latency"].items():
+            latency.counts[int(index)] += count
+            latency.total += count
+    runs = sum(s["runs"] for s in stats)
+    rows = sum(s["rows"] for s in stats)
+    peaks = [s["peak_rss_mb"] for s in stats]
+    labels = ["wait", "explore", "exploit", "retreat"]
+    return SwarmResult(
+        agents=agents,
+        distinct_results=done["distinct"],
+        duplicates=done["duplicates"],
+        ok=done["distinct"] == agents and done["duplicates"] == 0,
+        wall_s=round(wall, 3),
+        decisions_per_s=round(agents / wall, 1),
+        peak_rss_mb=round(sum(peaks), 1),
+        bytes_per_agent=round(sum(s["rss_growth"] for s in stats) / agents, 1),
+        turn_p50_ms=round(latency.quantile(0.5) * 1000, 3),
+        turn_p99_ms=round(latency.quantile(0.99) * 1000, 3),
+        inference_runs=runs,
+        mean_batch=round(rows / runs, 1) if runs else 0.0,
+        store_writes=sum(s["store_writes"] for s in stats),
+        persistence=persist,
+        actions=dict(zip(labels, done["actions"], strict=True)),
+        started_at=round(started_at, 4),
+        finished_at=round(done["finished_at"], 4),
+        processes=len(stats),
+        process_peak_rss_mb=tuple(peaks),
+    )
+
+
+# -- one child process -----------------------------------------------------------------------
+
+
+def _owned(node: str, placement: Placement, agents: int) -> list[int]:
+    """The deciders (by index) that ``node`` owns: the placement's rule (CRC-32 of the
+    address text, as :func:`agentd.cluster.placement.partition_of`), in one pass."""
+    mine = [owner == node for owner in placement.owners]
+    count = len(mine)
+    crc32 = zlib.crc32
+    return [i for i in range(agents) if mine[crc32(b"decider/%d" % i) % count]]
+
+
+def _write(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def _read_command(loop: asyncio.AbstractEventLoop) -> str:
+    line = await loop.run_in_executor(None, sys.stdin.readline)
+    return line.strip() or "stop"  # the parent is gone: stop
+
+
+async def _child(spec: dict[str, Any]) -> None:
+    agents: int = spec["agents"]
+    node_id: str = spec["node_id"]
+    collector_type = make_collector(agents)
+    registry = AgentRegistry()
+    registry.register(Decider)
+    registry.register(collector_type)
+    latency = _TurnLatency()
+    options = NodeOptions(
+        host_type=SwarmHost,
+        host_options={
+            "observer": latency,
+            "observe_every": _TurnLatency.SAMPLE,
+            "freeze_every": 10_000,
+        },
+        metrics=False,
+        generation=False,
+        tools=False,
+    )
+    peers: list[str] = spec["peers"]
+    settings = _swarm_settings(
+        agents,
+        persist=spec["persist"],
+        state_path=Path(spec["state_path"]),
+        plugins=Path(spec["plugins"]),
+        workers=spec["workers"],
+    ).model_copy(
+        update={
+            "node_id": node_id,
+            "peers": peers,
+            "peer_listen": dict(p.split("=", 1) for p in peers)[node_id],
+        }
+    )
+    placement = Placement.spread([p.split("=", 1)[0] for p in peers], settings.partitions)
+    owned = _owned(node_id, placement, agents)
+    # Only this process's rows of the features: the same as one process would give them.
+    features = _features(agents, spec["seed"])[owned]
+    gc.collect()
+    loop = asyncio.get_running_loop()
+    async with open_node(settings, registry=registry, options=options) as node:
+        host = node.runtime.host
+        assert isinstance(host, SwarmHost)
+        has_collector = placement.owner(COLLECTOR) == node_id
+        _write({"ready": True, "collector": has_collector, "owned": len(owned)})
+        if await _read_command(loop) != "go":
+            return
+        rss_before = _rss_bytes()
+        started_at = time.time()
+        try:
+            new_address = tuple.__new__  # Address(...) without its Python-level __new__
+            for first in range(0, len(owned), _BURST):
+                ids = owned[first : first + _BURST]
+                addresses = [new_address(Address, ("decider", str(i))) for i in ids]
+                rows = features[first : first + len(ids)].reshape(len(ids), 1, -1)
+                messages = list(zip(ids, rows, strict=True))
+                sent = 0
+                while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
+                    await host.pool.wait_for_room()
+            finished_at = 0.0
+            if has_collector:
+                done = collector_type.done
+                while not done.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(done.wait(), 0.25)
+                    if not done.is_set():
+                        collector = host.instance(COLLECTOR)
+                        reports = collector.distinct if isinstance(collector, Collector) else 0
+                        _write({"reports": reports})
+                finished_at = time.time()
+                collector = host.instance(COLLECTOR)
+                assert isinstance(collector, Collector)
+                _write(
+                    {
+                        "done": True,
+                        "finished_at": finished_at,
+                        "distinct": int(collector.distinct),
+                        "duplicates": int(collector.duplicates),
+                        "actions": [int(a) for a in collector.actions],
+                    }
+                )
+            await _read_command(loop)  # "stop" (or the parent is gone)
+            rss_growth = max(0, _rss_bytes() - rss_before)
+            batcher = node.inference.batcher("decision")
+            runs = batcher.stats.runs if batcher else 0
+            rows_run = batcher.stats.rows_run if batcher else 0
+        finally:
+            gc.unfreeze()
+    histogram = latency.histogram
+    _write(
+        {
+            "started_at": started_at,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_growth": rss_growth,
+            "latency": {str(i): c for i, c in enumerate(histogram.counts) if c},
+            "runs": runs,
+            "rows": rows_run,
+            "store_writes": getattr(host.store, "writes", 0),
+        }
+    )
+
+
+def main(argv: list[str]) -> int:
+    import uvloop
+
+    from agentd.swarm.gc_policy import many_objects_gc
+
+    spec = json.loads(argv[0])
+    with many_objects_gc():
+        uvloop.run(_child(spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
