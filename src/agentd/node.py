@@ -157,6 +157,9 @@ class Node:
             )
             if self.cluster is not None:
                 self.cluster.attach(self.runtime.host)
+                if settings.state_store == "redis":
+                    # Writes the store refuses as a stale owner's count as fenced writes.
+                    self.runtime.host.store.observer = self.cluster.observer  # type: ignore[attr-defined]
             if self.metrics is not None:
                 self.metrics.watch_runtime(self.runtime.host.gauges)
         except BaseException:

@@ -1,5 +1,6 @@
 """The cluster service of one node: its forwarder (given to the actor host), its peer
-server, and in a multi-machine cluster its etcd membership (docs/cluster.md).
+server, and in a multi-machine cluster its etcd membership and its coordinator candidate
+(docs/cluster.md).
 
 Static mode (``settings.peers``, set by the ``--processes N`` supervisor for its
 children): every node's id and endpoint are given as ``id=endpoint``, partitions are dealt
@@ -11,7 +12,6 @@ forwarder's placement and endpoints current; the node listens on ``settings.adve
 
 from __future__ import annotations
 
-import importlib
 import socket
 from typing import Any
 
@@ -53,7 +53,8 @@ class ClusterService:
         self.observer = observer
         self.tracer = tracer
         self.membership: Any = None
-        self._membership_type: Any = None
+        self.coordinator: Any = None
+        self._coordinator_etcd: Any = None
         if settings.peers:
             endpoints = parse_peers(settings.peers)
             node_id = settings.node_id
@@ -66,13 +67,6 @@ class ClusterService:
             self.node_id = node_id
             self.forwarder = ClusterForwarder(node_id, placement, endpoints, observer)
         elif settings.etcd:
-            try:
-                module = importlib.import_module("agentd.cluster.membership")
-                self._membership_type = module.EtcdMembership
-            except (ImportError, AttributeError) as exc:
-                raise ConfigError(
-                    f"--etcd: etcd membership is not available here ({exc})"
-                ) from None
             self.node_id = settings.node_id or f"{socket.gethostname()}-{settings.port}"
             self.listen = f"tcp:{settings.advertise}" if settings.advertise else "tcp:127.0.0.1:0"
             parse_endpoint(self.listen)
@@ -98,15 +92,36 @@ class ClusterService:
             raise RuntimeError("attach the host before starting the cluster service")
         await self.server.start()
         self.forwarder.local_endpoint = self.server.endpoint
-        if self._membership_type is not None:
-            self.membership = self._membership_type(
-                self.settings, self.forwarder, self.host, self.observer
-            )
-            await self.membership.start()
+        if self.settings.etcd:
+            await self._join_etcd()
+
+    async def _join_etcd(self) -> None:
+        """Register, take partitions, and stand as coordinator candidate (every node does;
+        etcd elects one). Imported here: aetcd is the optional cluster extra."""
+        from agentd.cluster.coordinator import Coordinator
+        from agentd.cluster.etcd import EtcdClient
+        from agentd.cluster.membership import EtcdMembership
+
+        settings = self.settings
+        assert settings.etcd is not None
+        self.membership = EtcdMembership(settings, self.forwarder, self.host, self.observer)
+        await self.membership.start()
+        # Its own connection: the coordinator's watch and writes never wait behind the
+        # membership's lease renewals.
+        self._coordinator_etcd = EtcdClient(settings.etcd, timeout=2.0)
+        await self._coordinator_etcd.connect(timeout=10.0)
+        self.coordinator = Coordinator(
+            settings, self._coordinator_etcd, self.observer, node_id=self.node_id
+        )
+        await self.coordinator.start()
 
     async def aclose(self) -> None:
         """Leave etcd, stop accepting (calls in progress get UNAVAILABLE), close clients."""
         try:
+            if self.coordinator is not None:
+                await self.coordinator.aclose()  # revokes its lease: another leads at once
+            if self._coordinator_etcd is not None:
+                await self._coordinator_etcd.aclose()
             if self.membership is not None:
                 await self.membership.aclose()
         finally:
