@@ -256,3 +256,24 @@ async def test_a_write_sent_again_after_its_reply_was_lost_is_not_fenced(redis: 
     with pytest.raises(Unavailable, match="written by another node"):
         await store.save("once/1", b"different")  # not ours: a stale owner's
     await store.aclose()
+
+
+async def test_passivated_agents_versions_are_forgotten_and_read_again(redis: Server) -> None:
+    # A version per agent ever seen would grow without end on a long-running node.
+    registry = AgentRegistry()
+    registry.register(Counter)
+    store = RedisStateStore(redis.redis_url)
+    host = ActorHost(registry, store, pool=WorkerPool(8, 1000))
+    await host.start()
+    try:
+        for i in range(50):
+            assert await host.ask(f"counter/f{i}", None, timeout=30) == 1
+        assert all(store.version(f"counter/f{i}") >= 1 for i in range(50))
+        await store.flush()
+        assert host.passivate_idle(0) == 50
+        assert [store.version(f"counter/f{i}") for i in range(50)] == [0] * 50
+        # The next activation reads state and version back, and its write is not fenced.
+        assert await host.ask("counter/f7", None, timeout=30) == 2
+        assert store.version("counter/f7") == 2
+    finally:
+        await host.aclose()

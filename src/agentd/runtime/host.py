@@ -143,6 +143,9 @@ class ActorHost:
         # Agents this node does not own go to their owner (None: it owns every agent).
         self.forwarder = forwarder
         store.on_commit_failed = self._commit_failed
+        # Stores that remember something per agent (Redis: the version it read) are told
+        # when an agent is passivated.
+        self._forget: Callable[[str], None] | None = getattr(store, "forget", None)
 
     async def start(self) -> None:
         await self.store.open()
@@ -411,6 +414,8 @@ class ActorHost:
         self._passivated += 1
         if activation.snapshot:
             self._stored_since_open.add(addr)
+        if self._forget is not None:
+            self._forget(addr.type + "/" + addr.id)
 
     def _activation(self, address: str | Address) -> Activation:
         """The activation for ``address``, made on first use."""
@@ -486,12 +491,15 @@ class ActorHost:
             for addr, act in self._activations.items()
             if act.phase is IDLE and not act.waiting() and act.last_turn <= cutoff
         ]
+        forget = self._forget
         for addr in idle:
             activation = self._activations.pop(addr)
             activation.phase = PASSIVATED
             self._active_by_type[addr.type] -= 1
             if activation.snapshot:
                 self._stored_since_open.add(addr)
+            if forget is not None:
+                forget(addr.type + "/" + addr.id)
         self._passivated += len(idle)
         return len(idle)
 

@@ -243,6 +243,13 @@ class RedisStateStore:
         none seen); its next write expects Redis to hold this one."""
         return self._versions.get(address, 0)
 
+    def forget(self, address: str) -> None:
+        """The host passivated ``address``: drop its remembered version (its next
+        activation loads it again), unless a write of it is queued or in flight, which
+        still needs it."""
+        if address not in self._queued and address not in self._inflight:
+            self._versions.pop(address, None)
+
     # -- writes ---------------------------------------------------------------------------
 
     def save(self, address: str, snapshot: bytes) -> asyncio.Future[None]:
