@@ -209,3 +209,128 @@ def test_errors_are_one_line_and_a_non_zero_exit(tmp_path, args, code, message):
     if code == 1:
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stdout == ""
+
+
+# --- agentd cluster up ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "--nodes 0: between 1 and 64"),
+        (["--nodes", "2", "--min", "3", "--max", "2"], "expected 1 <= min <= max <= 64"),
+        (["--nodes", "5", "--max", "4"], "--nodes 5 is outside --min 1 --max 4"),
+        (["--nodes", "2", "--base-port", "65535"], "--base-port 65535: ports 65535..65538"),
+        (["--cluster", "no way"], "--cluster 'no way'"),
+    ],
+)
+def test_up_refuses_bad_flags(tmp_path, args, message):
+    out = agentd("cluster", "up", *args, cwd=tmp_path)
+    assert "Traceback" not in out.stderr
+    assert out.returncode == 2 and message in out.stderr, (out.returncode, out.stderr)
+
+
+def test_up_without_etcd_installed_is_one_line(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "agentd", "cluster", "up", "--nodes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PATH": str(empty), "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert (
+        out.stderr.strip()
+        == "error: etcd is not installed (on Debian: apt-get install etcd-server)"
+    )
+
+
+def test_up_starts_nodes_follows_decisions_and_stops_everything(tmp_path):
+    """One node, scaled to two and back to one by decisions written to its etcd, then
+    SIGTERM: every process it started is gone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    # A coordinator decides once when it leads, then not for an hour: the decisions this
+    # test writes are the ones in force.
+    env |= {"COLUMNS": "200", "AGENTD_SCALE_INTERVAL_S": "3600", "PYTHONUNBUFFERED": "1"}
+    base = _closed_port()
+    log = (tmp_path / "up.out").open("w+")
+    argv = ["cluster", "up", "--nodes", "1", "--max", "2", "--base-port", str(base)]
+    up = subprocess.Popen(
+        [sys.executable, "-m", "agentd", *argv, "--cluster", "dev"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        url = _wait_for_line(tmp_path / "up.out", "etcd:  ", up).split()[-1]
+
+        async def drive() -> None:
+            async with EtcdClient(url) as client:
+                await _until_nodes(client, {"n0"})
+                await asyncio.sleep(2)
+                if await client.get(KEYS.coordinator) is not None:  # wired into the node
+                    await _until(lambda: client.get(KEYS.decision), "the first decision")
+                for desired, expected in ((2, {"n0", "n1"}), (1, {"n0"})):
+                    decision = {
+                        "desired": desired,
+                        "current": 1,
+                        "reason": "test",
+                        "revision": 0,
+                        "by": "test",
+                        "at": 1.0,
+                    }
+                    await client.put(KEYS.decision, json.dumps(decision).encode())
+                    await _until_nodes(client, expected)
+
+        asyncio.run(drive())
+        _wait_for_line(tmp_path / "up.out", "node n1: stopped", up)
+        assert f"node n1: http://127.0.0.1:{base + 1}" in (tmp_path / "up.out").read_text()
+        up.send_signal(15)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        log.close()
+    text = (tmp_path / "up.out").read_text()
+    pids = [
+        int(line.split("pid ")[1].split(",")[0]) for line in text.splitlines() if "pid " in line
+    ]
+    assert len(pids) == 2  # n0, then n1
+    for pid in pids:  # stopped and reaped by up
+        assert not Path(f"/proc/{pid}").exists(), pid
+    with socket.socket() as sock:  # n0's port is free again
+        sock.bind(("127.0.0.1", base))
+
+
+def _wait_for_line(path: Path, prefix: str, process: subprocess.Popen, timeout: float = 60) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines():
+            if line.startswith(prefix):
+                return line
+        if process.poll() is not None:
+            raise AssertionError(f"up exited: {path.read_text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {prefix!r} line: {path.read_text()}")
+
+
+async def _until(read, what: str, timeout: float = 90.0):
+    async with asyncio.timeout(timeout):
+        while not (value := await read()):
+            await asyncio.sleep(0.2)
+    return value
+
+
+async def _until_nodes(client: EtcdClient, expected: set[str]) -> None:
+    async def ids() -> bool:
+        items, _ = await client.get_prefix(KEYS.nodes)
+        return {item.key.removeprefix(KEYS.nodes) for item in items} == expected
+
+    await _until(ids, f"nodes {expected}")

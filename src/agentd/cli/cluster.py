@@ -180,7 +180,9 @@ def _show(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    # Wide enough that peers and node ids are never cut (a pipe defaults to 80 columns);
+    # the table itself takes only the width its cells need.
+    console = Console(highlight=False, width=max(Console().width, 200))
     parts = report["partitions"]
     console.print(
         f"cluster {report['cluster']} at {report['etcd']} (revision {report['revision']}): "
@@ -294,3 +296,47 @@ def failover(
     url, name, _ = _where(etcd, name)
     down = _run(_failover(url, name, zone, clear))
     typer.echo(f"zones down: {', '.join(down) or 'none'}")
+
+
+# -- up ------------------------------------------------------------------------------------
+
+
+@cluster.command("up")
+def up(
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes to start with.")] = 3,
+    min_nodes: Annotated[
+        int | None, typer.Option("--min", help="Fewest nodes a decision may leave (default 1).")
+    ] = None,
+    max_nodes: Annotated[
+        int | None, typer.Option("--max", help="Most nodes a decision may start (default 2N).")
+    ] = None,
+    base_port: Annotated[
+        int, typer.Option("--base-port", help="Node i serves on base port + i.")
+    ] = 8080,
+    name: Annotated[str, typer.Option("--cluster", help="Cluster name.")] = "dev",
+) -> None:
+    """A local multi-node cluster for development: etcd (and Redis when installed) on free
+    loopback ports, N nodes on consecutive ports, scaled by the coordinator's decisions."""
+    low = 1 if min_nodes is None else min_nodes
+    high = max(2 * nodes, low) if max_nodes is None else max_nodes
+    if not 1 <= nodes <= 64:
+        raise _fail(f"--nodes {nodes}: between 1 and 64 nodes on one machine", 2)
+    if not 1 <= low <= high <= 64:
+        raise _fail(f"--min {low} --max {high}: expected 1 <= min <= max <= 64", 2)
+    if not low <= nodes <= high:
+        raise _fail(f"--nodes {nodes} is outside --min {low} --max {high}", 2)
+    if not 1 <= base_port <= 65535 - (high - 1):
+        raise _fail(
+            f"--base-port {base_port}: ports {base_port}..{base_port + high - 1} "
+            "must be between 1 and 65535",
+            2,
+        )
+    if not _NAME.match(name):
+        raise _fail(f"--cluster {name[:80]!r}: 1-63 letters, digits, '.', '_' or '-'", 2)
+    from agentd.cli.cluster_up import UpError, run_up
+    from agentd.errors import AgentdError
+
+    try:
+        run_up(nodes=nodes, min_nodes=low, max_nodes=high, base_port=base_port, cluster=name)
+    except (UpError, AgentdError, OSError) as error:
+        raise _fail(str(error), 1) from None
