@@ -24,6 +24,7 @@ SUITES: dict[str, str] = {
     "generate": "agentd_bench.generate:run_suite",
     "tools": "agentd_bench.tools:run_suite",
     "soak": "agentd_bench.soak:run_suite",
+    "cluster": "agentd_bench.cluster:run_suite",
 }
 
 # The modules the ``bench`` extra in pyproject.toml installs (top-level names): peer servers

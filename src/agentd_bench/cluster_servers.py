@@ -1,0 +1,145 @@
+"""What ``agentd bench cluster`` starts besides agentd: etcd and Redis from PATH on free
+loopback ports with their data in a temporary folder (stopped by PID, never as services),
+and the CPU time of a server's process tree read from /proc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentd_bench.errors import BenchError
+from agentd_bench.servers import descendants, free_port
+
+__all__ = ["Skipped", "cpu_seconds", "etcd_server", "redis_server", "tree_rss_mb"]
+
+
+class Skipped(BenchError):
+    """A section cannot run on this machine (a binary or a feature is missing); the
+    message says why and goes into the JSON instead of the section's figures."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backing:
+    """A started etcd or Redis: its URL and process."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def _binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise Skipped(f"{name} not found on PATH (apt-get install {package})")
+    return path
+
+
+@contextmanager
+def _running(argv: list[str], port: int, url: str, log: Path) -> Iterator[Backing]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace")[-1000:]
+                raise BenchError(f"{argv[0]} exited with {process.returncode}: {tail}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{argv[0]} did not listen on port {port} in 30 s") from None
+                time.sleep(0.05)
+        yield Backing(url, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def etcd_server(folder: Path) -> Iterator[Backing]:
+    """A one-member etcd on loopback ports, its data in ``folder``."""
+    binary = _binary("etcd", "etcd-server")
+    client, peer = free_port(), free_port()
+    argv = [
+        binary,
+        "--name=bench",
+        f"--data-dir={folder / 'etcd'}",
+        f"--listen-client-urls=http://127.0.0.1:{client}",
+        f"--advertise-client-urls=http://127.0.0.1:{client}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-cluster=bench=http://127.0.0.1:{peer}",
+        "--log-level=error",
+    ]
+    with _running(argv, client, f"http://127.0.0.1:{client}", folder / "etcd.log") as etcd:
+        yield etcd
+
+
+@contextmanager
+def redis_server(folder: Path) -> Iterator[Backing]:
+    """A Redis on a loopback port, its data in ``folder``: append-only, fsync every
+    second (Redis's own default for AOF; a store's writes are acknowledged by Redis)."""
+    binary = _binary("redis-server", "redis-server")
+    port = free_port()
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(folder),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+    ]
+    with _running(argv, port, f"redis://127.0.0.1:{port}/0", folder / "redis.log") as redis:
+        yield redis
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and every process below it (all their threads), from
+    /proc; processes that end in between are not counted."""
+    total = 0
+    for each in (pid, *descendants(pid)):
+        try:
+            stat = Path(f"/proc/{each}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / _TICKS
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """The resident memory of ``pid`` and every process below it, summed, in MB."""
+    total = 0
+    for each in (pid, *descendants(pid)):
+        try:
+            total += int(Path(f"/proc/{each}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total * _PAGE / 2**20
