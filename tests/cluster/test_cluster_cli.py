@@ -292,9 +292,13 @@ def test_up_starts_nodes_follows_decisions_and_stops_everything(tmp_path):
         up.send_signal(15)
         assert up.wait(60) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        if up.poll() is None:  # SIGTERM first: up stops what it started (a kill would not)
+            up.terminate()
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
         log.close()
     text = (tmp_path / "up.out").read_text()
     pids = [
@@ -303,7 +307,8 @@ def test_up_starts_nodes_follows_decisions_and_stops_everything(tmp_path):
     assert len(pids) == 2  # n0, then n1
     for pid in pids:  # stopped and reaped by up
         assert not Path(f"/proc/{pid}").exists(), pid
-    with socket.socket() as sock:  # n0's port is free again
+    with socket.socket() as sock:  # nothing listens on n0's port (TIME_WAIT may remain)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", base))
 
 
