@@ -14,6 +14,7 @@ from tests.cluster.test_forwarding import SEEN, cluster, owned_by
 
 async def test_a_burst_of_100k_tells_to_a_slow_owner_arrives_whole(tmp_path):
     # A small run queue on the owner: it fills at once and stops reading the socket.
+    SEEN.clear()  # shared with test_forwarding's tests, which may run first
     async with cluster(tmp_path, workers=2, max_queued_turns=16) as (a, b):
         targets = owned_by(a, "b", "record", 2000)
         host = a.runtime.host

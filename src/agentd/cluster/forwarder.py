@@ -1,12 +1,15 @@
 """The runtime's Forwarder for a cluster: placement says which node owns an agent, a peer
 client carries the call there in one hop (docs/cluster.md, Forwarding).
 
-Retry rule: a forwarded ask or stream is tried once more only when it never left this
-node (the connection to the owner could not be opened: :class:`NotSent`). A call already
-written to the owner's socket is never retried, because the owner may have run its turn:
-its caller gets UNAVAILABLE ("node X is unreachable; retry") and decides. Tells are not
-retried either: the few in a buffer when a connection is lost are counted and logged as
-lost (``PeerClient.tells_lost``).
+Retry rule: a forwarded ask or stream that never left this node (the connection to the
+owner could not be opened: :class:`NotSent`) is tried again, the owner looked up afresh
+each time, with a growing pause (50 ms to 0.5 s), until it is delivered, its deadline is
+near, or ``RETRY_WINDOW`` has passed: a local process that restarts (about 1.5 s) or a
+dead node whose partitions are taken over (the lease TTL + 1 s) costs its callers time,
+not an error. A call already written to the owner's socket is never retried, because the
+owner may have run its turn: its caller gets UNAVAILABLE ("node X is unreachable;
+retry") and decides. Tells are not retried either: the few in a buffer when a connection
+is lost are counted and logged as lost (``PeerClient.tells_lost``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import Any
 from agentd.agents.address import Address
 from agentd.cluster.peer import NotSent, PeerClient, parse_endpoint
 from agentd.cluster.placement import Placement
-from agentd.errors import AgentdError, Unavailable
+from agentd.errors import AgentdError
 from agentd.observability.cluster_metrics import NO_METRICS, ClusterObserver
 
 __all__ = ["ClusterForwarder"]
 
-RETRY_PAUSE = 0.05  # before the one retry of a call that never left
+RETRY_PAUSE = 0.05  # the first pause before a call that never left is tried again
+RETRY_PAUSE_MAX = 0.5
+RETRY_WINDOW = 10.0  # how long a call that never left keeps trying (within its deadline)
 
 
 class ClusterForwarder:
@@ -98,7 +103,7 @@ class ClusterForwarder:
     def owner(self, address: Address) -> str:
         owners = self._owners
         if not owners:
-            raise Unavailable(f"agent {address}: this node knows no placement yet; retry")
+            raise NotSent(f"agent {address}: this node knows no placement yet; retry")
         return owners[zlib.crc32((address.type + "/" + address.id).encode()) % len(owners)]
 
     def client(self, node: str) -> PeerClient:
@@ -107,7 +112,8 @@ class ClusterForwarder:
         if client is None:
             endpoint = self.endpoints.get(node)
             if endpoint is None:
-                raise Unavailable(f"node {node} has no known address; retry")
+                # Not delivered (an unowned partition, a node not yet seen): retried.
+                raise NotSent(f"node {node or '(none)'} has no known address; retry")
             client = self._clients[node] = PeerClient(node, endpoint, observer=self._observer)
         return client
 
@@ -124,14 +130,16 @@ class ClusterForwarder:
         started = time.perf_counter()
         outcome = "ok"
         try:
-            try:
-                return await self._client_of(address).ask(address, message, timeout)
-            except NotSent:
-                # Never delivered: one more try (the owner may have just restarted).
-                await asyncio.sleep(RETRY_PAUSE)
-                if timeout is not None:
-                    timeout = max(1e-6, timeout - (time.perf_counter() - started))
-                return await self._client_of(address).ask(address, message, timeout, fresh=True)
+            pause = 0.0
+            while True:
+                left = _left(timeout, started)
+                try:
+                    return await self._client_of(address).ask(
+                        address, message, left, fresh=pause > 0
+                    )
+                except NotSent as exc:
+                    # Never delivered: the owner may be restarting or moving; try again.
+                    pause = await _pause_before_retry(pause, started, left, exc)
         except AgentdError as exc:
             outcome = exc.code.name
             raise
@@ -148,15 +156,17 @@ class ClusterForwarder:
         outcome = "ok"
         stream = None
         try:
-            try:
-                stream = self._client_of(address).ask_stream(address, message, timeout)
-                first = await anext(stream, _NOTHING)
-            except NotSent:
-                await asyncio.sleep(RETRY_PAUSE)
-                if timeout is not None:
-                    timeout = max(1e-6, timeout - (time.perf_counter() - started))
-                stream = self._client_of(address).ask_stream(address, message, timeout, fresh=True)
-                first = await anext(stream, _NOTHING)
+            pause = 0.0
+            while True:
+                left = _left(timeout, started)
+                try:
+                    stream = self._client_of(address).ask_stream(
+                        address, message, left, fresh=pause > 0
+                    )
+                    first = await anext(stream, _NOTHING)
+                    break
+                except NotSent as exc:
+                    pause = await _pause_before_retry(pause, started, left, exc)
             if first is _NOTHING:
                 return
             yield first
@@ -183,3 +193,25 @@ class ClusterForwarder:
 
 
 _NOTHING = object()
+
+
+def _left(timeout: float | None, started: float) -> float | None:
+    """What is left of ``timeout`` (seconds, from ``started`` on perf_counter)."""
+    if timeout is None:
+        return None
+    return max(1e-6, timeout - (time.perf_counter() - started))
+
+
+async def _pause_before_retry(
+    pause: float, started: float, left: float | None, error: NotSent
+) -> float:
+    """Sleep before a call that never left is tried again and return the pause taken;
+    raise its ``error`` when the call's time (``left``) or the retry window would run out
+    first."""
+    pause = min(RETRY_PAUSE_MAX, pause * 2) if pause else RETRY_PAUSE
+    if (left is not None and left <= pause) or (
+        time.perf_counter() - started + pause > RETRY_WINDOW
+    ):
+        raise error
+    await asyncio.sleep(pause)
+    return pause
