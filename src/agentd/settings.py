@@ -161,6 +161,17 @@ class Settings(BaseSettings):
         "trace", "debug", "info", "warning", "warn", "error", "critical", "off"
     ] = Field("error", description="Envoy's log; credentials are redacted at every level")
 
+    @field_validator("advertise")
+    @classmethod
+    def _check_advertise(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"advertise must be HOST:PORT (port 0-65535), not {value[:100]!r}")
+        return value
+
     @field_validator("auth_tokens", "execution_providers", "peers", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:

@@ -257,6 +257,22 @@ def test_a_malformed_etcd_url_is_refused(tmp_path):
     assert not (tmp_path / "a.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--advertise", "no-port"), "advertise must be HOST:PORT"),
+        (("--advertise", "h:99999"), "advertise must be HOST:PORT"),
+        (("--node-id", "bad/id"), "node_id"),
+        (("--zone", "a zone"), "zone"),
+        (("--cluster", "-x"), "cluster"),
+    ],
+)
+def test_bad_cluster_flags_are_one_line(tmp_path, args, needle):
+    out = serve("--etcd", "http://127.0.0.1:2379", *args, state=tmp_path / "a.db")
+    assert_one_line_error(out, "invalid settings: ", needle)
+    assert out.returncode == 2
+
+
 def test_processes_refuse_what_they_cannot_share(tmp_path):
     out = serve("--processes", "0", state=tmp_path / "a.db")
     assert_one_line_error(out, "processes", "greater than or equal to 1")

@@ -40,6 +40,17 @@ def serve(
         str | None,
         typer.Option(help="etcd URL (http://host:2379): join the cluster it coordinates."),
     ] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="Cluster name in etcd (default agentd).")
+    ] = None,
+    node_id: Annotated[
+        str | None, typer.Option(help="This node's id in the cluster (default host-port).")
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT other nodes reach this node at (its peer listener)."),
+    ] = None,
+    zone: Annotated[str | None, typer.Option(help="This node's zone (for zone failover).")] = None,
     processes: Annotated[
         int | None,
         typer.Option(
@@ -77,6 +88,10 @@ def serve(
             http3=http3,
             plugins=plugins,
             etcd=etcd,
+            cluster=cluster,
+            node_id=node_id,
+            advertise=advertise,
+            zone=zone,
             processes=processes,
             grace_period_s=grace,
         )
