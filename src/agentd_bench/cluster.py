@@ -17,6 +17,7 @@ etcd and Redis are started from PATH on free loopback ports in a temporary folde
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -217,8 +218,14 @@ def collect(
                 measured[name] = {"skipped": "not asked for in this run"}
                 continue
             progress(f"== {name}")
+            load_before = os.getloadavg()[0]
             try:
                 measured[name] = section(config, Path(scratch), progress)
+                # Other work on the machine shows here (a shared machine's figures vary).
+                measured[name]["load_average_1m"] = [
+                    round(load_before, 2),
+                    round(os.getloadavg()[0], 2),
+                ]
             except Skipped as exc:
                 measured[name] = {"skipped": str(exc)}
                 progress(f"{name}: skipped: {exc}")
