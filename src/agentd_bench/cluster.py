@@ -34,7 +34,7 @@ from rich.table import Table
 
 from agentd_bench.cluster_gateway import GatewayConfig, measure_gateway
 from agentd_bench.cluster_rehome import RehomeConfig, measure_rehome
-from agentd_bench.cluster_servers import Skipped, redis_server, tree_rss_mb
+from agentd_bench.cluster_servers import Skipped, redis_integer, redis_server, tree_rss_mb
 from agentd_bench.errors import BenchError
 from agentd_bench.results import machine_info, package_versions, run_and_publish
 
@@ -177,9 +177,13 @@ def _store(config: ClusterConfig, workdir: Path, progress: Callable[[str], None]
                 command = [sys.executable, "-m", "agentd_bench.cluster_store"]
                 command += ["--agents", str(agents), "--store", store, "--redis-url", redis.url]
                 progress(f"swarm of {agents:,} agents on {store} ...")
+                if store == "redis":
+                    redis_integer(redis.url, "FLUSHDB")  # each run starts empty, as SQLite's
                 run, _ = _json_run(command, timeout=900)
                 if not run["ok"]:
                     raise BenchError(f"the swarm on {store} did not hear from every agent")
+                if store == "redis":  # the states are there: one hash per agent
+                    run["states_in_store"] = redis_integer(redis.url, "DBSIZE")
                 runs[store].append(run)
                 progress(f"  {run['decisions_per_s']:,.0f} decisions/s")
     result: dict[str, Any] = {
@@ -194,6 +198,7 @@ def _store(config: ClusterConfig, workdir: Path, progress: Callable[[str], None]
             "runs_decisions_per_s": rates,
             "wall_s": round(statistics.median(r["wall_s"] for r in done), 3),
             "store_writes": done[-1]["store_writes"],
+            "states_in_store": done[-1].get("states_in_store"),
         }
     return result
 

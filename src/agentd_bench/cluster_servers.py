@@ -17,7 +17,14 @@ from pathlib import Path
 from agentd_bench.errors import BenchError
 from agentd_bench.servers import descendants, free_port
 
-__all__ = ["Skipped", "cpu_seconds", "etcd_server", "redis_server", "tree_rss_mb"]
+__all__ = [
+    "Skipped",
+    "cpu_seconds",
+    "etcd_server",
+    "redis_integer",
+    "redis_server",
+    "tree_rss_mb",
+]
 
 
 class Skipped(BenchError):
@@ -143,3 +150,29 @@ def tree_rss_mb(pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total * _PAGE / 2**20
+
+
+def redis_integer(url: str, *command: str) -> int:
+    """Send one command to the Redis at ``url`` (``redis://host:port/db``) and return its
+    integer reply (DBSIZE), or 0 for a simple-string reply (FLUSHDB's OK). Plain RESP over
+    a socket: the bench needs two commands, not a client library."""
+    where = url.removeprefix("redis://").split("/", 1)
+    host, port = where[0].rsplit(":", 1)
+    db = where[1] if len(where) > 1 and where[1] else "0"
+    request = b""
+    for words in (["SELECT", db], list(command)):
+        request += f"*{len(words)}\r\n".encode()
+        for word in words:
+            request += f"${len(word.encode())}\r\n{word}\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while received.count(b"\r\n") < 2:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    lines = received.split(b"\r\n")
+    if len(lines) < 2 or lines[0] != b"+OK" or lines[1][:1] not in (b":", b"+"):
+        raise BenchError(f"Redis at {url} answered {received[:200]!r} to {command}")
+    return int(lines[1][1:]) if lines[1][:1] == b":" else 0

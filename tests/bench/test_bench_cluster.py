@@ -73,7 +73,9 @@ def test_bench_cluster_quick(tmp_path):
     store = sections["store"]
     for name in ("sqlite", "redis"):
         assert store[name]["decisions_per_s"] > 0
-        assert store[name]["store_writes"] == store["agents"]
+    assert store["sqlite"]["store_writes"] == store["agents"]
+    # Read back from Redis itself: one hash per agent, the run started on an empty database.
+    assert store["redis"]["states_in_store"] == store["agents"]
 
     names = {t["name"] for t in document["targets"]}
     assert names == {
