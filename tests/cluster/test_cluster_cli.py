@@ -339,3 +339,55 @@ async def _until_nodes(client: EtcdClient, expected: set[str]) -> None:
         return {item.key.removeprefix(KEYS.nodes) for item in items} == expected
 
     await _until(ids, f"nodes {expected}")
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            stack += children
+    return found
+
+
+def test_up_killed_with_sigkill_leaves_nothing_running(tmp_path):
+    """etcd, Redis and the nodes run in their own sessions (Ctrl-C reaches only up), so
+    only the kernel's parent-death signal stops them when up cannot."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    env |= {"COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "up.out").open("w+")
+    argv = ["cluster", "up", "--nodes", "1", "--base-port", str(_closed_port())]
+    up = subprocess.Popen(
+        [sys.executable, "-m", "agentd", *argv, "--cluster", "killed"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        _wait_for_line(tmp_path / "up.out", "node n0: http", up)
+        family = _descendants(up.pid)
+        assert len(family) >= 2, family  # etcd and the node at least
+    finally:
+        up.kill()
+        up.wait()
+        log.close()
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(pid) for pid in family):
+        time.sleep(0.1)
+    assert not [pid for pid in family if _running(pid)], (tmp_path / "up.out").read_text()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

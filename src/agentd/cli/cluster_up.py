@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from agentd.cluster.supervisor import die_with_parent
+
 __all__ = ["LocalCluster", "UpError"]
 
 START_TIMEOUT_S = 20.0
@@ -151,6 +153,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us; we stop it after the nodes
+                preexec_fn=die_with_parent(),  # and it goes with us, even on SIGKILL
             )
         self._servers.append(process)
         _wait_listening(process, port, log, what)
@@ -196,6 +199,7 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         node = Node(index, port, peer, log, process)
         self.nodes[index] = node
