@@ -266,7 +266,7 @@ def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
         count = _U32.unpack_from(view, pos)[0]
         pos += 4
         _need(view, pos, count)  # at least one byte an item: no huge loop on a short input
-        items = []
+        items: list[Any] = []
         append = items.append
         for _ in range(count):
             item, pos = _decode(view, pos, depth + 1)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import struct
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 from agentd.agents.address import Address
 from agentd.cluster import codec
@@ -173,7 +174,7 @@ class PeerServer:
                 os.unlink(path)  # a socket file left by a process that died
             self._server = await loop.create_unix_server(self._protocol, path)
         else:
-            host, port = self._address  # type: ignore[misc]
+            host, port = cast(tuple[str, int], self._address)
             self._server = await loop.create_server(self._protocol, host, port)
             bound = self._server.sockets[0].getsockname()
             self.endpoint = f"tcp:{host}:{bound[1]}"
@@ -237,16 +238,16 @@ class _ServerConnection(_Frames):
             run = self._ask if kind == ASK else self._stream
             task = asyncio.get_running_loop().create_task(run(call, body))
             self._calls[call] = task
-            task.add_done_callback(lambda _, call=call: self._done(call))
+            task.add_done_callback(functools.partial(self._done, call))
         elif kind == CANCEL:
-            task = self._calls.get(call)
-            if task is not None:
+            running = self._calls.get(call)
+            if running is not None:
                 self._cancelled.add(call)
-                task.cancel()
+                running.cancel()
         else:
             raise codec.CodecError(f"a peer server got a frame of kind {kind}")
 
-    def _done(self, call: int) -> None:
+    def _done(self, call: int, _task: object = None) -> None:
         self._calls.pop(call, None)
         self._cancelled.discard(call)
 
@@ -481,7 +482,7 @@ class PeerClient:
                         lambda: _ClientConnection(self), str(self._address)
                     )
                 else:
-                    host, port = self._address  # type: ignore[misc]
+                    host, port = cast(tuple[str, int], self._address)
                     _, protocol = await loop.create_connection(
                         lambda: _ClientConnection(self), host, port
                     )

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "Child",
@@ -36,6 +36,7 @@ __all__ = [
 
 _PR_SET_PDEATHSIG = 1
 # Looked up once here: the function runs between fork and exec, where little is safe.
+_prctl: Any
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux

@@ -322,7 +322,7 @@ class RedisStateStore:
     ) -> None:
         self._writing = None
         self._inflight = {}
-        exc = None if not task.cancelled() else asyncio.CancelledError()
+        exc: BaseException | None = asyncio.CancelledError() if task.cancelled() else None
         exc = exc or task.exception()
         if exc is not None:
             self._commit_failed(rows, waiters, self._unavailable(exc))
@@ -473,7 +473,7 @@ class RedisStateStore:
 
     def _read_done(self, items: list[Any], task: asyncio.Task[None]) -> None:
         self._reading = None
-        exc = None if not task.cancelled() else asyncio.CancelledError()
+        exc: BaseException | None = asyncio.CancelledError() if task.cancelled() else None
         exc = exc or task.exception()
         if exc is not None:
             error = self._unavailable(exc)
