@@ -11,6 +11,7 @@ by the dead node; its lease has to expire first (the lease TTL), then the surviv
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import statistics
@@ -129,7 +130,7 @@ async def _trials(
             settled = await _wait(
                 client,
                 config.partitions,
-                lambda o, alive=survivors: all(owner in alive for owner in o),
+                functools.partial(_all_in, survivors),
                 10 * config.lease_ttl_s + 30,
             )
             seconds = settled - killed
@@ -172,3 +173,7 @@ def measure_rehome(
         "p99_s": round(_percentile(times, 99), 3),
         "max_s": max(times),
     }
+
+
+def _all_in(alive: set[str], owners: list[str]) -> bool:
+    return all(owner in alive for owner in owners)

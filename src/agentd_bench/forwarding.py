@@ -101,9 +101,9 @@ async def _measure(scheme: str, n: int) -> dict[str, Any]:
             )
             local = await _latencies(b.runtime.host, address, n)
             forwarded = await _latencies(a.runtime.host, address, n)
-    result = {"local": _percentiles(local), "forwarded": _percentiles(forwarded)}
-    result["added_p50_ms"] = round(result["forwarded"]["p50_ms"] - result["local"]["p50_ms"], 4)
-    return result
+    local_p, forwarded_p = _percentiles(local), _percentiles(forwarded)
+    added = round(forwarded_p["p50_ms"] - local_p["p50_ms"], 4)
+    return {"local": local_p, "forwarded": forwarded_p, "added_p50_ms": added}
 
 
 def measure_codec(batch: int = 4096, repeat: int = 20) -> dict[str, float]:
@@ -112,7 +112,7 @@ def measure_codec(batch: int = 4096, repeat: int = 20) -> dict[str, float]:
 
     addresses = [Address("decider", str(i)) for i in range(batch)]
     features = np.ones((batch, 1, 16), np.float32)
-    forms = {
+    forms: dict[str, list[Any]] = {
         "int_pairs": [(i, i % 7) for i in range(batch)],
         "int_and_array": list(zip(range(batch), features, strict=True)),
     }
