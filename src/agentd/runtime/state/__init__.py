@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agentd.runtime.state.memory import MemoryStateStore
 from agentd.runtime.state.sqlite import SQLiteStateStore
+
+if TYPE_CHECKING:  # at run time, ``__getattr__`` below imports it on first use
+    from agentd.runtime.state.redis import RedisStateStore
 
 __all__ = ["CommitFailed", "MemoryStateStore", "RedisStateStore", "SQLiteStateStore", "StateStore"]
 
