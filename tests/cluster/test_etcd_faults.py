@@ -147,3 +147,25 @@ async def test_a_node_stalled_past_its_lease_does_not_answer_as_owner(tmp_path, 
                     break
                 except Unavailable:
                     await asyncio.sleep(0.1)
+
+
+async def test_a_fence_timer_firing_early_still_fences_at_the_leases_end(tmp_path, etcd):
+    """uvloop's timers have millisecond resolution and can fire a little before their time
+    (the real nodes run on uvloop): the node must still stop answering as owner once its
+    lease may have lapsed, also for agents active here (before: the early call found the
+    lease still valid and nothing looked again; the node kept serving them)."""
+    async with etcd_node(tmp_path, etcd.url, "a") as a:
+        m = membership(a)
+        await converged([a])
+        address = addresses(1)[0]
+        assert await a.runtime.host.ask(address, 0) == 1  # active here now
+        _crash(a)  # no renewals from now on, and the timer is ours to fire
+        async with asyncio.timeout(10):
+            while m._clock() < m.gate.valid_until - 0.002:
+                await asyncio.sleep(0.001)
+        m._lease_may_have_lapsed()  # the timer, two milliseconds early
+        assert not m.gate._fenced  # the lease is still valid: not yet
+        await asyncio.sleep(0.05)
+        with pytest.raises(Unavailable, match="retry"):
+            await a.runtime.host.ask(address, 0, timeout=5)
+        assert a.runtime.host.gauges()["active_agents"] == 0

@@ -292,7 +292,14 @@ class EtcdMembership:
         return self._clock() - self._renewed_at
 
     def _lease_may_have_lapsed(self) -> None:
-        if self._clock() < self.gate.valid_until:
+        left = self.gate.valid_until - self._clock()
+        if left > 0:
+            # Early: uvloop's timers have millisecond resolution. Look again then (a
+            # renewal meanwhile replaces this timer).
+            loop = asyncio.get_running_loop()
+            self._fence_timer = loop.call_at(
+                loop.time() + max(left, 0.001), self._lease_may_have_lapsed
+            )
             return
         if not self.gate.fenced or not self._fenced_released:
             _log.warning(
