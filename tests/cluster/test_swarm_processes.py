@@ -31,6 +31,12 @@ def test_twenty_thousand_agents_over_two_processes(tmp_path):
     assert result["peak_rss_mb"] == round(sum(result["process_peak_rss_mb"]), 1)
     # The wall time runs from the first start (any process) to the last report.
     assert abs(result["finished_at"] - result["started_at"] - result["wall_s"]) < 0.01
+    # One collector shard per process; each process's own shards finished within the
+    # wall time, the last one at its end; each process reports the CPU it used.
+    assert result["collector_shards"] == 2
+    assert max(result["process_finished_s"]) == result["wall_s"]
+    assert all(0 < t <= result["wall_s"] for t in result["process_finished_s"])
+    assert len(result["process_cpu_s"]) == 2 and all(c > 0 for c in result["process_cpu_s"])
     # Both processes wrote their deciders' states to the one SQLite file.
     assert result["store_writes"] >= 20000
     with sqlite3.connect(state) as db:
@@ -44,6 +50,7 @@ def test_the_table_names_every_process(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "result" in out.stdout and "ok" in out.stdout
     assert "in 2 processes" in out.stdout
+    assert "collector shards" in out.stdout and "per process" in out.stdout
 
 
 def test_bad_process_counts_are_refused_in_one_line():

@@ -174,6 +174,13 @@ def _print(result: SwarmResult) -> None:
         ("state writes", f"{result.store_writes:,} ({'SQLite' if result.persistence else 'off'})"),
         ("actions", ", ".join(f"{k} {v:,}" for k, v in result.actions.items())),
     ]
+    if result.processes > 1:
+        rows.append(("collector shards", f"{result.collector_shards}"))
+        each = ", ".join(
+            f"{cpu:.2f} s / {done:.2f} s"
+            for cpu, done in zip(result.process_cpu_s, result.process_finished_s, strict=True)
+        )
+        rows.append(("CPU / own shards done, per process", each))
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)

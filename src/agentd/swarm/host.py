@@ -17,13 +17,20 @@ class SwarmHost(ActorHost):
     its start messages over 4,096 at a time)."""
 
     def tell_many_nowait(
-        self, addresses: Sequence[str | Address], messages: Sequence[Any], start: int = 0
+        self,
+        addresses: Sequence[str | Address],
+        messages: Sequence[Any],
+        start: int = 0,
+        *,
+        local: bool = False,
     ) -> int:
         """``tell_nowait(addresses[i], messages[i])`` for ``i`` from ``start`` on, in order,
         in one pass (a burst of tells, e.g. to many new agents); stops before the first
         message whose agent would need a place on a full run queue. Returns the index of
         the first message not delivered (``len(addresses)`` when all were). Raises as
         ``tell_nowait`` does; the messages before the failing one stay delivered.
+        ``local``: the caller knows that this node owns every one of these agents (the
+        swarm starts only its own deciders), so none is looked up for forwarding.
         """
         pool = self.pool
         room = pool.room()
@@ -36,7 +43,7 @@ class SwarmHost(ActorHost):
                 address = addresses[index]
                 activation = activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
                 if activation is None:
-                    remote = self._forwarded(address)
+                    remote = None if local else self._forwarded(address)
                     if remote is not None:  # another process owns it: batched there
                         assert self.forwarder is not None
                         if not self.forwarder.tell_nowait(remote, messages[index]):

@@ -4,14 +4,19 @@ The parent starts N children (``python -m agentd.swarm.multi SPEC``), each a swa
 with its identity (``p0``..; see :func:`agentd.cluster.supervisor.local_peers`): the same
 agent types, the static placement of ``--processes N`` and peers over Unix sockets, all
 persisting to one SQLite file. Each child starts only the deciders it owns (no start is
-forwarded); the collector lives on its owner, and the reports of deciders elsewhere reach
-it as forwarded tells (batched by the peer clients).
+forwarded). The collector is sharded: N shards, one owned by each process (their names
+are searched so that the placement puts one on each), decider ``i`` reports to shard
+``i % N``, so a process runs 1/N of the collector turns and a report crosses to another
+process with odds (N-1)/N, as a forwarded tell (batched by the peer clients); a report
+to the process's own shard takes the local path.
 
 The children talk to the parent in JSON lines: a child writes ``ready`` once its node has
 started, the parent answers ``go`` to all (a barrier: start-up is not in the wall time),
-the collector's child writes ``done`` when it has heard from every agent, the parent
-answers ``stop`` to all, and each child closes its node and writes its ``stats``. A child
-that exits before that fails the run (StartupError naming it and its exit status).
+each child writes ``reports`` (its shards' count so far) while it runs and ``done`` when
+its own shards have heard from all of their agents; once all are done the parent answers
+``stop`` to all, and each child closes its node and writes its ``stats``. The wall time
+runs from the first start message to the last shard's finish. A child that exits before
+that fails the run (StartupError naming it and its exit status).
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ from agentd.agents import Address, AgentRegistry
 from agentd.cluster.placement import Placement
 from agentd.cluster.supervisor import die_with_parent, local_peers
 from agentd.errors import StartupError
-from agentd.node import NodeOptions, open_node
-from agentd.swarm.agents import COLLECTOR, Collector, Decider, make_collector
+from agentd.node import open_node
+from agentd.swarm.agents import SwarmRun, Tally, shard_address
 from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
 from agentd.swarm.run import (
-    _BURST,
+    LABELS,
     SwarmResult,
+    _cpu_seconds,
     _features,
+    _node_options,
     _rss_bytes,
+    _start_deciders,
     _swarm_settings,
     _TurnLatency,
 )
@@ -127,28 +135,37 @@ async def _conduct(
                 await child.stdin.drain()
 
     async with asyncio.timeout(_START_TIMEOUT_S):
-        ready = await asyncio.gather(*(read(i) for i in range(len(children))))
-    collector_at = next(i for i, r in enumerate(ready) if r["collector"])
+        await asyncio.gather(*(read(i) for i in range(len(children))))
     await tell_all("go")
-    # Progress lines from the collector's process until it is done; the others are quiet.
-    while True:
-        message = await read(collector_at)
-        if "done" in message:
-            break
-        if progress is not None:
-            progress(message["reports"])
+    reports = [0] * len(children)
+
+    async def follow(index: int) -> dict[str, Any]:
+        """Progress lines from one process until its shards are done."""
+        while True:
+            message = await read(index)
+            if "done" in message:
+                return message
+            reports[index] = message["reports"]
+            if progress is not None:
+                progress(sum(reports))
+
+    done = await asyncio.gather(*(follow(i) for i in range(len(children))))
     await tell_all("stop")
     stats = await asyncio.gather(*(read(i) for i in range(len(children))))
     for child in children:
         await child.wait()
-    return _result(agents, persist, message, stats)
+    return _result(agents, persist, done, stats)
 
 
 def _result(
-    agents: int, persist: bool, done: dict[str, Any], stats: list[dict[str, Any]]
+    agents: int, persist: bool, done: list[dict[str, Any]], stats: list[dict[str, Any]]
 ) -> SwarmResult:
     started_at = min(s["started_at"] for s in stats)
-    wall = done["finished_at"] - started_at
+    finished_at = max(d["finished_at"] for d in done)
+    wall = finished_at - started_at
+    tally = Tally(0, 0, (0, 0, 0, 0))
+    for d in done:
+        tally += Tally(d["distinct"], d["duplicates"], tuple(d["actions"]))
     latency = LatencyHistogram()
     for s in stats:
         for index, count in s["latency"].items():
@@ -157,12 +174,11 @@ def _result(
     runs = sum(s["runs"] for s in stats)
     rows = sum(s["rows"] for s in stats)
     peaks = [s["peak_rss_mb"] for s in stats]
-    labels = ["wait", "explore", "exploit", "retreat"]
     return SwarmResult(
         agents=agents,
-        distinct_results=done["distinct"],
-        duplicates=done["duplicates"],
-        ok=done["distinct"] == agents and done["duplicates"] == 0,
+        distinct_results=tally.distinct,
+        duplicates=tally.duplicates,
+        ok=tally.distinct == agents and tally.duplicates == 0,
         wall_s=round(wall, 3),
         decisions_per_s=round(agents / wall, 1),
         peak_rss_mb=round(sum(peaks), 1),
@@ -173,11 +189,14 @@ def _result(
         mean_batch=round(rows / runs, 1) if runs else 0.0,
         store_writes=sum(s["store_writes"] for s in stats),
         persistence=persist,
-        actions=dict(zip(labels, done["actions"], strict=True)),
+        actions=dict(zip(LABELS, tally.actions, strict=True)),
         started_at=round(started_at, 4),
-        finished_at=round(done["finished_at"], 4),
+        finished_at=round(finished_at, 4),
         processes=len(stats),
         process_peak_rss_mb=tuple(peaks),
+        process_cpu_s=tuple(round(d["cpu_s"], 2) for d in done),
+        process_finished_s=tuple(round(d["finished_at"] - started_at, 3) for d in done),
+        collector_shards=done[0]["shards"],
     )
 
 
@@ -193,6 +212,25 @@ def _owned(node: str, placement: Placement, agents: int) -> list[int]:
     return [i for i in range(agents) if mine[crc32(b"decider/%d" % i) % count]]
 
 
+def collector_shards(placement: Placement, per_node: int = 1) -> tuple[Address, ...]:
+    """Collector shard addresses, ``per_node`` owned by each node of ``placement``: the
+    names ``c0``, ``c1``, ... taken in order while their owner has fewer than ``per_node``
+    (every process computes the same list from the same placement). The shards of one
+    node are spread over the list, so that ``i % K`` sends each node an equal share."""
+    nodes = sorted(set(placement.owners))
+    taken: dict[str, list[Address]] = {node: [] for node in nodes}
+    name = 0
+    while any(len(shards) < per_node for shards in taken.values()):
+        if name > 1000 * len(nodes) * per_node:  # a placement that starves a node
+            raise StartupError("no collector shard names found for every swarm process")
+        address = shard_address(f"c{name}")
+        shards = taken[placement.owner(address)]
+        if len(shards) < per_node:
+            shards.append(address)
+        name += 1
+    return tuple(taken[node][k] for k in range(per_node) for node in nodes)
+
+
 def _write(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -206,22 +244,6 @@ async def _read_command(loop: asyncio.AbstractEventLoop) -> str:
 async def _child(spec: dict[str, Any]) -> None:
     agents: int = spec["agents"]
     node_id: str = spec["node_id"]
-    collector_type = make_collector(agents)
-    registry = AgentRegistry()
-    registry.register(Decider)
-    registry.register(collector_type)
-    latency = _TurnLatency()
-    options = NodeOptions(
-        host_type=SwarmHost,
-        host_options={
-            "observer": latency,
-            "observe_every": _TurnLatency.SAMPLE,
-            "freeze_every": 10_000,
-        },
-        metrics=False,
-        generation=False,
-        tools=False,
-    )
     peers: list[str] = spec["peers"]
     settings = _swarm_settings(
         agents,
@@ -237,6 +259,13 @@ async def _child(spec: dict[str, Any]) -> None:
         }
     )
     placement = Placement.spread([p.split("=", 1)[0] for p in peers], settings.partitions)
+    shards = collector_shards(placement)
+    run = SwarmRun(agents, shards, [a for a in shards if placement.owner(a) == node_id])
+    registry = AgentRegistry()
+    registry.register(run.decider_type)
+    registry.register(run.collector_type)
+    latency = _TurnLatency()
+    options = _node_options(latency, 10_000)
     owned = _owned(node_id, placement, agents)
     # Only this process's rows of the features: the same as one process would give them.
     features = _features(agents, spec["seed"])[owned]
@@ -245,44 +274,33 @@ async def _child(spec: dict[str, Any]) -> None:
     async with open_node(settings, registry=registry, options=options) as node:
         host = node.runtime.host
         assert isinstance(host, SwarmHost)
-        has_collector = placement.owner(COLLECTOR) == node_id
-        _write({"ready": True, "collector": has_collector, "owned": len(owned)})
+        _write({"ready": True, "owned": len(owned)})
         if await _read_command(loop) != "go":
             return
         rss_before = _rss_bytes()
+        cpu_before = _cpu_seconds()
         started_at = time.time()
         try:
-            new_address = tuple.__new__  # Address(...) without its Python-level __new__
-            for first in range(0, len(owned), _BURST):
-                ids = owned[first : first + _BURST]
-                addresses = [new_address(Address, ("decider", str(i))) for i in ids]
-                rows = features[first : first + len(ids)].reshape(len(ids), 1, -1)
-                messages = list(zip(ids, rows, strict=True))
-                sent = 0
-                while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
-                    await host.pool.wait_for_room()
-            finished_at = 0.0
-            if has_collector:
-                done = collector_type.done
-                while not done.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(done.wait(), 0.25)
-                    if not done.is_set():
-                        collector = host.instance(COLLECTOR)
-                        reports = collector.distinct if isinstance(collector, Collector) else 0
-                        _write({"reports": reports})
-                finished_at = time.time()
-                collector = host.instance(COLLECTOR)
-                assert isinstance(collector, Collector)
-                _write(
-                    {
-                        "done": True,
-                        "finished_at": finished_at,
-                        "distinct": int(collector.distinct),
-                        "duplicates": int(collector.duplicates),
-                        "actions": [int(a) for a in collector.actions],
-                    }
-                )
+            await _start_deciders(host, owned, features)
+            while not run.done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.done.wait(), 0.25)
+                if not run.done.is_set():
+                    _write({"reports": run.tally(host).distinct})
+            cpu = _cpu_seconds() - cpu_before
+            tally = run.tally(host)
+            _write(
+                {
+                    "done": True,
+                    # A process whose shards expect no report was done before the start.
+                    "finished_at": max(run.finished_at, started_at),
+                    "cpu_s": cpu,
+                    "shards": len(shards),
+                    "distinct": tally.distinct,
+                    "duplicates": tally.duplicates,
+                    "actions": list(tally.actions),
+                }
+            )
             await _read_command(loop)  # "stop" (or the parent is gone)
             rss_growth = max(0, _rss_bytes() - rss_before)
             batcher = node.inference.batcher("decision")

@@ -9,7 +9,7 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from agentd.agents import Address, AgentRegistry
 from agentd.node import NodeOptions, open_node
 from agentd.settings import Settings
-from agentd.swarm.agents import COLLECTOR, Collector, Decider, make_collector
+from agentd.swarm.agents import SwarmRun, shard_address
 from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
 
@@ -52,6 +52,13 @@ class SwarmResult:
     # is then their sum).
     processes: int = 1
     process_peak_rss_mb: tuple[float, ...] = ()
+    # Per process: CPU seconds (all its threads) from the first start message until its
+    # own collector shards were done, and seconds from the run's start to that moment
+    # (the wall time is the last of these).
+    process_cpu_s: tuple[float, ...] = ()
+    process_finished_s: tuple[float, ...] = ()
+    # Collector shards the reports were counted by (decider i reports to shard i % K).
+    collector_shards: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +82,12 @@ class _TurnLatency:
 
 
 _BURST = 4096  # start messages handed to the host per tell_many_nowait
+LABELS = ("wait", "explore", "exploit", "retreat")  # the decision model's actions
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rss_bytes() -> int:
@@ -118,6 +131,45 @@ def _swarm_settings(
     )
 
 
+def _node_options(latency: _TurnLatency, freeze_every: int) -> NodeOptions:
+    """The swarm's node: its own host and turn observer; no metrics registry (a histogram
+    observation per model call), no language models and no tools (neither loaded nor
+    counted in the run's time and memory)."""
+    return NodeOptions(
+        host_type=SwarmHost,
+        host_options={
+            "observer": latency,
+            "observe_every": _TurnLatency.SAMPLE,
+            "freeze_every": freeze_every,
+        },
+        metrics=False,
+        generation=False,
+        tools=False,
+    )
+
+
+async def _start_deciders(
+    host: SwarmHost,
+    ids: Sequence[int],
+    features: np.ndarray,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Tell deciders ``ids`` (all this node's own) their start messages, ``_BURST`` at a
+    time; ``features`` holds their rows in the same order."""
+    new_address = tuple.__new__  # Address(...) without its Python-level __new__
+    for first in range(0, len(ids), _BURST):
+        some = ids[first : first + _BURST]
+        addresses = [new_address(Address, ("decider", str(i))) for i in some]
+        # One-row views of the agents' features, cut in one C loop.
+        rows = features[first : first + len(some)].reshape(len(some), 1, -1)
+        messages = list(zip(some, rows, strict=True))
+        sent = 0
+        while (sent := host.tell_many_nowait(addresses, messages, sent, local=True)) < len(some):
+            await host.pool.wait_for_room()  # backpressure: the run queue is full
+        if progress is not None:
+            progress()
+
+
 def _features(n: int, seed: int) -> np.ndarray:
     # Situations spread over the model's input range; row i belongs to agent i.
     rng = np.random.default_rng(seed)
@@ -138,25 +190,13 @@ async def run_swarm(
     if agents < 1:
         raise ValueError("a swarm needs at least one agent")
     features = _features(agents, seed)
-    collector_type = make_collector(agents)
+    # One process: one collector shard (more would only add activations on one loop).
+    run = SwarmRun(agents, (shard_address("c0"),))
     registry = AgentRegistry()
-    registry.register(Decider)
-    registry.register(collector_type)
+    registry.register(run.decider_type)
+    registry.register(run.collector_type)
     latency = _TurnLatency()
-    # The swarm's node: its own host and turn observer; no metrics registry (a histogram
-    # observation per model call), no language models and no tools (neither loaded nor
-    # counted in the run's time and memory).
-    options = NodeOptions(
-        host_type=SwarmHost,
-        host_options={
-            "observer": latency,
-            "observe_every": _TurnLatency.SAMPLE,
-            "freeze_every": freeze_every,
-        },
-        metrics=False,
-        generation=False,
-        tools=False,
-    )
+    options = _node_options(latency, freeze_every)
     with tempfile.TemporaryDirectory(prefix="agentd-swarm-") as scratch:
         settings = _swarm_settings(
             agents,
@@ -171,32 +211,22 @@ async def run_swarm(
             host = node.runtime.host
             assert isinstance(host, SwarmHost)
             rss_before = _rss_bytes()
+            cpu_before = _cpu_seconds()
             started_at = time.time()
             started = time.perf_counter()
             try:
-                new_address = tuple.__new__  # Address(...) without its Python-level __new__
-                for first in range(0, agents, _BURST):
-                    ids = range(first, min(agents, first + _BURST))
-                    addresses = [new_address(Address, ("decider", str(i))) for i in ids]
-                    # One-row views of the agents' features, cut in one C loop.
-                    rows = features[first : first + len(ids)].reshape(len(ids), 1, -1)
-                    messages = list(zip(ids, rows, strict=True))
-                    sent = 0
-                    while (sent := host.tell_many_nowait(addresses, messages, sent)) < len(ids):
-                        await host.pool.wait_for_room()  # backpressure: the run queue is full
-                    if progress is not None:
-                        progress(host.turns)
-                done = collector_type.done
-                while not done.is_set():
+                report = None if progress is None else lambda: progress(host.turns)
+                await _start_deciders(host, range(agents), features, report)
+                while not run.done.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(done.wait(), 0.25)
-                    if progress is not None:
-                        progress(host.turns)
+                        await asyncio.wait_for(run.done.wait(), 0.25)
+                    if report is not None:
+                        report()
                 wall = time.perf_counter() - started
+                cpu = _cpu_seconds() - cpu_before
                 finished_at = time.time()
                 rss_after = _rss_bytes()
-                collector = host.instance(COLLECTOR)
-                assert isinstance(collector, Collector)
+                tally = run.tally(host)
                 batcher = node.inference.batcher("decision")
                 runs = batcher.stats.runs if batcher else 0
                 rows_run = batcher.stats.rows_run if batcher else 0
@@ -204,12 +234,11 @@ async def run_swarm(
                 gc.unfreeze()
         # The node is closed: the store has committed the last states.
         store_writes = getattr(host.store, "writes", 0)
-    labels = ["wait", "explore", "exploit", "retreat"]
     return SwarmResult(
         agents=agents,
-        distinct_results=int(collector.distinct),
-        duplicates=int(collector.duplicates),
-        ok=collector.distinct == agents and collector.duplicates == 0,
+        distinct_results=tally.distinct,
+        duplicates=tally.duplicates,
+        ok=tally.distinct == agents and tally.duplicates == 0,
         wall_s=round(wall, 3),
         decisions_per_s=round(agents / wall, 1),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -220,7 +249,9 @@ async def run_swarm(
         mean_batch=round(rows_run / runs, 1) if runs else 0.0,
         store_writes=store_writes,
         persistence=persist,
-        actions={label: int(c) for label, c in zip(labels, collector.actions, strict=True)},
+        actions=dict(zip(LABELS, tally.actions, strict=True)),
         started_at=round(started_at, 4),
         finished_at=round(finished_at, 4),
+        process_cpu_s=(round(cpu, 2),),
+        process_finished_s=(round(wall, 3),),
     )
