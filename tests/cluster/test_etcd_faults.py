@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import subprocess
 import time
 
@@ -169,3 +170,37 @@ async def test_a_fence_timer_firing_early_still_fences_at_the_leases_end(tmp_pat
         with pytest.raises(Unavailable, match="retry"):
             await a.runtime.host.ask(address, 0, timeout=5)
         assert a.runtime.host.gauges()["active_agents"] == 0
+
+
+async def test_a_tell_arriving_with_the_wake_of_a_stall_runs_no_turn(tmp_path, etcd):
+    """Input waiting when a stalled loop wakes is handled in the same loop step as the
+    fence timer, before it: a tell delivered synchronously there (a peer's batch of
+    tells arrives so) to an agent active here reaches its mailbox, but the timer drops
+    the activation before a worker can start the turn."""
+    async with etcd_node(tmp_path, etcd.url, "a") as a:
+        m = membership(a)
+        await converged([a])
+        host = a.runtime.host
+        address = addresses(1)[0]
+        assert await host.ask(address, 0) == 1
+        turns = host.turns
+        reader, writer = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        delivered: list[bool] = []
+
+        def on_input() -> None:
+            reader.recv(16)
+            delivered.append(host.tell_nowait(address, 0))
+
+        loop.add_reader(reader.fileno(), on_input)
+        try:
+            writer.send(b"x")
+            time.sleep(m._ttl + 0.5)  # noqa: ASYNC251  # the stall; the input waits for the wake
+            await asyncio.sleep(0.2)
+        finally:
+            loop.remove_reader(reader.fileno())
+            reader.close()
+            writer.close()
+        assert delivered == [True]  # into the mailbox of the activation still there
+        assert host.turns == turns  # but no turn ran
+        assert host.gauges()["active_agents"] == 0
