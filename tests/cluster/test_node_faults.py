@@ -67,16 +67,20 @@ def _child_of(parent: int) -> int:
 
 def start_node(node_id: str, etcd: Server, redis: Server, ttl: float = TTL_S) -> Node:
     env = {
-        "AGENTD_NODE_ID": node_id,
-        "AGENTD_ADVERTISE": f"127.0.0.1:{_free_port()}",
-        "AGENTD_CLUSTER": CLUSTER,
         "AGENTD_PARTITIONS": str(PARTITIONS),
         "AGENTD_LEASE_TTL_S": str(ttl),
         "AGENTD_STATUS_INTERVAL_S": "0.2",
         "AGENTD_STATE_STORE": "redis",
         "AGENTD_REDIS_URL": redis.redis_url,
     }
-    running = start_server(["--plugins", str(PLUGINS), "--etcd", etcd.url], env=env, timeout=90)
+    running = start_server(
+        [
+            *("--plugins", str(PLUGINS), "--etcd", etcd.url, "--cluster", CLUSTER),
+            *("--node-id", node_id, "--advertise", f"127.0.0.1:{_free_port()}"),
+        ],
+        env=env,
+        timeout=90,
+    )
     return Node(node_id, running)
 
 
