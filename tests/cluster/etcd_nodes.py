@@ -55,9 +55,11 @@ def node_settings(tmp_path, etcd_url: str, node: str, **overrides: Any) -> Setti
 
 
 @contextlib.asynccontextmanager
-async def etcd_node(tmp_path, etcd_url: str, node: str, **overrides: Any) -> AsyncIterator[Node]:
+async def etcd_node(
+    tmp_path, etcd_url: str, node: str, options: NodeOptions = OPTIONS, **overrides: Any
+) -> AsyncIterator[Node]:
     settings = node_settings(tmp_path, etcd_url, node, **overrides)
-    async with open_node(settings, registry=registry(), options=OPTIONS) as opened:
+    async with open_node(settings, registry=registry(), options=options) as opened:
         yield opened
 
 

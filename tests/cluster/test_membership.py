@@ -10,6 +10,8 @@ import json
 
 from agentd.cluster.etcd import EtcdClient
 from agentd.cluster.placement import partition_of
+from agentd.generate.types import SamplingParams
+from agentd.node import NodeOptions
 from tests.cluster.etcd_nodes import (
     PARTITIONS,
     addresses,
@@ -89,3 +91,39 @@ async def test_a_restart_with_the_same_id_gets_the_same_partitions(tmp_path, etc
                 await asyncio.sleep(0.05)
         async with etcd_node(tmp_path, etcd.url, "c") as c:
             assert await converged([a, b, c]) == before
+
+
+async def _status(node_id: str, etcd_url: str) -> dict:
+    async with EtcdClient(etcd_url) as client:
+        found = await client.get(f"/agentd/test/nodes/{node_id}")
+    assert found is not None
+    return json.loads(found[0])
+
+
+async def test_the_status_reports_the_run_queues_wait_and_tokens_per_second(tmp_path, etcd):
+    options = NodeOptions(tools=False)  # with the language models
+    async with etcd_node(tmp_path, etcd.url, "a", options=options, workers=1) as a:
+        await converged([a])
+        status = await _status("a", etcd.url)
+        assert status["queue_time_s"] < 0.1 and status["tokens_per_s"] == 0.0
+        # One worker, turns of 0.3 s queued behind each other: a job now waits.
+        for address in addresses(8):
+            await a.runtime.host.tell(address, "0.3")
+        async with asyncio.timeout(10):
+            while (await _status("a", etcd.url))["queue_time_s"] < 0.3:
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(20):  # drained: the average falls back
+            while (await _status("a", etcd.url))["queue_time_s"] > 0.05:
+                await asyncio.sleep(0.05)
+        # Tokens generated while the status is refreshed.
+        generation = a.generation
+        assert generation is not None
+        params = SamplingParams(max_tokens=64, temperature=0.0)
+        rates = []
+        async with asyncio.timeout(60):
+            while not rates or max(rates) == 0.0:
+                text = generation.complete(generation.default(), "count to ten", params)
+                async for _ in text:
+                    pass
+                rates.append((await _status("a", etcd.url))["tokens_per_s"])
+        assert max(rates) > 0.0

@@ -113,6 +113,22 @@ def parse_down_zones(value: bytes) -> frozenset[str]:
     return frozenset(down)
 
 
+class _QueueProbe:
+    """A no-op job put on the node's run queue once per status: the time it waits for a
+    worker is the time a turn waits now (the status's ``queue_time_s``), measured without
+    adding anything to the turn path."""
+
+    __slots__ = ("_clock", "submitted", "waited")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.submitted = clock()
+        self.waited: float | None = None  # None while queued
+
+    async def run(self) -> None:
+        self.waited = self._clock() - self.submitted
+
+
 class EtcdMembership:
     """One node's membership of an etcd cluster.
 
@@ -178,6 +194,10 @@ class EtcdMembership:
         self._peer = ""
         self._desired_for: frozenset[str] | None = None
         self._desired: list[str] = []
+        self._probe: _QueueProbe | None = None
+        self._queue_time = 0.0  # a moving average of the probes' waits
+        self._tokens: tuple[float, float] | None = None  # (when, tokens generated) last read
+        self._tokens_per_s = 0.0
 
     # -- life ---------------------------------------------------------------------------
 
@@ -234,13 +254,14 @@ class EtcdMembership:
         """This node's status, as written under ``nodes/<id>``."""
         host = self._host
         pool = host.pool.statistics()
-        used = total = 0.0
+        used = total = tokens = 0.0
         generation = getattr(host, "generation", None)
         if generation is not None:
             with contextlib.suppress(Exception):
                 for gauges in generation.gauges().values():
                     used += gauges.get("blocks_used", 0)
                     total += gauges.get("blocks_used", 0) + gauges.get("blocks_free", 0)
+                    tokens += gauges.get("tokens_generated", 0)
         return {
             "id": self.node_id,
             "peer": self._peer,
@@ -248,15 +269,39 @@ class EtcdMembership:
             "load": pool.busy / pool.num_workers if pool.num_workers else 0.0,
             "run_queue": pool.queued,
             "active_agents": host.gauges()["active_agents"],
-            "tokens_per_s": 0.0,
+            "tokens_per_s": round(self._token_rate(tokens), 3),
             "kv_blocks_used": int(used),
             "kv_blocks_total": int(total),
-            "queue_time_s": 0.0,
+            "queue_time_s": round(self._queue_time_s(), 6),
             "partitions": sum(1 for owner in self.owners if owner == self.node_id),
             "lease": self.lease.id if self.lease is not None else 0,
             "started_at": self._started_at,
             "version": STATUS_VERSION,
         }
+
+    def _token_rate(self, tokens: float) -> float:
+        """Tokens generated per second since the last status (0 until two readings)."""
+        now = self._clock()
+        last, self._tokens = self._tokens, (now, tokens)
+        if last is not None and now > last[0] and tokens >= last[1]:
+            self._tokens_per_s = (tokens - last[1]) / (now - last[0])
+        return self._tokens_per_s
+
+    def _queue_time_s(self) -> float:
+        """How long a job waits on the run queue for a worker now: the probes' waits,
+        averaged; while a probe still waits, at least its wait so far. Sends the next."""
+        probe = self._probe
+        if probe is not None:
+            if probe.waited is None:
+                return max(self._queue_time, self._clock() - probe.submitted)
+            self._queue_time = 0.5 * self._queue_time + 0.5 * probe.waited
+        self._probe = _QueueProbe(self._clock)
+        try:
+            # Past the queue's bound (one tiny job): a full queue is when it matters.
+            self._host.pool.requeue(self._probe)
+        except Exception:  # a pool that takes no job: no probe, no figure
+            self._probe = None
+        return self._queue_time
 
     def _node_key(self) -> str:
         return f"{self.prefix}nodes/{self.node_id}"

@@ -102,6 +102,7 @@ class TokenEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.steps = 0  # graph runs, prefills included
+        self.tokens_generated = 0  # for the node's tokens/s (cluster status)
 
     @property
     def info(self) -> LMInfo:
@@ -142,6 +143,7 @@ class TokenEngine:
             "waiting": len(scheduler.waiting),
             "blocks_free": self.pool.free,
             "blocks_used": self.pool.used,
+            "tokens_generated": self.tokens_generated,
         }
 
     def forward(
@@ -262,6 +264,7 @@ class TokenEngine:
         if outcome is Outcome.STOP:
             self._finish(seq, "stop")
             return
+        self.tokens_generated += 1
         now = time.perf_counter()
         observer = self._observer
         if observer is not None:
