@@ -14,7 +14,31 @@ __all__ = ["SwarmHost"]
 
 class SwarmHost(ActorHost):
     """An :class:`ActorHost` that also takes many tells at once (``agentd swarm`` hands
-    its start messages over 4,096 at a time)."""
+    its start messages over 4,096 at a time).
+
+    ``static_placement``: no agent moves between nodes while this host runs and every
+    node opened the shared store before any of them wrote to it (``agentd swarm
+    --processes N``: a fixed placement and a start barrier). Then a store that was empty
+    when opened still holds nothing for this node's agents, so new activations skip the
+    load, as with one process (a host with a forwarder otherwise loads every new
+    activation: an agent that moved in may have a state written elsewhere).
+    """
+
+    def __init__(self, *args: Any, static_placement: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._static_placement = static_placement
+
+    async def start(self) -> None:
+        if not self._static_placement:
+            await super().start()
+            return
+        # The base start marks the store "not empty" when there is a forwarder; keep what
+        # the store found instead (see the class's docstring).
+        forwarder, self.forwarder = self.forwarder, None
+        try:
+            await super().start()
+        finally:
+            self.forwarder = forwarder
 
     def tell_many_nowait(
         self,

@@ -134,13 +134,15 @@ def _swarm_settings(
 def _node_options(latency: _TurnLatency, freeze_every: int) -> NodeOptions:
     """The swarm's node: its own host and turn observer; no metrics registry (a histogram
     observation per model call), no language models and no tools (neither loaded nor
-    counted in the run's time and memory)."""
+    counted in the run's time and memory). The placement is static (``--processes N``:
+    fixed, and every process opens the store before the start barrier)."""
     return NodeOptions(
         host_type=SwarmHost,
         host_options={
             "observer": latency,
             "observe_every": _TurnLatency.SAMPLE,
             "freeze_every": freeze_every,
+            "static_placement": True,
         },
         metrics=False,
         generation=False,
