@@ -21,12 +21,26 @@ class SwarmHost(ActorHost):
     --processes N``: a fixed placement and a start barrier). Then a store that was empty
     when opened still holds nothing for this node's agents, so new activations skip the
     load, as with one process (a host with a forwarder otherwise loads every new
-    activation: an agent that moved in may have a state written elsewhere).
+    activation: an agent that moved in may have a state written elsewhere), and the owner
+    of an agent found elsewhere is looked up once.
     """
 
     def __init__(self, *args: Any, static_placement: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._static_placement = static_placement
+        # Static placement: an agent another node owns stays there, so its lookup is kept
+        # (the swarm's deciders send half a million reports to one remote shard each).
+        self._remote: dict[str | Address, Address] = {}
+
+    def _forwarded(self, address: str | Address) -> Address | None:
+        if not self._static_placement:
+            return super()._forwarded(address)
+        remote = self._remote.get(address)
+        if remote is None:
+            remote = super()._forwarded(address)
+            if remote is not None:
+                self._remote[address] = remote
+        return remote
 
     async def start(self) -> None:
         if not self._static_placement:
