@@ -434,3 +434,15 @@ def test_health_port_equal_to_the_port_is_refused(tmp_path):
     out = serve("--port", str(port), state=tmp_path / "a.db", env={"AGENTD_HEALTH_PORT": str(port)})
     assert_one_line_error(out, f"health_port {port} is the serving port")
     assert out.returncode == 2
+
+
+def test_each_of_n_processes_runs_its_share_of_envoy_workers():
+    # Envoy starts a worker per core by default: N processes would run N times as many.
+    import os
+
+    from agentd.server.envoy import _worker_threads
+
+    assert _worker_threads(1) == []  # one process: Envoy's own default
+    cores = os.cpu_count() or 1
+    assert _worker_threads(2) == ["--concurrency", str(max(1, cores // 2))]
+    assert _worker_threads(64) == ["--concurrency", "1"]

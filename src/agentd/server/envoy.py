@@ -209,6 +209,7 @@ class EnvoyProcess:
                     "--use-dynamic-base-id",
                     "--log-level",
                     s.envoy_log_level,
+                    *_worker_threads(s.processes),
                 ],
                 env=env,
                 stderr=subprocess.PIPE,
@@ -821,3 +822,14 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def _worker_threads(processes: int) -> list[str]:
+    """Envoy's ``--concurrency`` for one of ``processes`` node processes: its share of the
+    cores. Envoy starts a worker thread per core by default, so N processes would run N
+    times as many threads as there are cores; with its share, ``--processes 2`` on two
+    cores had a lower p99 (median of 4 alternating rounds: 24.7 vs 31.5 ms at 64 in
+    flight) and the same throughput (docs/cluster.md)."""
+    if processes <= 1:
+        return []
+    return ["--concurrency", str(max(1, (os.cpu_count() or 1) // processes))]
