@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench swarm
 	$(BIN)/agentd bench tools
 	$(BIN)/agentd bench generate
+	$(BIN)/agentd bench cluster
 
 ## bench-test: only the benchmark tests (marker bench: each suite once with --quick)
 bench-test: $(VENV)/.installed-dev system-test-deps
