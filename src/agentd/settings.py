@@ -19,7 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from agentd.errors import ConfigError
+from agentd.errors import ConfigError, InvalidArgument
 
 __all__ = ["Settings", "describe_settings_error", "load_settings"]
 
@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="require client certs signed by it")
     http3: bool = False
     plugins: Path = Path("plugins")
+    reload: bool = Field(True, description="watch the plugin folder and reload what changes")
+    reload_debounce_ms: int = Field(
+        50, ge=1, le=10_000, description="quiet time after a plugin write before it reloads"
+    )
+    # Plugin verification (docs/plugins.md): each key a PEM file, a file holding the raw
+    # 32-byte key in base64, or that base64 itself; checked when the settings are read.
+    plugin_trusted_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="ed25519 public keys MANIFEST.sig may be made with"
+    )
+    require_signature: bool = Field(
+        False, description="load no plugin without a MANIFEST signed by a trusted key"
+    )
     etcd: str | None = Field(None, description="etcd URL (http://host:2379): join a cluster")
 
     # Cluster (docs/cluster.md). One process owns every agent unless ``processes`` > 1
@@ -172,7 +184,22 @@ class Settings(BaseSettings):
             raise ValueError(f"advertise must be HOST:PORT (port 0-65535), not {value[:100]!r}")
         return value
 
-    @field_validator("auth_tokens", "execution_providers", "peers", mode="before")
+    @field_validator("plugin_trusted_keys")
+    @classmethod
+    def _check_trusted_keys(cls, value: list[str]) -> list[str]:
+        if value:
+            from agentd.plugins.signing import read_public_key  # cryptography: only if used
+
+            for index, spec in enumerate(value):
+                try:
+                    read_public_key(spec)
+                except InvalidArgument as exc:
+                    raise ValueError(f"key {index}: {exc.message}") from None
+        return value
+
+    @field_validator(
+        "auth_tokens", "execution_providers", "peers", "plugin_trusted_keys", mode="before"
+    )
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         # AGENTD_AUTH_TOKENS=a,b is friendlier than a JSON list.
@@ -198,6 +225,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "processes > 1 needs a shared state store (sqlite or redis), not memory"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_signature(self) -> Settings:
+        if self.require_signature and not self.plugin_trusted_keys:
+            raise ValueError("require_signature needs plugin_trusted_keys (ed25519 public keys)")
         return self
 
     @model_validator(mode="after")
