@@ -148,10 +148,14 @@ def read_public_key(spec: str) -> bytes:
     a file holding either a PEM public key or that base64. InvalidArgument (one line naming
     ``spec``) otherwise."""
     spec = spec.strip()
+    if "PRIVATE KEY" in spec:  # pasted key text: never echo it in an error
+        raise InvalidArgument("a private key's text; trust the public key (.pub) instead")
     raw = _raw_key(spec)
     if raw is not None:
         return raw
     data = _read_key_file(Path(spec))
+    if b"PRIVATE KEY-----" in data:  # an easy slip, and the private key must not be here
+        raise InvalidArgument(f"{spec}: a private key; trust the public key (.pub) instead")
     if b"-----BEGIN" in data:
         try:
             key = serialization.load_pem_public_key(data)
