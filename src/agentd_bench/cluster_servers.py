@@ -1,21 +1,17 @@
 """What ``agentd bench cluster`` starts besides agentd: etcd and Redis from PATH on free
-loopback ports with their data in a temporary folder (stopped by PID, never as services),
-and the CPU time of a server's process tree read from /proc."""
+loopback ports with their data in a temporary folder (agentd.cluster.backing: stopped by
+PID, never as services), and the CPU time of a server's process tree read from /proc."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from agentd.cluster.backing import Backing, BackingError, NotInstalled, start_etcd, start_redis
 from agentd_bench.errors import BenchError
-from agentd_bench.servers import descendants, free_port
+from agentd_bench.servers import descendants
 
 __all__ = [
     "Skipped",
@@ -32,93 +28,30 @@ class Skipped(BenchError):
     message says why and goes into the JSON instead of the section's figures."""
 
 
-@dataclass(frozen=True, slots=True)
-class Backing:
-    """A started etcd or Redis: its URL and process."""
-
-    url: str
-    process: subprocess.Popen[bytes]
+START_TIMEOUT_S = 30.0
 
 
-def _binary(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise Skipped(f"{name} not found on PATH (apt-get install {package})")
-    return path
-
-
-@contextmanager
-def _running(argv: list[str], port: int, url: str, log: Path) -> Iterator[Backing]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
+def _started(start: Callable[[], Backing]) -> Backing:
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                tail = log.read_text(errors="replace")[-1000:]
-                raise BenchError(f"{argv[0]} exited with {process.returncode}: {tail}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{argv[0]} did not listen on port {port} in 30 s") from None
-                time.sleep(0.05)
-        yield Backing(url, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        return start()
+    except NotInstalled as error:
+        raise Skipped(
+            f"{error.binary} not found on PATH (apt-get install {error.package})"
+        ) from None
+    except BackingError as error:
+        raise BenchError(str(error)) from None
 
 
-@contextmanager
-def etcd_server(folder: Path) -> Iterator[Backing]:
-    """A one-member etcd on loopback ports, its data in ``folder``."""
-    binary = _binary("etcd", "etcd-server")
-    client, peer = free_port(), free_port()
-    argv = [
-        binary,
-        "--name=bench",
-        f"--data-dir={folder / 'etcd'}",
-        f"--listen-client-urls=http://127.0.0.1:{client}",
-        f"--advertise-client-urls=http://127.0.0.1:{client}",
-        f"--listen-peer-urls=http://127.0.0.1:{peer}",
-        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-        f"--initial-cluster=bench=http://127.0.0.1:{peer}",
-        "--log-level=error",
-    ]
-    with _running(argv, client, f"http://127.0.0.1:{client}", folder / "etcd.log") as etcd:
-        yield etcd
+def etcd_server(folder: Path) -> Backing:
+    """A one-member etcd on loopback ports, its data in ``folder``; stops on exit."""
+    return _started(lambda: start_etcd(folder, name="bench", timeout=START_TIMEOUT_S))
 
 
-@contextmanager
-def redis_server(folder: Path) -> Iterator[Backing]:
+def redis_server(folder: Path) -> Backing:
     """A Redis on a loopback port, its data in ``folder``: append-only, fsync every
-    second (Redis's own default for AOF; a store's writes are acknowledged by Redis)."""
-    binary = _binary("redis-server", "redis-server")
-    port = free_port()
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(folder),
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-    ]
-    with _running(argv, port, f"redis://127.0.0.1:{port}/0", folder / "redis.log") as redis:
-        yield redis
+    second (Redis's own default for AOF; a store's writes are acknowledged by Redis);
+    stops on exit."""
+    return _started(lambda: start_redis(folder, appendfsync="everysec", timeout=START_TIMEOUT_S))
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import defaultdict
@@ -24,6 +23,7 @@ from typing import NamedTuple
 import httpx
 import redis as syncredis
 
+from agentd.cluster.backing import free_port
 from agentd.cluster.etcd import EtcdClient
 from agentd.cluster.ownership import plan_owners
 from agentd.testing import RunningServer, start_server
@@ -35,12 +35,6 @@ PARTITIONS = 32
 TTL_S = 2.0
 AGENTS = [f"counter/f{i}" for i in range(24)]
 CALL_DEADLINE_MS = 2500
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -71,12 +65,12 @@ def start_node(node_id: str, etcd: Server, redis: Server, ttl: float = TTL_S) ->
         "AGENTD_LEASE_TTL_S": str(ttl),
         "AGENTD_STATUS_INTERVAL_S": "0.2",
         "AGENTD_STATE_STORE": "redis",
-        "AGENTD_REDIS_URL": redis.redis_url,
+        "AGENTD_REDIS_URL": redis.url,
     }
     running = start_server(
         [
             *("--plugins", str(PLUGINS), "--etcd", etcd.url, "--cluster", CLUSTER),
-            *("--node-id", node_id, "--advertise", f"127.0.0.1:{_free_port()}"),
+            *("--node-id", node_id, "--advertise", f"127.0.0.1:{free_port()}"),
         ],
         env=env,
         timeout=90,

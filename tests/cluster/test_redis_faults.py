@@ -35,7 +35,7 @@ async def test_the_store_fails_fast_while_redis_is_down_and_recovers_by_itself(
 ) -> None:
     with redis_server(tmp_path) as server:
         port = server.port
-        store = RedisStateStore(server.redis_url, socket_timeout_s=2, failure_window_s=60)
+        store = RedisStateStore(server.url, socket_timeout_s=2, failure_window_s=60)
         await store.open()
         await store.save("f/1", b'{"n":1}')
         kill(server)
@@ -66,7 +66,7 @@ def test_a_serving_node_loses_nothing_acknowledged_across_a_redis_restart(
 ) -> None:
     agents = [f"counter/r{i}" for i in range(4)]
     with redis_server(tmp_path) as first:
-        port, url = first.port, first.redis_url
+        port, url = first.port, first.url
         node = start_server(
             ["--plugins", str(PLUGINS)],
             env={"AGENTD_STATE_STORE": "redis", "AGENTD_REDIS_URL": url},
@@ -152,7 +152,7 @@ async def test_the_first_write_after_an_unnoticed_restart_commits(tmp_path: Path
     # store knowing. The first batch after the restart must not fail on one of them.
     with redis_server(tmp_path) as server:
         port = server.port
-        store = RedisStateStore(server.redis_url)
+        store = RedisStateStore(server.url)
         await store.open()
         await asyncio.gather(store.save("u/1", b"1"), store.load("u/2"))
         kill(server)

@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from agentd import Agent
 from agentd.agents import AgentRegistry
+from agentd.cluster.backing import free_port
 from agentd.errors import ConfigError, Unavailable
 from agentd.observability.cluster_metrics import ClusterMetrics
 from agentd.runtime import ActorHost, Runtime, WorkerPool
 from agentd.runtime.state.redis import RedisStateStore
-from tests.cluster.servers import Server, _free_port
+from tests.cluster.servers import Server
 
 
 class Counter(Agent):
@@ -53,7 +54,7 @@ async def evalsha_calls(raw: aredis.Redis) -> int:
 async def test_two_owners_of_one_agent_exactly_one_commits(redis: Server, raw) -> None:
     registry = CollectorRegistry()
     metrics = ClusterMetrics(registry)
-    nodes = [await opened(redis.redis_url, observer=metrics) for _ in range(2)]
+    nodes = [await opened(redis.url, observer=metrics) for _ in range(2)]
     refused: list[tuple[set[str], BaseException]] = []
     for node in nodes:
         node.on_commit_failed = lambda keys, error: refused.append((set(keys), error))
@@ -91,7 +92,7 @@ async def test_two_owners_of_one_agent_exactly_one_commits(redis: Server, raw) -
 
 
 async def test_eight_racing_owners_one_commit_per_version(redis: Server, raw) -> None:
-    nodes = [await opened(redis.redis_url) for _ in range(8)]
+    nodes = [await opened(redis.url) for _ in range(8)]
     for round_ in range(5):
         for node in nodes:
             await node.load("race/1")
@@ -112,7 +113,7 @@ async def test_eight_racing_owners_one_commit_per_version(redis: Server, raw) ->
 async def test_a_state_is_found_by_another_store_and_process_with_its_version(
     redis: Server,
 ) -> None:
-    first = await opened(redis.redis_url)
+    first = await opened(redis.url)
     for n in range(1, 4):
         await first.save("w/1", b'{"n":%d}' % n)
     assert first.version("w/1") == 3
@@ -123,7 +124,7 @@ async def test_a_state_is_found_by_another_store_and_process_with_its_version(
         "import asyncio\n"
         "from agentd.runtime.state.redis import RedisStateStore\n"
         "async def main():\n"
-        f"    s = RedisStateStore({redis.redis_url!r})\n"
+        f"    s = RedisStateStore({redis.url!r})\n"
         "    await s.open()\n"
         "    print(s.empty_at_open, (await s.load('w/1')).decode(), s.version('w/1'))\n"
         "    await s.save('w/1', b'{\"n\":4}')\n"
@@ -137,7 +138,7 @@ async def test_a_state_is_found_by_another_store_and_process_with_its_version(
     assert child.returncode == 0
     assert stdout.decode().split() == ["False", '{"n":3}', "3"]
 
-    again = await opened(redis.redis_url)
+    again = await opened(redis.url)
     assert not again.empty_at_open
     assert await again.load("w/1") == b'{"n":4}'
     assert again.version("w/1") == 4
@@ -146,7 +147,7 @@ async def test_a_state_is_found_by_another_store_and_process_with_its_version(
 
 
 async def test_five_thousand_saves_commit_in_one_round_trip(redis: Server, raw) -> None:
-    store = await opened(redis.redis_url)
+    store = await opened(redis.url)
     await raw.config_resetstat()
     saves = [store.save(f"bulk/{i}", b'{"i":%d}' % i) for i in range(5000)]
     await asyncio.gather(*saves)
@@ -163,7 +164,7 @@ async def test_five_thousand_saves_commit_in_one_round_trip(redis: Server, raw) 
 
 
 async def test_saves_arriving_during_a_commit_go_in_the_next_batch(redis: Server) -> None:
-    store = await opened(redis.redis_url)
+    store = await opened(redis.url)
     first = store.save("g/1", b"1")
     await asyncio.sleep(0)  # the first batch is on its way
     later = [store.save(f"g/{i}", b"2") for i in range(2, 50)]
@@ -176,7 +177,7 @@ async def test_saves_arriving_during_a_commit_go_in_the_next_batch(redis: Server
 
 async def test_a_load_waits_for_the_agents_own_queued_write(redis: Server) -> None:
     # Passivated right after a told turn, activated again: the load must see that turn.
-    store = await opened(redis.redis_url)
+    store = await opened(redis.url)
     for n in range(20):
         store.save_nowait("p/1", b'{"n":%d}' % n)
         assert await store.load("p/1") == b'{"n":%d}' % n
@@ -186,7 +187,7 @@ async def test_a_load_waits_for_the_agents_own_queued_write(redis: Server) -> No
 async def test_an_actor_host_counts_200_asks_over_redis(redis: Server, raw) -> None:
     registry = AgentRegistry()
     registry.register(Counter)
-    store = RedisStateStore(redis.redis_url)
+    store = RedisStateStore(redis.url)
     runtime = Runtime(ActorHost(registry, store, pool=WorkerPool(8, 1000)))
     await runtime.start()
     replies = await asyncio.gather(
@@ -198,19 +199,19 @@ async def test_an_actor_host_counts_200_asks_over_redis(redis: Server, raw) -> N
     # Group commit: fewer versions than turns (many turns of the agent in one batch).
     assert 1 <= int(await raw.hget("agentd:state:counter/c", "v")) <= 200
 
-    again = Runtime(ActorHost(registry, RedisStateStore(redis.redis_url), pool=WorkerPool(2, 10)))
+    again = Runtime(ActorHost(registry, RedisStateStore(redis.url), pool=WorkerPool(2, 10)))
     await again.start()
     assert await again.host.ask("counter/c", None, timeout=30) == 201
     await again.aclose()
 
 
 async def test_a_key_prefix_keeps_stores_apart(redis: Server, raw) -> None:
-    one = await opened(redis.redis_url, key_prefix="app1:")
-    two = await opened(redis.redis_url, key_prefix="app2:")
+    one = await opened(redis.url, key_prefix="app1:")
+    two = await opened(redis.url, key_prefix="app2:")
     await one.save("a/1", b"one")
     assert await two.load("a/1") is None
     assert await raw.hget("app1:a/1", "s") == b"one"
-    three = await opened(redis.redis_url, key_prefix="app1:")
+    three = await opened(redis.url, key_prefix="app1:")
     assert not three.empty_at_open
     for store in (one, two, three):
         await store.aclose()
@@ -235,7 +236,7 @@ def test_a_bad_url_is_a_config_error(url: str, says: str) -> None:
 
 
 async def test_opening_without_redis_is_unavailable_and_quick(tmp_path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     store = RedisStateStore(f"redis://127.0.0.1:{port}/0", socket_timeout_s=2)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -247,7 +248,7 @@ async def test_opening_without_redis_is_unavailable_and_quick(tmp_path) -> None:
 async def test_a_write_sent_again_after_its_reply_was_lost_is_not_fenced(redis: Server) -> None:
     # The client retries once on a new connection; if the first try had run, Redis holds
     # this very snapshot at the next version: that is this write, committed.
-    store = await opened(redis.redis_url)
+    store = await opened(redis.url)
     await store.save("once/1", b"same")
     store._versions["once/1"] = 0  # as before the first try
     await store.save("once/1", b"same")
@@ -262,7 +263,7 @@ async def test_passivated_agents_versions_are_forgotten_and_read_again(redis: Se
     # A version per agent ever seen would grow without end on a long-running node.
     registry = AgentRegistry()
     registry.register(Counter)
-    store = RedisStateStore(redis.redis_url)
+    store = RedisStateStore(redis.url)
     host = ActorHost(registry, store, pool=WorkerPool(8, 1000))
     await host.start()
     try:

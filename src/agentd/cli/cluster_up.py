@@ -14,57 +14,32 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from agentd.cluster.supervisor import die_with_parent
+from agentd.cluster.backing import (
+    Backing,
+    BackingError,
+    NotInstalled,
+    free_port,
+    spawn,
+    start_etcd,
+    start_redis,
+    stop_process,
+)
 
 __all__ = ["LocalCluster", "UpError"]
 
-START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
 POLL_S = 1.0
 
 
 class UpError(Exception):
     """A local cluster could not start (message for one line; exit 1)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise UpError(f"{what} exited at start: {tail[0][:300]} (log: {log})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise UpError(f"{what} is not listening on 127.0.0.1:{port} after {START_TIMEOUT_S:g}s")
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; by this process's own PID only."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -99,7 +74,7 @@ class LocalCluster:
         self.etcd_url = ""
         self.redis_url: str | None = None
         self.nodes: dict[int, Node] = {}
-        self._servers: list[subprocess.Popen[bytes]] = []
+        self._servers: list[Backing] = []
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -107,56 +82,23 @@ class LocalCluster:
     # -- etcd and Redis ----------------------------------------------------------------
 
     def start_servers(self) -> None:
-        etcd = shutil.which("etcd")
-        if etcd is None:
-            raise UpError("etcd is not installed (on Debian: apt-get install etcd-server)")
-        client, peer = free_port(), free_port()
-        self.etcd_url = f"http://127.0.0.1:{client}"
-        self._server(
-            "etcd",
-            [
-                etcd,
-                "--name=agentd-dev",
-                f"--data-dir={self.folder / 'etcd'}",
-                f"--listen-client-urls={self.etcd_url}",
-                f"--advertise-client-urls={self.etcd_url}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-                f"--initial-cluster=agentd-dev=http://127.0.0.1:{peer}",
-                "--log-level=error",
-            ],
-            client,
-        )
-        self.say(f"etcd:  {self.etcd_url}")
-        redis = shutil.which("redis-server")
-        if redis is None:
-            self.say("redis: not installed; the nodes share a SQLite file")
-            return
-        port = free_port()
-        self._server(
-            "redis",
-            [
-                *(redis, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.folder)),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            port,
-        )
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        # Each in a session of its own: Ctrl-C reaches us, we stop them after the nodes;
+        # and each goes with us, even on SIGKILL.
+        try:
+            etcd = start_etcd(self.folder, name="agentd-dev", own_session=True)
+            self._servers.append(etcd)
+            self.etcd_url = etcd.url
+            self.say(f"etcd:  {self.etcd_url}")
+            try:
+                redis = start_redis(self.folder, own_session=True)
+            except NotInstalled:
+                self.say("redis: not installed; the nodes share a SQLite file")
+                return
+        except BackingError as error:
+            raise UpError(str(error)) from None
+        self._servers.append(redis)
+        self.redis_url = redis.url
         self.say(f"redis: {self.redis_url} (state store)")
-
-    def _server(self, what: str, argv: list[str], port: int) -> None:
-        log = self.folder / f"{what}.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                argv,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches us; we stop it after the nodes
-                preexec_fn=die_with_parent(),  # and it goes with us, even on SIGKILL
-            )
-        self._servers.append(process)
-        _wait_listening(process, port, log, what)
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -191,16 +133,7 @@ class LocalCluster:
             "--port",
             str(port),
         ]
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                argv,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent(),
-            )
+        process = spawn(argv, log, env=env, own_session=True)
         node = Node(index, port, peer, log, process)
         self.nodes[index] = node
         self.say(
@@ -211,7 +144,7 @@ class LocalCluster:
 
     def stop_node(self, node: Node) -> None:
         self.nodes.pop(node.index, None)
-        _stop(node.process)
+        stop_process(node.process, STOP_TIMEOUT_S)
         self.say(f"node {node.id}: stopped")
 
     def reap(self) -> None:
@@ -238,9 +171,9 @@ class LocalCluster:
             if node.process.poll() is None:
                 node.process.terminate()
         for node in nodes:
-            _stop(node.process)
-        for process in reversed(self._servers):
-            _stop(process)
+            stop_process(node.process, STOP_TIMEOUT_S)
+        for server in reversed(self._servers):
+            server.stop(STOP_TIMEOUT_S)
         self._servers.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -23,7 +23,7 @@ def make_store(request, tmp_path: Path) -> Iterator[Callable[[], StateStore]]:
     """New store objects over one storage: a file, a real redis-server (started here)."""
     if request.param == "redis":
         with redis_server(tmp_path) as server:
-            yield lambda: RedisStateStore(server.redis_url)
+            yield lambda: RedisStateStore(server.url)
     elif request.param == "sqlite":
         yield lambda: SQLiteStateStore(tmp_path / "state.db")
     else:
