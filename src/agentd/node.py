@@ -59,6 +59,7 @@ from agentd.settings import Settings
 
 if TYPE_CHECKING:
     from agentd.cluster.service import ClusterService
+    from agentd.plugins.manager import PluginManager
     from agentd.tools.service import ToolService
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "build_cluster",
     "build_generation",
     "build_inference",
+    "build_plugins",
     "build_registry",
     "build_runtime",
     "deadline_policy",
@@ -90,6 +92,10 @@ class NodeOptions:
     ``metrics``: False builds no metrics registry (``node.metrics`` None) and the services
     report to none: every model call is one histogram observation otherwise, about 5% of
     the swarm's time. The language models need the registry (their gauges live there).
+    ``reload``: watch the plugin folder and reload changed agent plugins live (when
+    ``settings.reload`` allows and the folder exists); None (the default): on when the node
+    builds its agent registry from its settings (``agentd serve``), off when the caller
+    brings its own (the swarm, tests), which it manages itself.
     """
 
     host_type: type[ActorHost] = ActorHost
@@ -97,6 +103,7 @@ class NodeOptions:
     metrics: bool = True
     generation: bool = True
     tools: bool = True
+    reload: bool | None = None
 
     def __post_init__(self) -> None:
         if self.generation and not self.metrics:
@@ -112,6 +119,7 @@ class Node:
     generation: GenerationService | None
     tools: ToolService | None
     cluster: ClusterService | None
+    plugins: PluginManager | None
 
     def __init__(
         self,
@@ -162,6 +170,12 @@ class Node:
                     self.runtime.host.store.observer = self.cluster.observer  # type: ignore[attr-defined]
             if self.metrics is not None:
                 self.metrics.watch_runtime(self.runtime.host.gauges)
+            reload = options.reload if options.reload is not None else registry is None
+            self.plugins = (
+                build_plugins(settings, self.registry, self.metrics)
+                if reload and settings.reload and settings.plugins.is_dir()
+                else None
+            )
         except BaseException:
             self.tracing.aclose()  # its exporter thread, when tracing is on
             raise
@@ -183,7 +197,14 @@ class Node:
             raise RuntimeError("the node was started already")
         async with AsyncExitStack() as stack:
             stack.callback(self.tracing.aclose)
-            services = (self.inference, self.generation, self.tools, self.runtime, self.cluster)
+            services = (
+                self.inference,
+                self.generation,
+                self.tools,
+                self.runtime,
+                self.cluster,
+                self.plugins,  # reloads once the runtime serves
+            )
             for service in services:
                 if service is None:  # left out by the node's options
                     continue
@@ -265,6 +286,24 @@ def build_registry(settings: Settings) -> AgentRegistry:
         registry.register(agent_type)
     registry.load_directory(settings.plugins / "agents")
     return registry
+
+
+def build_plugins(
+    settings: Settings, registry: AgentRegistry, metrics: Metrics | None
+) -> PluginManager:
+    """The plugin manager of ``settings.plugins``: reloads changed agent plugins into
+    ``registry``, each verified first (MANIFEST and signature, docs/plugins.md)."""
+    from agentd.observability.plugin_metrics import NO_METRICS, PluginMetrics
+    from agentd.plugins import Verifier
+    from agentd.plugins.agents import AgentPlugins
+    from agentd.plugins.manager import PluginManager
+
+    observer = PluginMetrics(metrics.registry) if metrics is not None else NO_METRICS
+    verifier = Verifier.from_settings(settings)
+    agents = AgentPlugins(
+        registry, settings.plugins / "agents", check=verifier.check_file, observer=observer
+    )
+    return PluginManager(settings.plugins, [agents], debounce_ms=settings.reload_debounce_ms)
 
 
 def build_catalog(settings: Settings) -> ModelCatalog:

@@ -34,6 +34,7 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("agentd.observability",),
     "aetcd": ("agentd.cluster.etcd",),
     "opentelemetry": ("agentd.observability",),
+    "watchfiles": ("agentd.plugins.manager",),
     "cryptography": ("agentd.plugins.signing",),
     # protocol and server libraries: the outer ring only
     "grpc": (),

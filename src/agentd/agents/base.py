@@ -31,6 +31,9 @@ class Agent:
     # cluster every node runs it where the call arrives instead of forwarding the call to
     # the address's owner, so one address may be active on several nodes at once.
     stateless: ClassVar[bool] = False
+    # Set on a type once the registry has replaced or removed it (a plugin reload): the
+    # runtime then moves each of its instances to the current type before its next turn.
+    _replaced: ClassVar[bool] = False
 
     async def handle(self, ctx: Context, message: Any) -> Any:
         raise NotImplementedError(f"agent type {self.name!r} does not handle messages")

@@ -133,6 +133,8 @@ class Activation(Mailbox):
                         and not await self._load_before(message)
                     ):
                         continue  # the caller is gone, or the load failed: never run
+                    if self.agent._replaced and not self._upgrade(message):
+                        continue
                     message.started = True
                     await self._turn(message)
                     continue
@@ -141,6 +143,8 @@ class Activation(Mailbox):
                     and not self._start_fresh()
                     and not await self._load_for(message)
                 ):
+                    continue
+                if self.agent._replaced and not self._upgrade(message):
                     continue
                 # The told turn, inline.
                 timed = False
@@ -322,6 +326,45 @@ class Activation(Mailbox):
             # Due, and its timer has not run yet (it fires in this loop iteration).
             self.host._expire(envelope, self.address)
             return True
+        return False
+
+    def _upgrade(self, message: Any) -> bool:
+        """Before a turn, when this instance's type was replaced (a plugin reload) or
+        removed: move to the registry's current type, migrating the state if the type has
+        ``migrate_state(state, previous_version)``. True when the turn may run on it; else
+        ``message`` failed (NOT_FOUND: the type was removed; INTERNAL: the new version's
+        constructor or migration raised, and the next turn tries again)."""
+        address = self.address
+        old_type = type(self.agent)
+        error: AgentdError
+        try:
+            agent_type = self.host.registry.get(address.type)
+            agent = agent_type()
+            migrate = getattr(agent_type, "migrate_state", None)
+            if migrate is not None and self.state is not None:
+                state = migrate(self.state, getattr(old_type, "_plugin_version", None))
+                if not isinstance(state, dict):
+                    raise TypeError(f"migrate_state returned {type(state).__name__}, not a dict")
+                self.state = state
+                self._persist(False)  # so that a failing turn rolls back to the new shape
+        except AgentdError as exc:
+            self._rollback()
+            error = exc
+        except Exception as exc:
+            self._rollback()
+            log.exception("agent %s: its new version could not take over", address)
+            error = Internal(
+                f"agent {address}: its new version could not take over: {type(exc).__name__}: {exc}"
+            )
+        else:
+            self.agent = agent
+            return True
+        if type(message) is Envelope:
+            fail(message.reply, error)
+            if message.events is not None:
+                message.events.put_nowait(END)
+        else:
+            log.warning("a message to %s was dropped: %s", address, error.message)
         return False
 
     # -- state ----------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Live reload of agent plugins (``plugins/agents/*.py``).
+
+A changed file is read once; those bytes are verified (MANIFEST, signature: the node's
+:class:`~agentd.plugins.Verifier`, or their SHA-256 alone), run as a fresh module beside
+the old one (a module name of its own per version), its Agent subclasses instantiated once
+to check their constructors, and then swapped into the registry in one assignment
+(:meth:`AgentRegistry.swap_file`). Turns already running finish on the old version; each
+instance moves to the new type before its next turn (``Activation._upgrade``), its state
+kept (and passed through the type's ``migrate_state`` when it has one). The old module
+leaves ``sys.modules``; its objects go once no instance uses them.
+
+Any failure (syntax or import error, a constructor that raises, a refusal) leaves the
+previous version serving; one log line names the file and the reason, and the reason is
+kept in :attr:`AgentPlugins.last_failure` until a later write of that file loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentd.agents.registry import AgentRegistry, agent_classes, import_plugin
+from agentd.errors import AgentdError
+from agentd.observability.plugin_metrics import NO_METRICS, PluginObserver
+
+__all__ = ["AgentPlugins", "ReloadFailure"]
+
+log = logging.getLogger(__name__)
+
+KIND = "agents"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadFailure:
+    """Why the last load of one file failed (the previous version kept serving)."""
+
+    reason: str
+    outcome: str  # "failed" (it did not load) or "refused" (it did not verify)
+    at: float  # time.time()
+
+
+class AgentPlugins:
+    """Reloads the agent plugin files of one folder into ``registry``.
+
+    ``check(path) -> version`` verifies a file before it runs (raising an AgentdError, such
+    as PluginRefused, to refuse it); None: every file is accepted, its SHA-256 its version.
+    """
+
+    kind = KIND
+
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        folder: Path,
+        *,
+        check: Callable[[Path], str] | None = None,
+        observer: PluginObserver = NO_METRICS,
+    ) -> None:
+        self.registry = registry
+        self.folder = folder
+        self._check = check
+        self._observer = observer
+        self.last_failure: dict[Path, ReloadFailure] = {}
+        # A module name per version: the new one runs beside the old until the swap.
+        self._versions = itertools.count(1)
+
+    def files(self) -> list[Path]:
+        """Every file to look at in a full scan: those in the folder now and those loaded
+        before (a file deleted meanwhile is removed)."""
+        now = set(self.folder.glob("*.py")) if self.folder.is_dir() else set()
+        known = {p for p in self.registry.files if p.parent == self.folder.resolve()}
+        return sorted({p.resolve() for p in now} | known)
+
+    def changed(self, paths: Iterable[Path]) -> dict[Path, str]:
+        """Reload each of ``paths`` (files of this folder that changed); the outcome of each
+        (ok, unchanged, removed, failed, refused)."""
+        return {path: self.reload(path) for path in sorted(paths)}
+
+    def reload(self, path: Path) -> str:
+        """Load the current content of ``path`` (or remove its types, if it is gone)."""
+        path = path.resolve()
+        started = time.perf_counter()
+        try:
+            source: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            source = None
+        except OSError as exc:
+            return self._failed(path, "failed", f"cannot be read: {exc}", started)
+        if source is None:
+            previous = self.registry.remove_file(path)
+            self.last_failure.pop(path, None)
+            if previous is None:
+                return "unchanged"
+            sys.modules.pop(previous.module, None)
+            log.info(
+                "agent plugin %s deleted: removed %s", path, ", ".join(previous.names) or "nothing"
+            )
+            self._observer.reloaded(KIND, "removed", time.perf_counter() - started)
+            return "removed"
+        digest = hashlib.sha256(source).hexdigest()
+        current = self.registry.files.get(path)
+        if current is not None and path not in self.last_failure and current.version == digest:
+            return "unchanged"  # an editor's repeated save, a touch: nothing to do
+        try:
+            version = digest
+            if self._check is not None:
+                version = self._check(path)
+                if version != digest:
+                    # Written again after this read: that write's event loads it.
+                    raise _ChangedMeanwhile
+        except _ChangedMeanwhile:
+            return self._failed(path, "failed", "changed while it was read", started)
+        except AgentdError as exc:
+            return self._failed(path, "refused", exc.message, started)
+        module_name = f"agentd_plugins.agents.{path.stem}.v{next(self._versions)}"
+        try:
+            module = import_plugin(path, source, module_name)
+            try:
+                types = agent_classes(module)
+                for agent_type in types:
+                    agent_type()  # its constructor must work before it may serve
+                previous = self.registry.swap_file(path, module_name, version, types)
+            except BaseException:
+                sys.modules.pop(module_name, None)
+                raise
+        except BaseException as exc:  # SystemExit and the like from plugin code included
+            return self._failed(path, "failed", _reason(exc), started)
+        if previous is not None and previous.module != module_name:
+            sys.modules.pop(previous.module, None)  # the old version's module goes
+        self.last_failure.pop(path, None)
+        seconds = time.perf_counter() - started
+        self._observer.reloaded(KIND, "ok", seconds)
+        log.info(
+            "agent plugin %s loaded (version %s, %.1f ms): %s",
+            path,
+            version[:12],
+            seconds * 1000,
+            ", ".join(t.name for t in types) or "no agent types",
+        )
+        return "ok"
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each file: its agent types, version, load time and last failure (if any)."""
+        rows = []
+        for path in self.files():
+            loaded = self.registry.files.get(path)
+            failure = self.last_failure.get(path)
+            rows.append(
+                {
+                    "file": str(path),
+                    "agents": list(loaded.names) if loaded else [],
+                    "version": loaded.version if loaded else None,
+                    "loaded_at": loaded.loaded_at if loaded else None,
+                    "last_failure": (
+                        {"reason": failure.reason, "outcome": failure.outcome, "at": failure.at}
+                        if failure
+                        else None
+                    ),
+                }
+            )
+        return rows
+
+    def _failed(self, path: Path, outcome: str, reason: str, started: float) -> str:
+        self.last_failure[path] = ReloadFailure(reason, outcome, time.time())
+        log.error("agent plugin %s not loaded (the previous version serves): %s", path, reason)
+        self._observer.reloaded(KIND, outcome, time.perf_counter() - started)
+        return outcome
+
+
+class _ChangedMeanwhile(Exception):
+    pass
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    if isinstance(exc, AgentdError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

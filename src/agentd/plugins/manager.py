@@ -1,0 +1,172 @@
+"""The plugin manager: watches the plugin folder and hands changed files to their kind's
+handler (docs/plugins.md, "Live reload").
+
+Changes are debounced: a batch is handed on once the folder has been quiet for
+``debounce_ms`` (an editor saving ten times in a burst gives one reload, and a file still
+being written is not read half-way). Editor temp files (``.swp``, ``~``, ``.#*``, vim's
+``4913``, hidden files) and bytecode caches are ignored. A handler is told which of its
+files changed, not how: it reads each one (gone: removed) and skips content it already
+serves, so a write, a rename onto the file and a save repeated all end the same way.
+
+Kinds: ``agents`` (``agents/*.py``) now. ``tools/*.py``, ``models/<name>/...`` and the
+settings file get handlers of their own later; a change nobody handles is ignored. A change
+to ``MANIFEST`` or ``MANIFEST.sig`` asks every handler to look at all its files again (a
+file refused before may verify now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import watchfiles
+
+__all__ = ["PluginHandler", "PluginManager", "kind_of"]
+
+log = logging.getLogger(__name__)
+
+# Names editors write beside the file they save: swap and backup files, lock files,
+# vim's write test (4913) and anything hidden.
+_IGNORED = re.compile(r"(^\.|~$|\.sw[a-p]$|^4913$|\.py[co]$|\.tmp$)")
+_MANIFEST_FILES = frozenset({"MANIFEST", "MANIFEST.sig"})
+# The rust watcher returns this often (ms) with nothing new: the first such return tells
+# that it is watching; the later ones let a stop be seen.
+_TIMEOUT_MS = 250
+
+
+class PluginHandler(Protocol):
+    """Reloads one kind of plugin."""
+
+    kind: str
+
+    def files(self) -> list[Path]:
+        """Every file of its kind to look at in a full scan."""
+        ...
+
+    def changed(self, paths: Iterable[Path]) -> Mapping[Path, str]:
+        """Reload ``paths``; the outcome of each."""
+        ...
+
+
+def kind_of(folder: Path, path: Path) -> str | None:
+    """The kind of plugin ``path`` (under ``folder``) belongs to, "manifest" for the
+    folder's MANIFEST files, None for a file to ignore."""
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        return None
+    if not parts or any(_IGNORED.search(part) for part in parts) or "__pycache__" in parts:
+        return None
+    if len(parts) == 1:
+        return "manifest" if parts[0] in _MANIFEST_FILES else None
+    if parts[0] in ("agents", "tools") and len(parts) == 2 and parts[1].endswith(".py"):
+        return parts[0]
+    if parts[0] == "models" and len(parts) >= 3:
+        return "models"
+    return None
+
+
+class PluginManager:
+    """Watches ``folder`` and hands changes to ``handlers`` (by kind). A node service:
+    :meth:`start` starts the watch (without waiting for it: a node's start is not held up),
+    :meth:`aclose` stops it. Once the watch is up, every file is looked at once (those
+    written after the node's first load and before the watch began are not missed), and
+    :meth:`ready` returns."""
+
+    def __init__(
+        self, folder: Path, handlers: Iterable[PluginHandler], *, debounce_ms: int = 50
+    ) -> None:
+        self.folder = folder.resolve()
+        self.handlers = {handler.kind: handler for handler in handlers}
+        self.debounce_ms = debounce_ms
+        self.batches = 0  # batches of changes handed on (for tests and status)
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the plugin manager was started already")
+        self._task = asyncio.create_task(self._watch(), name="agentd-plugin-watch")
+
+    async def ready(self) -> None:
+        """Wait until the folder is watched (and the first full look has been taken);
+        RuntimeError if the watch stopped instead."""
+        if self._task is None:
+            raise RuntimeError("the plugin manager is not started")
+        ready = asyncio.create_task(self._ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._ready.is_set():
+            ready.cancel()
+            if self._task.done() and not self._task.cancelled():
+                self._task.result()  # raises what stopped the watcher
+            raise RuntimeError(f"the plugin folder {self.folder} is not watched")
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await task
+            except Exception:
+                log.exception("the plugin watcher failed")
+
+    def rescan(self) -> None:
+        """Hand every handler all its files (unchanged ones are skipped by content)."""
+        for handler in self.handlers.values():
+            self._dispatch(handler, handler.files())
+
+    def handle(self, paths: Iterable[Path]) -> None:
+        """Hand one debounced batch of changed paths to their handlers."""
+        by_kind: defaultdict[str, set[Path]] = defaultdict(set)
+        for path in paths:
+            kind = kind_of(self.folder, path)
+            if kind is not None:
+                by_kind[kind].add(path)
+        if not by_kind:
+            return
+        self.batches += 1
+        if "manifest" in by_kind:
+            self.rescan()
+            return
+        for kind, changed in by_kind.items():
+            handler = self.handlers.get(kind)
+            if handler is None:
+                log.info("plugin change ignored (no live reload for %s yet): %s", kind, changed)
+                continue
+            self._dispatch(handler, changed)
+
+    def _dispatch(self, handler: PluginHandler, paths: Iterable[Path]) -> None:
+        try:
+            handler.changed(paths)
+        except Exception:
+            # A handler reports its own failures; this is a bug in one: keep watching.
+            log.exception("plugin handler %s failed", handler.kind)
+
+    async def _watch(self) -> None:
+        step = self.debounce_ms
+        async for changes in watchfiles.awatch(
+            self.folder,
+            watch_filter=self._wanted,
+            step=step,
+            # The longest a steady stream of writes can hold a batch back.
+            debounce=max(1600, step * 20),
+            stop_event=self._stop,
+            rust_timeout=_TIMEOUT_MS,
+            yield_on_timeout=True,
+        ):
+            if not self._ready.is_set():
+                # The watcher is up: what was written before it began is seen now.
+                self.rescan()
+                self._ready.set()
+                log.info("watching %s for plugin changes", self.folder)
+            if changes:
+                self.handle(Path(path) for _, path in changes)
+
+    def _wanted(self, change: watchfiles.Change, path: str) -> bool:
+        return kind_of(self.folder, Path(path)) is not None
