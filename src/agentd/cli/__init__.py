@@ -8,6 +8,7 @@ from agentd.cli.bench import bench
 from agentd.cli.call import call
 from agentd.cli.cluster import cluster
 from agentd.cli.models import models
+from agentd.cli.plugins import plugins
 from agentd.cli.serve import serve
 from agentd.cli.swarm import swarm
 from agentd.cli.tools import tools
@@ -26,6 +27,7 @@ app.command()(models)
 app.command()(swarm)
 app.add_typer(tools)
 app.add_typer(cluster)
+app.add_typer(plugins)
 
 
 @app.command()

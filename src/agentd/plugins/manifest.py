@@ -204,6 +204,11 @@ class Verifier:
         )
 
     @property
+    def manifest(self) -> Manifest | None:
+        """The current MANIFEST (None: there is none, or it does not parse)."""
+        return self._state().manifest
+
+    @property
     def signed_by(self) -> str | None:
         """The trusted key (base64) that signed the current MANIFEST, if one did."""
         return self._state().signed_by

@@ -1,0 +1,174 @@
+"""``agentd plugins``: keys, signing and verification of a plugin folder (docs/plugins.md).
+
+Errors are one line on stderr: exit 2 for a bad argument (a folder or key file that is not
+one), exit 1 when the folder fails verification or cannot be written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["plugins"]
+
+plugins = typer.Typer(
+    name="plugins",
+    help="Plugin folder verification: ed25519 keys, MANIFEST signing and checking.",
+    no_args_is_help=True,
+)
+# `agentd plugins status` (the loaded plugins of a running server, GET /v1/plugins) is
+# registered here beside these commands: @plugins.command("status").
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _files(count: int) -> str:
+    return f"{count} file{'' if count == 1 else 's'}"
+
+
+def _folder(path: Path) -> Path:
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise _fail(f"{path} {what}", 2)
+    return path
+
+
+@plugins.command("keygen")
+def keygen(
+    out: Annotated[
+        Path, typer.Option(help="Folder to write agentd-plugins.key and agentd-plugins.pub in.")
+    ] = Path("."),
+) -> None:
+    """Write a new ed25519 key pair for signing plugin folders.
+
+    The private key (mode 0600, never printed) signs; keep it off the servers. The servers
+    trust the public key (plugin_trusted_keys).
+    """
+    from agentd.errors import InvalidArgument
+    from agentd.plugins.signing import generate_keypair
+
+    try:
+        private, public, text = generate_keypair(out)
+    except InvalidArgument as exc:
+        raise _fail(exc.message, 2) from None
+    typer.echo(f"private key: {private} (mode 0600; sign with it, keep it secret)")
+    typer.echo(f"public key:  {public}")
+    typer.echo(f"trust it with plugin_trusted_keys: {text}")
+
+
+@plugins.command("sign")
+def sign(
+    folder: Annotated[Path, typer.Argument(help="The plugin folder.")],
+    key: Annotated[
+        Path | None,
+        typer.Option(help="Private key (from keygen); without it MANIFEST only, unsigned."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="AGENTD_CONFIG",
+            help="The server's config file: listed too when it is inside FOLDER.",
+        ),
+    ] = None,
+) -> None:
+    """Hash FOLDER's plugin files into FOLDER/MANIFEST and sign it into FOLDER/MANIFEST.sig.
+
+    Covers agents/*.py, tools/*.py, every file under models/<name>/, and the config file
+    when it is inside FOLDER.
+    """
+    from agentd.errors import InvalidArgument
+    from agentd.plugins.manifest import sign_folder
+    from agentd.plugins.signing import key_file_is_shared, load_signing_key
+
+    _folder(folder)
+    signer = None
+    if key is not None:
+        try:
+            signing_key = load_signing_key(key)
+        except InvalidArgument as exc:
+            raise _fail(exc.message, 2) from None
+        if key_file_is_shared(key):
+            typer.echo(f"warning: {key} is readable by others (chmod 600 {key})", err=True)
+        signer = signing_key.sign
+    try:
+        manifest, removed = sign_folder(folder, signer, config)
+    except InvalidArgument as exc:
+        raise _fail(exc.message, 1) from None
+    count = _files(len(manifest.entries))
+    if key is not None:
+        typer.echo(f"signed {count}: {folder / 'MANIFEST'}, {folder / 'MANIFEST.sig'}")
+        typer.echo(f"public key: {signing_key.public_key}")
+    else:
+        typer.echo(f"wrote {folder / 'MANIFEST'} ({count}, unsigned)")
+        if removed:
+            typer.echo(f"removed the stale {folder / 'MANIFEST.sig'}")
+
+
+@plugins.command("verify")
+def verify(
+    folder: Annotated[Path, typer.Argument(help="The plugin folder.")],
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A trusted public key: PEM file or base64 (repeat for several); "
+            "default: plugin_trusted_keys."
+        ),
+    ] = None,
+    require_signature: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-signature/--no-require-signature",
+            help="Fail without a valid MANIFEST.sig \\[default: the require_signature setting].",
+        ),
+    ] = None,
+) -> None:
+    """Check FOLDER against its MANIFEST and MANIFEST.sig.
+
+    Every listed file's hash, no unlisted plugin file, and MANIFEST.sig made by a trusted
+    key. Exit 1 naming each problem otherwise.
+    """
+    from agentd.cli.tools import settings_or_exit
+    from agentd.errors import InvalidArgument
+    from agentd.plugins.manifest import MANIFEST_FILE, SIGNATURE_FILE, PluginRefused, Verifier
+    from agentd.plugins.signing import read_public_key
+
+    _folder(folder)
+    settings = settings_or_exit()
+    specs = key or settings.plugin_trusted_keys
+    keys = []
+    for spec in specs:
+        try:
+            keys.append(read_public_key(spec))
+        except InvalidArgument as exc:
+            raise _fail(f"--key: {exc.message}", 2) from None
+    required = settings.require_signature if require_signature is None else require_signature
+    if required and not keys:
+        raise _fail("--require-signature needs a trusted key (--key or plugin_trusted_keys)", 2)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise _fail(f"{folder} has no MANIFEST (agentd plugins sign {folder} writes one)", 1)
+    verifier = Verifier(folder, keys, require_signature=required, config=settings.config)
+    try:
+        problems = verifier.problems()
+    except PluginRefused as exc:
+        raise _fail(exc.reason, 1) from None
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    manifest = verifier.manifest
+    count = _files(len(manifest.entries) if manifest is not None else 0)
+    if verifier.signed_by is not None:
+        typer.echo(f"ok: {count} checked against MANIFEST, signed by {verifier.signed_by}")
+    elif not (folder / SIGNATURE_FILE).exists():
+        typer.echo(f"ok: {count} checked against MANIFEST (unsigned)")
+    else:
+        typer.echo(f"ok: {count} checked against MANIFEST")
+        typer.echo(
+            "warning: MANIFEST.sig not checked: no trusted key (--key or plugin_trusted_keys)",
+            err=True,
+        )
