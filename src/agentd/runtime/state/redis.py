@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -40,6 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from agentd.errors import ConfigError, Unavailable
+from agentd.runtime.state.health import StoreHealth
 
 if TYPE_CHECKING:
     from agentd.runtime.state import CommitFailed
@@ -173,14 +173,15 @@ class RedisStateStore:
         self.scripts = 0  # write scripts run
         self.empty_at_open = False
         self.on_commit_failed: CommitFailed | None = None
-        # Health, as in SQLiteStateStore: failing while operations fail, until one succeeds
-        # or ``failure_window_s`` passes without a failure.
-        self.failure_window_s = failure_window_s
-        self.consecutive_failures = 0
-        self._last_failure = 0.0
-        self._last_error = ""
-        self._logged_failures = 0
-        self._last_log = 0.0
+        # Failing while operations fail, until one succeeds or ``failure_window_s`` passes
+        # without a failure.
+        self._health = StoreHealth(
+            log,
+            noun="operation",
+            recovered="state store: Redis answers again (after %d failed operations)",
+            window_s=failure_window_s,
+            log_every_s=self._LOG_EVERY_S,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -327,7 +328,8 @@ class RedisStateStore:
         if exc is not None:
             self._commit_failed(rows, waiters, self._unavailable(exc))
         else:
-            self._healthy()
+            if self._health.failures:
+                self._health.succeeded()
             stale = task.result()
             if stale:
                 self._refused(set(stale), waiters)
@@ -370,7 +372,7 @@ class RedisStateStore:
         self, rows: dict[str, bytes], waiters: list[Any], error: Unavailable
     ) -> None:
         self.errors += 1
-        self._failed(error, "commit")
+        self._health.failed("commit", error.message)
         failed = set(rows)
         versions = self._versions
         for key in failed:
@@ -465,7 +467,8 @@ class RedisStateStore:
                 else:
                     versions.pop(address, None)
                 pos += size
-        self._healthy()
+        if self._health.failures:
+            self._health.succeeded()
         for i in range(0, len(items), 2):
             future = items[i + 1]
             if not future.done():
@@ -477,7 +480,7 @@ class RedisStateStore:
         exc = exc or task.exception()
         if exc is not None:
             error = self._unavailable(exc)
-            self._failed(error, "load")
+            self._health.failed("load", error.message)
             for i in range(1, len(items), 2):
                 future = items[i]
                 if not future.done():
@@ -515,42 +518,7 @@ class RedisStateStore:
     # -- health ---------------------------------------------------------------------------
 
     def failing(self) -> str | None:
-        failures = self.consecutive_failures
-        if not failures:
-            return None
-        ago = time.monotonic() - self._last_failure
-        if ago > self.failure_window_s:
-            return None
-        return (
-            f"state store: the last {failures} operation{'s' if failures > 1 else ''} failed"
-            f" (the latest {ago:.1f} s ago): {self._last_error}"
-        )
-
-    def _healthy(self) -> None:
-        if self.consecutive_failures:
-            log.warning(
-                "state store: Redis answers again (after %d failed operations)",
-                self.consecutive_failures,
-            )
-            self.consecutive_failures = 0
-            self._logged_failures = 0
-
-    def _failed(self, error: Unavailable, what: str) -> None:
-        now = time.monotonic()
-        self.consecutive_failures += 1
-        self._last_failure = now
-        self._last_error = error.message
-        if not self._logged_failures or now - self._last_log >= self._LOG_EVERY_S:
-            # Not a line per failure: Redis down fails every batch.
-            log.error(
-                "state store %s failed (%d in a row, %d since the last log line): %s",
-                what,
-                self.consecutive_failures,
-                self.consecutive_failures - self._logged_failures,
-                error.message,
-            )
-            self._logged_failures = self.consecutive_failures
-            self._last_log = now
+        return self._health.failing()
 
 
 _SCRIPTS = {"write": _WRITE, "read": _READ}

@@ -15,12 +15,13 @@ import asyncio
 import functools
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from agentd.runtime.state.health import StoreHealth
 
 if TYPE_CHECKING:
     from agentd.runtime.state import CommitFailed
@@ -122,16 +123,13 @@ class SQLiteStateStore:
         self.errors = 0
         self.empty_at_open = False
         self.on_commit_failed: CommitFailed | None = None
-        # Health: failures since the last commit that succeeded, and the latest of them.
-        # Failing lasts ``failure_window_s`` after the latest failure unless a commit
-        # succeeds first: an idle node whose probe says "not ready" gets no traffic, so
-        # readiness must come back on its own to let a commit try again.
-        self.failure_window_s = failure_window_s
-        self.consecutive_failures = 0
-        self._last_failure = 0.0
-        self._last_error = ""
-        self._logged_failures = 0
-        self._last_log = 0.0
+        self._health = StoreHealth(
+            log,
+            noun="commit",
+            recovered="state store commits succeed again (after %d failed)",
+            window_s=failure_window_s,
+            log_every_s=self._LOG_EVERY_S,
+        )
 
     async def open(self) -> None:
         await self._call(self._open)
@@ -176,16 +174,7 @@ class SQLiteStateStore:
         self._saves.add_pair(address, snapshot)
 
     def failing(self) -> str | None:
-        failures = self.consecutive_failures
-        if not failures:
-            return None
-        ago = time.monotonic() - self._last_failure
-        if ago > self.failure_window_s:
-            return None
-        return (
-            f"state store: the last {failures} commit{'s' if failures > 1 else ''} failed"
-            f" (the latest {ago:.1f} s ago): {self._last_error}"
-        )
+        return self._health.failing()
 
     def _flush_saves(self, items: list) -> asyncio.Future:
         # ``items`` is flat (address, snapshot, address, ...); the waiters of this group
@@ -200,13 +189,8 @@ class SQLiteStateStore:
     def _saves_done(self, items: list, waiting: list, task: asyncio.Future) -> None:
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
         if error is None:
-            if self.consecutive_failures:
-                log.warning(
-                    "state store commits succeed again (after %d failed)",
-                    self.consecutive_failures,
-                )
-                self.consecutive_failures = 0
-                self._logged_failures = 0
+            if self._health.failures:
+                self._health.succeeded()
             for i in range(1, len(waiting), 2):
                 future = waiting[i]
                 if not future.done():
@@ -215,21 +199,8 @@ class SQLiteStateStore:
         self._commit_failed(items, waiting, error)
 
     def _commit_failed(self, items: list, waiting: list, error: BaseException) -> None:
-        now = time.monotonic()
         self.errors += 1
-        self.consecutive_failures += 1
-        self._last_failure = now
-        self._last_error = f"{type(error).__name__}: {error}"
-        if not self._logged_failures or now - self._last_log >= self._LOG_EVERY_S:
-            # Not a line per failure: a full disk fails every commit, thousands a second.
-            log.error(
-                "state store commit failed (%d in a row, %d since the last log line): %s",
-                self.consecutive_failures,
-                self.consecutive_failures - self._logged_failures,
-                self._last_error,
-            )
-            self._logged_failures = self.consecutive_failures
-            self._last_log = now
+        self._health.failed("commit", f"{type(error).__name__}: {error}")
         failed = set(items[0::2])
         # Saves still queued for these agents were made on top of the state that failed:
         # committing them later would apply the failed turn after all.
