@@ -216,13 +216,21 @@ class Verifier:
     def check_file(self, path: Path) -> str:
         """The SHA256 of the plugin file ``path`` (its version), once it matches MANIFEST.
         Raises PluginRefused with the reason otherwise."""
+        return self._check(path, None)
+
+    def check_bytes(self, path: Path, data: bytes) -> str:
+        """:meth:`check_file` for ``data``, the content of ``path`` the caller already read
+        (what it verifies is then exactly what it loads, not a second read)."""
+        return self._check(path, data)
+
+    def _check(self, path: Path, data: bytes | None) -> str:
         rel = self._relative(path)
         state = self._state()
         if state.refusal is not None:
             raise PluginRefused(state.refusal)
         if state.manifest is not None and rel not in state.manifest.entries:
             raise PluginRefused(f"{rel} is not in MANIFEST")
-        digest = self._hash(rel)
+        digest = self._hash(rel) if data is None else hashlib.sha256(data).hexdigest()
         if state.manifest is not None:
             _check_digest(rel, digest, state.manifest.entries[rel])
         return digest

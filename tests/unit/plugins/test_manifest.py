@@ -186,6 +186,18 @@ def test_a_manifest_is_enforced_even_without_require_signature(tmp_path):
     ]
 
 
+def test_check_bytes_verifies_the_content_the_caller_read(tmp_path):
+    folder = make_folder(tmp_path)
+    sign_folder(folder, None)
+    verifier = Verifier(folder)
+    path = folder / "agents/echo.py"
+    assert verifier.check_bytes(path, b"class A: pass\n") == sha("class A: pass\n")
+    assert "does not match MANIFEST" in refusal(lambda: verifier.check_bytes(path, b"evil\n"))
+    assert refusal(lambda: verifier.check_bytes(folder / "agents/new.py", b"x")) == (
+        "agents/new.py is not in MANIFEST"
+    )
+
+
 def test_relative_and_symlinked_paths_name_the_same_file(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "real")
     sign_folder(folder, None)
