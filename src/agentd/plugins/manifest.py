@@ -268,9 +268,12 @@ class Verifier:
             return []
         entries = state.manifest.entries
         found: list[str] = []
-        for rel in plugin_files(self.folder, self._config):
-            if rel not in entries:
-                found.append(f"{rel} is not in MANIFEST")
+        try:
+            for rel in plugin_files(self.folder, self._config):
+                if rel not in entries:
+                    found.append(f"{rel} is not in MANIFEST")
+        except InvalidArgument as exc:  # a file name no MANIFEST can list
+            found.append(exc.message)
         for rel, expected in sorted(entries.items()):
             try:
                 _check_digest(rel, self._hash(rel), expected)

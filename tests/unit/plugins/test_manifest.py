@@ -149,6 +149,12 @@ def test_a_file_name_a_manifest_cannot_hold_is_refused_at_signing(tmp_path):
     with pytest.raises(InvalidArgument, match="control character"):
         sign_folder(folder, None)
     assert not (folder / MANIFEST_FILE).exists()
+    (folder / "agents" / "bad\nname.py").rename(folder / "agents" / "ok.py")
+    sign_folder(folder, None)
+    (folder / "tools" / "bad\\name.py").write_text("x = 1\n")
+    assert Verifier(folder).problems() == [
+        "'tools/bad\\\\name.py': a file name with a control character or a backslash"
+    ]
 
 
 # --- the Verifier without signatures ---------------------------------------------------------
