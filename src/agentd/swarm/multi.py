@@ -31,6 +31,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,6 @@ from agentd.swarm.agents import SwarmRun, Tally, shard_address
 from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
 from agentd.swarm.run import (
-    LABELS,
     SwarmResult,
     _cpu_seconds,
     _features,
@@ -171,27 +171,23 @@ def _result(
         for index, count in s["latency"].items():
             latency.counts[int(index)] += count
             latency.total += count
-    runs = sum(s["runs"] for s in stats)
-    rows = sum(s["rows"] for s in stats)
     peaks = [s["peak_rss_mb"] for s in stats]
-    return SwarmResult(
+    result = SwarmResult.measured(
         agents=agents,
-        distinct_results=tally.distinct,
-        duplicates=tally.duplicates,
-        ok=tally.distinct == agents and tally.duplicates == 0,
-        wall_s=round(wall, 3),
-        decisions_per_s=round(agents / wall, 1),
-        peak_rss_mb=round(sum(peaks), 1),
-        bytes_per_agent=round(sum(s["rss_growth"] for s in stats) / agents, 1),
-        turn_p50_ms=round(latency.quantile(0.5) * 1000, 3),
-        turn_p99_ms=round(latency.quantile(0.99) * 1000, 3),
-        inference_runs=runs,
-        mean_batch=round(rows / runs, 1) if runs else 0.0,
+        tally=tally,
+        wall_s=wall,
+        latency=latency,
+        inference_runs=sum(s["runs"] for s in stats),
+        rows_run=sum(s["rows"] for s in stats),
+        peak_rss_mb=sum(peaks),
+        rss_growth=sum(s["rss_growth"] for s in stats),
         store_writes=sum(s["store_writes"] for s in stats),
         persistence=persist,
-        actions=dict(zip(LABELS, tally.actions, strict=True)),
-        started_at=round(started_at, 4),
-        finished_at=round(finished_at, 4),
+        started_at=started_at,
+        finished_at=finished_at,
+    )
+    return replace(
+        result,
         processes=len(stats),
         process_peak_rss_mb=tuple(peaks),
         process_cpu_s=tuple(round(d["cpu_s"], 2) for d in done),

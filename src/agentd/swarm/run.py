@@ -10,7 +10,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from agentd.agents import Address, AgentRegistry
 from agentd.node import NodeOptions, open_node
 from agentd.settings import Settings
-from agentd.swarm.agents import SwarmRun, shard_address
+from agentd.swarm.agents import SwarmRun, Tally, shard_address
 from agentd.swarm.host import SwarmHost
 from agentd.swarm.latency import LatencyHistogram
 
@@ -59,6 +59,46 @@ class SwarmResult:
     process_finished_s: tuple[float, ...] = ()
     # Collector shards the reports were counted by (decider i reports to shard i % K).
     collector_shards: int = 1
+
+    @classmethod
+    def measured(
+        cls,
+        *,
+        agents: int,
+        tally: Tally,
+        wall_s: float,
+        latency: LatencyHistogram,
+        inference_runs: int,
+        rows_run: int,
+        peak_rss_mb: float,
+        rss_growth: float,
+        store_writes: int,
+        persistence: bool,
+        started_at: float,
+        finished_at: float,
+    ) -> SwarmResult:
+        """A run's result from what it measured (one process or the sum of many): the
+        derived figures and their rounding in one place; per-process fields default to
+        one process (``dataclasses.replace`` sets them)."""
+        return cls(
+            agents=agents,
+            distinct_results=tally.distinct,
+            duplicates=tally.duplicates,
+            ok=tally.distinct == agents and tally.duplicates == 0,
+            wall_s=round(wall_s, 3),
+            decisions_per_s=round(agents / wall_s, 1),
+            peak_rss_mb=round(peak_rss_mb, 1),
+            bytes_per_agent=round(rss_growth / agents, 1),
+            turn_p50_ms=round(latency.quantile(0.5) * 1000, 3),
+            turn_p99_ms=round(latency.quantile(0.99) * 1000, 3),
+            inference_runs=inference_runs,
+            mean_batch=round(rows_run / inference_runs, 1) if inference_runs else 0.0,
+            store_writes=store_writes,
+            persistence=persistence,
+            actions=dict(zip(LABELS, tally.actions, strict=True)),
+            started_at=round(started_at, 4),
+            finished_at=round(finished_at, 4),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,24 +276,18 @@ async def run_swarm(
                 gc.unfreeze()
         # The node is closed: the store has committed the last states.
         store_writes = getattr(host.store, "writes", 0)
-    return SwarmResult(
+    result = SwarmResult.measured(
         agents=agents,
-        distinct_results=tally.distinct,
-        duplicates=tally.duplicates,
-        ok=tally.distinct == agents and tally.duplicates == 0,
-        wall_s=round(wall, 3),
-        decisions_per_s=round(agents / wall, 1),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        bytes_per_agent=round(max(0, rss_after - rss_before) / agents, 1),
-        turn_p50_ms=round(latency.histogram.quantile(0.5) * 1000, 3),
-        turn_p99_ms=round(latency.histogram.quantile(0.99) * 1000, 3),
+        tally=tally,
+        wall_s=wall,
+        latency=latency.histogram,
         inference_runs=runs,
-        mean_batch=round(rows_run / runs, 1) if runs else 0.0,
+        rows_run=rows_run,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_growth=max(0, rss_after - rss_before),
         store_writes=store_writes,
         persistence=persist,
-        actions=dict(zip(LABELS, tally.actions, strict=True)),
-        started_at=round(started_at, 4),
-        finished_at=round(finished_at, 4),
-        process_cpu_s=(round(cpu, 2),),
-        process_finished_s=(round(wall, 3),),
+        started_at=started_at,
+        finished_at=finished_at,
     )
+    return replace(result, process_cpu_s=(round(cpu, 2),), process_finished_s=(round(wall, 3),))
