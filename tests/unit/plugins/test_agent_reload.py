@@ -23,6 +23,7 @@ from agentd.node import Node, NodeOptions, open_node
 from agentd.plugins import PluginRefused
 from agentd.plugins.agents import AgentPlugins
 from agentd.plugins.manager import PluginManager, kind_of
+from agentd.plugins.manifest import build_manifest
 from agentd.settings import Settings
 
 TEMPLATE = """
@@ -331,3 +332,38 @@ async def test_a_node_reloads_a_written_plugin(folder: Path) -> None:
         options=NodeOptions(generation=False, tools=False, metrics=False),
     ) as other:
         assert other.plugins is None
+
+
+async def _until(node: Node, prefix: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (reply := await ask(node)).startswith(prefix) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return reply
+
+
+async def test_a_hash_mismatch_is_refused_until_the_manifest_follows(folder: Path) -> None:
+    path = folder / "agents" / "ver.py"
+    write(path, source("v1"))
+    manifest = folder / "MANIFEST"
+    manifest.write_bytes(build_manifest(folder).to_bytes())
+    settings = Settings(plugins=folder, state_store="memory", reload_debounce_ms=20)
+    async with open_node(settings, options=NodeOptions(generation=False, tools=False)) as node:
+        assert node.plugins is not None
+        await node.plugins.ready()
+        assert await ask(node) == "v1/v1 n=1 from=None"
+        handler = node.plugins.handlers["agents"]
+        assert isinstance(handler, AgentPlugins)
+        write(path, source("v2"))  # not what MANIFEST lists
+        deadline = time.monotonic() + 10
+        while path.resolve() not in handler.last_failure and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        failure = handler.last_failure[path.resolve()]
+        assert failure.outcome == "refused" and "does not match MANIFEST" in failure.reason
+        assert await ask(node) == "v1/v1 n=2 from=None"  # the previous version serves
+        # The deployment's MANIFEST arrives after the file: the manager looks again.
+        manifest.write_bytes(build_manifest(folder).to_bytes())
+        assert (await _until(node, "v2")).startswith("v2/v2 n=")  # (one per poll)
+        assert path.resolve() not in handler.last_failure
+        assert node.metrics is not None
+        metrics = node.metrics.render()[0].decode()
+        assert 'agentd_plugin_reloads_total{kind="agents",outcome="refused"} 1.0' in metrics
