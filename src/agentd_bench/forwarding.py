@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from agentd.agents.message import Message
 from agentd.cluster.codec import decode_tells, encode_tells
 from agentd.node import Node, NodeOptions, open_node
 from agentd.settings import Settings
+from agentd_bench.servers import free_port
 
 __all__ = ["measure_codec", "measure_forwarding"]
 
@@ -36,16 +36,10 @@ class _Echo(Agent):
         return message
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _peers(scheme: str, folder: Path) -> list[str]:
     if scheme == "unix":
         return [f"{n}=unix:{folder}/{n}.sock" for n in "ab"]
-    return [f"{n}=tcp:127.0.0.1:{_free_port()}" for n in "ab"]
+    return [f"{n}=tcp:127.0.0.1:{free_port()}" for n in "ab"]
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
