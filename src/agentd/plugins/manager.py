@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 _IGNORED = re.compile(r"(^\.|~$|\.sw[a-p]$|^4913$|\.py[co]$|\.tmp$)")
 _MANIFEST_FILES = frozenset({"MANIFEST", "MANIFEST.sig"})
 # The rust watcher returns this often (ms) with nothing new: the first such return tells
-# that it is watching; the later ones let a stop be seen.
+# that it is watching.
 _TIMEOUT_MS = 250
+# How often (ms) the rust watcher looks for events: it hands them on once one such step
+# brought nothing new; the quiet period itself is timed here (``_flush``).
+_STEP_MS = 10
 
 
 class PluginHandler(Protocol):
@@ -88,6 +91,9 @@ class PluginManager:
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._pending: set[Path] = set()  # changed, waiting for the quiet period to end
+        self._last_change = 0.0
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._task is not None:
@@ -109,6 +115,8 @@ class PluginManager:
 
     async def aclose(self) -> None:
         self._stop.set()
+        if self._flusher is not None:
+            self._flusher.cancel()
         task, self._task = self._task, None
         if task is not None:
             try:
@@ -149,13 +157,12 @@ class PluginManager:
             log.exception("plugin handler %s failed", handler.kind)
 
     async def _watch(self) -> None:
-        step = self.debounce_ms
+        loop = asyncio.get_running_loop()
         async for changes in watchfiles.awatch(
             self.folder,
             watch_filter=self._wanted,
-            step=step,
-            # The longest a steady stream of writes can hold a batch back.
-            debounce=max(1600, step * 20),
+            step=min(_STEP_MS, self.debounce_ms),
+            debounce=1600,  # (the longest the rust side holds a steady stream back)
             stop_event=self._stop,
             rust_timeout=_TIMEOUT_MS,
             yield_on_timeout=True,
@@ -166,7 +173,19 @@ class PluginManager:
                 self._ready.set()
                 log.info("watching %s for plugin changes", self.folder)
             if changes:
-                self.handle(Path(path) for _, path in changes)
+                self._pending.update(Path(path) for _, path in changes)
+                self._last_change = loop.time()
+                if self._flusher is None or self._flusher.done():
+                    self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Hand on the pending changes once none came for ``debounce_ms``."""
+        loop = asyncio.get_running_loop()
+        # A timer, not an Event: each change moves the end of the quiet period.
+        while (wait := self._last_change + self.debounce_ms / 1000 - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait)
+        paths, self._pending = self._pending, set()
+        self.handle(paths)
 
     def _wanted(self, change: watchfiles.Change, path: str) -> bool:
         return kind_of(self.folder, Path(path)) is not None
