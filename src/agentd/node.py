@@ -301,7 +301,7 @@ def build_plugins(
     observer = PluginMetrics(metrics.registry) if metrics is not None else NO_METRICS
     verifier = Verifier.from_settings(settings)
     agents = AgentPlugins(
-        registry, settings.plugins / "agents", check=verifier.check_file, observer=observer
+        registry, settings.plugins / "agents", check=verifier.check_bytes, observer=observer
     )
     return PluginManager(settings.plugins, [agents], debounce_ms=settings.reload_debounce_ms)
 

@@ -49,8 +49,9 @@ class ReloadFailure:
 class AgentPlugins:
     """Reloads the agent plugin files of one folder into ``registry``.
 
-    ``check(path) -> version`` verifies a file before it runs (raising an AgentdError, such
-    as PluginRefused, to refuse it); None: every file is accepted, its SHA-256 its version.
+    ``check(path, content) -> version`` verifies the content read from a file before it
+    runs (raising an AgentdError, such as PluginRefused, to refuse it): the node's
+    ``Verifier.check_bytes``. None: every file is accepted, its SHA-256 its version.
     """
 
     kind = KIND
@@ -60,7 +61,7 @@ class AgentPlugins:
         registry: AgentRegistry,
         folder: Path,
         *,
-        check: Callable[[Path], str] | None = None,
+        check: Callable[[Path, bytes], str] | None = None,
         observer: PluginObserver = NO_METRICS,
     ) -> None:
         self.registry = registry
@@ -109,14 +110,8 @@ class AgentPlugins:
         if current is not None and path not in self.last_failure and current.version == digest:
             return "unchanged"  # an editor's repeated save, a touch: nothing to do
         try:
-            version = digest
-            if self._check is not None:
-                version = self._check(path)
-                if version != digest:
-                    # Written again after this read: that write's event loads it.
-                    raise _ChangedMeanwhile
-        except _ChangedMeanwhile:
-            return self._failed(path, "failed", "changed while it was read", started)
+            # These bytes are verified, and these bytes run (not a second read).
+            version = digest if self._check is None else self._check(path, source)
         except AgentdError as exc:
             return self._failed(path, "refused", exc.message, started)
         module_name = f"agentd_plugins.agents.{path.stem}.v{next(self._versions)}"
@@ -172,10 +167,6 @@ class AgentPlugins:
         log.error("agent plugin %s not loaded (the previous version serves): %s", path, reason)
         self._observer.reloaded(KIND, outcome, time.perf_counter() - started)
         return outcome
-
-
-class _ChangedMeanwhile(Exception):
-    pass
 
 
 def _reason(exc: BaseException) -> str:

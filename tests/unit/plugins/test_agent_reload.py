@@ -177,7 +177,7 @@ async def test_a_bad_version_leaves_the_previous_serving_until_a_good_one(
 async def test_a_refused_file_is_not_run(node: Node) -> None:
     path = node.settings.plugins / "agents" / "ver.py"
 
-    def refuse(p: Path) -> str:
+    def refuse(p: Path, content: bytes) -> str:
         raise PluginRefused(f"agents/{p.name}: hash mismatch")
 
     reloader = plugins(node, check=refuse)
