@@ -59,7 +59,7 @@ class SuiteConfig:
 
 
 FULL = SuiteConfig(duration_s=5.0, warmup_s=1.0)
-QUICK = SuiteConfig(duration_s=2.0, warmup_s=0.5)
+QUICK = SuiteConfig(duration_s=1.0, warmup_s=0.3)
 
 
 # ---------------------------------------------------------------- servers
