@@ -6,8 +6,10 @@ one), exit 1 when the folder fails verification or cannot be written.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,11 +17,9 @@ __all__ = ["plugins"]
 
 plugins = typer.Typer(
     name="plugins",
-    help="Plugin folder verification: ed25519 keys, MANIFEST signing and checking.",
+    help="Plugin folders: ed25519 keys, MANIFEST signing and checking; a server's loaded plugins.",
     no_args_is_help=True,
 )
-# `agentd plugins status` (the loaded plugins of a running server, GET /v1/plugins) is
-# registered here beside these commands: @plugins.command("status").
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -172,3 +172,59 @@ def verify(
             "warning: MANIFEST.sig not checked: no trusted key (--key or plugin_trusted_keys)",
             err=True,
         )
+
+
+_STATUS_HEADER = ("FILE", "TYPES", "VERSION", "LOADED", "LAST FAILURE")
+
+
+@plugins.command("status")
+def status(
+    url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the server's JSON.")] = False,
+) -> None:
+    """The agent plugins a running server has loaded (GET /v1/plugins): each file's agent
+    types, version, load time and the last failed reload (the previous version serves)."""
+    import httpx
+
+    from agentd.cli.call import answer_json, not_agentd
+    from agentd.cli.tools import _client_headers as client_headers
+
+    try:
+        response = httpx.get(f"{url}/v1/plugins", headers=client_headers(token), timeout=30)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise _fail(f"cannot reach {url}: {exc}", 1) from None
+    body = answer_json(response, url)
+    if response.status_code != 200:
+        message = body.get("message", response.text) if isinstance(body, dict) else response.text
+        raise _fail(f"{response.status_code} {message}", 1)
+    try:
+        rows = [_status_row(agent) for agent in body["agents"]]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        not_agentd(url, response)
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    if not rows:
+        typer.echo("no agent plugins loaded")
+        return
+    widths = [max(len(row[i]) for row in [_STATUS_HEADER, *rows]) for i in range(4)]
+    for row in [_STATUS_HEADER, *rows]:
+        # The last column unpadded: a failure's reason can be long.
+        padded = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+        typer.echo("  ".join([*padded, row[4]]).rstrip())
+
+
+def _status_row(agent: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    failure = agent["last_failure"]
+    return (
+        Path(agent["file"]).name,
+        ", ".join(agent["types"]) or "-",
+        (agent["version"] or "-")[:12],
+        _when(agent["loaded_at"]),
+        f"{failure['outcome']} {_when(failure['at'])}: {failure['reason']}" if failure else "-",
+    )
+
+
+def _when(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))

@@ -35,6 +35,7 @@ from agentd.gateway.model_admin import ModelAdmin
 from agentd.gateway.observe import Observe
 from agentd.gateway.openai import OpenAIRoutes
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
+from agentd.gateway.plugins_api import PLUGINS_PATH, PluginsApi
 from agentd.gateway.protocol import detect_protocol, lower_content_type
 from agentd.gateway.reflection import REFLECTION_SERVICES, ReflectionService, reflection_apps
 from agentd.gateway.router import Route, Router, by_label
@@ -88,6 +89,7 @@ class Gateway:
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
         ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
         ops.routes[TOOLS_PATH] = ToolsApi(self.tools).list
+        ops.routes[PLUGINS_PATH] = PluginsApi(node).list
         self.router = _build_router(
             rpc_apps,
             ops,

@@ -31,12 +31,13 @@ class HttpRoute:
 
 
 HTTP_ROUTES: tuple[HttpRoute, ...] = (
-    # operations (agentd.gateway.ops, tools_api)
+    # operations (agentd.gateway.ops, tools_api, plugins_api)
     HttpRoute("/", _READ),
     HttpRoute("/healthz", _READ, open=True),
     HttpRoute("/readyz", _READ, open=True),
     HttpRoute("/metrics", _READ),
     HttpRoute("/v1/tools", _READ),
+    HttpRoute("/v1/plugins", _READ),
     # OpenAI-compatible (agentd.gateway.openai)
     HttpRoute("/v1/models", _READ),
     HttpRoute("/v1/models/{model}", _READ),

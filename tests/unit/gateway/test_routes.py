@@ -6,6 +6,7 @@ from agentd.gateway.kserve.rest import OPEN_PATHS as KSERVE_OPEN_PATHS
 from agentd.gateway.model_admin import ModelAdmin
 from agentd.gateway.openai.routes import OpenAIRoutes
 from agentd.gateway.ops import OPEN_PATHS, OpsRoutes
+from agentd.gateway.plugins_api import PLUGINS_PATH
 from agentd.gateway.routes import HTTP_ROUTES
 from agentd.gateway.tools_api import TOOLS_PATH
 from agentd.observability import Metrics
@@ -16,7 +17,7 @@ def _openai() -> OpenAIRoutes:
 
 
 def test_every_listed_route_is_served():
-    ops = set(OpsRoutes(HealthState([]), Metrics(), []).routes) | {TOOLS_PATH}
+    ops = set(OpsRoutes(HealthState([]), Metrics(), []).routes) | {TOOLS_PATH, PLUGINS_PATH}
     openai = _openai()
     for route in HTTP_ROUTES:
         path = route.path("m")
@@ -35,7 +36,7 @@ def test_every_listed_route_is_served():
 
 def test_every_served_fixed_route_is_listed():
     listed = {route.template for route in HTTP_ROUTES}
-    ops = set(OpsRoutes(HealthState([]), Metrics(), []).routes) | {TOOLS_PATH}
+    ops = set(OpsRoutes(HealthState([]), Metrics(), []).routes) | {TOOLS_PATH, PLUGINS_PATH}
     assert ops <= listed
     assert {path.rstrip("/") for path in _FIXED} <= listed
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= listed
