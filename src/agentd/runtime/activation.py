@@ -35,7 +35,7 @@ from agentd.agents.address import Address
 from agentd.agents.base import Agent
 from agentd.agents.context import Context
 from agentd.errors import AgentdError, DeadlineExceeded, Internal, Unavailable
-from agentd.runtime.mailbox import END, NO_MESSAGE, Envelope, Mailbox, fail
+from agentd.runtime.mailbox import END, NO_MESSAGE, Envelope, Mailbox, fail, fail_message
 
 if TYPE_CHECKING:
     from agentd.runtime.host import ActorHost
@@ -359,11 +359,7 @@ class Activation(Mailbox):
         else:
             self.agent = agent
             return True
-        if type(message) is Envelope:
-            fail(message.reply, error)
-            if message.events is not None:
-                message.events.put_nowait(END)
-        else:
+        if not fail_message(message, error):
             log.warning("a message to %s was dropped: %s", address, error.message)
         return False
 
@@ -439,11 +435,7 @@ class Activation(Mailbox):
             raise
         except Exception as exc:
             error = Unavailable(f"agent {address}: its state could not be read: {exc}")
-            if type(message) is Envelope:
-                fail(message.reply, error)
-                if message.events is not None:
-                    message.events.put_nowait(END)
-            else:
+            if not fail_message(message, error):
                 log.error("a message to %s was dropped: %s", address, error.message)
             return False
         self.snapshot = snapshot or b""

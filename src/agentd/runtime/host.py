@@ -29,7 +29,7 @@ from agentd.agents.registry import AgentRegistry
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, ResourceExhausted, Unavailable
 from agentd.runtime.activation import IDLE, PASSIVATED, SCHEDULED, STOPPED, Activation
-from agentd.runtime.mailbox import END, NO_MESSAGE, Envelope, fail
+from agentd.runtime.mailbox import END, NO_MESSAGE, Envelope, fail, fail_message
 from agentd.runtime.pool import WorkerPool
 from agentd.runtime.state import StateStore
 
@@ -563,10 +563,7 @@ def _fail_waiting(activation: Activation, error: AgentdError) -> None:
     if activation.mailbox is not None:
         activation.mailbox.clear()
     for message in waiting:
-        if type(message) is Envelope:
-            fail(message.reply, error)
-            if message.events is not None:
-                message.events.put_nowait(END)
+        fail_message(message, error)
 
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import Any
 from agentd.agents.address import Address
 from agentd.errors import ResourceExhausted
 
-__all__ = ["END", "NO_MESSAGE", "Envelope", "Mailbox", "fail"]
+__all__ = ["END", "NO_MESSAGE", "Envelope", "Mailbox", "fail", "fail_message"]
 
 END = object()  # closes a turn's event stream
 NO_MESSAGE = object()  # a mailbox's slot when no message waits
@@ -58,6 +58,17 @@ def fail(reply: asyncio.Future | None, error: BaseException) -> None:
     """Answer ``reply`` with ``error`` unless it is answered already."""
     if reply is not None and not reply.done():
         reply.set_exception(error)
+
+
+def fail_message(message: Any, error: BaseException) -> bool:
+    """Answer a waiting ask or stream (an :class:`Envelope`) with ``error`` and end its
+    events; False for a bare told message, which has nobody to answer."""
+    if type(message) is not Envelope:
+        return False
+    fail(message.reply, error)
+    if message.events is not None:
+        message.events.put_nowait(END)
+    return True
 
 
 class Mailbox:
