@@ -172,7 +172,7 @@ class Node:
                 self.metrics.watch_runtime(self.runtime.host.gauges)
             reload = options.reload if options.reload is not None else registry is None
             self.plugins = (
-                build_plugins(settings, self.registry, self.metrics)
+                build_plugins(self)
                 if reload and settings.reload and settings.plugins.is_dir()
                 else None
             )
@@ -288,22 +288,28 @@ def build_registry(settings: Settings) -> AgentRegistry:
     return registry
 
 
-def build_plugins(
-    settings: Settings, registry: AgentRegistry, metrics: Metrics | None
-) -> PluginManager:
-    """The plugin manager of ``settings.plugins``: reloads changed agent plugins into
-    ``registry``, each verified first (MANIFEST and signature, docs/plugins.md)."""
+def build_plugins(node: Node) -> PluginManager:
+    """The plugin manager of the node's ``settings.plugins``: a handler per kind of plugin
+    reloads what changed into the node's services (agent types into its registry), each
+    file verified first (MANIFEST and signature, docs/plugins.md)."""
     from agentd.observability.plugin_metrics import NO_METRICS, PluginMetrics
     from agentd.plugins import Verifier
     from agentd.plugins.agents import AgentPlugins
-    from agentd.plugins.manager import PluginManager
+    from agentd.plugins.manager import PluginHandler, PluginManager
 
-    observer = PluginMetrics(metrics.registry) if metrics is not None else NO_METRICS
+    settings = node.settings
+    observer = PluginMetrics(node.metrics.registry) if node.metrics is not None else NO_METRICS
     verifier = Verifier.from_settings(settings)
-    agents = AgentPlugins(
-        registry, settings.plugins / "agents", check=verifier.check_bytes, observer=observer
-    )
-    return PluginManager(settings.plugins, [agents], debounce_ms=settings.reload_debounce_ms)
+    handlers: list[PluginHandler] = [
+        AgentPlugins(
+            node.registry,
+            settings.plugins / "agents",
+            check=verifier.check_bytes,
+            observer=observer,
+        )
+    ]
+    # (one block per further kind: tools, models, the settings file)
+    return PluginManager(settings.plugins, handlers, debounce_ms=settings.reload_debounce_ms)
 
 
 def build_catalog(settings: Settings) -> ModelCatalog:

@@ -22,28 +22,19 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agentd.agents.registry import AgentRegistry, agent_classes, import_plugin
 from agentd.errors import AgentdError
 from agentd.observability.plugin_metrics import NO_METRICS, PluginObserver
+from agentd.plugins.failures import ReloadFailure, describe
 
-__all__ = ["AgentPlugins", "ReloadFailure"]
+__all__ = ["AgentPlugins"]
 
 log = logging.getLogger(__name__)
 
 KIND = "agents"
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadFailure:
-    """Why the last load of one file failed (the previous version kept serving)."""
-
-    reason: str
-    outcome: str  # "failed" (it did not load) or "refused" (it did not verify)
-    at: float  # time.time()
 
 
 class AgentPlugins:
@@ -126,7 +117,7 @@ class AgentPlugins:
                 sys.modules.pop(module_name, None)
                 raise
         except BaseException as exc:  # SystemExit and the like from plugin code included
-            return self._failed(path, "failed", _reason(exc), started)
+            return self._failed(path, "failed", describe(exc), started)
         if previous is not None and previous.module != module_name:
             sys.modules.pop(previous.module, None)  # the old version's module goes
         self.last_failure.pop(path, None)
@@ -153,25 +144,19 @@ class AgentPlugins:
                     "agents": list(loaded.names) if loaded else [],
                     "version": loaded.version if loaded else None,
                     "loaded_at": loaded.loaded_at if loaded else None,
-                    "last_failure": (
-                        {"reason": failure.reason, "outcome": failure.outcome, "at": failure.at}
-                        if failure
-                        else None
-                    ),
+                    "last_failure": failure.to_json() if failure else None,
                 }
             )
         return rows
 
+    def failures(self) -> dict[Path, ReloadFailure]:
+        return dict(self.last_failure)
+
+    async def aclose(self) -> None:
+        """Nothing runs in the background: each reload is done when ``changed`` returns."""
+
     def _failed(self, path: Path, outcome: str, reason: str, started: float) -> str:
-        self.last_failure[path] = ReloadFailure(reason, outcome, time.time())
+        self.last_failure[path] = ReloadFailure.now(reason, outcome)
         log.error("agent plugin %s not loaded (the previous version serves): %s", path, reason)
         self._observer.reloaded(KIND, outcome, time.perf_counter() - started)
         return outcome
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, SyntaxError):
-        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
-    if isinstance(exc, AgentdError):
-        return exc.message
-    return f"{type(exc).__name__}: {exc}"

@@ -22,9 +22,11 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import watchfiles
+
+from agentd.plugins.failures import ReloadFailure
 
 __all__ = ["PluginHandler", "PluginManager", "kind_of"]
 
@@ -51,7 +53,20 @@ class PluginHandler(Protocol):
         ...
 
     def changed(self, paths: Iterable[Path]) -> Mapping[Path, str]:
-        """Reload ``paths``; the outcome of each."""
+        """Reload ``paths``; the outcome of each (a handler whose loads take long starts
+        them in the background here and answers "started")."""
+        ...
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per plugin of this kind (for ``GET /v1/plugins``)."""
+        ...
+
+    def failures(self) -> Mapping[Path, ReloadFailure]:
+        """The plugins whose last load failed (the previous version serving), by path."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop (or wait for) the loads it started in the background."""
         ...
 
 
@@ -125,6 +140,12 @@ class PluginManager:
                 await task
             except Exception:
                 log.exception("the plugin watcher failed")
+        for handler in self.handlers.values():
+            await handler.aclose()
+
+    def failures(self) -> dict[str, dict[Path, ReloadFailure]]:
+        """The plugins whose last load failed, by kind (``/readyz``'s detail names them)."""
+        return {kind: dict(h.failures()) for kind, h in self.handlers.items() if h.failures()}
 
     def rescan(self) -> None:
         """Hand every handler all its files (unchanged ones are skipped by content)."""

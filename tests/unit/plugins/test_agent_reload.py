@@ -274,6 +274,15 @@ class Recorder:
             self.changed_event.set()
         return dict.fromkeys(paths, "ok")
 
+    def status(self) -> list[dict[str, object]]:
+        return []
+
+    def failures(self) -> Mapping[Path, object]:
+        return {}
+
+    async def aclose(self) -> None:
+        pass
+
 
 async def _settle(recorder: Recorder, quiet: float = 0.6) -> None:
     await asyncio.wait_for(recorder.changed_event.wait(), 10)
