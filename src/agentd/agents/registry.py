@@ -38,16 +38,20 @@ class AgentRegistry:
 
     def __init__(self) -> None:
         self._types: dict[str, type[Agent]] = {}
+        # Types registered in code (the built-ins): a plugin may override one of these names,
+        # and the type comes back when that plugin stops defining it.
+        self._base: dict[str, type[Agent]] = {}
         # Plugin files loaded, by resolved path (for reloads and status).
         self.files: dict[Path, PluginFile] = {}
 
     def register(self, agent_type: type[Agent]) -> None:
-        name = agent_type.name
-        if not _NAME.fullmatch(name or ""):
-            raise InvalidArgument(
-                f"agent class {agent_type.__qualname__} needs a name matching {_NAME.pattern}"
-            )
-        self._types[name] = agent_type
+        """Register a type in code (a built-in); a plugin file may override its name."""
+        self._add(agent_type)
+        self._base[agent_type.name] = agent_type
+
+    def _add(self, agent_type: type[Agent]) -> None:
+        _check_name(agent_type)
+        self._types[agent_type.name] = agent_type
 
     def get(self, name: str) -> type[Agent]:
         try:
@@ -108,18 +112,10 @@ class AgentRegistry:
         version's record (its module is the caller's to release), None if there was none.
         """
         for agent_type in types:
-            if not _NAME.fullmatch(agent_type.name or ""):
-                raise InvalidArgument(
-                    f"agent class {agent_type.__qualname__} needs a name matching {_NAME.pattern}"
-                )
+            _check_name(agent_type)
         key = path.resolve()
         previous = self.files.get(key)
-        current = dict(self._types)
-        if previous is not None:
-            for name in previous.names:
-                # (Unless another file has registered that name since.)
-                if name in current and current[name].__module__ == previous.module:
-                    del current[name]
+        current = self._without(previous)
         for agent_type in types:
             agent_type._replaced = False  # its own flag: not one inherited from a replaced base
             agent_type._plugin_version = version  # type: ignore[attr-defined]
@@ -133,14 +129,25 @@ class AgentRegistry:
         running turns finish; later calls get NOT_FOUND. Returns its record, if any."""
         previous = self.files.pop(path.resolve(), None)
         if previous is not None:
-            self._commit(
-                {
-                    n: t
-                    for n, t in self._types.items()
-                    if not (n in previous.names and t.__module__ == previous.module)
-                }
-            )
+            self._commit(self._without(previous))
         return previous
+
+    def _without(self, previous: PluginFile | None) -> dict[str, type[Agent]]:
+        """The types with those of ``previous`` (a plugin file's version) taken out: a
+        name it took from a built-in goes back to the built-in."""
+        current = dict(self._types)
+        if previous is None:
+            return current
+        for name in previous.names:
+            # (Unless another file has registered that name since.)
+            if name in current and current[name].__module__ == previous.module:
+                base = self._base.get(name)
+                if base is None:
+                    del current[name]
+                else:
+                    base._replaced = False  # serving again: its instances stay on it
+                    current[name] = base
+        return current
 
     def _commit(self, types: dict[str, type[Agent]]) -> None:
         old, self._types = self._types, types
@@ -154,7 +161,7 @@ class AgentRegistry:
         for obj in agent_classes(module):
             replaced = self._types.get(obj.name)
             try:
-                self.register(obj)
+                self._add(obj)
             except InvalidArgument as exc:
                 log.error("agent plugin %s: %s", path, exc.message)
                 continue
@@ -168,6 +175,13 @@ class AgentRegistry:
                 )
             loaded.append(obj.name)
         return loaded
+
+
+def _check_name(agent_type: type[Agent]) -> None:
+    if not _NAME.fullmatch(agent_type.name or ""):
+        raise InvalidArgument(
+            f"agent class {agent_type.__qualname__} needs a name matching {_NAME.pattern}"
+        )
 
 
 def _module_name(path: Path) -> str:

@@ -210,6 +210,39 @@ async def test_a_deleted_file_removes_its_types_after_running_turns(node: Node) 
     assert await ask(node) == "v3/v3 n=2 from=None"
 
 
+async def test_deleting_a_plugin_that_overrode_a_built_in_brings_the_built_in_back(
+    node: Node,
+) -> None:
+    builtin = node.registry.get("echo")
+    path = node.settings.plugins / "agents" / "loud.py"
+    write(
+        path,
+        """
+        from agentd import Agent
+
+        class Loud(Agent):
+            name = "echo"
+
+            async def handle(self, ctx, message):
+                return {"loud": message}
+        """,
+    )
+    reloader = plugins(node)
+    assert reloader.reload(path) == "ok"
+    assert await ask(node, "echo/a") == {"loud": "hi"}
+    # A version that no longer defines the name gives it back too.
+    write(path, "from agentd import Agent\n")
+    assert reloader.reload(path) == "ok"
+    assert node.registry.get("echo") is builtin
+    assert await ask(node, "echo/a") == "hi"  # the built-in echo, on the same instance
+    write(path, source("v9").replace('name = "ver"', 'name = "echo"'))
+    assert reloader.reload(path) == "ok"
+    path.unlink()
+    assert reloader.reload(path) == "removed"
+    assert node.registry.get("echo") is builtin and not builtin._replaced
+    assert await ask(node, "echo/b") == "hi"
+
+
 async def test_a_migration_that_fails_fails_the_call_and_keeps_the_state(node: Node) -> None:
     path = node.settings.plugins / "agents" / "ver.py"
     assert await ask(node) == "v1/v1 n=1 from=None"
@@ -291,7 +324,9 @@ async def _settle(recorder: Recorder, quiet: float = 0.6) -> None:
 
 async def test_a_burst_of_saves_gives_one_batch_and_temp_files_none(folder: Path) -> None:
     recorder = Recorder(folder / "agents")
-    manager = PluginManager(folder, [recorder], debounce_ms=50)
+    # 300 ms: ten writes 3 ms apart stay one burst even when a loaded machine stalls this
+    # process between two of them (at 50 ms a stall of that length split it).
+    manager = PluginManager(folder, [recorder], debounce_ms=300)
     await manager.start()
     try:
         await manager.ready()
