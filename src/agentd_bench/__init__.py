@@ -25,6 +25,7 @@ SUITES: dict[str, str] = {
     "tools": "agentd_bench.tools:run_suite",
     "soak": "agentd_bench.soak:run_suite",
     "cluster": "agentd_bench.cluster:run_suite",
+    "reload": "agentd_bench.reload:run_suite",
 }
 
 # The modules the ``bench`` extra in pyproject.toml installs (top-level names): peer servers

@@ -17,7 +17,7 @@ __all__ = ["INSTALL_HINT", "SUITES", "bench"]
 
 # The suites this command offers (its public interface); the benchmarks' SUITES implement the
 # same names (tests/bench/test_bench_cli.py holds them equal).
-SUITES = ("gateway", "inference", "swarm", "generate", "tools", "soak", "cluster")
+SUITES = ("gateway", "inference", "swarm", "generate", "tools", "soak", "cluster", "reload")
 INSTALL_HINT = "pip install 'agentd[bench]'"
 ENTRY_POINT_GROUP = "agentd.bench"
 

@@ -1,0 +1,503 @@
+"""``agentd bench reload``: how fast a plugin written to a running ``agentd serve`` answers,
+and what reloading costs in memory (issue 15's benchmark).
+
+Sections, each with its target (met or not), or the reason it could not run here:
+
+* agent: an agent plugin rewritten N times (a complete write: a temporary file renamed over
+  it); the time from the completed rename to the first call answered by the new version
+  (p50, p99, max; target p99 < 100 ms), on the default ``reload_debounce_ms``;
+* agent_signed: the same with ``require_signature`` on, the folder's MANIFEST re-signed
+  (ed25519) after each write, timed from the completed signature write: the cost of
+  verification;
+* memory: the RSS of the serve process (and of its process tree) after 10 reload cycles and
+  after 1,000 (target: within 5%); the cycles continue the agent section's on its server;
+* tool, model: tool reload with a cache hit and the decision model's reload, once the node
+  reloads tools and models (until then: skipped, with why).
+
+Both servers are real ``agentd serve`` processes on 127.0.0.1, each with its own temporary
+plugin folder; the calls are Connect JSON over httpx.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from agentd.settings import Settings
+from agentd_bench.cluster_servers import Skipped
+from agentd_bench.errors import BenchError
+from agentd_bench.results import machine_info, package_versions, run_and_publish
+from agentd_bench.servers import ServerError, ServerProcess, agentd_env, descendants, free_port
+
+__all__ = ["FULL", "QUICK", "ReloadConfig", "run_suite"]
+
+SUITE = "reload"
+AGENT_P99_MS = 100.0
+MEMORY_GROWTH_PCT = 5.0
+INVOKE = "/agentd.v1.AgentService/Invoke"
+AGENT_FILE = "agents/ver.py"
+INSTANCES = 8  # the calls rotate over these instances: each moves to new versions in turn
+NEW_VERSION_TIMEOUT_S = 10.0
+
+# Each version answers with its name; a module-level table makes a version's module hold
+# some memory, so a module kept alive by a reload would show in the RSS.
+PLUGIN = """
+from agentd import Agent
+
+VERSION = {version!r}
+TABLE = [VERSION * 8 for _ in range(200)]
+
+
+class Ver(Agent):
+    name = "ver"
+
+    async def handle(self, ctx, message):
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        return VERSION
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    agent_reloads: int  # timed, on each of the two servers
+    memory_early: int  # the cycle after which the first RSS is read
+    memory_cycles: int  # reload cycles in all on the unsigned server (the timed ones first)
+
+
+FULL = ReloadConfig(agent_reloads=100, memory_early=10, memory_cycles=1000)
+QUICK = ReloadConfig(agent_reloads=10, memory_early=10, memory_cycles=60)
+
+
+# ---------------------------------------------------------------- servers and writes
+
+
+class _Plugins:
+    """A plugin folder holding one agent file, rewritten as complete writes."""
+
+    def __init__(self, folder: Path, signer: Callable[[bytes], bytes] | None = None) -> None:
+        self.folder = folder
+        self.path = folder / AGENT_FILE
+        self.path.parent.mkdir(parents=True)
+        self._signer = signer
+
+    def write(self, version: str) -> float:
+        """Write ``version`` (a temporary file renamed over the plugin; with a signer, then
+        MANIFEST and MANIFEST.sig, each renamed into place); the seconds the signing took."""
+        # A hidden name in the same folder: the rename stays on one file system and the
+        # watcher ignores the temporary file.
+        tmp = self.path.with_name(f".{self.path.name}.{version}.tmp")
+        tmp.write_text(textwrap.dedent(PLUGIN.format(version=version)))
+        os.replace(tmp, self.path)
+        if self._signer is None:
+            return 0.0
+        from agentd.plugins.manifest import sign_folder
+
+        started = time.perf_counter()
+        sign_folder(self.folder, self._signer)
+        return time.perf_counter() - started
+
+
+@contextmanager
+def _serving(name: str, plugins: Path, workdir: Path, env: dict[str, str]) -> Iterator[Any]:
+    """``agentd serve`` on a free port with ``plugins``; yields (server, log path)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "agentd", "serve", "--port", str(port)]
+    argv += ["--plugins", str(plugins)]
+    log = workdir / f"{name}-{port}.log"
+    env = {**agentd_env(), "AGENTD_STATE_PATH": str(workdir / f"{name}.db"), **env}
+    with ServerProcess(f"agentd serve ({name})", argv, port, log, env=env, cwd=workdir) as server:
+        yield server, log
+
+
+def _wait_ready(server: ServerProcess, log: Path, http: httpx.Client) -> None:
+    """Until the server listens, watches its folder and answers with the first version."""
+    try:
+        server.wait_listening(timeout=90)
+        deadline = time.monotonic() + 30
+        while "watching " not in log.read_text(errors="replace"):
+            server.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{server.name} does not watch its plugin folder")
+            time.sleep(0.02)
+        for i in range(INSTANCES):  # every instance exists before the first reload
+            _answer(http, f"ver/i{i}")
+    except ServerError as exc:
+        raise BenchError(f"{exc}: {log.read_text(errors='replace')[-1500:]}") from exc
+
+
+def _answer(http: httpx.Client, agent: str) -> str:
+    r = http.post(INVOKE, json={"agent": agent, "message": {"text": "x"}})
+    if r.status_code != 200:
+        raise BenchError(f"{agent}: HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()["message"]["text"]
+
+
+def _cycle(plugins: _Plugins, http: httpx.Client, index: int) -> tuple[float, float, int]:
+    """Write version ``index`` and call until it answers: (seconds from the completed write
+    to that answer, seconds spent signing, calls made)."""
+    version = f"v{index}"
+    signing = plugins.write(version)
+    written = time.perf_counter()
+    agent = f"ver/i{index % INSTANCES}"
+    calls = 0
+    while True:
+        calls += 1
+        if _answer(http, agent) == version:
+            return time.perf_counter() - written, signing, calls
+        if time.perf_counter() - written > NEW_VERSION_TIMEOUT_S:
+            raise BenchError(f"version {version} did not answer within {NEW_VERSION_TIMEOUT_S} s")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1), interpolated between the closest ranks."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _latency(seconds: list[float]) -> dict[str, Any]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "p50_ms": round(_quantile(ms, 0.50), 2),
+        "p99_ms": round(_quantile(ms, 0.99), 2),
+        "max_ms": round(max(ms), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+        "latencies_ms": [round(m, 2) for m in ms],
+    }
+
+
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$", re.M)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus text sample's values whose labels include ``labels``."""
+    total = 0.0
+    for found, label_text, value in _SAMPLE.findall(text):
+        if found != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def _server_reloads(http: httpx.Client) -> dict[str, Any]:
+    """What the server counted: its reloads by outcome and its own mean reload time (read,
+    verify, import, constructor check, swap), the part verification adds to."""
+    text = http.get("/metrics").text
+    count = _metric(text, "agentd_plugin_reload_seconds_count", kind="agents")
+    total = _metric(text, "agentd_plugin_reload_seconds_sum", kind="agents")
+    return {
+        "reloads_ok": int(
+            _metric(text, "agentd_plugin_reloads_total", kind="agents", outcome="ok")
+        ),
+        "reloads_not_ok": int(
+            sum(
+                _metric(text, "agentd_plugin_reloads_total", kind="agents", outcome=outcome)
+                for outcome in ("failed", "refused", "removed")
+            )
+        ),
+        "server_reload_mean_ms": round(total / count * 1000, 3) if count else None,
+    }
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """VmRSS of ``pid`` alone and of ``pid`` with every process below it (Envoy), in MB."""
+
+    def vm_rss(each: int) -> float:
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:
+            return 0.0
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        return int(found.group(1)) / 1024 if found else 0.0
+
+    own = vm_rss(pid)
+    return own, own + sum(vm_rss(child) for child in descendants(pid))
+
+
+def _growth(early: float, late: float) -> float:
+    return round((late - early) / early * 100, 2) if early else math.nan
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class _Run:
+    """The two servers of a run, their plugin folders and clients, and the RSS readings of
+    the unsigned server by cycle (serve process, process tree)."""
+
+    config: ReloadConfig
+    plugins: dict[str, _Plugins]
+    servers: dict[str, ServerProcess]
+    clients: dict[str, httpx.Client]
+    progress: Callable[[str], None]
+    rss: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+def _measure(config: ReloadConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    from agentd.plugins.signing import generate_keypair, load_signing_key
+
+    measured: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="agentd-bench-reload-") as scratch,
+        ExitStack() as stack,
+    ):
+        workdir = Path(scratch)
+        private, _, public = generate_keypair(workdir)
+        plugins = {
+            "plain": _Plugins(workdir / "plain"),
+            "signed": _Plugins(workdir / "signed", load_signing_key(private).sign),
+        }
+        for folder in plugins.values():
+            folder.write("v0")
+        envs = {
+            "plain": {},
+            "signed": {"AGENTD_REQUIRE_SIGNATURE": "true", "AGENTD_PLUGIN_TRUSTED_KEYS": public},
+        }
+        # Both start at once: start-up is most of a quick run's time.
+        progress("starting agentd serve (an unsigned and a signed plugin folder) ...")
+        started = {
+            name: stack.enter_context(_serving(name, plugins[name].folder, workdir, envs[name]))
+            for name in plugins
+        }
+        servers = {name: server for name, (server, _) in started.items()}
+        clients = {
+            name: stack.enter_context(
+                httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30)
+            )
+            for name, server in servers.items()
+        }
+        for name, (server, log) in started.items():
+            _wait_ready(server, log, clients[name])
+        run = _Run(config, plugins, servers, clients, progress)
+        for name, section in SECTIONS.items():
+            progress(f"== {name}")
+            load_before = os.getloadavg()[0]
+            try:
+                measured[name] = section(run)
+                # Other work on the machine shows here (a shared machine's figures vary).
+                measured[name]["load_average_1m"] = [
+                    round(load_before, 2),
+                    round(os.getloadavg()[0], 2),
+                ]
+            except Skipped as exc:
+                measured[name] = {"skipped": str(exc)}
+                progress(f"{name}: skipped: {exc}")
+            except (BenchError, httpx.HTTPError) as exc:
+                # One section failing does not lose the others; the reason is kept.
+                measured[name] = {"failed": str(exc) or type(exc).__name__}
+                progress(f"{name}: failed: {exc}")
+    return measured
+
+
+def _timed_reloads(
+    run: _Run, name: str, each: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """The agent section's reloads on server ``name``: latency figures, calls, signing."""
+    latencies, signing, calls = [], [], 0
+    for index in range(1, run.config.agent_reloads + 1):
+        seconds, signed_s, made = _cycle(run.plugins[name], run.clients[name], index)
+        latencies.append(seconds)
+        signing.append(signed_s)
+        calls += made
+        if each is not None:
+            each(index)
+    run.progress(f"  {len(latencies)} reloads: p50 {statistics.median(latencies) * 1000:.1f} ms")
+    figures = {
+        "reloads": len(latencies),
+        "reload_debounce_ms": Settings.model_fields["reload_debounce_ms"].default,
+        "require_signature": name == "signed",
+        **_latency(latencies),
+        "calls": calls,
+        **_server_reloads(run.clients[name]),
+    }
+    if name == "signed":
+        figures["sign_p50_ms"] = round(statistics.median(signing) * 1000, 2)
+    return figures
+
+
+def _agent(run: _Run) -> dict[str, Any]:
+    pid = run.servers["plain"].pid
+    assert pid is not None  # started
+
+    def sample(index: int) -> None:  # outside the timed window: after the answer came
+        if index == run.config.memory_early or index % 100 == 0:
+            run.rss[index] = _rss_mb(pid)
+
+    return _timed_reloads(run, "plain", sample)
+
+
+def _agent_signed(run: _Run) -> dict[str, Any]:
+    return _timed_reloads(run, "signed")
+
+
+def _memory(run: _Run) -> dict[str, Any]:
+    config, pid, http = run.config, run.servers["plain"].pid, run.clients["plain"]
+    assert pid is not None  # started
+    if config.memory_early not in run.rss:
+        raise BenchError("the agent section did not reach the first memory reading")
+    # The agent section's cycles come first, on the same server.
+    for index in range(config.agent_reloads + 1, config.memory_cycles + 1):
+        _cycle(run.plugins["plain"], http, index)
+        if index % 100 == 0 or index == config.memory_cycles:
+            run.rss[index] = _rss_mb(pid)
+            run.progress(f"  {index} cycles: serve RSS {run.rss[index][0]:.1f} MB")
+    early, late = run.rss[config.memory_early], run.rss[config.memory_cycles]
+    return {
+        "cycles": config.memory_cycles,
+        "early_cycle": config.memory_early,
+        "serve_rss_mb_early": round(early[0], 1),
+        "serve_rss_mb_late": round(late[0], 1),
+        "serve_growth_pct": _growth(early[0], late[0]),
+        "tree_rss_mb_early": round(early[1], 1),
+        "tree_rss_mb_late": round(late[1], 1),
+        "tree_growth_pct": _growth(early[1], late[1]),
+        "samples": [[cycle, round(s, 1), round(t, 1)] for cycle, (s, t) in sorted(run.rss.items())],
+        **_server_reloads(http),
+    }
+
+
+def _tool(run: _Run) -> dict[str, Any]:
+    if importlib.util.find_spec("agentd.plugins.tools") is None:
+        raise Skipped("tool reload is not in this agentd yet (no agentd.plugins.tools)")
+    raise Skipped("tool reload is not measured by this benchmark yet")
+
+
+def _model(run: _Run) -> dict[str, Any]:
+    if importlib.util.find_spec("agentd.plugins.models") is None:
+        raise Skipped("model reload is not in this agentd yet (no agentd.plugins.models)")
+    raise Skipped("model reload is not measured by this benchmark yet")
+
+
+SECTIONS: dict[str, Callable[[_Run], dict[str, Any]]] = {
+    "agent": _agent,
+    "agent_signed": _agent_signed,
+    "memory": _memory,
+    "tool": _tool,
+    "model": _model,
+}
+
+
+# ---------------------------------------------------------------- document
+
+
+def _target(name: str, description: str, value: Any, met: bool) -> dict[str, Any]:
+    return {"name": name, "description": description, "value": value, "met": bool(met)}
+
+
+def _targets(name: str, section: dict[str, Any]) -> list[dict[str, Any]]:
+    if "skipped" in section or "failed" in section:
+        return []
+    if name in ("agent", "agent_signed"):
+        signed = " with require_signature" if name == "agent_signed" else ""
+        return [
+            _target(
+                f"{name}_p99",
+                f"write -> first answer by the new version{signed}: p99 < {AGENT_P99_MS:g} ms",
+                section["p99_ms"],
+                section["p99_ms"] < AGENT_P99_MS and section["reloads_not_ok"] == 0,
+            )
+        ]
+    if name == "memory":
+        growth = [section["serve_growth_pct"], section["tree_growth_pct"]]
+        return [
+            _target(
+                "memory_flat",
+                f"RSS after {section['cycles']:,} reload cycles within {MEMORY_GROWTH_PCT:g}%"
+                f" of after {section['early_cycle']} (serve process, process tree; %)",
+                growth,
+                all(abs(g) <= MEMORY_GROWTH_PCT for g in growth),
+            )
+        ]
+    return []
+
+
+def build_document(measured: dict[str, Any], *, quick: bool, now: datetime) -> dict[str, Any]:
+    sections = {name: {**s, "targets": _targets(name, s)} for name, s in measured.items()}
+    return {
+        "suite": SUITE,
+        "timestamp": now.isoformat(),
+        "quick": quick,
+        "machine": machine_info(),
+        "versions": package_versions(["agentd", "watchfiles", "cryptography", "httpx"]),
+        "sections": sections,
+        "targets": [t for s in sections.values() for t in s["targets"]],
+    }
+
+
+def _figures(name: str, s: dict[str, Any]) -> str:
+    if name in ("agent", "agent_signed"):
+        text = (
+            f"{s['reloads']} reloads: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms,"
+            f" max {s['max_ms']} ms; server's own reload {s['server_reload_mean_ms']} ms mean"
+        )
+        if name == "agent_signed":
+            text += f"; signing the folder {s['sign_p50_ms']} ms p50"
+        return text
+    if name == "memory":
+        return (
+            f"serve RSS {s['serve_rss_mb_early']} MB after {s['early_cycle']} cycles,"
+            f" {s['serve_rss_mb_late']} MB after {s['cycles']:,} ({s['serve_growth_pct']:+}%);"
+            f" with Envoy {s['tree_rss_mb_early']} -> {s['tree_rss_mb_late']} MB"
+            f" ({s['tree_growth_pct']:+}%)"
+        )
+    return str(s)[:500]
+
+
+def render(document: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"agentd bench reload{' (quick)' if document['quick'] else ''}")
+    for column in ("section", "figures", "targets"):
+        table.add_column(column, overflow="fold")
+    for name, section in document["sections"].items():
+        if "skipped" in section or "failed" in section:
+            why = section.get("skipped") or section.get("failed")
+            table.add_row(name, f"not run: {why}", "")
+            continue
+        marks = "\n".join(
+            f"{t['description']}: {t['value']} {'met' if t['met'] else 'NOT met'}"
+            for t in section["targets"]
+        )
+        table.add_row(name, _figures(name, section), marks or "reported, no target")
+    console.print(table)
+
+
+def run_suite(
+    quick: bool = False,
+    json_out: bool = False,
+    results_dir: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the sections, write the JSON files, print a table (or the JSON)."""
+    config = QUICK if quick else FULL
+    return run_and_publish(
+        SUITE,
+        measure=lambda progress: _measure(config, progress),
+        build=lambda measured, now: build_document(measured, quick=quick, now=now),
+        render=render,
+        json_out=json_out,
+        results_dir=results_dir,
+        console=console,
+    )
