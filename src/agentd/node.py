@@ -198,6 +198,7 @@ class Node:
         async with AsyncExitStack() as stack:
             stack.callback(self.tracing.aclose)
             services = (
+                self.metrics,  # GC pause and loop lag samplers
                 self.inference,
                 self.generation,
                 self.tools,

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from agentd.observability.process_metrics import GcPauses, LoopLag
+
 if TYPE_CHECKING:
     from agentd.tools.admission import AdmissionStats
 
@@ -215,6 +217,19 @@ class Metrics:
         )
         self._tool_admission: _ToolAdmissionCollector | None = None
         self._children: dict[tuple, object] = {}
+        self._gc_pauses = GcPauses(r)
+        self._loop_lag = LoopLag(r)
+
+    async def start(self) -> None:
+        """Start the process samplers: GC pause timing and the event-loop lag task (on the
+        running loop). The node starts its metrics first and closes them last."""
+        self._gc_pauses.start()
+        self._loop_lag.start()
+
+    async def aclose(self) -> None:
+        """Stop the samplers (the GC callback leaves ``gc.callbacks``). Idempotent."""
+        self._gc_pauses.stop()
+        await self._loop_lag.stop()
 
     def _child(self, metric, *labels: str):
         key = (id(metric), *labels)
