@@ -13,12 +13,17 @@ __all__ = ["models"]
 
 def models(
     action: Annotated[str, typer.Argument(help="list, load or unload.")] = "list",
-    name: Annotated[str | None, typer.Argument(help="Model name (for load and unload).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Model name, tensor or language model (for load and unload)."),
+    ] = None,
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
     token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
 ) -> None:
     """Show the models of a running server (tensor models and language models), or load /
-    unload a tensor model."""
+    unload one: a tensor model or a language model (load reloads a served model: the new
+    version is built beside the old, which serves until it is ready and keeps serving if
+    it fails; unload lets running calls and streams finish)."""
     import httpx
     from rich.console import Console
     from rich.table import Table

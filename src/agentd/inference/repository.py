@@ -70,15 +70,18 @@ class ModelRepository:
         self._scan_entries()
 
     def _scan_entries(self) -> None:
-        for found in self._catalog.entries(ModelKind.TENSOR):
+        tensors = self._catalog.entries(ModelKind.TENSOR)
+        for found in tensors:
             current = self._entries.get(found.name)
             if current is not None and (
                 current.source == found.source or current.state is ModelState.READY
             ):
                 continue
             self._entries[found.name] = ModelEntry(found.name, found.source, found.builtin)
+        # An unloaded model whose folder is gone (or is a language model now) is forgotten.
+        names = {found.name for found in tensors}
         for name, entry in list(self._entries.items()):
-            if entry.executor is None and not entry.source.is_dir():
+            if entry.executor is None and name not in names:
                 del self._entries[name]
 
     def entries(self) -> list[ModelEntry]:

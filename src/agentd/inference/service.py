@@ -140,12 +140,13 @@ class InferenceService:
                     replaced.close()
             return entry
 
-    async def unload(self, name: str) -> ModelEntry:
+    async def unload(self, name: str, *, drain: bool = False) -> ModelEntry:
         """Unload ``name``: new calls fail at once; its running batch finishes and answers
-        its callers, queued calls fail with UNAVAILABLE."""
+        its callers, queued calls fail with UNAVAILABLE (with ``drain``: they run first,
+        as when its folder is deleted)."""
         self._repository.entry(name)  # NotFound first
         async with self._admin_lock(name):
-            await self._drop_batcher(name)
+            await self._drop_batcher(name, drain=drain)
             return self._repository.unload(name)
 
     def _admin_lock(self, name: str) -> asyncio.Lock:
@@ -166,11 +167,11 @@ class InferenceService:
         metadata = entry.executor.metadata
         self._serving[name] = (metadata, batcher, _one_input(metadata))
 
-    async def _drop_batcher(self, name: str) -> None:
+    async def _drop_batcher(self, name: str, *, drain: bool = False) -> None:
         self._serving.pop(name, None)
         batcher = self._batchers.pop(name, None)
         if batcher is not None:
-            await batcher.aclose()
+            await batcher.aclose(drain=drain)
 
     # -- inference ----------------------------------------------------------------------
 
