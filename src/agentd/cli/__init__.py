@@ -12,6 +12,7 @@ from agentd.cli.plugins import plugins
 from agentd.cli.serve import serve
 from agentd.cli.swarm import swarm
 from agentd.cli.tools import tools
+from agentd.cli.top import top
 
 app = typer.Typer(
     name="agentd",
@@ -25,6 +26,7 @@ app.command()(call)
 app.command()(bench)
 app.command()(models)
 app.command()(swarm)
+app.command()(top)
 app.add_typer(tools)
 app.add_typer(cluster)
 app.add_typer(plugins)
