@@ -91,3 +91,81 @@ def test_promtool_flags_a_bad_name() -> None:
 
 
 DOCS = Path(__file__).parents[2] / "docs"
+
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+def exemplar_lines(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name) and " # {" in line]
+
+
+def test_openmetrics_with_request_exemplars_when_asked(node: RunningServer) -> None:
+    with httpx.Client(base_url=node.url, timeout=30) as client:
+        r = client.post(
+            INVOKE,
+            json={"agent": "echo/traced", "message": {"text": "hi"}},
+            headers={"traceparent": TRACEPARENT},
+        )
+        assert r.status_code == 200
+        r = client.get("/metrics", headers={"accept": OPENMETRICS})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/openmetrics-text")
+        assert r.text.endswith("# EOF\n")
+        lines = exemplar_lines(r.text, "agentd_request_duration_seconds_bucket")
+        assert any(f'trace_id="{TRACE_ID}"' in line and INVOKE in line for line in lines), lines
+        # Prometheus text (no Accept, or one that does not ask for OpenMetrics) has none.
+        for accept in (None, "text/plain", "application/openmetrics-text;q=0", "*/*;q=x,;;"):
+            headers = {"accept": accept} if accept is not None else {}
+            r = client.get("/metrics", headers=headers)
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/plain")
+            assert " # {" not in r.text and "# EOF" not in r.text
+
+
+class _Collector:
+    """An OTLP/HTTP endpoint that accepts every export (the spans are not looked at)."""
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def test_traced_node_puts_trace_ids_on_request_latency() -> None:
+    with _Collector() as endpoint:
+        running = start_server(["--plugins", str(PLUGINS)], env={"AGENTD_OTLP_ENDPOINT": endpoint})
+        try:
+            with httpx.Client(base_url=running.url, timeout=30) as client:
+                r = client.post(
+                    INVOKE,
+                    json={"agent": "echo/traced", "message": {"text": "hi"}},
+                    headers={"traceparent": TRACEPARENT},
+                )
+                assert r.status_code == 200
+                text = client.get("/metrics", headers={"accept": OPENMETRICS}).text
+        finally:
+            running.stop()
+    # The server span continues the caller's trace: its id is the exemplar's.
+    requests = exemplar_lines(text, "agentd_request_duration_seconds_bucket")
+    assert any(f'trace_id="{TRACE_ID}"' in line for line in requests), requests

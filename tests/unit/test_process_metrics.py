@@ -68,3 +68,31 @@ def test_loop_lag_records_a_blocked_loop() -> None:
     assert metric_value(text, "agentd_event_loop_lag_seconds_bucket", le="0.1") < metric_value(
         text, LAG_COUNT
     )
+
+
+def test_turn_latency_exemplar_from_the_current_trace_when_enabled() -> None:
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    trace_id = 0x0AF7651916CD43DD8448EB211C80319C
+    span = NonRecordingSpan(
+        SpanContext(trace_id, 0xB7AD6B7169203331, is_remote=True, trace_flags=TraceFlags(1))
+    )
+    metrics = Metrics()
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        metrics.turn_finished("echo", "ok", 0.003)  # exemplars off: none recorded
+        assert " # {" not in openmetrics(metrics.registry).decode()
+        metrics.trace_exemplars = True
+        metrics.turn_finished("echo", "ok", 0.003)
+    finally:
+        context.detach(token)
+    metrics.turn_finished("echo", "ok", 0.003)  # no current trace: a plain observation
+    text = openmetrics(metrics.registry).decode()
+    lines = [ln for ln in text.splitlines() if " # {" in ln]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("agentd_agent_turn_duration_seconds_bucket")
+    assert 'trace_id="0af7651916cd43dd8448eb211c80319c"' in lines[0]
+    count = 'agentd_agent_turn_duration_seconds_count{agent_type="echo"} 3.0'
+    assert count in text

@@ -127,12 +127,14 @@ async def no_route_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class GetOnly:
-    """An operational route: GET (and HEAD, which arrives as GET) only, else 405."""
+    """An operational route: GET (and HEAD, which arrives as GET) only, else 405. A
+    handler marked ``takes_scope`` gets the request's scope too (e.g. its Accept header)."""
 
-    __slots__ = ("_handler",)
+    __slots__ = ("_handler", "_takes_scope")
 
-    def __init__(self, handler: Callable[[Send], Awaitable[None]]) -> None:
+    def __init__(self, handler: Callable[..., Awaitable[None]]) -> None:
         self._handler = handler
+        self._takes_scope = getattr(handler, "takes_scope", False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
@@ -145,7 +147,10 @@ class GetOnly:
                 headers=[(b"allow", b"GET, HEAD")],
             )
             return
-        await self._handler(send)
+        if self._takes_scope:
+            await self._handler(send, scope)
+        else:
+            await self._handler(send)
 
 
 class KServeEndpoint:

@@ -13,6 +13,7 @@ from agentd.gateway.asgi import PROTOCOL, ROUTE, ASGIApp, Receive, Scope, Send
 from agentd.gateway.detach import client_gone
 from agentd.gateway.protocol import Protocol
 from agentd.observability import Metrics, Tracing
+from agentd.observability.tracing import trace_id_of
 
 __all__ = ["Observe", "StatusRecorder"]
 _CODE_NAMES = {code.value: code.name for code in Code}
@@ -89,6 +90,8 @@ class Observe:
         self._app = app
         self._metrics = metrics
         self._tracing = tracing
+        # Where requests are traced, turns look up their trace for latency exemplars too.
+        metrics.trace_exemplars = metrics.trace_exemplars or tracing.enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         protocol: Protocol = scope[PROTOCOL]
@@ -99,14 +102,17 @@ class Observe:
         recorder = StatusRecorder(send, grpc_web=protocol is Protocol.GRPC_WEB)
         started = time.perf_counter()
         token = None
+        trace_id = None  # the latency exemplar's, when the request is traced
         parent = tracing.extract(scope["headers"]) if _has_trace(scope) else None
         if parent is not None:
             token = otel_context.attach(parent)
+            trace_id = trace_id_of(parent)
         try:
             if tracing.enabled:
                 with tracing.tracer.start_as_current_span(
                     label, kind=SpanKind.SERVER, attributes={"rpc.system": str(protocol)}
                 ) as span:
+                    trace_id = format(span.get_span_context().trace_id, "032x")
                     await self._app(scope, receive, recorder)
                     code, _ = recorder.outcome()
                     span.set_attribute("agentd.status", code)
@@ -117,7 +123,12 @@ class Observe:
                 otel_context.detach(token)
             code, error = recorder.outcome()
             metrics.request_finished(
-                protocol, label, code, time.perf_counter() - started, error=error
+                protocol,
+                label,
+                code,
+                time.perf_counter() - started,
+                error=error,
+                trace_id=trace_id,
             )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 
 from agentd import __version__
-from agentd.gateway.asgi import Send
+from agentd.gateway.asgi import Scope, Send
 from agentd.gateway.health import HealthState
-from agentd.gateway.protocol import send_body
+from agentd.gateway.protocol import header, send_body
 from agentd.observability import Metrics
 
 __all__ = ["OPEN_PATHS", "OpsRoutes"]
@@ -49,6 +49,10 @@ class OpsRoutes:
             body = f"not ready: {reason}\n".encode()
             await send_body(send, 503, body, b"text/plain; charset=utf-8")
 
-    async def _metrics_route(self, send: Send) -> None:
-        body, content_type = self._metrics.render()
+    async def _metrics_route(self, send: Send, scope: Scope) -> None:
+        # OpenMetrics (with exemplars) when the scraper's Accept header asks for it.
+        accept = header(scope, b"accept")
+        body, content_type = self._metrics.render(accept.decode("latin-1") if accept else None)
         await send_body(send, 200, body, content_type.encode())
+
+    _metrics_route.takes_scope = True  # type: ignore[attr-defined]  # GetOnly passes the scope

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from agentd.observability.process_metrics import GcPauses, LoopLag
+from agentd.observability.tracing import current_trace_id
 
 if TYPE_CHECKING:
     from agentd.tools.admission import AdmissionStats
@@ -218,6 +220,9 @@ class Metrics:
         self._tool_admission: _ToolAdmissionCollector | None = None
         self._children: dict[tuple, object] = {}
         self._gc_pauses = GcPauses(r)
+        # Whether turns look up the current trace for an exemplar: set where tracing is
+        # on (the gateway's Observe), so an untraced node pays nothing per turn.
+        self.trace_exemplars = False
         self._loop_lag = LoopLag(r)
 
     async def start(self) -> None:
@@ -242,16 +247,35 @@ class Metrics:
         self._child(self._in_flight, protocol).inc()
 
     def request_finished(
-        self, protocol: str, method: str, code: str, seconds: float, *, error: bool
+        self,
+        protocol: str,
+        method: str,
+        code: str,
+        seconds: float,
+        *,
+        error: bool,
+        trace_id: str | None = None,
     ) -> None:
+        """One request ended; ``trace_id`` (32 hex digits) when it was traced becomes the
+        latency observation's exemplar."""
         self._child(self._in_flight, protocol).dec()
         self._child(self._requests, protocol, method, code).inc()
         if error:
             self._child(self._errors, protocol, method, code).inc()
-        self._child(self._latency, protocol, method).observe(seconds)
+        if trace_id is None:
+            self._child(self._latency, protocol, method).observe(seconds)
+        else:
+            self._child(self._latency, protocol, method).observe(seconds, {"trace_id": trace_id})
 
     def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
+        """One agent turn ended; with :attr:`trace_exemplars` on, a turn run inside a
+        trace gets the trace id as its latency exemplar."""
         self._child(self._turns, agent_type, outcome).inc()
+        if self.trace_exemplars:
+            trace_id = current_trace_id()
+            if trace_id is not None:
+                self._child(self._turn_latency, agent_type).observe(seconds, {"trace_id": trace_id})
+                return
         self._child(self._turn_latency, agent_type).observe(seconds)
 
     def batch_finished(
@@ -301,6 +325,26 @@ class Metrics:
         """
         self.registry.register(_RuntimeCollector(read))
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics (with the latency histograms'
+        exemplars) when ``accept`` (the scraper's Accept header) names
+        ``application/openmetrics-text``, else Prometheus text (which has no exemplars)."""
+        if accept and _wants_openmetrics(accept):
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _wants_openmetrics(accept: str) -> bool:
+    # Prometheus asks "application/openmetrics-text;version=1.0.0,...,text/plain;q=0.5":
+    # any media range naming OpenMetrics with a non-zero quality wins.
+    for media_range in accept[:1024].split(","):
+        media_type, *params = media_range.split(";")
+        if media_type.strip().lower() != "application/openmetrics-text":
+            continue
+        quality = next((p.split("=", 1)[1] for p in params if p.strip().startswith("q=")), "1")
+        try:
+            if float(quality) > 0:
+                return True
+        except ValueError:
+            continue  # a malformed q: that range does not count
+    return False

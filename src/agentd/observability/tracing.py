@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["Tracing", "current_traceparent", "traced"]
+__all__ = ["Tracing", "current_trace_id", "current_traceparent", "trace_id_of", "traced"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -57,6 +57,18 @@ class Tracing:
     def aclose(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def current_trace_id() -> str | None:
+    """The current trace's id (32 hex digits), or None when no trace is current."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
+
+
+def trace_id_of(context: Context) -> str | None:
+    """The trace id (32 hex digits) of the span in ``context``, or None."""
+    span_context = trace.get_current_span(context).get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
 def current_traceparent() -> str | None:
