@@ -44,6 +44,7 @@ bench: $(VENV)/.installed-dev system-test-deps
 	$(BIN)/agentd bench tools
 	$(BIN)/agentd bench generate
 	$(BIN)/agentd bench cluster
+	$(BIN)/agentd bench reload
 
 ## bench-test: only the benchmark tests (marker bench: each suite once with --quick)
 bench-test: $(VENV)/.installed-dev system-test-deps
