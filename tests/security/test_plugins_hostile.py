@@ -6,10 +6,10 @@ ones. And the start-up output names the plugin folder in use, as an absolute pat
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import httpx
 
@@ -90,19 +90,55 @@ def test_plugins_ending_their_import_with_base_exceptions_are_skipped(tmp_path):
         server.stop()
 
 
-def test_start_output_names_the_plugin_folder_and_says_when_it_is_missing(tmp_path):
-    # Relative to where serve starts (the tests run from the repository root).
-    missing = Path(os.path.relpath(tmp_path / "nowhere", Path.cwd()))
-    assert not missing.is_absolute()
-    server = start_server(["--plugins", str(missing)])
+def test_start_output_says_when_the_default_plugin_folder_is_missing(tmp_path):
+    # The default ./plugins, relative to where serve starts: absent, that is no error.
+    here = tmp_path / "here"
+    here.mkdir()
+    server = start_server(wrapper=["sh", "-c", f'cd "{here}" && exec "$0" "$@"'])
     try:
         line = (
-            f"plugin folder: {tmp_path / 'nowhere'} (does not exist: built-in agents, models"
+            f"plugin folder: {here / 'plugins'} (does not exist: built-in agents, models"
             " and tools only)"
         )
         assert line in wait_for_line(server, line), server.log()
     finally:
         server.stop()
+
+
+def serve_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "AGENTD_PLUGINS"}
+    return subprocess.run(
+        [sys.executable, "-m", "agentd", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, "COLUMNS": "250", **(env or {})},
+    )
+
+
+def test_a_plugin_folder_given_that_does_not_exist_is_an_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    config = tmp_path / "agentd.yaml"
+    config.write_text(f"plugins: {missing}\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        ((["--plugins", str(missing)], None), f"--plugins: {missing} does not exist"),
+        (
+            ([], {"AGENTD_PLUGINS": str(missing)}),
+            f"plugins (config file or AGENTD_PLUGINS): {missing} does not exist",
+        ),
+        (
+            (["--config", str(config)], None),
+            f"plugins (config file or AGENTD_PLUGINS): {missing} does not exist",
+        ),
+        ((["--plugins", str(a_file)], None), f"--plugins: {a_file} is not a directory"),
+    ]
+    for (args, env), message in cases:
+        done = serve_exit(*args, env=env)
+        assert done.returncode == 2, (args, env, done.stdout, done.stderr)
+        output = (done.stdout + done.stderr).splitlines()
+        assert output == [f"error: {message}"], (args, env, output)
 
 
 def test_a_file_failing_while_registering_leaves_none_of_its_types(tmp_path, caplog):

@@ -1,5 +1,5 @@
-"""What ``agentd serve`` prints once it listens: where, the plugin folder, and one example
-call per protocol."""
+"""What ``agentd serve`` prints once it listens: where, the plugin folder, what the node
+loaded, and one example call per protocol."""
 
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ def plugin_folder_line(plugins: Path) -> str:
 
 
 def banner(
-    listening: Listening, auth: bool, plugins: Path | None = None, processes: int = 1
+    listening: Listening,
+    auth: bool,
+    plugins: Path | None = None,
+    processes: int = 1,
+    loaded: str | None = None,
 ) -> str:
+    """``loaded``: the node's summary of what it loaded (agents, tools, models), one line."""
     host = listening.host if listening.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
@@ -41,6 +46,8 @@ def banner(
     lines = [f"agentd listening on {url} ({protocols})"]
     if plugins is not None:
         lines.append(plugin_folder_line(plugins))
+    if loaded is not None:
+        lines.append(loaded)
     lines += [
         "",
         "try:",

@@ -174,7 +174,9 @@ def verify(
         )
 
 
-_STATUS_HEADER = ("FILE", "TYPES", "VERSION", "LOADED", "LAST FAILURE")
+_AGENT_HEADER = ("FILE", "TYPES", "VERSION", "LOADED", "LAST FAILURE")
+_TOOL_HEADER = ("FILE", "TOOLS", "VERSION", "LOADED", "LAST FAILURE")
+_MODEL_HEADER = ("NAME", "KIND", "STATE", "VERSION", "LOADED", "LAST FAILURE")
 
 
 @plugins.command("status")
@@ -183,8 +185,9 @@ def status(
     token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the server's JSON.")] = False,
 ) -> None:
-    """The agent plugins a running server has loaded (GET /v1/plugins): each file's agent
-    types, version, load time and the last failed reload (the previous version serves)."""
+    """What a running server has loaded (GET /v1/plugins): a table each for its agent
+    plugin files (types), tool files (tools) and models, with version, load time and the
+    last failed reload (the previous version serves)."""
     import httpx
 
     from agentd.cli.call import answer_json, not_agentd
@@ -199,31 +202,72 @@ def status(
         message = body.get("message", response.text) if isinstance(body, dict) else response.text
         raise _fail(f"{response.status_code} {message}", 1)
     try:
-        rows = [_status_row(agent) for agent in body["agents"]]
+        tables = [
+            ("agent plugins", _AGENT_HEADER, [_agent_row(row) for row in body["agents"]]),
+            ("tools", _TOOL_HEADER, [_tool_row(row) for row in body.get("tools", [])]),
+            ("models", _MODEL_HEADER, [_model_row(row) for row in body.get("models", [])]),
+        ]
     except (KeyError, TypeError, AttributeError, ValueError):
         not_agentd(url, response)
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
-    if not rows:
-        typer.echo("no agent plugins loaded")
-        return
-    widths = [max(len(row[i]) for row in [_STATUS_HEADER, *rows]) for i in range(4)]
-    for row in [_STATUS_HEADER, *rows]:
+    for index, (what, header, rows) in enumerate(tables):
+        if index:
+            typer.echo("")
+        if not rows:
+            typer.echo(f"no {what} loaded")
+            continue
+        _table(header, rows)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
         # The last column unpadded: a failure's reason can be long.
-        padded = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
-        typer.echo("  ".join([*padded, row[4]]).rstrip())
+        padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        typer.echo("  ".join([*padded, row[-1]]).rstrip())
 
 
-def _status_row(agent: dict[str, Any]) -> tuple[str, str, str, str, str]:
-    failure = agent["last_failure"]
+def _agent_row(agent: dict[str, Any]) -> tuple[str, ...]:
     return (
         Path(agent["file"]).name,
         ", ".join(agent["types"]) or "-",
-        (agent["version"] or "-")[:12],
+        _version(agent["version"]),
         _when(agent["loaded_at"]),
-        f"{failure['outcome']} {_when(failure['at'])}: {failure['reason']}" if failure else "-",
+        _failure(agent["last_failure"]),
     )
+
+
+def _tool_row(tool: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        str(tool["file"]),
+        ", ".join(tool["tools"]) or "-",
+        _version(tool["version"]),
+        _when(tool["loaded_at"]),
+        _failure(tool["last_failure"]),
+    )
+
+
+def _model_row(model: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        str(model["name"]),
+        str(model["kind"]),
+        str(model["state"]),
+        _version(model["version"]),
+        _when(model["loaded_at"]),
+        _failure(model["last_failure"]),
+    )
+
+
+def _version(version: str | None) -> str:
+    return (version or "-")[:12]
+
+
+def _failure(failure: dict[str, Any] | None) -> str:
+    if not failure:
+        return "-"
+    return f"{failure['outcome']} {_when(failure['at'])}: {failure['reason']}"
 
 
 def _when(at: float | None) -> str:

@@ -97,6 +97,12 @@ def serve(
         )
     except ConfigError as exc:  # one line naming each bad field, or the config file
         raise fail(f"invalid settings: {exc.message}", 2) from None
+    if "plugins" in settings.model_fields_set and not settings.plugins.is_dir():
+        # Given, it is meant to be used: a typo must not serve the built-ins only, silently.
+        # (The default ./plugins may be absent: the banner says so.)
+        where = "--plugins" if plugins is not None else "plugins (config file or AGENTD_PLUGINS)"
+        what = "is not a directory" if settings.plugins.exists() else "does not exist"
+        raise fail(f"{where}: {settings.plugins} {what}", 2)
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
         if path is not None and not path.is_file():
             raise fail(f"{path} is not a readable file", 2)
@@ -135,11 +141,12 @@ def serve(
             raise typer.Exit(code)
         return
     envoy = EnvoyProcess(settings)
-    try:
-        listening = envoy.start()
-    except StartupError as exc:
-        raise fail(f"could not start: {exc}", 1) from None
-    _print_banner(console, settings, listening)
+    with _LoadedSummary() as summary:
+        try:
+            listening = envoy.start()
+        except StartupError as exc:
+            raise fail(f"could not start: {exc}", 1) from None
+        _print_banner(console, settings, listening, summary.read())
     while not stop.wait(0.2):
         if not envoy.running:
             envoy.stop()  # reaps it and removes its admin socket's folder
@@ -151,11 +158,66 @@ def serve(
     console.print("stopped" if finished else "stopped; some calls were cut off by the grace period")
 
 
-def _print_banner(console: Console, settings: Settings, listening: Listening) -> None:
+# agentd.gateway.plugins_api.LOADED_FILE_ENV (not imported: it would load the whole node here)
+_LOADED_FILE_ENV = "AGENTD_LOADED_FILE"
+
+
+class _LoadedSummary:
+    """The node's one-line summary of what it loaded (agents, tools, models): while the
+    block runs, the Envoy started gets ``AGENTD_LOADED_FILE`` naming a file in a private
+    folder, which its gateway writes once its node has started; :meth:`read` waits for it
+    a little (with TLS, start() returns before the node has started) and gives the line, or
+    None. Only the first Envoy of ``--processes N`` is given the file (one line, not N)."""
+
+    def __enter__(self) -> _LoadedSummary:
+        import os
+        import tempfile
+
+        self._folder = tempfile.mkdtemp(prefix="agentd-loaded-")
+        self._path = os.path.join(self._folder, "loaded")
+        self._previous = os.environ.get(_LOADED_FILE_ENV)
+        os.environ[_LOADED_FILE_ENV] = self._path  # EnvoyProcess.start passes os.environ on
+        return self
+
+    def release(self) -> None:
+        """Give the later Envoys (other processes, restarts) no file."""
+        import os
+
+        if os.environ.get(_LOADED_FILE_ENV) != self._path:
+            return
+        if self._previous is None:
+            os.environ.pop(_LOADED_FILE_ENV, None)
+        else:
+            os.environ[_LOADED_FILE_ENV] = self._previous
+
+    def read(self, timeout: float = 5.0) -> str | None:
+        import time
+
+        self.release()
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self._path, encoding="utf-8") as file:
+                    return file.read().strip() or None
+            except OSError:
+                if time.monotonic() > end:
+                    return None
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        self.release()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _print_banner(
+    console: Console, settings: Settings, listening: Listening, loaded: str | None = None
+) -> None:
     from agentd.cli.banner import banner
 
     console.print(
-        banner(listening, settings.auth_tokens != [], settings.plugins, settings.processes),
+        banner(listening, settings.auth_tokens != [], settings.plugins, settings.processes, loaded),
         markup=False,
         soft_wrap=True,
     )
@@ -224,6 +286,7 @@ def _serve_processes(settings: Settings, console: Console, stop: threading.Event
     count = settings.processes
     peers = local_peers(count)
     children: list[_EnvoyChild] = []
+    summary = _LoadedSummary().__enter__()  # closed in the finally below
     try:
         port, health_port = settings.port, settings.health_port
         for name, endpoint in zip(peers.ids, peers.endpoints, strict=True):
@@ -250,8 +313,9 @@ def _serve_processes(settings: Settings, console: Console, stop: threading.Event
                 return 1
             assert child.listening is not None
             port, health_port = child.listening.port, child.listening.health_port
+            summary.release()  # the first process writes the summary, the others not
         assert children[0].listening is not None
-        _print_banner(console, settings, children[0].listening)
+        _print_banner(console, settings, children[0].listening, summary.read())
         console.print(
             "processes: " + ", ".join(f"{c.name} (pid {c.pid})" for c in children), markup=False
         )
@@ -272,3 +336,4 @@ def _serve_processes(settings: Settings, console: Console, stop: threading.Event
         for child in children:
             child.kill()  # only those still running: a failed start, an error above
         peers.remove()
+        summary.__exit__()

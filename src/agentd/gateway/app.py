@@ -87,9 +87,16 @@ class Gateway:
         self.health.add_check(self.runtime.not_ready_reason)
         kserve_app = kserve_grpc_app(self.inference, limit, ready=self.health.ready)
         rpc_apps: list[Any] = [agent_app, health_app(self.health), *reflection, kserve_app]
-        ops = OpsRoutes(self.health, self.metrics, sorted(a.path[1:] for a in rpc_apps))
+        ops = OpsRoutes(
+            self.health,
+            self.metrics,
+            sorted(a.path[1:] for a in rpc_apps),
+            plugin_failures=node.plugins.failures if node.plugins is not None else None,
+            plugin_folder=node.plugins.folder if node.plugins is not None else None,
+        )
         ops.routes[TOOLS_PATH] = ToolsApi(self.tools).list
-        ops.routes[PLUGINS_PATH] = PluginsApi(node).list
+        self.plugins_api = PluginsApi(node)
+        ops.routes[PLUGINS_PATH] = self.plugins_api.list
         self.router = _build_router(
             rpc_apps,
             ops,
@@ -133,6 +140,7 @@ class Gateway:
                         await send({"type": "lifespan.startup.failed", "message": _why(exc)})
                         return
                     self._owns_start = True
+                    self.plugins_api.write_summary()  # agentd serve prints it (one line)
                 if self.health.phase is Phase.STARTING:  # a drain may have begun meanwhile
                     self.health.set_phase(Phase.SERVING)
                 await send({"type": "lifespan.startup.complete"})
