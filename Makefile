@@ -71,14 +71,16 @@ proto: $(VENV)/.installed-dev
 	  --connect-python_out=src \
 	  $$(find proto -name '*.proto')
 
-# System tools the tests and benchmarks drive: curl (a real HTTP client), h2load, and the
-# etcd and Redis servers the cluster tests start on free ports (never as system services).
+# System tools the tests and benchmarks drive: curl (a real HTTP client), h2load, the
+# etcd and Redis servers the cluster tests start on free ports (never as system services),
+# and Prometheus (prometheus and promtool) for the metrics tests.
 system-test-deps:
 	@missing=""; \
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	command -v h2load >/dev/null 2>&1 || missing="$$missing nghttp2-client"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
