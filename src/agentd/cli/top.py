@@ -44,7 +44,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     "tool_calls": ("agentd_tool_calls_total",),  # {tool, outcome}
     "tool_failures": ("agentd_tool_errors_total",),  # {tool, kind}
     "errors": ("agentd_request_errors_total",),  # {protocol, method, code}
-    "gc_pause": ("agentd_gc_pause_seconds",),  # histogram (issue 16)
+    "gc_pause": ("agentd_gc_pause_seconds",),  # histogram {generation} (issue 16)
+    "loop_lag": ("agentd_event_loop_lag_seconds",),  # histogram (issue 16)
 }
 
 Labels = tuple[tuple[str, str], ...]
@@ -255,6 +256,7 @@ class Frame:
     tool_calls: float | None
     tool_failures: float | None
     gc_pause_p99: float | None
+    loop_lag_p99: float | None
     models: list[ModelRow]
     errors: list[tuple[str, float, float | None]]  # (code, total, per second)
 
@@ -271,6 +273,7 @@ def build_frame(prev: Samples | None, cur: Samples, seconds: float | None, url: 
     tool_calls = _rates(prev, cur, "tool_calls", span)
     tool_failures = _rates(prev, cur, "tool_failures", span)
     gc = (_histograms(prev, cur, "gc_pause", None) or {}).get("")
+    lag = (_histograms(prev, cur, "loop_lag", None) or {}).get("")
     error_totals = _values(cur, "errors", "code") or {}
     error_rates = _rates(prev, cur, "errors", span, "code") or {}
     return Frame(
@@ -288,6 +291,7 @@ def build_frame(prev: Samples | None, cur: Samples, seconds: float | None, url: 
         tool_calls=_one(_values(cur, "tool_calls")),
         tool_failures=_one(_values(cur, "tool_failures")),
         gc_pause_p99=gc.quantile(0.99) if gc is not None else None,
+        loop_lag_p99=lag.quantile(0.99) if lag is not None else None,
         models=_model_rows(prev, cur, span),
         errors=[
             (code, total, error_rates.get(code)) for code, total in sorted(error_totals.items())
@@ -386,6 +390,7 @@ def render(frame: Frame, *, problem: str | None = None) -> RenderableType:
         "GC pause p99", seconds_text(frame.gc_pause_p99),
         "tool failures", count_text(frame.tool_failures),
     )  # fmt: skip
+    node.add_row("", "", "loop lag p99", seconds_text(frame.loop_lag_p99), "", "")
     parts.append(node)
 
     models = Table(box=None, pad_edge=False, header_style="bold")
@@ -457,7 +462,7 @@ def top(
 ) -> None:
     """A live view of a running node, from its /metrics: agents, turns/s, run queue,
     rejections, batch sizes, tokens/s and time to first token per model, KV blocks, tool
-    calls and failures, errors by code, GC pause p99. Ctrl-C quits."""
+    calls and failures, errors by code, GC pause and event-loop lag p99. Ctrl-C quits."""
     import httpx
     from rich.console import Console
 
