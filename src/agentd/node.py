@@ -138,11 +138,15 @@ class Node:
             self.registry = registry if registry is not None else build_registry(settings)
             # One catalogue of model folders: each config.yaml is read once, for both.
             self.models = build_catalog(settings)
-            self.inference = build_inference(settings, self.metrics, self.models)
+            self.inference = build_inference(
+                settings, self.metrics, self.models, deadlines=self.deadlines
+            )
             self.generation = None
             if options.generation:
                 assert self.metrics is not None  # NodeOptions refuses generation without it
-                self.generation = build_generation(settings, self.metrics, self.models)
+                self.generation = build_generation(
+                    settings, self.metrics, self.models, deadlines=self.deadlines
+                )
             self.tools = None
             if options.tools:
                 from agentd.tools.factory import open_tool_service  # not loaded without tools
@@ -151,6 +155,7 @@ class Node:
             # Agents owned by other nodes (peers or etcd set) go through the cluster.
             self.cluster = build_cluster(settings, self.metrics, self.tracing)
             host_options = dict(options.host_options)
+            host_options.setdefault("deadlines", self.deadlines)  # one policy, shared
             if self.cluster is not None:
                 host_options.setdefault("forwarder", self.cluster.forwarder)
             self.runtime = build_runtime(
@@ -173,7 +178,9 @@ class Node:
             reload = options.reload if options.reload is not None else registry is None
             self.plugins = (
                 build_plugins(self)
-                if reload and settings.reload and settings.plugins.is_dir()
+                if reload
+                and settings.reload
+                and (settings.plugins.is_dir() or settings.config is not None)
                 else None
             )
         except BaseException:
@@ -310,7 +317,17 @@ def build_plugins(node: Node) -> PluginManager:
         )
     ]
     # (one block per further kind: tools, models, the settings file)
-    return PluginManager(settings.plugins, handlers, debounce_ms=settings.reload_debounce_ms)
+    if settings.config is not None:
+        # The config file, wherever it lives (watched even without a plugin folder).
+        from agentd.plugins.settings_reload import SettingsReload
+
+        handlers.append(SettingsReload(node, observer=observer))
+    return PluginManager(
+        settings.plugins,
+        handlers,
+        debounce_ms=settings.reload_debounce_ms,
+        config=settings.config,
+    )
 
 
 def build_catalog(settings: Settings) -> ModelCatalog:
@@ -319,10 +336,14 @@ def build_catalog(settings: Settings) -> ModelCatalog:
 
 
 def build_inference(
-    settings: Settings, metrics: Metrics | None, catalog: ModelCatalog | None = None
+    settings: Settings,
+    metrics: Metrics | None,
+    catalog: ModelCatalog | None = None,
+    *,
+    deadlines: DeadlinePolicy | None = None,
 ) -> InferenceService:
     """The inference service over the tensor models of ``catalog`` (default: the
-    settings' own)."""
+    settings' own), applying ``deadlines`` (default: a policy of its own from settings)."""
     from agentd import __version__
     from agentd.inference.onnx_runtime import OnnxLoader, SessionFactory
 
@@ -335,12 +356,16 @@ def build_inference(
         threads=settings.inference_threads,
         observer=metrics,
         server_version=__version__,
-        deadlines=deadline_policy(settings),
+        deadlines=deadlines or deadline_policy(settings),
     )
 
 
 def build_generation(
-    settings: Settings, metrics: Metrics, catalog: ModelCatalog | None = None
+    settings: Settings,
+    metrics: Metrics,
+    catalog: ModelCatalog | None = None,
+    *,
+    deadlines: DeadlinePolicy | None = None,
 ) -> GenerationService:
     """Language models (``kind: language-model`` folders of ``catalog``, default: the
     settings' own) for the OpenAI API and ctx.generate: the built-in tinylm and any under
@@ -351,7 +376,7 @@ def build_generation(
         threads=settings.inference_threads,
         providers=settings.execution_providers or None,
         observer=observer,
-        deadlines=deadline_policy(settings),
+        deadlines=deadlines or deadline_policy(settings),
     )
     observer.watch(service.gauges)
     return service

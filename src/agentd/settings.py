@@ -21,7 +21,7 @@ from pydantic_settings import (
 
 from agentd.errors import ConfigError, InvalidArgument
 
-__all__ = ["Settings", "describe_settings_error", "load_settings"]
+__all__ = ["Settings", "describe_settings_error", "load_settings", "reread_settings"]
 
 CONFIG_ENV = "AGENTD_CONFIG"
 
@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTD_", extra="forbid")
 
     config: Path | None = Field(None, description="YAML file these settings were read from")
+    # The flags ``load_settings`` was given: a reload of the config file reads the settings
+    # again with them (flags still win over the file). Set by load_settings, not the file.
+    serve_flags: dict[str, Any] = Field(
+        default_factory=dict, description="command-line flags the settings were read with"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     tls_cert: Path | None = None
@@ -309,6 +314,8 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         for key in data:
             if not isinstance(key, str):
                 raise ValueError(f"config file {path}: setting names must be strings, not {key!r}")
+        if "serve_flags" in data or "serve-flags" in data:
+            raise ValueError(f"config file {path}: serve_flags is not a setting of the file")
         return {key.replace("-", "_"): value for key, value in data.items()}
 
 
@@ -323,10 +330,22 @@ def load_settings(**flags: Any) -> Settings:
     ``AGENTD_*`` variable that set it) or the config file's problem; pydantic's
     ValidationError is its ``__cause__``.
     """
+    given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None})
+        return Settings(**given, serve_flags=_jsonable(given))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too
         raise ConfigError(describe_settings_error(exc)) from exc
+
+
+def reread_settings(current: Settings) -> Settings:
+    """The settings read again as :func:`load_settings` read ``current``: its flags, the
+    environment and the config file (now). ConfigError as load_settings raises it."""
+    return load_settings(**current.serve_flags)
+
+
+def _jsonable(flags: dict[str, Any]) -> dict[str, Any]:
+    # The settings travel to the server process as JSON: paths as strings.
+    return {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
 
 
 def describe_settings_error(exc: ValueError) -> str:

@@ -58,3 +58,14 @@ def test_settings_refuse_a_default_longer_than_the_maximum():
     with pytest.raises(ValidationError, match=longer):
         Settings(default_timeout_s=60, max_timeout_s=5)
     assert Settings(default_timeout_s=None, max_timeout_s=5).max_timeout_s == 5
+
+
+def test_an_update_changes_the_policy_in_place_or_not_at_all():
+    policy = DeadlinePolicy(default_s=10.0, max_s=30.0)
+    policy.update(2.0, 5.0)
+    assert (policy.timeout(None), policy.timeout(60.0)) == (2.0, 5.0)
+    policy.update(None, None)
+    assert policy.timeout(None) is None and policy.timeout(600.0) == 600.0
+    with pytest.raises(InvalidArgument, match="longer than the maximum"):
+        policy.update(20.0, 10.0)
+    assert policy == DeadlinePolicy()  # unchanged by the refused update

@@ -22,6 +22,7 @@ __all__ = [
     "BodyLimit",
     "BodyTooLarge",
     "InflatedTooLarge",
+    "SizeLimit",
     "TokenCheck",
     "UnsupportedEncoding",
     "buffer_body",
@@ -74,6 +75,16 @@ class Auth:
         await self._app(scope, receive, send)
 
 
+class SizeLimit:
+    """A body size limit shared by the gateway's routes, read per request: a settings
+    reload changes ``bytes`` for them all at once."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self, limit: int) -> None:
+        self.bytes = limit
+
+
 class BodyLimit:
     """Middleware: a body past ``limit`` bytes is refused with 413 RESOURCE_EXHAUSTED.
 
@@ -85,13 +96,13 @@ class BodyLimit:
 
     __slots__ = ("_app", "_limit", "_stream_grpc")
 
-    def __init__(self, app: ASGIApp, limit: int, *, stream_grpc: bool = False) -> None:
+    def __init__(self, app: ASGIApp, limit: int | SizeLimit, *, stream_grpc: bool = False) -> None:
         self._app = app
-        self._limit = limit
+        self._limit = limit if isinstance(limit, SizeLimit) else SizeLimit(limit)
         self._stream_grpc = stream_grpc
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self._limit
+        limit = self._limit.bytes
         length = header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await too_large(send, scope[PROTOCOL], limit)

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from agentd.agents import AgentRegistry
-from agentd.gateway.admission import Auth, BodyLimit, TokenCheck
+from agentd.gateway.admission import Auth, BodyLimit, SizeLimit, TokenCheck
 from agentd.gateway.agent_service import AgentServiceImpl
 from agentd.gateway.asgi import PROTOCOL, ROUTE, ASGIApp, Receive, Scope, Send
 from agentd.gateway.connect_json import ConnectJsonInvoke
@@ -42,6 +42,7 @@ from agentd.gateway.router import Route, Router, by_label
 from agentd.gateway.rpc_errors import compressions, install_strict_codecs
 from agentd.gateway.tools_api import TOOLS_PATH, ToolsApi
 from agentd.node import Node
+from agentd.plugins.settings_reload import SettingsReload
 from agentd.settings import Settings
 from agentd.v1 import agent_pb2
 from agentd.v1.agent_connect import AgentServiceASGIApplication
@@ -75,6 +76,7 @@ class Gateway:
         self._owns_start = False
         install_strict_codecs()
         limit = settings.max_body_bytes
+        self._body_limit = SizeLimit(limit)  # the routes' own check, changed by a reload
         agent_service = AgentServiceImpl(self.runtime, tools=self.tools)
         agent_app = AgentServiceASGIApplication(
             agent_service, read_max_bytes=limit, compressions=compressions(limit)
@@ -104,13 +106,25 @@ class Gateway:
             KServeRest(self.inference, max_body_bytes=limit, ready=self.health.ready),
             ModelAdmin(self.inference),
             OpenAIRoutes(self.generation, max_body_bytes=limit),
-            limit,
+            self._body_limit,
         )
+        self._app: ASGIApp = self._guarded(settings)
+        # A settings reload (docs/configuration.md) swaps the chain in one assignment: auth
+        # off costs nothing per request, as without reload.
+        reload = node.plugins.handlers.get("settings") if node.plugins is not None else None
+        if isinstance(reload, SettingsReload):
+            reload.subscribe(self._settings_changed)
+
+    def _guarded(self, settings: Settings) -> ASGIApp:
         app: ASGIApp = _dispatch
         tokens = TokenCheck(settings.auth_tokens)
         if tokens.enabled:
             app = Auth(app, tokens)
-        self._app = Observe(app, self.metrics, self.tracing)
+        return Observe(app, self.metrics, self.tracing)
+
+    def _settings_changed(self, settings: Settings) -> None:
+        self._body_limit.bytes = settings.max_body_bytes
+        self._app = self._guarded(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -188,7 +202,7 @@ def _build_router(
     kserve: KServeRest,
     admin: ModelAdmin,
     openai: OpenAIRoutes,
-    limit: int,
+    limit: SizeLimit,
 ) -> Router:
     """Every route of the gateway, each with its label and its own middleware."""
     router = Router(Route("other", unknown_path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from agentd.errors import Code
-from agentd.gateway.admission import counting_receive, framed_receive
+from agentd.gateway.admission import SizeLimit, counting_receive, framed_receive
 from agentd.gateway.asgi import PROTOCOL, ASGIApp, Receive, Scope, Send
 from agentd.gateway.connect_json import ConnectJsonInvoke
 from agentd.gateway.kserve import KServeRest
@@ -47,12 +47,12 @@ class RpcMethod:
         self,
         app: ASGIApp,
         *,
-        limit: int,
+        limit: int | SizeLimit,
         streaming_requests: bool,
         json_invoke: ConnectJsonInvoke | None = None,
     ) -> None:
         self._app = app
-        self._limit = limit
+        self._limit = limit if isinstance(limit, SizeLimit) else SizeLimit(limit)
         self._unary = not streaming_requests
         self._json_invoke = json_invoke
 
@@ -65,9 +65,11 @@ class RpcMethod:
                 return
             if _enveloped(header(scope, b"content-type")):
                 encoded = declares_encoding(scope, protocol)
-                receive = framed_receive(receive, self._limit, unary=self._unary, encoded=encoded)
+                receive = framed_receive(
+                    receive, self._limit.bytes, unary=self._unary, encoded=encoded
+                )
             else:
-                receive = counting_receive(receive, self._limit)
+                receive = counting_receive(receive, self._limit.bytes)
             await self._app(scope, receive, send)
             return
         if self._json_invoke is not None and self._json_invoke.accepts(scope):
@@ -76,7 +78,7 @@ class RpcMethod:
         if (header(scope, b"content-type") or b"").startswith(b"application/connect+"):
             # Connect streaming: the body is enveloped like gRPC's; check its framing too.
             encoded = declares_encoding(scope, protocol)
-            receive = framed_receive(receive, self._limit, unary=self._unary, encoded=encoded)
+            receive = framed_receive(receive, self._limit.bytes, unary=self._unary, encoded=encoded)
         await self._app(scope, receive, send)
 
 

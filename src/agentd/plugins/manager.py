@@ -8,8 +8,10 @@ being written is not read half-way). Editor temp files (``.swp``, ``~``, ``.#*``
 files changed, not how: it reads each one (gone: removed) and skips content it already
 serves, so a write, a rename onto the file and a save repeated all end the same way.
 
-Kinds: ``agents`` (``agents/*.py``) now. ``tools/*.py``, ``models/<name>/...`` and the
-settings file get handlers of their own later; a change nobody handles is ignored. A change
+Kinds: ``agents`` (``agents/*.py``), ``tools/*.py``, ``models/<name>/...`` and
+``settings``: the node's config file (``settings.config``), wherever it lives, watched in
+its own folder (not recursively) for that one name, so an editor's save by rename onto it
+is seen too. A change nobody handles is ignored. A change
 to ``MANIFEST`` or ``MANIFEST.sig`` asks every handler to look at all its files again (a
 file refused before may verify now).
 """
@@ -96,15 +98,23 @@ class PluginManager:
     serves without live reload."""
 
     def __init__(
-        self, folder: Path, handlers: Iterable[PluginHandler], *, debounce_ms: int = 50
+        self,
+        folder: Path,
+        handlers: Iterable[PluginHandler],
+        *,
+        debounce_ms: int = 50,
+        config: Path | None = None,
     ) -> None:
         self.folder = folder.resolve()
+        # The node's config file (kind "settings"); None: not watched.
+        self.config = config.resolve() if config is not None else None
         self.handlers = {handler.kind: handler for handler in handlers}
         self.debounce_ms = debounce_ms
         self.batches = 0  # batches of changes handed on (for tests and status)
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._config_task: asyncio.Task[None] | None = None
         self._pending: set[Path] = set()  # changed, waiting for the quiet period to end
         self._last_change = 0.0
         self._flusher: asyncio.Task[None] | None = None
@@ -113,10 +123,22 @@ class PluginManager:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("the plugin manager was started already")
-        self._task = asyncio.create_task(self._watch(), name="agentd-plugin-watch")
+        # No plugin folder (a node with only its config file to watch): nothing to watch.
+        self._task = asyncio.create_task(
+            self._watch() if self.folder.is_dir() else self._stop.wait(),
+            name="agentd-plugin-watch",
+        )
+        if self.config is not None:
+            self._config_task = asyncio.create_task(
+                self._watch_config(self.config), name="agentd-config-watch"
+            )
         # The watch's first step sets up the folder's watches (inotify), in this thread,
         # before it first waits: once it has run, every later write is seen.
         await asyncio.sleep(0)
+        if self._config_task is not None and self._config_task.done():
+            error = self._config_task.exception()
+            log.error("settings reload is off: %s cannot be watched: %s", self.config, error)
+            self._config_task = None
         if self._task.done():
             error = self._task.exception()
             log.error("live reload is off: %s cannot be watched: %s", self.folder, error)
@@ -134,12 +156,13 @@ class PluginManager:
         self._stop.set()
         if self._flusher is not None:
             self._flusher.cancel()
-        task, self._task = self._task, None
-        if task is not None:
-            try:
-                await task
-            except Exception:
-                log.exception("the plugin watcher failed")
+        for task in (self._task, self._config_task):
+            if task is not None:
+                try:
+                    await task
+                except Exception:
+                    log.exception("the plugin watcher failed")
+        self._task = self._config_task = None
         for handler in self.handlers.values():
             await handler.aclose()
 
@@ -156,7 +179,7 @@ class PluginManager:
         """Hand one debounced batch of changed paths to their handlers."""
         by_kind: defaultdict[str, set[Path]] = defaultdict(set)
         for path in paths:
-            kind = kind_of(self.folder, path)
+            kind = "settings" if path == self.config else kind_of(self.folder, path)
             if kind is not None:
                 by_kind[kind].add(path)
         if not by_kind:
@@ -186,6 +209,24 @@ class PluginManager:
             watch_filter=self._wanted,
             step=self._step,
             debounce=1600,  # (the longest the rust side holds a steady stream back)
+            stop_event=self._stop,
+        ):
+            if changes:
+                self._pending.update(Path(path) for _, path in changes)
+                self._last_change = loop.time()
+                if self._flusher is None or self._flusher.done():
+                    self._flusher = asyncio.create_task(self._flush())
+
+    async def _watch_config(self, config: Path) -> None:
+        """The config file's folder, that one name only, not recursively (it may be a
+        large folder such as the working directory)."""
+        loop = asyncio.get_running_loop()
+        async for changes in watchfiles.awatch(
+            config.parent,
+            watch_filter=lambda _, path: Path(path) == config,
+            recursive=False,
+            step=self._step,
+            debounce=1600,
             stop_event=self._stop,
         ):
             if changes:

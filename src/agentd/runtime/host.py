@@ -162,6 +162,30 @@ class ActorHost:
                 self._watch_told_turns(self._told_timeout), name="told-turn-deadlines"
             )
 
+    def reconfigure(
+        self, *, idle_seconds: float | None = None, max_mailbox: int | None = None
+    ) -> None:
+        """Apply changed limits live (a settings reload): the idle time before passivation,
+        the mailbox bound (for messages from now on), and the told turns' deadline from the
+        node's deadline policy (updated in place before this call)."""
+        if idle_seconds is not None:
+            self._idle_seconds = idle_seconds
+        if max_mailbox is not None:
+            self._max_mailbox = max_mailbox
+        told = self._deadlines.default_s
+        if told == self._told_timeout:
+            return
+        self._told_timeout = told  # turns from now on; running ones keep theirs
+        if self._sweeper is None:
+            return  # not started: start() sets the watchdog up
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if told is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch_told_turns(told), name="told-turn-deadlines"
+            )
+
     async def aclose(self, grace: float = 10.0) -> None:
         for task in (self._sweeper, self._watchdog):
             if task is not None:
@@ -519,9 +543,9 @@ class ActorHost:
                     task.cancel()
 
     async def _sweep_forever(self) -> None:
-        interval = max(1.0, min(60.0, self._idle_seconds / 4))
         while True:
-            await asyncio.sleep(interval)
+            # Each time: a settings reload may change the idle time.
+            await asyncio.sleep(max(1.0, min(60.0, self._idle_seconds / 4)))
             self.passivate_idle(self._idle_seconds)
 
     def instance(self, address: str | Address) -> Agent:
