@@ -204,6 +204,12 @@ def two() -> Iterator[RunningServer]:
     assert running.stop() == 0, running.log()
 
 
+def test_what_was_loaded_is_printed_once_not_per_process(two):
+    loaded = [line for line in two.log().splitlines() if line.startswith("loaded ")]
+    assert len(loaded) == 1, two.log()
+    assert " agent types (" in loaded[0] and " models (" in loaded[0]
+
+
 def test_the_readme_examples_are_served_unchanged(two):
     url = two.url
     # Connect JSON over HTTP/1.1 and HTTP/2 (curl, as the README)
