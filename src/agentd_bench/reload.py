@@ -13,8 +13,11 @@ Sections, each with its target (met or not), or the reason it could not run here
   5%): the ``agentd serve`` process and every process below it, summed (the node, which
   reloads, runs in the Envoy child; the ``agentd serve`` process supervises it); the
   cycles continue the agent section's on its server;
-* tool, model: tool reload with a cache hit and the decision model's reload, once the node
-  reloads tools and models (until then: skipped, with why).
+* model: a copy of the built-in decision model in the plugin folder, its config rewritten
+  with a new version N times while callers keep calling it: from the completed rename to
+  the first answer by the new version (reported), and the calls that failed (target 0);
+* tool: tool reload with a cache hit, once the node reloads tools (until then: skipped,
+  with why).
 
 Both servers are real ``agentd serve`` processes on 127.0.0.1, each with its own temporary
 plugin folder; the calls are Connect JSON over httpx.
@@ -26,10 +29,12 @@ import importlib.util
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -57,6 +62,12 @@ INVOKE = "/agentd.v1.AgentService/Invoke"
 AGENT_FILE = "agents/ver.py"
 INSTANCES = 8  # the calls rotate over these instances: each moves to new versions in turn
 NEW_VERSION_TIMEOUT_S = 10.0
+MODEL = "decision"  # the built-in model, copied into the plugin folder
+MODEL_INFER = f"/v2/models/{MODEL}/infer"
+MODEL_REQUEST = {
+    "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]
+}
+MODEL_CALLERS = 2  # besides the one waiting for the new version
 
 # Each version answers with its name; a module-level table makes a version's module hold
 # some memory, so a module kept alive by a reload would show in the RSS.
@@ -81,10 +92,11 @@ class ReloadConfig:
     agent_reloads: int  # timed, on each of the two servers
     memory_early: int  # the cycle after which the first RSS is read
     memory_cycles: int  # reload cycles in all on the unsigned server (the timed ones first)
+    model_reloads: int
 
 
-FULL = ReloadConfig(agent_reloads=100, memory_early=10, memory_cycles=1000)
-QUICK = ReloadConfig(agent_reloads=10, memory_early=10, memory_cycles=60)
+FULL = ReloadConfig(agent_reloads=100, memory_early=10, memory_cycles=1000, model_reloads=10)
+QUICK = ReloadConfig(agent_reloads=10, memory_early=10, memory_cycles=60, model_reloads=3)
 
 
 # ---------------------------------------------------------------- servers and writes
@@ -204,22 +216,20 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def _server_reloads(http: httpx.Client) -> dict[str, Any]:
-    """What the server counted: its reloads by outcome and its own mean reload time (read,
-    verify, import, constructor check, swap), the part verification adds to."""
+def _server_reloads(http: httpx.Client, kind: str = "agents") -> dict[str, Any]:
+    """What the server counted for ``kind``: its reloads by outcome and its own mean reload
+    time (for agents: read, verify, import, constructor check, swap; the part verification
+    adds to)."""
     text = http.get("/metrics").text
-    count = _metric(text, "agentd_plugin_reload_seconds_count", kind="agents")
-    total = _metric(text, "agentd_plugin_reload_seconds_sum", kind="agents")
+    count = _metric(text, "agentd_plugin_reload_seconds_count", kind=kind)
+    total = _metric(text, "agentd_plugin_reload_seconds_sum", kind=kind)
+    outcomes = {
+        outcome: int(_metric(text, "agentd_plugin_reloads_total", kind=kind, outcome=outcome))
+        for outcome in ("ok", "failed", "refused", "removed")
+    }
     return {
-        "reloads_ok": int(
-            _metric(text, "agentd_plugin_reloads_total", kind="agents", outcome="ok")
-        ),
-        "reloads_not_ok": int(
-            sum(
-                _metric(text, "agentd_plugin_reloads_total", kind="agents", outcome=outcome)
-                for outcome in ("failed", "refused", "removed")
-            )
-        ),
+        "reloads_ok": outcomes.pop("ok"),
+        "reloads_not_ok": sum(outcomes.values()),
         "server_reload_mean_ms": round(total / count * 1000, 3) if count else None,
     }
 
@@ -260,6 +270,7 @@ class _Run:
 
 
 def _measure(config: ReloadConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    from agentd.models.catalog import builtin_models_dir
     from agentd.plugins.signing import generate_keypair, load_signing_key
 
     measured: dict[str, Any] = {}
@@ -275,6 +286,8 @@ def _measure(config: ReloadConfig, progress: Callable[[str], None]) -> dict[str,
         }
         for folder in plugins.values():
             folder.write("v0")
+        # The model section's copy of the built-in decision model (version 1).
+        shutil.copytree(builtin_models_dir() / MODEL, plugins["plain"].folder / "models" / MODEL)
         envs = {
             "plain": {},
             "signed": {"AGENTD_REQUIRE_SIGNATURE": "true", "AGENTD_PLUGIN_TRUSTED_KEYS": public},
@@ -388,10 +401,98 @@ def _tool(run: _Run) -> dict[str, Any]:
     raise Skipped("tool reload is not measured by this benchmark yet")
 
 
+class _Callers:
+    """Threads calling the model without pause while it reloads, each on its own client:
+    the calls a reload must not fail."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.calls = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._call, args=(url,), daemon=True) for _ in range(count)
+        ]
+
+    def _call(self, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not self._stop.is_set():
+                error = _model_call(http)[1]
+                with self._lock:
+                    self.calls += 1
+                    if error is not None:
+                        self.failures.append(error)
+
+    def __enter__(self) -> _Callers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def _model_call(http: httpx.Client) -> tuple[str | None, str | None]:
+    """One inference on the model: (the version that answered, None) or (None, why not)."""
+    try:
+        r = http.post(MODEL_INFER, json=MODEL_REQUEST)
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if r.status_code != 200:
+        return None, f"HTTP {r.status_code}: {r.text[:200]}"
+    return r.json().get("model_version"), None
+
+
 def _model(run: _Run) -> dict[str, Any]:
-    if importlib.util.find_spec("agentd.plugins.models") is None:
-        raise Skipped("model reload is not in this agentd yet (no agentd.plugins.models)")
-    raise Skipped("model reload is not measured by this benchmark yet")
+    """The decision model's copy in the plugin folder, its config rewritten with a new
+    version each time, while callers keep calling it: from the completed rename to the
+    first answer by the new version, and every call's outcome."""
+    folder = run.plugins["plain"].folder / "models" / MODEL
+    config = folder / "config.yaml"
+    original = config.read_text()
+    http = run.clients["plain"]
+    if _model_call(http)[0] != "1":
+        raise BenchError(f"the copy of {MODEL} in the plugin folder does not serve version 1")
+    latencies, calls, failures = [], 0, []
+    started = time.perf_counter()
+    with _Callers(str(http.base_url), MODEL_CALLERS) as callers:
+        for version in range(2, run.config.model_reloads + 2):
+            text = re.sub(r"^version: .*$", f'version: "{version}"', original, count=1, flags=re.M)
+            # Beside the folder under a hidden name: not a file of the model, same file system.
+            tmp = folder.parent / f".{MODEL}-config.yaml.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, config)
+            written = time.perf_counter()
+            while True:
+                answered, error = _model_call(http)
+                calls += 1
+                if error is not None:
+                    failures.append(error)
+                if answered == str(version):
+                    latencies.append(time.perf_counter() - written)
+                    break
+                if time.perf_counter() - written > NEW_VERSION_TIMEOUT_S:
+                    raise BenchError(
+                        f"{MODEL} version {version} did not answer within"
+                        f" {NEW_VERSION_TIMEOUT_S} s (does this node reload model folders?)"
+                    )
+    seconds = time.perf_counter() - started
+    run.progress(f"  {len(latencies)} reloads: p50 {statistics.median(latencies) * 1000:.1f} ms")
+    failures += callers.failures
+    return {
+        "model": MODEL,
+        "reloads": len(latencies),
+        "reload_debounce_ms": Settings.model_fields["reload_debounce_ms"].default,
+        **_latency(latencies),
+        "callers": MODEL_CALLERS + 1,
+        "calls": calls + callers.calls,
+        "seconds": round(seconds, 3),
+        "failed_calls": len(failures),
+        "failures": failures[:5],
+        **_server_reloads(http, "models"),
+    }
 
 
 SECTIONS: dict[str, Callable[[_Run], dict[str, Any]]] = {
@@ -421,6 +522,15 @@ def _targets(name: str, section: dict[str, Any]) -> list[dict[str, Any]]:
                 f"write -> first answer by the new version{signed}: p99 < {AGENT_P99_MS:g} ms",
                 section["p99_ms"],
                 section["p99_ms"] < AGENT_P99_MS and section["reloads_not_ok"] == 0,
+            )
+        ]
+    if name == "model":
+        return [
+            _target(
+                "model_no_failed_calls",
+                f"calls to {section['model']} while it reloads: 0 failed",
+                section["failed_calls"],
+                section["failed_calls"] == 0 and section["reloads_not_ok"] == 0,
             )
         ]
     if name == "memory":
@@ -458,6 +568,12 @@ def _figures(name: str, s: dict[str, Any]) -> str:
         if name == "agent_signed":
             text += f"; signing the folder {s['sign_p50_ms']} ms p50"
         return text
+    if name == "model":
+        return (
+            f"{s['reloads']} reloads of {s['model']}: new version answers after p50"
+            f" {s['p50_ms']} ms, max {s['max_ms']} ms; {s['calls']:,} calls by"
+            f" {s['callers']} callers, {s['failed_calls']} failed"
+        )
     if name == "memory":
         return (
             f"server RSS {s['rss_mb_early']} MB after {s['early_cycle']} cycles,"
