@@ -317,6 +317,18 @@ def build_plugins(node: Node) -> PluginManager:
         )
     ]
     # (one block per further kind: tools, models, the settings file)
+    from agentd.plugins.models import ModelPlugins
+
+    handlers.append(
+        ModelPlugins(
+            node.inference,
+            node.generation,
+            settings.plugins / "models",
+            catalog=node.models,
+            check=verifier.check_folder,
+            observer=observer,
+        )
+    )
     if settings.config is not None:
         # The config file, wherever it lives (watched even without a plugin folder).
         from agentd.plugins.settings_reload import SettingsReload

@@ -104,7 +104,7 @@ class Gateway:
             ops,
             ConnectJsonInvoke(self.runtime),
             KServeRest(self.inference, max_body_bytes=limit, ready=self.health.ready),
-            ModelAdmin(self.inference),
+            ModelAdmin(self.inference, self.generation),
             OpenAIRoutes(self.generation, max_body_bytes=limit),
             self._body_limit,
         )

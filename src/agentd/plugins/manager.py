@@ -85,8 +85,8 @@ def kind_of(folder: Path, path: Path) -> str | None:
         return "manifest" if parts[0] in _MANIFEST_FILES else None
     if parts[0] in ("agents", "tools") and len(parts) == 2 and parts[1].endswith(".py"):
         return parts[0]
-    if parts[0] == "models" and len(parts) >= 3:
-        return "models"
+    if parts[0] == "models" and len(parts) >= 2:
+        return "models"  # a file of a model folder, or the folder (renamed into place)
     return None
 
 
