@@ -163,7 +163,38 @@ def test_a_bad_file_keeps_every_value_until_a_good_write(
     reloading.write({"auth_tokens": ["kept"]}, expect="settings:")
     line = reloading.write(content, expect="not applied")
     assert reason in line
+    assert reason in reloading.http.get("/readyz").text  # named among failed plugins
     assert reloading.invoke("0", token="kept").status_code == 200  # the old values serve
     assert reloading.invoke("0", token="changed").status_code == 401
     reloading.write({"auth_tokens": ["recovered"]}, expect="applied auth_tokens")
     assert reloading.invoke("0", token="recovered").status_code == 200
+    assert reason not in reloading.http.get("/readyz").text
+
+
+def test_each_process_reads_the_file_on_its_own(tmp_path: Path) -> None:
+    config = tmp_path / "agentd.yaml"
+    config.write_text(yaml.safe_dump({"auth_tokens": ["one"]}))
+    server = start_server(
+        ["--config", str(config), "--plugins", str(PLUGINS), "--processes", "2"],
+        env={"AGENTD_RELOAD_DEBOUNCE_MS": "20"},
+    )
+    try:
+        state = Reloading(server, config, PLUGINS)
+        state.write({"auth_tokens": ["two"]}, expect="applied auth_tokens")
+        end = time.monotonic() + 30
+        while len(state.lines("applied auth_tokens")) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(state.lines("applied auth_tokens")) == 2  # one line per process
+        # New connections land on either process: each refuses the old token.
+        for _ in range(8):
+            with httpx.Client(base_url=server.url, timeout=30) as fresh:
+                r = fresh.post(
+                    INVOKE,
+                    json={"agent": "echo", "message": {"text": "x"}},
+                    headers={"authorization": "Bearer one"},
+                )
+                assert r.status_code == 401
+        assert state.invoke("0", token="two").status_code == 200
+        state.http.close()
+    finally:
+        server.stop()
