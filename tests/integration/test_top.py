@@ -272,6 +272,13 @@ def test_an_unreachable_url_is_one_error_line_and_exit_1() -> None:
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port}")
 
 
+@pytest.mark.parametrize("interval", ["0", "nan"])
+def test_an_interval_that_is_not_a_sane_number_of_seconds_is_refused(interval: str) -> None:
+    result = cli("--interval", interval, "--url", "http://127.0.0.1:9", "--once")
+    assert result.returncode == 2
+    assert result.stderr == "error: --interval must be a number of seconds from 0.1 to 3600\n"
+
+
 def test_ctrl_c_leaves_cleanly(partial_node: FakeNode) -> None:
     env = {**os.environ, "COLUMNS": "120"}
     args = [sys.executable, "-m", "agentd", "top", "--url", partial_node.url, "--interval", "0.1"]

@@ -20,7 +20,7 @@ import typer
 
 if TYPE_CHECKING:
     import httpx
-    from rich.console import RenderableType
+    from rich.console import Console, RenderableType
 
 __all__ = ["METRICS", "Frame", "ModelRow", "build_frame", "parse_metrics", "render", "top"]
 
@@ -453,9 +453,7 @@ def scrape(client: httpx.Client, url: str) -> Samples:
 def top(
     url: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8080",
     token: Annotated[str | None, typer.Option(help="Bearer token \\[env: AGENTD_TOKEN].")] = None,
-    interval: Annotated[
-        float, typer.Option(min=0.1, max=3600.0, help="Seconds between refreshes.")
-    ] = 1.0,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes (0.1 to 3600).")] = 1.0,
     once: Annotated[
         bool, typer.Option("--once", help="Print one frame (two scrapes INTERVAL apart), exit.")
     ] = False,
@@ -468,6 +466,9 @@ def top(
 
     from agentd.cli.tools import _client_headers as client_headers
 
+    if not (math.isfinite(interval) and 0.1 <= interval <= 3600):
+        typer.echo("error: --interval must be a number of seconds from 0.1 to 3600", err=True)
+        raise typer.Exit(2)
     url = url.rstrip("/")
     console = Console()
     try:
@@ -485,7 +486,9 @@ def top(
         pass  # Ctrl-C is how one leaves top: exit 0, the last frame left on screen
 
 
-def _once(client: httpx.Client, url: str, first: Samples, interval: float, console) -> None:
+def _once(
+    client: httpx.Client, url: str, first: Samples, interval: float, console: Console
+) -> None:
     started = time.monotonic()
     time.sleep(interval)
     try:
@@ -496,7 +499,9 @@ def _once(client: httpx.Client, url: str, first: Samples, interval: float, conso
     console.print(render(build_frame(first, second, time.monotonic() - started, url)))
 
 
-def _live(client: httpx.Client, url: str, first: Samples, interval: float, console) -> None:
+def _live(
+    client: httpx.Client, url: str, first: Samples, interval: float, console: Console
+) -> None:
     from rich.live import Live
 
     prev, prev_at = first, time.monotonic()
