@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ __all__ = [
     "ComponentArtefact",
     "ToolArtefact",
     "build_tools",
+    "build_unit",
     "find_artefact",
 ]
 
@@ -221,6 +222,27 @@ def build_tools(
     if missing:
         say(f"built {len(missing)} components, {len(artefact.tools)} tools in {seconds:.1f} s")
     return BuildResult(artefact, bool(missing), seconds, len(missing))
+
+
+def build_unit(
+    cache_dir: Path,
+    unit: ToolUnit,
+    *,
+    keep: Iterable[str] = (),
+    progress: Progress | None = None,
+    timeout_s: float = 900.0,
+) -> ComponentArtefact:
+    """Build (or find) the component of one ``unit`` (live reload of one tool file). A file
+    that breaks its own build gives a component marked ``failed``; raises ToolBuildError
+    when the tool chain fails. Old artefacts are pruned as by :func:`build_tools`, keeping
+    those named in ``keep`` (the node serves them)."""
+    if (cached := load_artefact(cache_dir / unit.digest)) is not None:
+        _mark_used([cached])
+        return cached
+    _prepare_cache_dir(cache_dir)
+    built = _build_unit(cache_dir, unit, False, progress or (lambda _line: None), timeout_s)
+    _prune(cache_dir, keep={*keep, unit.digest})
+    return built
 
 
 def _build_unit(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +106,10 @@ class ToolService:
                 f"the memory limit per tool call ({limits.max_memory_bytes:,} bytes) is larger "
                 f"than the total tool memory budget ({budget:,} bytes): no call could run"
             )
-        self._specs = {spec.name: spec for spec in tools}
+        # What is served: the tool specs and the runtime that runs them, switched in one
+        # assignment by install() (None while no runtime is loaded).
+        self._loaded = _Loaded({spec.name: spec for spec in tools}, None)
+        self._closed = False
         self._open_runtime = open_runtime
         self._limits = limits
         self._threads = threads
@@ -127,14 +131,13 @@ class ToolService:
         if self._admission_observer is not None:
             self._admission_observer.watch_tool_admission(self._scheduler.statistics)
         self._unavailable = unavailable_reason
-        self._runtime: ToolRuntime | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the runtime and prepare the first instances (off the event loop)."""
-        if self._open_runtime is None or self._runtime is not None:
+        if self._open_runtime is None or self._loaded.runtime is not None or self._closed:
             return
         executor = ThreadPoolExecutor(self._threads, thread_name_prefix="agentd-tool")
         try:
@@ -142,32 +145,54 @@ class ToolService:
         except ToolError as exc:
             executor.shutdown(wait=False)
             self._unavailable = exc.message
-            self._specs = {}
+            self._loaded = _Loaded({}, None)
             return
         self._executor = executor
-        self._runtime = runtime
+        self._loaded = _Loaded(self._loaded.specs, runtime)
         executor.submit(runtime.refill)
 
+    def install(self, tools: Sequence[ToolSpec], runtime: ToolRuntime) -> bool:
+        """Serve ``tools`` on ``runtime`` from now on (live reload; call on the event loop).
+
+        The switch is one assignment: a call that has not started on a thread yet runs on
+        ``runtime`` (a tool it no longer has answers NOT_FOUND); calls already running on the
+        replaced runtime end on it, and it is closed once the last of them is done.
+        Admission and limits are unchanged. Returns False (and closes ``runtime``) when the
+        service is shut down.
+        """
+        if self._closed:
+            runtime.close()
+            return False
+        if self._executor is None:  # no runtime loaded at start: the threads start now
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="agentd-tool")
+        old, self._loaded = self._loaded, _Loaded({spec.name: spec for spec in tools}, runtime)
+        self._executor.submit(self._refill_job)
+        if old.retire():  # nothing runs on it: close it off the event loop
+            self._executor.submit(old.close)
+        return True
+
     async def aclose(self) -> None:
-        executor, runtime = self._executor, self._runtime
-        self._executor = self._runtime = None
+        executor, old = self._executor, self._loaded
+        self._executor = None
+        self._closed = True
+        self._loaded = _Loaded(old.specs, None)
         self._unavailable = "the tool service is shut down"
         # Every waiting caller is answered now; running calls end by their own deadline.
         self._scheduler.close(self._unavailable)
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
-        if runtime is not None:
-            runtime.close()
+        if old.retire():  # every thread is done: no call runs on it any more
+            old.close()
 
     # -- queries -------------------------------------------------------------------------
 
     @property
     def available(self) -> bool:
-        return self._runtime is not None
+        return self._loaded.runtime is not None
 
     @property
     def unavailable_reason(self) -> str | None:
-        return None if self._runtime is not None else self._unavailable
+        return None if self._loaded.runtime is not None else self._unavailable
 
     @property
     def in_flight(self) -> int:
@@ -183,12 +208,14 @@ class ToolService:
         return self._scheduler.statistics()
 
     def list_tools(self) -> list[ToolSpec]:
-        return [self._specs[name] for name in sorted(self._specs)]
+        specs = self._loaded.specs
+        return [specs[name] for name in sorted(specs)]
 
     def spec(self, name: str) -> ToolSpec:
-        spec = self._specs.get(name)
+        loaded = self._loaded
+        spec = loaded.specs.get(name)
         if spec is None:
-            if self._runtime is None:
+            if loaded.runtime is None:
                 raise ToolError(
                     ToolErrorKind.UNAVAILABLE, f"tools are unavailable: {self._unavailable}"
                 )
@@ -233,7 +260,7 @@ class ToolService:
                     ToolErrorKind.UNAVAILABLE, f"tools are unavailable: {self._unavailable}"
                 )
         except ToolError as exc:
-            self._observe(name if name in self._specs else "unknown", exc.kind, started, 0)
+            self._observe(name if name in self._loaded.specs else "unknown", exc.kind, started, 0)
             raise
         outcome = await self._run(name, arguments_json, timeout, started)
         if outcome.error is not None:
@@ -354,16 +381,31 @@ class ToolService:
 
     def _job(self, name: str, arguments_json: str, deadline: float) -> CallOutcome:
         # Runs on a pool thread.
-        runtime = self._runtime
-        if runtime is None:
+        loaded = self._enter()
+        if loaded is None:
             return CallOutcome(
                 None, ToolError(ToolErrorKind.UNAVAILABLE, "the tool service is shut down"), 0
             )
-        started = time.perf_counter()
-        outcome = runtime.call(name, arguments_json, deadline=deadline)
+        try:
+            started = time.perf_counter()
+            outcome = loaded.call(name, arguments_json, deadline)
+        finally:
+            loaded.leave()
         kind = "ok" if outcome.error is None else outcome.error.kind
         self._observe(name, kind, started, outcome.fuel_used)
         return outcome
+
+    def _enter(self) -> _Loaded | None:
+        """The loaded runtime, counted as used until ``leave`` (None: none is loaded)."""
+        while True:
+            loaded = self._loaded
+            if loaded.enter():
+                if loaded.runtime is not None:
+                    return loaded
+                loaded.leave()
+                return None
+            # Replaced (and retired) between the read and the count: the next read sees
+            # its successor.
 
     def _shut_down(self, name: str, started: float) -> CallOutcome:
         self._observe(name, ToolErrorKind.UNAVAILABLE, started, 0)
@@ -374,14 +416,74 @@ class ToolService:
         )
 
     def _refill(self) -> None:
-        executor, runtime = self._executor, self._runtime
-        if executor is not None and runtime is not None:
+        executor = self._executor
+        if executor is not None and self._loaded.runtime is not None:
             with contextlib.suppress(RuntimeError):  # shutting down
-                executor.submit(runtime.refill)
+                executor.submit(self._refill_job)
+
+    def _refill_job(self) -> None:
+        loaded = self._enter()
+        if loaded is not None:
+            try:
+                loaded.refill()
+            finally:
+                loaded.leave()
 
     def _observe(self, tool: str, outcome: str, started: float, fuel: int) -> None:
         if self._observer is not None:
             self._observer.tool_call_finished(tool, outcome, time.perf_counter() - started, fuel)
+
+
+class _Loaded:
+    """The tool specs a service serves and the runtime that runs them (None: none loaded).
+
+    Replaced whole by :meth:`ToolService.install`; the replaced one is retired: it takes no
+    new call, and its runtime is closed once the last call running on it has left (on that
+    call's thread).
+    """
+
+    __slots__ = ("_lock", "_retired", "_running", "runtime", "specs")
+
+    def __init__(self, specs: dict[str, ToolSpec], runtime: ToolRuntime | None) -> None:
+        self.specs = specs
+        self.runtime = runtime
+        self._running = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        """Count one more user; False once retired (the caller takes the new one)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._running += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._retired and self._running == 0
+        if last:
+            self.close()
+
+    def retire(self) -> bool:
+        """Take no new users; True when none is left (the caller closes it then)."""
+        with self._lock:
+            self._retired = True
+            return self._running == 0
+
+    def call(self, name: str, arguments_json: str, deadline: float) -> CallOutcome:
+        assert self.runtime is not None
+        return self.runtime.call(name, arguments_json, deadline=deadline)
+
+    def refill(self) -> None:
+        if self.runtime is not None:
+            self.runtime.refill()
+
+    def close(self) -> None:
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            runtime.close()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

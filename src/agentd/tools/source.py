@@ -24,6 +24,7 @@ __all__ = [
     "ToolUnit",
     "collect_sources",
     "collect_units",
+    "plugin_unit",
     "sources_digest",
 ]
 
@@ -94,6 +95,16 @@ def collect_units(plugin_tools: Path | None) -> list[ToolUnit]:
             for source in _collect(plugin_tools, PLUGIN_PACKAGE, "tools")
         ]
     return units
+
+
+def plugin_unit(file_name: str, text: bytes) -> ToolUnit:
+    """The unit of the plugin tool file ``file_name`` (a name in ``plugins/tools``) with
+    content ``text``: what :func:`collect_units` makes of that file (live reload builds the
+    bytes it verified, not a second read)."""
+    source = ToolSource(
+        f"{PLUGIN_PACKAGE}.{_module_name(Path(file_name).stem)}", f"tools/{file_name}", text
+    )
+    return ToolUnit(source.file, (source,))
 
 
 def _version(name: str) -> str:
