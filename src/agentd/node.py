@@ -316,6 +316,14 @@ def build_plugins(node: Node) -> PluginManager:
             observer=observer,
         )
     ]
+    if node.tools is not None:
+        from agentd.plugins.tools import ToolPlugins
+
+        handlers.append(
+            ToolPlugins.from_settings(
+                node.tools, settings, check=verifier.check_bytes, observer=observer
+            )
+        )
     # (one block per further kind: tools, models, the settings file)
     from agentd.plugins.models import ModelPlugins
 

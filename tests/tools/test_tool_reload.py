@@ -272,3 +272,30 @@ async def test_a_service_that_replaced_its_runtime_closes_the_old_one_after_its_
     while closed != ["b"]:  # closed once its last call ended, not before
         assert time.monotonic() < deadline, closed
         await asyncio.sleep(0.01)
+
+
+async def test_a_node_reloads_a_written_tool_file(built: ToolArtefact, tmp_path: Path) -> None:
+    from agentd.node import NodeOptions, open_node
+    from agentd.settings import Settings
+
+    tools = _write_folder(tmp_path / "plugins", A)
+    settings = Settings(
+        plugins=tools.parent,
+        tools_cache_dir=cache_dir(),
+        state_store="memory",
+        reload_debounce_ms=20,
+    )
+    async with open_node(settings, options=NodeOptions(generation=False)) as node:
+        assert node.plugins is not None and node.tools is not None
+        await node.plugins.ready()
+        handler = node.plugins.handlers["tools"]
+        assert isinstance(handler, ToolPlugins)
+        assert await node.tools.call("version", {}) == "a"
+        (tools / NAME).write_text(B)
+        deadline = time.monotonic() + 60
+        while (answer := await node.tools.call("version", {})) != "b":
+            assert time.monotonic() < deadline, answer
+            await asyncio.sleep(0.02)
+        assert node.metrics is not None
+        metrics = node.metrics.render()[0].decode()
+        assert 'agentd_plugin_reloads_total{kind="tools",outcome="ok"} 1.0' in metrics
