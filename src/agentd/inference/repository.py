@@ -65,7 +65,8 @@ class ModelRepository:
 
     def scan(self) -> None:
         """(Re)discover model folders. Known entries keep their state; a later folder's model
-        replaces an earlier one's of the same name unless that one is loaded."""
+        replaces an earlier one's of the same name (one that serves keeps serving, and its
+        next load reads the later folder)."""
         self._catalog.scan()
         self._scan_entries()
 
@@ -73,9 +74,12 @@ class ModelRepository:
         tensors = self._catalog.entries(ModelKind.TENSOR)
         for found in tensors:
             current = self._entries.get(found.name)
-            if current is not None and (
-                current.source == found.source or current.state is ModelState.READY
-            ):
+            if current is not None and current.source == found.source:
+                continue
+            if current is not None and current.executor is not None:
+                # Overridden (or its override deleted) while it serves: the next load
+                # (live reload, agentd models load) reads the folder the catalogue names now.
+                current.source, current.builtin = found.source, found.builtin
                 continue
             self._entries[found.name] = ModelEntry(found.name, found.source, found.builtin)
         # An unloaded model whose folder is gone (or is a language model now) is forgotten.

@@ -99,6 +99,7 @@ class ModelPlugins:
         self._check = check or folder_version
         self._observer = observer
         self._models: dict[str, _Model] = {}
+        self._scanned = False
         self._closed = False
 
     # -- the handler protocol -----------------------------------------------------------
@@ -115,13 +116,16 @@ class ModelPlugins:
         """Start loading each folder of ``paths`` in the background (after the load under
         way, if one is); "started" for each path, "ignored" for one outside a model
         folder."""
+        # The first call is the manager's first full scan: what serves then was loaded by
+        # the node at start from these folders.
+        first, self._scanned = not self._scanned, True
         outcomes: dict[Path, str] = {}
         for path in paths:
             name = self._name_of(path)
             if name is None:
                 outcomes[path] = "ignored"
                 continue
-            self._schedule(name)
+            self._schedule(name, adopt=first)
             outcomes[path] = "started"
         return outcomes
 
@@ -198,13 +202,14 @@ class ModelPlugins:
             return None  # a plain file in models/, or a folder never seen that is gone
         return name
 
-    def _schedule(self, name: str) -> None:
+    def _schedule(self, name: str, *, adopt: bool = False) -> None:
         if self._closed:
             return
         model = self._models.get(name)
         if model is None:
             model = self._models[name] = _Model()
-            self._adopt(name, model)
+            if adopt:
+                self._adopt(name, model)
         model.dirty = True
         if model.task is None or model.task.done():
             model.task = asyncio.get_running_loop().create_task(
@@ -212,8 +217,8 @@ class ModelPlugins:
             )
 
     def _adopt(self, name: str, model: _Model) -> None:
-        """A folder first seen whose model the node loaded at start: that version serves
-        (its version is taken from the folder on the first look, not loaded again)."""
+        """A folder of the first scan whose model the node loaded at start: that version
+        serves (its version is taken from the folder on the first look, not loaded again)."""
         kind = self._kind_now(name)
         if kind is not None and self._served(name, kind):
             model.kind = kind
@@ -248,7 +253,7 @@ class ModelPlugins:
         except OSError as exc:  # a file removed while it was read: the next event retries
             return self._failed(name, model, "failed", f"cannot be read: {exc}")
         if model.version == "":
-            model.version = version  # adopted at start: this is what serves
+            model.version, model.failure = version, None  # adopted at start: this serves
             return "unchanged"
         if version == model.version and model.failure is None:
             return "unchanged"  # a touch, a repeated save: nothing to do

@@ -184,6 +184,31 @@ async def test_new_folder_kind_change_and_delete(node: _Node) -> None:
     await plugins.aclose()
 
 
+async def test_a_folder_overriding_a_builtin_model_serves_and_its_deletion_restores_it(
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    catalog = ModelCatalog([builtin_models_dir(), models])
+    inference = InferenceService(ModelRepository([OnnxLoader()], catalog))
+    await inference.start()
+    plugins = ModelPlugins(inference, None, models, catalog=catalog)
+    plugins.changed(plugins.files())  # the manager's first scan: nothing here yet
+    try:
+        folder = _copy("decision", models, "decision")
+        _set_version(folder, "7")
+        plugins.changed([folder / "config.yaml"])
+        await plugins.settled()
+        assert inference.metadata("decision").version == "7"
+        shutil.rmtree(folder)
+        plugins.changed([folder / "config.yaml"])
+        await plugins.settled()
+        assert inference.metadata("decision").version == "1"  # the built-in again
+    finally:
+        await plugins.aclose()
+        await inference.aclose()
+
+
 async def test_language_model_unload_lets_a_running_stream_finish(node: _Node) -> None:
     _copy("tinylm", node.models, "lm")
     model = await node.generation.load("lm")
