@@ -120,10 +120,21 @@ async def test_tensor_reload_under_load_then_broken_config_keeps_serving(served)
     await _until(lambda: _metric(server.url, "failed") > failed, "the failed reload")
     assert _version(server.url) == "2"
     assert any(f"models/{TENSOR}" in line and "not loaded" in line for line in server.output)
+    row = _plugin_row(server.url, TENSOR)
+    assert row["state"] == "READY" and row["kind"] == "tensor"
+    assert row["last_failure"]["outcome"] == "failed" and row["last_failure"]["reason"]
+    served = row["version"]
     # A later good write recovers.
     _edit(config, "inputs: [broken", "inputs:")
     _edit(config, 'version: "2"', 'version: "3"')
     await _until(lambda: _version(server.url) == "3", "the good write to load")
+    await _until(lambda: _plugin_row(server.url, TENSOR)["last_failure"] is None, "recovery")
+    assert _plugin_row(server.url, TENSOR)["version"] not in (None, served)
+
+
+def _plugin_row(url: str, name: str) -> dict:
+    rows = httpx.get(f"{url}/v1/plugins", timeout=30).json()["models"]
+    return next(row for row in rows if row["name"] == name)
 
 
 async def test_language_model_reload_while_streams_run(served) -> None:
