@@ -46,8 +46,9 @@ KIND = "models"
 
 
 def folder_version(folder: Path) -> str:
-    """The SHA-256 of a model folder's files (their ``sha256sum`` lines, sorted by path):
-    its version when no Verifier checks it."""
+    """The SHA-256 of a model folder's files (their ``sha256sum`` lines, sorted by path,
+    paths as ``models/NAME/...``, as :meth:`Verifier.check_folder` gives without a
+    MANIFEST): its version when no Verifier checks it."""
     lines = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
@@ -55,7 +56,7 @@ def folder_version(folder: Path) -> str:
             path = Path(root) / name
             if path.is_file():
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                lines.append(f"{digest}  {path.relative_to(folder).as_posix()}\n")
+                lines.append(f"{digest}  {path.relative_to(folder.parent.parent).as_posix()}\n")
     return hashlib.sha256("".join(sorted(lines, key=lambda line: line[66:])).encode()).hexdigest()
 
 
