@@ -6,7 +6,8 @@ content hash is the version), the catalogue reads its config again, and the mode
 builds the new version beside the old one and switches when it is ready
 (:meth:`InferenceService.load`, :meth:`GenerationService.load`). The old version serves until
 then, and keeps serving if the new one fails: the reason is kept (:meth:`failures`), logged
-in one line and counted, and a later good write recovers.
+once (by the service that failed to load it, or here for a refusal) and counted, and a
+later good write recovers.
 
 One load per model at a time: writes that come during a load mark the folder again, and it
 loads once more after, with what is there then (the newest write wins; a big model file
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentd.errors import AgentdError, Unavailable
+from agentd.errors import AgentdError, Code, Unavailable
 from agentd.models.catalog import ModelCatalog, ModelKind
 from agentd.observability.plugin_metrics import NO_METRICS, PluginObserver
 from agentd.plugins.failures import ReloadFailure, describe
@@ -58,6 +59,10 @@ def folder_version(folder: Path) -> str:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 lines.append(f"{digest}  {path.relative_to(folder.parent.parent).as_posix()}\n")
     return hashlib.sha256("".join(sorted(lines, key=lambda line: line[66:])).encode()).hexdigest()
+
+
+class _Logged(Unavailable):
+    """A load that failed in its service, which logged why."""
 
 
 @dataclass(slots=True)
@@ -265,7 +270,8 @@ class ModelPlugins:
             else:
                 await self._load_language(name)
         except AgentdError as exc:
-            return self._failed(name, model, "failed", exc.message)
+            logged = isinstance(exc, _Logged)  # the service logged it: one line, not two
+            return self._failed(name, model, "failed", exc.message, logged=logged)
         previous, model.kind = model.kind, kind
         if previous is not None and previous is not kind:
             await self._unload(name, previous)  # its kind changed: the old service lets go
@@ -278,12 +284,17 @@ class ModelPlugins:
             raise Unavailable("this node serves no tensor models")
         entry = await self.inference.load(name)
         if entry.load_error:
-            raise Unavailable(entry.load_error)
+            raise _Logged(entry.load_error)
 
     async def _load_language(self, name: str) -> None:
         if self.generation is None:
             raise Unavailable("this node serves no language models")
-        await self.generation.load(name)
+        try:
+            await self.generation.load(name)
+        except AgentdError as exc:
+            if exc.code is Code.NOT_FOUND:
+                raise
+            raise _Logged(exc.message) from exc
 
     async def _remove(self, name: str, model: _Model) -> str:
         """The folder is gone: its model leaves its service once its calls have finished
@@ -312,10 +323,13 @@ class ModelPlugins:
         except AgentdError:
             pass  # not loaded (unloaded by hand meanwhile): nothing to let go
 
-    def _failed(self, name: str, model: _Model, outcome: str, reason: str) -> str:
+    def _failed(
+        self, name: str, model: _Model, outcome: str, reason: str, *, logged: bool = False
+    ) -> str:
         model.failure = ReloadFailure.now(reason, outcome)
-        serving = " (the previous version serves)" if self._served(name, model.kind) else ""
-        log.error("model plugin %s not loaded%s: %s", self.folder / name, serving, reason)
+        if not logged:
+            serving = " (the previous version serves)" if self._served(name, model.kind) else ""
+            log.error("model plugin %s not loaded%s: %s", self.folder / name, serving, reason)
         return outcome
 
     def _kind_now(self, name: str) -> ModelKind | None:
