@@ -16,8 +16,10 @@ Sections, each with its target (met or not), or the reason it could not run here
 * model: a copy of the built-in decision model in the plugin folder, its config rewritten
   with a new version N times while callers keep calling it: from the completed rename to
   the first answer by the new version (reported), and the calls that failed (target 0);
-* tool: tool reload with a cache hit, once the node reloads tools (until then: skipped,
-  with why).
+* tool: a tool file written as version A, then B (each built once: new to the tools
+  cache), then A again: the time to the first call answered by A from the cache (target
+  < 1 s), the builds' times beside it. Full runs only (two builds of 10-25 s each); the
+  components land in the user's tools cache like any build.
 
 Both servers are real ``agentd serve`` processes on 127.0.0.1, each with its own temporary
 plugin folder; the calls are Connect JSON over httpx.
@@ -26,6 +28,7 @@ plugin folder; the calls are Connect JSON over httpx.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -36,6 +39,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +72,18 @@ MODEL_REQUEST = {
     "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]
 }
 MODEL_CALLERS = 2  # besides the one waiting for the new version
+CALL_TOOL = "/agentd.v1.AgentService/CallTool"
+TOOL = "reload_bench_version"
+TOOL_FILE = """
+VERSION = {version!r}
+
+
+def {name}() -> str:
+    \"\"\"The version of this file (agentd bench reload).\"\"\"
+    return VERSION
+"""
+TOOL_BUILD_TIMEOUT_S = 300.0
+TOOL_CACHED_S = 1.0
 
 # Each version answers with its name; a module-level table makes a version's module hold
 # some memory, so a module kept alive by a reload would show in the RSS.
@@ -93,10 +109,15 @@ class ReloadConfig:
     memory_early: int  # the cycle after which the first RSS is read
     memory_cycles: int  # reload cycles in all on the unsigned server (the timed ones first)
     model_reloads: int
+    tool_builds: bool  # the tool section (two builds of 10-25 s each)
 
 
-FULL = ReloadConfig(agent_reloads=100, memory_early=10, memory_cycles=1000, model_reloads=10)
-QUICK = ReloadConfig(agent_reloads=10, memory_early=10, memory_cycles=60, model_reloads=3)
+FULL = ReloadConfig(
+    agent_reloads=100, memory_early=10, memory_cycles=1000, model_reloads=10, tool_builds=True
+)
+QUICK = ReloadConfig(
+    agent_reloads=10, memory_early=10, memory_cycles=60, model_reloads=3, tool_builds=False
+)
 
 
 # ---------------------------------------------------------------- servers and writes
@@ -266,6 +287,7 @@ class _Run:
     servers: dict[str, ServerProcess]
     clients: dict[str, httpx.Client]
     progress: Callable[[str], None]
+    logs: dict[str, Path]
     rss: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
@@ -307,7 +329,8 @@ def _measure(config: ReloadConfig, progress: Callable[[str], None]) -> dict[str,
         }
         for name, (server, log) in started.items():
             _wait_ready(server, log, clients[name])
-        run = _Run(config, plugins, servers, clients, progress)
+        logs = {name: log for name, (_, log) in started.items()}
+        run = _Run(config, plugins, servers, clients, progress, logs)
         for name, section in SECTIONS.items():
             progress(f"== {name}")
             load_before = os.getloadavg()[0]
@@ -395,10 +418,64 @@ def _memory(run: _Run) -> dict[str, Any]:
     }
 
 
+def _tool_call(http: httpx.Client) -> str | None:
+    """The bench tool's answer (its version), or None while it is not served."""
+    r = http.post(CALL_TOOL, json={"name": TOOL, "argumentsJson": "{}"})
+    if r.status_code != 200:
+        return None
+    return json.loads(r.json()["resultJson"])
+
+
+def _tool_version(run: _Run, version: str) -> float:
+    """Write the bench tool file answering ``version`` (renamed over it) and call until it
+    answers so: the seconds from the completed rename (a build, when not in the cache)."""
+    plugins, http = run.plugins["plain"], run.clients["plain"]
+    path = plugins.folder / "tools" / f"{TOOL}.py"
+    path.parent.mkdir(exist_ok=True)
+    failed_before = _server_reloads(http, "tools")["reloads_not_ok"]
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: the watcher ignores it
+    tmp.write_text(TOOL_FILE.format(version=version, name=TOOL))
+    os.replace(tmp, path)
+    written = checked = time.perf_counter()
+    while _tool_call(http) != version:
+        now = time.perf_counter()
+        if now - checked > 0.5:  # a build that failed ends the wait (with the server's why)
+            checked = now
+            if _server_reloads(http, "tools")["reloads_not_ok"] > failed_before:
+                lines = run.logs["plain"].read_text(errors="replace").splitlines()
+                why = next((line for line in reversed(lines) if path.name in line), "")
+                raise BenchError(f"tool version {version} did not load: {why[-600:]}")
+        if now - written > TOOL_BUILD_TIMEOUT_S:
+            raise BenchError(
+                f"tool version {version} did not answer within {TOOL_BUILD_TIMEOUT_S:g} s"
+                " (does this node reload tool files?)"
+            )
+        time.sleep(0.01)
+    return time.perf_counter() - written
+
+
 def _tool(run: _Run) -> dict[str, Any]:
+    """Versions A and B of a tool file (each new to the tools cache: built once), then A
+    again: the cache hit's time to the first call answered by A, the builds' beside it."""
+    if not run.config.tool_builds:
+        raise Skipped("--quick: each of the two tool builds takes 10-25 s; a full run measures")
     if importlib.util.find_spec("agentd.plugins.tools") is None:
-        raise Skipped("tool reload is not in this agentd yet (no agentd.plugins.tools)")
-    raise Skipped("tool reload is not measured by this benchmark yet")
+        raise Skipped("tool reload is not in this agentd (no agentd.plugins.tools)")
+    # A version names this run: its content was never built, so its first write builds.
+    nonce = uuid.uuid4().hex[:12]
+    first, second = f"A-{nonce}", f"B-{nonce}"
+    uncached = []
+    for version in (first, second):
+        run.progress(f"  building tool version {version} ...")
+        uncached.append(_tool_version(run, version))
+    cached = _tool_version(run, first)
+    run.progress(f"  back to A (in the tools cache): {cached * 1000:.0f} ms")
+    return {
+        "tool": TOOL,
+        "uncached_s": [round(t, 2) for t in uncached],
+        "cached_s": round(cached, 3),
+        **_server_reloads(run.clients["plain"], "tools"),
+    }
 
 
 class _Callers:
@@ -524,6 +601,16 @@ def _targets(name: str, section: dict[str, Any]) -> list[dict[str, Any]]:
                 section["p99_ms"] < AGENT_P99_MS and section["reloads_not_ok"] == 0,
             )
         ]
+    if name == "tool":
+        return [
+            _target(
+                "tool_cached",
+                f"tool file back to a version in the tools cache: first call answered by it"
+                f" in < {TOOL_CACHED_S:g} s",
+                section["cached_s"],
+                section["cached_s"] < TOOL_CACHED_S,
+            )
+        ]
     if name == "model":
         return [
             _target(
@@ -568,6 +655,11 @@ def _figures(name: str, s: dict[str, Any]) -> str:
         if name == "agent_signed":
             text += f"; signing the folder {s['sign_p50_ms']} ms p50"
         return text
+    if name == "tool":
+        return (
+            f"back to version A (in the tools cache): {s['cached_s']} s; the first writes"
+            f" of A and B (built): {', '.join(f'{t} s' for t in s['uncached_s'])}"
+        )
     if name == "model":
         return (
             f"{s['reloads']} reloads of {s['model']}: new version answers after p50"
