@@ -129,14 +129,13 @@ async def no_route_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class GetOnly:
-    """An operational route: GET (and HEAD, which arrives as GET) only, else 405. A
-    handler marked ``takes_scope`` gets the request's scope too (e.g. its Accept header)."""
+    """An operational route: GET (and HEAD, which arrives as GET) only, else 405. The
+    handler gets ``send`` and the request's scope (e.g. for its Accept header)."""
 
-    __slots__ = ("_handler", "_takes_scope")
+    __slots__ = ("_handler",)
 
-    def __init__(self, handler: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, handler: Callable[[Send, Scope], Awaitable[None]]) -> None:
         self._handler = handler
-        self._takes_scope = getattr(handler, "takes_scope", False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
@@ -149,10 +148,7 @@ class GetOnly:
                 headers=[(b"allow", b"GET, HEAD")],
             )
             return
-        if self._takes_scope:
-            await self._handler(send, scope)
-        else:
-            await self._handler(send)
+        await self._handler(send, scope)
 
 
 class KServeEndpoint:

@@ -57,13 +57,13 @@ class OpsRoutes:
             "/metrics": self._metrics_route,
         }
 
-    async def _root(self, send: Send) -> None:
+    async def _root(self, send: Send, scope: Scope) -> None:
         await send_body(send, 200, self._index, b"application/json")
 
-    async def _healthz(self, send: Send) -> None:
+    async def _healthz(self, send: Send, scope: Scope) -> None:
         await send_body(send, 200, b"ok\n", b"text/plain; charset=utf-8")
 
-    async def _readyz(self, send: Send) -> None:
+    async def _readyz(self, send: Send, scope: Scope) -> None:
         reason = self._health.not_ready_reason()
         if reason is None:
             body = b"ready\n"
@@ -98,5 +98,3 @@ class OpsRoutes:
         accept = header(scope, b"accept")
         body, content_type = self._metrics.render(accept.decode("latin-1") if accept else None)
         await send_body(send, 200, body, content_type.encode())
-
-    _metrics_route.takes_scope = True  # type: ignore[attr-defined]  # GetOnly passes the scope

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agentd.gateway.asgi import Send
+from agentd.gateway.asgi import Scope, Send
 from agentd.gateway.protocol import send_json
 from agentd.node import Node
 
@@ -255,7 +255,7 @@ class PluginsApi:
             "models": model_rows(node, self._start),
         }
 
-    async def list(self, send: Send) -> None:
+    async def list(self, send: Send, scope: Scope) -> None:
         """The body with status 200 (computed per request: they change live)."""
         await send_json(send, 200, self.body())
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentd.gateway.asgi import Send
+from agentd.gateway.asgi import Scope, Send
 from agentd.gateway.protocol import send_json
 from agentd.tools.service import ToolService
 
@@ -20,7 +20,7 @@ class ToolsApi:
     def __init__(self, service: ToolService) -> None:
         self._service = service
 
-    async def list(self, send: Send) -> None:
+    async def list(self, send: Send, scope: Scope) -> None:
         """``{"tools": [...], "available": bool, "reason"?: str}`` with status 200."""
         body: dict[str, Any] = {
             "tools": [spec.to_json() for spec in self._service.list_tools()],

@@ -125,8 +125,7 @@ class PluginManager:
             raise RuntimeError("the plugin manager was started already")
         # No plugin folder (a node with only its config file to watch): nothing to watch.
         self._task = asyncio.create_task(
-            self._watch() if self.folder.is_dir() else self._stop.wait(),
-            name="agentd-plugin-watch",
+            self._watch() if self.folder.is_dir() else self._idle(), name="agentd-plugin-watch"
         )
         if self.config is not None:
             self._config_task = asyncio.create_task(
@@ -146,6 +145,9 @@ class PluginManager:
         self.rescan()
         self._ready.set()
         log.info("watching %s for plugin changes", self.folder)
+
+    async def _idle(self) -> None:
+        await self._stop.wait()
 
     async def ready(self) -> None:
         """Return once the folder is watched; RuntimeError if it is not."""
