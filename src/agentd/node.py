@@ -131,7 +131,7 @@ class Node:
         options = options or NodeOptions()
         self.settings = settings
         self.metrics = Metrics() if options.metrics else None
-        self.tracing = Tracing(settings.service_name, settings.otlp_endpoint)
+        self.tracing = Tracing.from_settings(settings)
         try:
             # One deadline rule, applied by the services; the adapters only convert.
             self.deadlines = deadline_policy(settings)

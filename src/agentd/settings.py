@@ -171,9 +171,17 @@ class Settings(BaseSettings):
         description="sandbox memory all running calls may reserve (each its per-call limit)",
     )
 
-    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint")
-    service_name: str = "agentd"
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP endpoint (a base URL) for spans; wins over OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
+    service_name: str | None = Field(
+        None, description="service.name of the spans; default OTEL_SERVICE_NAME, else agentd"
+    )
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one object per line, with trace_id/span_id when traced"
+    )
     envoy_log_level: Literal[
         "trace", "debug", "info", "warning", "warn", "error", "critical", "off"
     ] = Field("error", description="Envoy's log; credentials are redacted at every level")
@@ -269,6 +277,16 @@ class Settings(BaseSettings):
                 f"tool_max_total_memory_bytes ({self.tool_max_total_memory_bytes:,}): "
                 "no tool call could run; raise the budget or lower the per-call limit"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_tracing(self) -> Settings:
+        # The OTEL_* variables are read here too, so that a bad one is a settings error
+        # (one line, exit 2) and not a crash at the node's start or its first span.
+        if self.otlp_endpoint or any(name.startswith("OTEL_") for name in os.environ):
+            from agentd.observability.tracing import tracing_config
+
+            tracing_config(self)
         return self
 
     @property

@@ -60,6 +60,12 @@ def serve(
     grace: Annotated[
         float | None, typer.Option(help="Seconds in-flight calls get on shutdown.")
     ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="text (default) or json: one JSON object per line, with trace ids when traced."
+        ),
+    ] = None,
 ) -> None:
     """Serve agents, models and tools on one port (gRPC, gRPC-Web, Connect, HTTP)."""
     from rich.console import Console
@@ -94,9 +100,13 @@ def serve(
             zone=zone,
             processes=processes,
             grace_period_s=grace,
+            log_format=log_format,
         )
     except ConfigError as exc:  # one line naming each bad field, or the config file
         raise fail(f"invalid settings: {exc.message}", 2) from None
+    from agentd.observability.logs import setup_logging
+
+    setup_logging(settings)  # this process's own records; each node sets up its own
     if "plugins" in settings.model_fields_set and not settings.plugins.is_dir():
         # Given, it is meant to be used: a typo must not serve the built-ins only, silently.
         # (The default ./plugins may be absent: the banner says so.)

@@ -144,13 +144,12 @@ async def _forward(
 
 def _build() -> Any:
     from agentd.gateway.app import Gateway
+    from agentd.observability.logs import setup_logging
     from agentd.settings import Settings
 
     raw = os.environ.get(SETTINGS_ENV)
     settings = Settings.model_validate_json(raw) if raw else Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings)  # here: the node runs in Envoy's embedded interpreter
     return Gateway.from_settings(settings)
 
 

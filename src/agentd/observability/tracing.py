@@ -1,45 +1,249 @@
 """OpenTelemetry tracing: W3C ``traceparent`` in, spans out through OTLP when configured.
 
-Without an OTLP endpoint the tracer is OpenTelemetry's no-op one, so an unconfigured node
-pays almost nothing; the incoming trace context is still made current for the request.
+Configured the standard way (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_TRACES_SAMPLER``,
+``OTEL_SERVICE_NAME``, ...; see :func:`tracing_config`), with agentd's own ``otlp_endpoint``
+and ``service_name`` settings winning when given. Without an endpoint (or with
+``OTEL_SDK_DISABLED=true``) the tracer is OpenTelemetry's no-op one and the SDK is never
+imported, so an unconfigured node pays almost nothing; the incoming trace context is still
+made current for the request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["Tracing", "current_trace_id", "current_traceparent", "trace_id_of", "traced"]
+if TYPE_CHECKING:
+    from agentd.settings import Settings
+
+__all__ = [
+    "SAMPLERS",
+    "Tracing",
+    "TracingConfig",
+    "current_trace_id",
+    "current_traceparent",
+    "trace_id_of",
+    "traced",
+    "tracing_config",
+]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+# The samplers the OpenTelemetry SDK knows by name (OTEL_TRACES_SAMPLER).
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+PROTOCOLS = ("http/protobuf", "grpc")
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Where and how one process exports spans; ``endpoint`` None means tracing is off."""
+
+    endpoint: str | None = None
+    protocol: str = "http/protobuf"
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout_s: float | None = None
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0
+    resource: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.endpoint is not None
+
+
+def tracing_config(settings: Settings, environ: Mapping[str, str] | None = None) -> TracingConfig:
+    """The tracing configuration of ``settings`` and the ``OTEL_*`` variables of ``environ``
+    (default ``os.environ``). Raises ValueError with one line naming the bad variable."""
+    env = os.environ if environ is None else environ
+
+    def get(*names: str) -> tuple[str, str] | None:
+        # The first of ``names`` set to something (a signal-specific name before the general).
+        for name in names:
+            value = env.get(name, "").strip()
+            if value:
+                return name, value
+        return None
+
+    disabled = get("OTEL_SDK_DISABLED")
+    if disabled is not None and disabled[1].lower() not in ("true", "false"):
+        raise ValueError(f"OTEL_SDK_DISABLED must be true or false, not {disabled[1][:60]!r}")
+    protocol_var = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+    protocol = protocol_var[1] if protocol_var else "http/protobuf"
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"{protocol_var[0] if protocol_var else 'protocol'} must be http/protobuf or grpc, "
+            f"not {protocol[:60]!r}"
+        )
+    endpoint = _endpoint(settings, protocol, get)
+    headers = _headers(get("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"))
+    timeout_s = None
+    timeout = get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+    if timeout is not None:
+        timeout_s = _number(timeout, 0.0, None)
+    sampler_var = get("OTEL_TRACES_SAMPLER")
+    sampler = sampler_var[1].lower() if sampler_var else "parentbased_always_on"
+    if sampler not in SAMPLERS:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER must be one of {', '.join(SAMPLERS)}, not {sampler[:60]!r}"
+        )
+    ratio = 1.0
+    arg = get("OTEL_TRACES_SAMPLER_ARG")
+    if sampler.endswith("traceidratio") and arg is not None:
+        ratio = _number(arg, 0.0, 1.0)
+    resource = _resource(settings, get)
+    if disabled is not None and disabled[1].lower() == "true":
+        endpoint = None  # the standard off switch: wins over any endpoint
+    return TracingConfig(endpoint, protocol, headers, timeout_s, sampler, ratio, resource)
+
+
+def _endpoint(settings: Settings, protocol: str, get: Any) -> str | None:
+    """The exporter's endpoint: agentd's ``otlp_endpoint`` (a base URL), else the traces
+    endpoint (used as is), else the general one (a base URL); None when none is set."""
+    if settings.otlp_endpoint:
+        name, value, base = "otlp_endpoint", settings.otlp_endpoint.strip(), True
+    else:
+        found = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        base = found is None
+        found = found or get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if found is None:
+            return None
+        name, value = found
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"{name} must be an http:// or https:// URL, not {value[:80]!r}")
+    if protocol == "grpc":
+        return value  # the gRPC exporter takes scheme://host:port (http: without TLS)
+    if base and not parts.path.rstrip("/").endswith("/v1/traces"):
+        value = value.rstrip("/") + "/v1/traces"
+    return value
+
+
+def _headers(found: tuple[str, str] | None) -> tuple[tuple[str, str], ...]:
+    # W3C baggage-like: key=value pairs, comma-separated, values URL-encoded.
+    if found is None:
+        return ()
+    name, value = found
+    headers = []
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        key, sep, text = item.partition("=")
+        key = unquote(key).strip().lower()
+        if not sep or not key or any(c.isspace() or c in ':()<>@;"/[]?={}' for c in key):
+            raise ValueError(f"{name} must be key=value pairs joined by commas (got {item[:40]!r})")
+        headers.append((key, unquote(text).strip()))
+    return tuple(headers)
+
+
+def _number(found: tuple[str, str], low: float, high: float | None) -> float:
+    name, value = found
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not low <= number <= (high if high is not None else float("inf")):
+        span = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
+        raise ValueError(f"{name} must be a number {span}, not {value[:40]!r}")
+    return number
+
+
+def _resource(settings: Settings, get: Any) -> dict[str, str]:
+    """service.name and service.instance.id, beside what OTEL_RESOURCE_ATTRIBUTES adds."""
+    attributes: dict[str, str] = {}
+    found = get("OTEL_RESOURCE_ATTRIBUTES")
+    if found is not None:
+        for item in found[1].split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(
+                    f"OTEL_RESOURCE_ATTRIBUTES must be key=value pairs joined by commas "
+                    f"(got {item[:40]!r})"
+                )
+            attributes[unquote(key).strip()] = unquote(value).strip()
+    service = get("OTEL_SERVICE_NAME")
+    attributes["service.name"] = (
+        settings.service_name
+        or (service[1] if service else None)
+        or attributes.get("service.name")
+        or "agentd"
+    )
+    # One per process (Prometheus' instance): a node id when the node has one (each of
+    # --processes N has its own), else host:port. An explicit one wins for a lone process.
+    if settings.node_id or settings.processes > 1 or "service.instance.id" not in attributes:
+        attributes["service.instance.id"] = _instance_id(settings)
+    return attributes
+
+
+def _instance_id(settings: Settings) -> str:
+    if settings.node_id:
+        return settings.node_id
+    if settings.advertise:
+        return settings.advertise
+    host = settings.host
+    if host in ("0.0.0.0", "::", "") or settings.port == 0:
+        host = socket.gethostname()
+    # Port 0 is chosen by the kernel after the settings are read: the pid tells runs apart.
+    return f"{host}:{settings.port}" if settings.port else f"{host}:pid{os.getpid()}"
 
 
 class Tracing:
     """Owns the tracer provider of one process; ``aclose`` flushes pending spans."""
 
-    def __init__(self, service_name: str, otlp_endpoint: str | None) -> None:
-        self._provider = None
-        if otlp_endpoint:
-            # Imported here: the SDK and exporter cost start-up time when tracing is off.
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    def __init__(self, config: TracingConfig | None = None) -> None:
+        self.config = config or TracingConfig()
+        self._provider: Any = None
+        if not self.config.enabled:
+            self.tracer: trace.Tracer = trace.NoOpTracer()
+            return
+        # Imported here: the SDK and exporter cost start-up time when tracing is off.
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import sampling as s
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-            endpoint = otlp_endpoint.rstrip("/")
-            if not endpoint.endswith("/v1/traces"):
-                endpoint += "/v1/traces"
-            self._provider = TracerProvider(resource=Resource({"service.name": service_name}))
-            self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint)))
-            self.tracer: trace.Tracer = self._provider.get_tracer("agentd")
-        else:
-            self.tracer = trace.NoOpTracer()
+        config = self.config
+        samplers: dict[str, Any] = {
+            "always_on": lambda: s.ALWAYS_ON,
+            "always_off": lambda: s.ALWAYS_OFF,
+            "traceidratio": lambda: s.TraceIdRatioBased(config.ratio),
+            "parentbased_always_on": lambda: s.DEFAULT_ON,
+            "parentbased_always_off": lambda: s.DEFAULT_OFF,
+            "parentbased_traceidratio": lambda: s.ParentBasedTraceIdRatio(config.ratio),
+        }
+        self._provider = TracerProvider(
+            resource=Resource.create(dict(config.resource)), sampler=samplers[config.sampler]()
+        )
+        self._provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
+        self.tracer = self._provider.get_tracer("agentd")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tracing:
+        """The tracing ``settings`` and the ``OTEL_*`` variables configure (see
+        :func:`tracing_config`; the settings validated them already)."""
+        return cls(tracing_config(settings))
 
     @property
     def enabled(self) -> bool:
@@ -57,6 +261,20 @@ class Tracing:
     def aclose(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def _exporter(config: TracingConfig) -> Any:
+    # Each protocol's exporter is imported only when chosen (gRPC's pulls in grpcio).
+    headers = dict(config.headers) or None
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(config.endpoint, headers=headers, timeout=config.timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    return HttpSpanExporter(config.endpoint, headers=headers, timeout=config.timeout_s)
 
 
 def current_trace_id() -> str | None:
