@@ -388,6 +388,21 @@ def _stage(stage: Path, sources: tuple[ToolSource, ...]) -> None:
     )
 
 
+def _host_python() -> str:
+    """This environment's interpreter (the one with componentize-py). Not always
+    ``sys.executable``: in the node Envoy hosts (pyvoy's embedded Python) that is the first
+    ``python3`` on PATH, which may belong to another environment."""
+    prefix = Path(sys.prefix)
+    if sys.executable and Path(sys.executable).is_relative_to(prefix):
+        return sys.executable
+    major, minor = sys.version_info[:2]
+    for name in (f"python{major}.{minor}", f"python{major}", "python"):
+        candidate = prefix / "bin" / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return sys.executable
+
+
 def _componentize(stage: Path, out: Path, timeout_s: float) -> None:
     """Run componentize-py on ``stage``, letting tool code reach no host folder but its own.
 
@@ -403,7 +418,7 @@ def _componentize(stage: Path, out: Path, timeout_s: float) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _HOST_PATHS}
     env["VIRTUAL_ENV"] = str(scratch)
     command = [
-        sys.executable,
+        _host_python(),
         "-c",
         _COMPONENTIZE,
         "-d",
