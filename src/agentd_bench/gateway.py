@@ -4,7 +4,10 @@ What is measured, all in one run so that ratios compare like with like:
 
 * unary gRPC ``Invoke`` of the ``echo`` agent over h2c, agentd vs a ``grpc.aio`` server;
 * the same call as Connect JSON over HTTP/1.1, agentd vs FastAPI on uvicorn;
-* start-up time of ``agentd serve`` until ``/healthz`` answers 200.
+* start-up time of ``agentd serve`` until ``/healthz`` answers 200;
+* tracing's cost: gRPC ``Invoke`` at 64 in flight with tracing off, on at ratio 0.01 and on
+  at 1.0, exporting over OTLP/HTTP to a sink in this process (so the export work is real),
+  the modes taking turns for a few rounds (the median, and the spread between rounds).
 
 h2load drives every load point (1, 16 and 64 requests in flight). Only one server runs at a
 time, so on a small machine the server under test gets the cores the client does not use.
@@ -13,8 +16,11 @@ time, so on a small machine the server under test gets the cores the client does
 from __future__ import annotations
 
 import http.client
+import http.server
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from agentd_bench import echo, h2load
 from agentd_bench.errors import INSTALL_HINT, BenchError
@@ -56,10 +64,22 @@ class SuiteConfig:
     warmup_s: float
     concurrencies: tuple[int, ...] = (1, 16, 64)
     startup_runs: int = 3
+    tracing_rounds: int = 3
 
 
 FULL = SuiteConfig(duration_s=5.0, warmup_s=1.0)
-QUICK = SuiteConfig(duration_s=1.0, warmup_s=0.3)
+QUICK = SuiteConfig(duration_s=1.0, warmup_s=0.3, tracing_rounds=1)
+
+# Tracing modes: name, sampler ratio (None: off). Sampled by parentbased_traceidratio, the
+# default a collector set-up would use; h2load sends no traceparent, so the ratio decides.
+TRACING_MODES: tuple[tuple[str, float | None], ...] = (
+    ("off", None),
+    ("ratio_0.01", 0.01),
+    ("ratio_1", 1.0),
+)
+TRACING_CONCURRENCY = 64
+# The issue's targets: req/s of each mode against off (at least this share).
+TRACING_TARGETS = {"ratio_0.01": 0.97, "ratio_1": 0.85}
 
 
 # ---------------------------------------------------------------- servers
@@ -74,11 +94,17 @@ def _baseline_argv(module: str, port: int) -> list[str]:
 
 
 @contextmanager
-def _running(name: str, argv_for: Callable[[int], list[str]], workdir: Path) -> Iterator[int]:
+def _running(
+    name: str,
+    argv_for: Callable[[int], list[str]],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+) -> Iterator[int]:
     """Start a server on a free port, wait for its port, yield the port, stop it by PID."""
     port = free_port()
     log = workdir / f"{name.replace('+', '-').replace('.', '-')}.log"
-    server = ServerProcess(name, argv_for(port), port, log, env=agentd_env(), cwd=workdir)
+    env = env if env is not None else agentd_env()
+    server = ServerProcess(name, argv_for(port), port, log, env=env, cwd=workdir)
     with server:
         try:
             server.wait_listening(timeout=60)
@@ -171,6 +197,163 @@ def _healthz_ok(port: int) -> bool:
         conn.close()
 
 
+class _OtlpSink:
+    """An OTLP/HTTP receiver on 127.0.0.1: answers every export 200 and counts requests and
+    bytes (the node's export work is real; decoding the spans is not the node's cost)."""
+
+    def __init__(self) -> None:
+        sink = self
+        self.requests = 0
+        self.bytes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                sink.requests += 1
+                sink.bytes += len(body)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> _OtlpSink:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def _tracing_env(ratio: float | None, sink: str) -> dict[str, str]:
+    env = {k: v for k, v in agentd_env().items() if not k.startswith("OTEL_")}
+    if ratio is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = str(ratio)
+    return env
+
+
+def measure_tracing(
+    workdir: Path, config: SuiteConfig, binary: str, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """gRPC req/s and p99 at TRACING_CONCURRENCY per tracing mode, the modes taking turns
+    for ``config.tracing_rounds`` rounds (a fresh server each), with what each exported."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _ in TRACING_MODES}
+    with _OtlpSink() as sink:
+        for round_ in range(config.tracing_rounds):
+            for mode, ratio in TRACING_MODES:
+                requests, sent = sink.requests, sink.bytes
+                name = f"agentd-tracing-{mode.replace('.', '')}"
+                with _running(name, _agentd_argv, workdir, _tracing_env(ratio, sink.url)) as port:
+                    echo.verify_grpc(port)
+                    try:
+                        point = measure_point(
+                            AGENTD, "grpc", port, TRACING_CONCURRENCY, config, binary
+                        )
+                    except h2load.H2LoadError as exc:
+                        raise BenchError(f"tracing {mode}: {exc}") from exc
+                # Stopped: its spans are flushed (the node's close shuts the exporter down).
+                run = {
+                    "rps": point.rps,
+                    "p99_ms": point.p99_ms,
+                    "errors": point.errors,
+                    "export_requests": sink.requests - requests,
+                    "export_bytes": sink.bytes - sent,
+                }
+                runs[mode].append(run)
+                progress(
+                    f"tracing {mode:<10} round {round_ + 1} {point.rps:>10,.0f} req/s  "
+                    f"p99 {fmt_ms(point.p99_ms)} ms  exported {run['export_bytes']:,} bytes"
+                )
+    return tracing_summary(runs)
+
+
+def tracing_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per mode: median req/s and p99 over the rounds, the spread of req/s between rounds
+    ((max - min) / median), and the ratios against off."""
+    modes: dict[str, Any] = {}
+    for mode, measured in runs.items():
+        rps = [r["rps"] for r in measured]
+        p99 = [r["p99_ms"] for r in measured if r["p99_ms"] is not None]
+        median_rps = statistics.median(rps)
+        modes[mode] = {
+            "rps": round(median_rps, 1),
+            "p99_ms": round(statistics.median(p99), 3) if p99 else None,
+            "rps_spread": round((max(rps) - min(rps)) / median_rps, 3) if median_rps else None,
+            "errors": sum(r["errors"] for r in measured),
+            "runs": measured,
+        }
+    off = modes["off"]
+    for mode in modes.values():
+        mode["rps_vs_off"] = round(mode["rps"] / off["rps"], 3) if off["rps"] else None
+        mode["p99_vs_off"] = (
+            round(mode["p99_ms"] / off["p99_ms"], 3)
+            if mode["p99_ms"] is not None and off["p99_ms"]
+            else None
+        )
+    return {
+        "protocol": "grpc",
+        "concurrency": TRACING_CONCURRENCY,
+        "sampler": "parentbased_traceidratio, OTLP/HTTP to a sink in the bench process",
+        "rounds": len(runs["off"]),
+        "modes": modes,
+    }
+
+
+def tracing_targets(tracing: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for mode, share in TRACING_TARGETS.items():
+        measured = tracing["modes"][mode]
+        value = measured["rps_vs_off"] or 0.0
+        out.append(
+            {
+                "name": f"tracing_{mode}",
+                "description": f"gRPC req/s with tracing {mode.replace('_', ' ')} >= "
+                f"{share:g}x tracing off at {tracing['concurrency']} in flight (median)",
+                "value": value,
+                "threshold": share,
+                "met": value >= share and measured["errors"] == 0,
+            }
+        )
+    return out
+
+
+def render_tracing(doc: dict[str, Any], console: Console) -> None:
+    tracing = doc.get("tracing")
+    if not tracing:
+        return
+    table = Table(
+        title=f"tracing: gRPC h2c at {tracing['concurrency']} in flight, "
+        f"median of {tracing['rounds']} round(s)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    for column in ("mode", "req/s", "spread", "p99 ms", "vs off", "p99 vs off", "exported"):
+        table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
+    for mode, m in tracing["modes"].items():
+        exported = sum(r["export_bytes"] for r in m["runs"])
+        table.add_row(
+            mode.replace("_", " "),
+            f"{m['rps']:,.0f}",
+            "-" if m["rps_spread"] is None else f"{m['rps_spread']:.1%}",
+            fmt_ms(m["p99_ms"]),
+            "-" if m["rps_vs_off"] is None else f"{m['rps_vs_off']:.3f}x",
+            "-" if m["p99_vs_off"] is None else f"{m['p99_vs_off']:.3f}x",
+            f"{exported:,} B",
+        )
+    console.print(table)
+
+
 # ---------------------------------------------------------------- the suite
 
 
@@ -227,12 +410,14 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
             with _running(FASTAPI, lambda p: _baseline_argv("fastapi_server", p), workdir) as port:
                 echo.verify_json(port)
                 load(FASTAPI, "json", port)
+            tracing = measure_tracing(workdir, config, binary, progress)
         except (BenchError, echo.EchoCheckError) as exc:
             # The temporary directory (and its server logs) goes away; keep the tails.
             raise BenchError(f"{exc}\n{log_tails(workdir)}") from exc
     return {
         "points": points,
         "startup": startup,
+        "tracing": tracing,
         "h2load": h2load.h2load_version(binary),
     }
 
@@ -251,11 +436,29 @@ def run_suite(
     return run_and_publish(
         SUITE,
         measure=lambda progress: collect(config, progress),
-        build=lambda measured, now: build_document(
-            measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
+        build=lambda measured, now: _with_tracing(
+            build_document(
+                measured,
+                quick=quick,
+                duration_s=config.duration_s,
+                warmup_s=config.warmup_s,
+                now=now,
+            ),
+            measured["tracing"],
         ),
-        render=render,
+        render=_render,
         json_out=json_out,
         results_dir=results_dir,
         console=console,
     )
+
+
+def _with_tracing(doc: dict[str, Any], tracing: dict[str, Any]) -> dict[str, Any]:
+    doc["tracing"] = tracing
+    doc["targets"].extend(tracing_targets(tracing))
+    return doc
+
+
+def _render(doc: dict[str, Any], console: Console) -> None:
+    render(doc, console)
+    render_tracing(doc, console)

@@ -49,5 +49,14 @@ def test_bench_gateway_quick(tmp_path):
         "grpc_vs_grpc_aio",
         "json_vs_fastapi",
         "startup",
+        "tracing_ratio_0.01",
+        "tracing_ratio_1",
     }
     assert 0 < document["startup"]["median_s"] < 30
+    # Tracing modes: each measured without errors; off exports nothing, 1.0 exports.
+    modes = document["tracing"]["modes"]
+    assert set(modes) == {"off", "ratio_0.01", "ratio_1"}
+    for mode in modes.values():
+        assert mode["rps"] > 0 and mode["errors"] == 0 and mode["rps_vs_off"] > 0, mode
+    assert modes["off"]["runs"][0]["export_bytes"] == 0
+    assert modes["ratio_1"]["runs"][0]["export_requests"] > 0
