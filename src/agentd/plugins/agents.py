@@ -7,7 +7,10 @@ to check their constructors, and then swapped into the registry in one assignmen
 (:meth:`AgentRegistry.swap_file`). Turns already running finish on the old version; each
 instance moves to the new type before its next turn (``Activation._upgrade``), its state
 kept (and passed through the type's ``migrate_state`` when it has one). The old module
-leaves ``sys.modules``; its objects go once no instance uses them.
+leaves ``sys.modules``; its objects go once no instance uses them. In a running node the
+read, verification, import and constructor check run on a worker thread (one file at a
+time): only the swap runs on the event loop, so a plugin whose import takes seconds does
+not stall the calls being served.
 
 Any failure (syntax or import error, a constructor that raises, a refusal) leaves the
 previous version serving; one log line names the file and the reason, and the reason is
@@ -16,15 +19,19 @@ kept in :attr:`AgentPlugins.last_failure` until a later write of that file loads
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentd.agents.base import Agent
 from agentd.agents.registry import AgentRegistry, agent_classes, import_plugin
 from agentd.errors import AgentdError
 from agentd.observability.plugin_metrics import NO_METRICS, PluginObserver
@@ -35,6 +42,18 @@ __all__ = ["AgentPlugins"]
 log = logging.getLogger(__name__)
 
 KIND = "agents"
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A new version of one file, imported and checked, not yet serving (``module`` None:
+    the file was deleted)."""
+
+    path: Path
+    started: float
+    module: str | None = None
+    version: str = ""
+    types: tuple[type[Agent], ...] = ()
 
 
 class AgentPlugins:
@@ -62,6 +81,8 @@ class AgentPlugins:
         self.last_failure: dict[Path, ReloadFailure] = {}
         # A module name per version: the new one runs beside the old until the swap.
         self._versions = itertools.count(1)
+        self._queue: list[Path] = []  # changed files waiting for the reload worker
+        self._worker: asyncio.Task[None] | None = None
 
     def files(self) -> list[Path]:
         """Every file to look at in a full scan: those in the folder now and those loaded
@@ -71,12 +92,48 @@ class AgentPlugins:
         return sorted({p.resolve() for p in now} | known)
 
     def changed(self, paths: Iterable[Path]) -> dict[Path, str]:
-        """Reload each of ``paths`` (files of this folder that changed); the outcome of each
-        (ok, unchanged, removed, failed, refused)."""
-        return {path: self.reload(path) for path in sorted(paths)}
+        """Reload each of ``paths`` (files of this folder that changed). Within a running
+        event loop each file's import runs on a worker thread, one file at a time in the
+        order they came, and only the swap runs on the loop: a plugin whose import takes
+        seconds (a large dependency, a big file) does not stall the calls being served.
+        Returns "started" for each (the outcome is logged, counted and in ``status()``);
+        outside a loop, each file's outcome (ok, unchanged, removed, failed, refused)."""
+        ordered = sorted(paths)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return {path: self.reload(path) for path in ordered}
+        self._queue.extend(p for p in ordered if p not in self._queue)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name="agentd-agent-reload")
+        return dict.fromkeys(ordered, "started")
+
+    async def _drain(self) -> None:
+        while self._queue:
+            path = self._queue.pop(0)
+            try:
+                prepared = await asyncio.to_thread(self._prepare, path)
+                self._install(prepared)
+            except Exception:  # a bug here must not end the reloads of later files
+                log.exception("agent plugin %s: the reload failed", path)
+
+    async def aclose(self) -> None:
+        """Stop reloading (an import already running on its thread ends unused)."""
+        self._queue.clear()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
 
     def reload(self, path: Path) -> str:
-        """Load the current content of ``path`` (or remove its types, if it is gone)."""
+        """Load the current content of ``path`` (or remove its types, if it is gone), all
+        on this thread; the outcome."""
+        return self._install(self._prepare(path))
+
+    def _prepare(self, path: Path) -> _Prepared | str:
+        """Read, verify, import and construct-check a new version of ``path`` (any thread:
+        it changes nothing that serves). A _Prepared to install, or an outcome."""
         path = path.resolve()
         started = time.perf_counter()
         try:
@@ -86,16 +143,7 @@ class AgentPlugins:
         except OSError as exc:
             return self._failed(path, "failed", f"cannot be read: {exc}", started)
         if source is None:
-            previous = self.registry.remove_file(path)
-            self.last_failure.pop(path, None)
-            if previous is None:
-                return "unchanged"
-            sys.modules.pop(previous.module, None)
-            log.info(
-                "agent plugin %s deleted: removed %s", path, ", ".join(previous.names) or "nothing"
-            )
-            self._observer.reloaded(KIND, "removed", time.perf_counter() - started)
-            return "removed"
+            return _Prepared(path, started)  # deleted: its types go
         digest = hashlib.sha256(source).hexdigest()
         current = self.registry.files.get(path)
         if current is not None and path not in self.last_failure and current.version == digest:
@@ -112,13 +160,37 @@ class AgentPlugins:
                 types = agent_classes(module)
                 for agent_type in types:
                     agent_type()  # its constructor must work before it may serve
-                previous = self.registry.swap_file(path, module_name, version, types)
             except BaseException:
                 sys.modules.pop(module_name, None)
                 raise
         except BaseException as exc:  # SystemExit and the like from plugin code included
             return self._failed(path, "failed", describe(exc), started)
-        if previous is not None and previous.module != module_name:
+        return _Prepared(path, started, module_name, version, tuple(types))
+
+    def _install(self, prepared: _Prepared | str) -> str:
+        """Swap a prepared version in (on the loop's thread), or pass an outcome on."""
+        if isinstance(prepared, str):
+            return prepared
+        path, started = prepared.path, prepared.started
+        if prepared.module is None:
+            previous = self.registry.remove_file(path)
+            self.last_failure.pop(path, None)
+            if previous is None:
+                return "unchanged"
+            sys.modules.pop(previous.module, None)
+            log.info(
+                "agent plugin %s deleted: removed %s", path, ", ".join(previous.names) or "nothing"
+            )
+            self._observer.reloaded(KIND, "removed", time.perf_counter() - started)
+            return "removed"
+        try:
+            previous = self.registry.swap_file(
+                path, prepared.module, prepared.version, prepared.types
+            )
+        except AgentdError as exc:
+            sys.modules.pop(prepared.module, None)
+            return self._failed(path, "failed", exc.message, started)
+        if previous is not None and previous.module != prepared.module:
             sys.modules.pop(previous.module, None)  # the old version's module goes
         self.last_failure.pop(path, None)
         seconds = time.perf_counter() - started
@@ -126,9 +198,9 @@ class AgentPlugins:
         log.info(
             "agent plugin %s loaded (version %s, %.1f ms): %s",
             path,
-            version[:12],
+            prepared.version[:12],
             seconds * 1000,
-            ", ".join(t.name for t in types) or "no agent types",
+            ", ".join(t.name for t in prepared.types) or "no agent types",
         )
         return "ok"
 
@@ -151,9 +223,6 @@ class AgentPlugins:
 
     def failures(self) -> dict[Path, ReloadFailure]:
         return dict(self.last_failure)
-
-    async def aclose(self) -> None:
-        """Nothing runs in the background: each reload is done when ``changed`` returns."""
 
     def _failed(self, path: Path, outcome: str, reason: str, started: float) -> str:
         self.last_failure[path] = ReloadFailure.now(reason, outcome)

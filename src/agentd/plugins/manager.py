@@ -33,6 +33,9 @@ from agentd.plugins.failures import ReloadFailure
 __all__ = ["PluginHandler", "PluginManager", "kind_of"]
 
 log = logging.getLogger(__name__)
+# watchfiles logs "N changes detected" at INFO for every batch: the reload's own line says
+# what happened.
+logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 # Names editors write beside the file they save: swap and backup files, lock files,
 # vim's write test (4913) and anything hidden.

@@ -378,6 +378,29 @@ async def test_a_node_reloads_a_written_plugin(folder: Path) -> None:
         assert other.plugins is None
 
 
+async def test_a_slow_import_does_not_stall_the_calls_being_served(folder: Path) -> None:
+    write(folder / "agents" / "ver.py", source("v1"))
+    settings = Settings(plugins=folder, state_store="memory", reload_debounce_ms=20)
+    async with open_node(settings, options=NodeOptions(generation=False, tools=False)) as node:
+        assert node.plugins is not None
+        await node.plugins.ready()
+        assert await ask(node) == "v1/v1 n=1 from=None"
+        # An import that takes 1.5 s (a heavy dependency): it runs beside the loop.
+        write(folder / "agents" / "ver.py", "import time\ntime.sleep(1.5)\n" + source("v2"))
+        longest, replies = 0.0, []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            replies.append(await ask(node))
+            longest = max(longest, time.monotonic() - started)
+            if replies[-1].startswith("v2"):
+                break
+            await asyncio.sleep(0.02)
+        assert replies[-1].startswith("v2/v2")
+        assert replies[0].startswith("v1") and len(replies) > 10  # v1 answered meanwhile
+        assert longest < 1.0, f"a call waited {longest:.2f} s behind the import"
+
+
 async def _until(node: Node, prefix: str, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while not (reply := await ask(node)).startswith(prefix) and time.monotonic() < deadline:
