@@ -47,6 +47,7 @@ from agentd.inference import InferenceService, ModelRepository
 from agentd.models.catalog import ModelCatalog, builtin_models_dir
 from agentd.observability import Metrics, Tracing
 from agentd.observability.generation_metrics import GenerationMetrics
+from agentd.observability.spans import Spans
 from agentd.runtime import (
     ActorHost,
     MemoryStateStore,
@@ -132,6 +133,9 @@ class Node:
         self.settings = settings
         self.metrics = Metrics() if options.metrics else None
         self.tracing = Tracing.from_settings(settings)
+        # The spans below the gateway (turns, inference, generation, tools, commits): the
+        # services hold None while tracing is off (one check per call).
+        self.spans = Spans(self.tracing.tracer) if self.tracing.enabled else None
         try:
             # One deadline rule, applied by the services; the adapters only convert.
             self.deadlines = deadline_policy(settings)
@@ -141,21 +145,25 @@ class Node:
             self.inference = build_inference(
                 settings, self.metrics, self.models, deadlines=self.deadlines
             )
+            self.inference.spans = self.spans  # before start(): its batchers take it
             self.generation = None
             if options.generation:
                 assert self.metrics is not None  # NodeOptions refuses generation without it
                 self.generation = build_generation(
                     settings, self.metrics, self.models, deadlines=self.deadlines
                 )
+                self.generation.spans = self.spans
             self.tools = None
             if options.tools:
                 from agentd.tools.factory import open_tool_service  # not loaded without tools
 
                 self.tools = open_tool_service(settings, self.metrics)
+                self.tools.spans = self.spans
             # Agents owned by other nodes (peers or etcd set) go through the cluster.
             self.cluster = build_cluster(settings, self.metrics, self.tracing)
             host_options = dict(options.host_options)
             host_options.setdefault("deadlines", self.deadlines)  # one policy, shared
+            host_options.setdefault("spans", self.spans)
             if self.cluster is not None:
                 host_options.setdefault("forwarder", self.cluster.forwarder)
             self.runtime = build_runtime(

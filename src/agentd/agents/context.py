@@ -124,7 +124,10 @@ class Context:
         params.validate()
         lm = service.get(model) if model else service.default()
         ids = lm.prompt_ids(prompt)
-        pieces = aiter(lm.complete(ids, params))
+        spans = getattr(service, "spans", None)  # tracing on: a ``generate`` span
+        pieces = aiter(
+            lm.complete(ids, params) if spans is None else lm.complete(ids, params, spans=spans)
+        )
         try:
             while True:
                 left = self.time_left()

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, Internal, InvalidArgument, NotFound
@@ -31,6 +31,9 @@ from agentd.generate.text_stream import TextStream
 from agentd.generate.tokenizer import Tokenizer
 from agentd.generate.types import LMInfo, SamplingParams, TextGenerator
 from agentd.models.catalog import CatalogEntry, ModelCatalog, ModelKind
+
+if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
 
 __all__ = ["GenerationService", "LanguageModel", "PromptTooLong"]
 
@@ -91,11 +94,17 @@ class LanguageModel:
             raise PromptTooLong(None, context, self.name)
 
     def complete(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        deadline: float | None = None,
+        spans: Spans | None = None,
     ) -> TextStream:
         """Start a completion. ``max_tokens`` is cut to what the context leaves after the
         prompt (0 means all of it); a prompt that fills the context raises PromptTooLong.
-        Past ``deadline`` (the event loop's clock) it stops with DeadlineExceeded."""
+        Past ``deadline`` (the event loop's clock) it stops with DeadlineExceeded. With
+        ``spans`` (tracing on) the completion is a ``generate`` span."""
         context = self.config.context_length
         if len(prompt_ids) >= context:
             raise PromptTooLong(len(prompt_ids), context, self.name)
@@ -103,7 +112,9 @@ class LanguageModel:
         max_tokens = room if params.max_tokens == 0 else min(params.max_tokens, room)
         if max_tokens != params.max_tokens:
             params = dataclasses.replace(params, max_tokens=max_tokens)
-        return TextStream(self.generator, self.tokenizer, prompt_ids, params, deadline=deadline)
+        return TextStream(
+            self.generator, self.tokenizer, prompt_ids, params, deadline=deadline, spans=spans
+        )
 
 
 def load_language_model(
@@ -251,7 +262,10 @@ class GenerationService:
         providers: list[str] | None = None,
         observer: EngineObserver | None = None,
         deadlines: DeadlinePolicy | None = None,
+        spans: Spans | None = None,
     ) -> None:
+        # Tracing on: a span per completion (ctx.generate, the OpenAI API).
+        self.spans = spans
         self._catalog = catalog if isinstance(catalog, ModelCatalog) else ModelCatalog(catalog)
         self._deadlines = deadlines or DeadlinePolicy()
         self._threads = threads
@@ -416,7 +430,7 @@ class GenerationService:
         generator refuses up front (InvalidArgument, ResourceExhausted).
         """
         deadline = self._deadlines.deadline(timeout)
-        return model.complete(model.prompt_ids(prompt), params, deadline=deadline)
+        return model.complete(model.prompt_ids(prompt), params, deadline=deadline, spans=self.spans)
 
     def default(self) -> LanguageModel:
         if not self._models:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING
 
 from agentd.errors import DeadlineExceeded
 from agentd.generate.tokenizer import Detokenizer, Tokenizer
 from agentd.generate.types import SamplingParams, TextGenerator
+
+if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
 
 __all__ = ["TextStream"]
 
@@ -44,7 +49,11 @@ class TextStream:
         params: SamplingParams,
         *,
         deadline: float | None = None,
+        spans: Spans | None = None,
     ) -> None:
+        self._spans = spans
+        # Time to first token counts from here (the request reached the generator).
+        self._created = time.perf_counter() if spans is not None else 0.0
         self._generator = generator
         self._tokenizer = tokenizer
         self._params = params
@@ -59,7 +68,40 @@ class TextStream:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
-    async def __aiter__(self) -> AsyncGenerator[str, None]:
+    def __aiter__(self) -> AsyncGenerator[str, None]:
+        if self._spans is None:
+            return self._pieces()
+        return self._traced(self._spans)
+
+    async def _traced(self, spans: Spans) -> AsyncGenerator[str, None]:
+        """``_pieces`` in a ``generate`` span (a child of the span current where iteration
+        starts): time to first token, tokens and finish reason; no span per token."""
+        span = spans.generate(
+            self._generator.info.name, self.prompt_tokens, self._params.max_tokens
+        )
+        started = self._created
+        first_token_s = None
+        error: BaseException | None = None
+        pieces = self._pieces()
+        try:
+            async for piece in pieces:
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - started
+                yield piece
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await pieces.aclose()
+            spans.generated(
+                span,
+                first_token_s=first_token_s,
+                completion_tokens=self.completion_tokens,
+                finish_reason=self.finish_reason,
+                error=error if not isinstance(error, GeneratorExit) else None,
+            )
+
+    async def _pieces(self) -> AsyncGenerator[str, None]:
         stops = [s for s in self._params.stop if s]
         detokenizer = Detokenizer(self._tokenizer)
         pending = ""

@@ -16,12 +16,15 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
 from agentd.errors import ResourceExhausted, Unavailable
 from agentd.inference.types import BatchingConfig
+
+if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
 
 __all__ = ["BatchObserver", "BatcherStats", "DynamicBatcher"]
 
@@ -59,6 +62,7 @@ class _Pending(NamedTuple):
     future: asyncio.Future[Arrays]
     outputs: Sequence[str] | None
     enqueued: float
+    traced: object  # the caller's span context (tracing on), linked from its batch's span
 
 
 _new_pending = tuple.__new__
@@ -75,8 +79,10 @@ class DynamicBatcher:
         config: BatchingConfig,
         executor: Executor,
         observer: BatchObserver | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self._model = model
+        self._spans = spans
         self._run = run
         self._stack = config.max_batch_size > 0
         self._max_rows = max(config.max_batch_size, 1)
@@ -135,11 +141,16 @@ class DynamicBatcher:
                 pending.future.set_exception(Unavailable(f"model {self._model!r} was unloaded"))
 
     def submit_nowait(
-        self, inputs: Mapping[str, np.ndarray], rows: int, outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        outputs: Sequence[str] | None = None,
+        traced: object = None,
     ) -> asyncio.Future[Arrays]:
         """Queue ``inputs`` (``rows`` rows along the batch dimension); the future gets the
         outputs (those named in ``outputs``, or all). Cancelling the future before its batch
-        forms drops the rows.
+        forms drops the rows. ``traced``: the caller's span context, which the batch's span
+        links to (tracing on).
 
         Raises ResourceExhausted when the queue is full, Unavailable when closed.
         """
@@ -153,7 +164,9 @@ class DynamicBatcher:
         if self._worker is None:
             self.start()
         future: asyncio.Future[Arrays] = self._loop.create_future()  # type: ignore[union-attr]
-        self._queue.append(_new_pending(_Pending, (inputs, rows, future, outputs, _perf_counter())))
+        self._queue.append(
+            _new_pending(_Pending, (inputs, rows, future, outputs, _perf_counter(), traced))
+        )
         self.stats.queued += 1
         self._rows_waiting += rows
         if self._wake_at and self._rows_waiting >= self._wake_at:
@@ -182,6 +195,12 @@ class DynamicBatcher:
             started = time.perf_counter()
             queue_seconds = [started - p.enqueued for p in batch]
             rows = sum(p.rows for p in batch)
+            batch_span = run_span = None
+            if self._spans is not None:
+                traced = [p.traced for p in batch if p.traced is not None]
+                if traced:
+                    batch_span = self._spans.batch(self._model, traced, rows, max(queue_seconds))
+                    run_span = self._spans.model_run(self._model, batch_span)
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, inputs)
             except asyncio.CancelledError:
@@ -191,13 +210,17 @@ class DynamicBatcher:
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)
+                _end_spans(batch_span, run_span, error)
                 raise
             except Exception as exc:  # the model failed: every caller in the batch hears why
+                _end_spans(batch_span, run_span, exc)
                 self._observe(rows, queue_seconds, started, ok=False)
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
+            if batch_span is not None:
+                _end_spans(batch_span, run_span, None)
             self._observe(rows, queue_seconds, started, ok=True)
             self.stats.runs += 1
             self.stats.requests_run += len(batch)
@@ -274,6 +297,18 @@ class DynamicBatcher:
             self._observer.batch_finished(
                 self._model, rows, queue_seconds, time.perf_counter() - started, ok
             )
+
+
+def _end_spans(batch: Any, run: Any, error: BaseException | None) -> None:
+    """End a batch's spans (tracing on): the model run, then the batch."""
+    if batch is None:
+        return
+    if error is not None:
+        for span in (run, batch):
+            span.record_exception(error)
+            span.set_attribute("agentd.error", type(error).__name__)
+    run.end()
+    batch.end()
 
 
 def _split(batch: list[_Pending], outputs: Arrays) -> None:

@@ -7,13 +7,16 @@ import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.inference.batcher import BatchObserver, DynamicBatcher
+
+if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
 from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
 from agentd.inference.types import (
     DataType,
@@ -41,8 +44,11 @@ class InferenceService:
         server_name: str = "agentd",
         server_version: str = "",
         deadlines: DeadlinePolicy | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self._repository = repository
+        # Tracing on: a span per call, linked from the span of the batch that served it.
+        self.spans = spans
         self._deadlines = deadlines or DeadlinePolicy()
         self._observer = observer
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
@@ -160,7 +166,12 @@ class InferenceService:
             return
         name = entry.name
         batcher = DynamicBatcher(
-            name, entry.executor.run, entry.config.batching, self._pool, self._observer
+            name,
+            entry.executor.run,
+            entry.config.batching,
+            self._pool,
+            self._observer,
+            spans=self.spans,
         )
         batcher.start()
         self._batchers[name] = batcher
@@ -248,7 +259,17 @@ class InferenceService:
         if rows is None:
             rows = _validate(metadata, inputs)  # the slow path explains what is wrong
         wanted = _wanted_outputs(metadata, outputs) if outputs else None
-        return batcher.submit_nowait(inputs, rows, wanted)
+        spans = self.spans
+        if spans is None:
+            return batcher.submit_nowait(inputs, rows, wanted)
+        call = spans.infer(name, rows)  # a child of the caller's span (turn, request)
+        try:
+            future = batcher.submit_nowait(inputs, rows, wanted, call.context)
+        except BaseException as exc:  # refused (queue full, unloaded): the span says why
+            call.failed(exc)
+            raise
+        future.add_done_callback(call.done)
+        return future
 
     def _loaded(self, name: str, version: str | None) -> Any:
         entry = self._repository.entry(name)

@@ -38,6 +38,7 @@ from agentd.errors import AgentdError, DeadlineExceeded, Internal, Unavailable
 from agentd.runtime.mailbox import END, NO_MESSAGE, Envelope, Mailbox, fail, fail_message
 
 if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
     from agentd.runtime.host import ActorHost
 
 __all__ = ["Activation", "Phase", "TurnStopped"]
@@ -114,6 +115,7 @@ class Activation(Mailbox):
         host = self.host
         observer = host._observer
         told_timeout = host._told_timeout
+        spans = host.spans
         self.phase = RUNNING
         try:
             for _ in range(TURNS_PER_RUN):
@@ -126,7 +128,12 @@ class Activation(Mailbox):
                         break
                     message = mailbox.popleft()
                 host._waiting -= 1
-                if type(message) is Envelope:
+                trace_context = None
+                if type(message) is Envelope and message.reply is None:
+                    # A tell traced with its sender's context (only while tracing is on).
+                    trace_context = message.context
+                    message = message.message
+                elif type(message) is Envelope:
                     if self._expired(message) or (
                         self.state is None
                         and not self._start_fresh()
@@ -155,6 +162,8 @@ class Activation(Mailbox):
                         timed = True
                         started = _perf_counter()
                 outcome = "ok"
+                error: BaseException | None = None
+                scope = None if spans is None else spans.turn(self.address, trace_context, "tell")
                 try:
                     if told_timeout is None:
                         ctx = Context(self.address, self.state, None, host)  # type: ignore[arg-type]
@@ -177,9 +186,10 @@ class Activation(Mailbox):
                         self.address,
                         told_timeout,
                     )
-                except Exception:
+                except Exception as exc:
                     self._rollback()
                     outcome = "error"
+                    error = exc
                     log.exception("agent %s raised", self.address)
                 finally:
                     host._turns += 1
@@ -190,6 +200,8 @@ class Activation(Mailbox):
                     elif outcome == "deadline" and observer is not None:
                         # Sampled timing aside, every stopped turn is counted.
                         observer.turn_finished(self.address.type, outcome, told_timeout)  # type: ignore[arg-type]
+                    if scope is not None:  # after the observer: its exemplar is this trace
+                        scope.close(outcome, _code_of(error))
         finally:
             self.last_turn = _monotonic()
             if self.next_message is not NO_MESSAGE or self.mailbox:
@@ -255,6 +267,13 @@ class Activation(Mailbox):
         started = _perf_counter()
         outcome = "error"
         reply, events = envelope.reply, envelope.events
+        error: BaseException | None = None
+        spans = host.spans
+        scope = (
+            None
+            if spans is None
+            else spans.turn(self.address, envelope.context, "ask" if events is None else "stream")
+        )
         # A caller that gives up (disconnect, its own timeout) cancels this turn.
         watch = None
         if reply is not None:
@@ -274,6 +293,8 @@ class Activation(Mailbox):
                             await events.put(event)
             committed = self._persist(True)
             outcome = "ok"
+            if committed is not None and spans is not None:
+                self._trace_commit(spans, committed)
             if reply is not None and not reply.done():
                 if committed is None:
                     reply.set_result(result)
@@ -298,9 +319,11 @@ class Activation(Mailbox):
             raise
         except AgentdError as exc:
             self._rollback()
+            error = exc
             fail(reply, exc)
         except Exception as exc:
             self._rollback()
+            error = exc
             log.exception("agent %s raised", self.address)
             fail(reply, Internal(f"agent {self.address} failed: {type(exc).__name__}: {exc}"))
         finally:
@@ -315,6 +338,16 @@ class Activation(Mailbox):
             if events is not None:
                 events.put_nowait(END)
             host._turn_finished(self.address.type, outcome, _perf_counter() - started)
+            if scope is not None:  # after the observer: its exemplar is this trace
+                scope.close(outcome, _code_of(error))
+
+    def _trace_commit(self, spans: Spans, committed: asyncio.Future[None]) -> None:
+        """A ``state.commit`` span (a child of the turn) from now until ``committed``."""
+        store = self.host.store
+        span = spans.commit(len(self.snapshot))
+        committed.add_done_callback(
+            lambda future: spans.committed(span, future, getattr(store, "last_commit_size", None))
+        )
 
     def _expired(self, envelope: Envelope) -> bool:
         """True (the caller answered, if its deadline passed) when ``envelope``'s turn must
@@ -457,6 +490,13 @@ class _CancelTurnWhenAbandoned:
         if reply.cancelled() and not self.turn_over:
             self.fired = True
             self.task.cancel()
+
+
+def _code_of(error: BaseException | None) -> str | None:
+    """A failed turn's error code for its span: the agentd error's, else INTERNAL."""
+    if error is None:
+        return None
+    return error.code.name if isinstance(error, AgentdError) else "INTERNAL"
 
 
 def _answer(reply: asyncio.Future, result: Any, committed: asyncio.Future) -> None:

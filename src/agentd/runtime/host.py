@@ -36,6 +36,7 @@ from agentd.runtime.state import StateStore
 if TYPE_CHECKING:
     from agentd.agents.host import AgentHost
     from agentd.generate.service import GenerationService
+    from agentd.observability.spans import Spans
     from agentd.tools.service import ToolService
 
 __all__ = ["ActorHost", "Forwarder", "Inference", "TurnObserver"]
@@ -106,6 +107,7 @@ class ActorHost:
         freeze_every: int = 0,
         deadlines: DeadlinePolicy | None = None,
         forwarder: Forwarder | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -142,6 +144,9 @@ class ActorHost:
         self._watchdog: asyncio.Task[None] | None = None
         # Agents this node does not own go to their owner (None: it owns every agent).
         self.forwarder = forwarder
+        # Tracing on: each turn is a span, a child of its sender's (the context travels in
+        # the message's envelope). None: one check per turn and per message, no more.
+        self.spans = spans
         store.on_commit_failed = self._commit_failed
         # Stores that remember something per agent (Redis: the version it read) are told
         # when an agent is passivated.
@@ -233,6 +238,11 @@ class ActorHost:
             if self.forwarder is not None and (remote := self._forwarded(address)) is not None:
                 return self.forwarder.tell_nowait(remote, message)
             activation = self._activation_missed(address)
+        if self.spans is not None:
+            # The sender's trace context travels with the tell (its turn, a child span).
+            envelope = Envelope(message, None, None, None)
+            envelope.context = self.spans.current()
+            message = envelope
         if activation.phase is not IDLE:
             # Already on the run queue (or running): it will see the message.
             mailbox = activation.mailbox
@@ -337,6 +347,8 @@ class ActorHost:
         deadline = None if timeout is None else loop.time() + timeout
         activation = self._activation(address)
         envelope = Envelope(message, loop.create_future(), deadline, events)
+        if self.spans is not None:
+            envelope.context = self.spans.current()  # the turn: a child of the caller's span
         if not self._deliver_nowait(activation, envelope) and deadline is not None:
             # It waits (run queue, mailbox): the deadline must reach it there, so that the
             # caller hears at its deadline, not when a worker frees up. A call a worker

@@ -29,7 +29,7 @@ NO_MESSAGE = object()  # a mailbox's slot when no message waits
 class Envelope:
     """An ask or a stream on its way to a turn: the message and who waits for it."""
 
-    __slots__ = ("deadline", "events", "message", "reply", "started", "timer")
+    __slots__ = ("context", "deadline", "events", "message", "reply", "started", "timer")
 
     def __init__(
         self,
@@ -48,6 +48,9 @@ class Envelope:
         # Answers the caller at the deadline while the call waits (see ActorHost.ask);
         # cancelled by the caller once it has its answer.
         self.timer: asyncio.TimerHandle | None = None
+        # The sender's trace context (tracing on): its turn runs as a child of the sender's
+        # span. A tell travels in an envelope too when tracing is on (``reply`` None).
+        self.context: object = None
 
     def dead(self) -> bool:
         """Nobody waits for it any more (its caller gave up or its deadline passed)."""

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -25,6 +25,9 @@ from agentd.tools.admission import AdmissionLimits, AdmissionStats, FairSchedule
 from agentd.tools.errors import ToolError, ToolErrorKind
 from agentd.tools.schema import check_arguments
 from agentd.tools.types import CallOutcome, ToolLimits, ToolSpec
+
+if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
 
 __all__ = ["ToolAdmissionObserver", "ToolObserver", "ToolRuntime", "ToolService"]
 
@@ -132,6 +135,8 @@ class ToolService:
             self._admission_observer.watch_tool_admission(self._scheduler.statistics)
         self._unavailable = unavailable_reason
         self._executor: ThreadPoolExecutor | None = None
+        # Tracing on (the node sets it): a ``tool.call`` span per call.
+        self.spans: Spans | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -251,6 +256,29 @@ class ToolService:
     ) -> str:
         """Like :meth:`call` with the arguments as a JSON text (or a mapping) and the result
         as JSON text (checked to be valid JSON)."""
+        spans = self.spans
+        if spans is None:
+            return await self._call_json(name, arguments, timeout)
+        # Tracing on: a ``tool.call`` span, a child of the caller's (turn, request).
+        span = spans.tool(name)
+        try:
+            result = await self._call_json(name, arguments, timeout, span)
+        except ToolError as exc:
+            spans.tool_done(span, exc.kind)
+            raise
+        except BaseException:
+            spans.tool_done(span, "cancelled")
+            raise
+        spans.tool_done(span, "ok")
+        return result
+
+    async def _call_json(
+        self,
+        name: str,
+        arguments: str | bytes | Mapping[str, Any],
+        timeout: float | None,
+        span: Any = None,
+    ) -> str:
         started = time.perf_counter()
         try:
             spec = self.spec(name)
@@ -262,7 +290,7 @@ class ToolService:
         except ToolError as exc:
             self._observe(name if name in self._loaded.specs else "unknown", exc.kind, started, 0)
             raise
-        outcome = await self._run(name, arguments_json, timeout, started)
+        outcome = await self._run(name, arguments_json, timeout, started, span)
         if outcome.error is not None:
             raise outcome.error
         assert outcome.result_json is not None
@@ -309,7 +337,7 @@ class ToolService:
         return encoded.decode()
 
     async def _run(
-        self, name: str, arguments_json: str, timeout: float | None, started: float
+        self, name: str, arguments_json: str, timeout: float | None, started: float, span: Any
     ) -> CallOutcome:
         budget = self._limits.timeout_s
         if timeout is not None:
@@ -327,7 +355,9 @@ class ToolService:
             raise
         if self._admission_observer is not None:
             self._admission_observer.tool_call_started(name, grant.waited_s)
-        return await self._run_admitted(name, arguments_json, grant, budget, deadline, started)
+        return await self._run_admitted(
+            name, arguments_json, grant, budget, deadline, started, span
+        )
 
     async def _run_admitted(
         self,
@@ -337,6 +367,7 @@ class ToolService:
         budget: float,
         deadline: float,
         started: float,
+        span: Any,
     ) -> CallOutcome:
         executor = self._executor
         if executor is None:  # shut down between the grant and now
@@ -344,7 +375,7 @@ class ToolService:
             return self._shut_down(name, started)
         loop = asyncio.get_running_loop()
         try:
-            job = executor.submit(self._job, name, arguments_json, deadline)
+            job = executor.submit(self._job, name, arguments_json, deadline, span)
         except RuntimeError:  # the pool is shutting down
             grant.release()
             return self._shut_down(name, started)
@@ -379,8 +410,8 @@ class ToolService:
             message = f"tool {name!r} did not finish within {budget:.2g} s"
         return CallOutcome(None, ToolError(ToolErrorKind.DEADLINE, message), 0)
 
-    def _job(self, name: str, arguments_json: str, deadline: float) -> CallOutcome:
-        # Runs on a pool thread.
+    def _job(self, name: str, arguments_json: str, deadline: float, span: Any) -> CallOutcome:
+        # Runs on a pool thread. ``span``: the call's (tracing on), told what the sandbox did.
         loaded = self._enter()
         if loaded is None:
             return CallOutcome(
@@ -393,6 +424,8 @@ class ToolService:
             loaded.leave()
         kind = "ok" if outcome.error is None else outcome.error.kind
         self._observe(name, kind, started, outcome.fuel_used)
+        if span is not None:
+            self.spans.tool_ran(span, time.perf_counter() - started, outcome.fuel_used)  # type: ignore[union-attr]
         return outcome
 
     def _enter(self) -> _Loaded | None:

@@ -120,6 +120,7 @@ class SQLiteStateStore:
         self._loads = _Grouped(self._flush_loads)
         self.writes = 0
         self.commits = 0
+        self.last_commit_size = 0  # saves in the last group committed (or failed)
         self.errors = 0
         self.empty_at_open = False
         self.on_commit_failed: CommitFailed | None = None
@@ -188,6 +189,9 @@ class SQLiteStateStore:
 
     def _saves_done(self, items: list, waiting: list, task: asyncio.Future) -> None:
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
+        # The group's size, read by the waiters' callbacks (state.commit spans), which run
+        # before the next group can finish.
+        self.last_commit_size = len(items) // 2
         if error is None:
             if self._health.failures:
                 self._health.succeeded()
