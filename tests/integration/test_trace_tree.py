@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from agentd.testing import RunningServer, start_server
 from tests.conftest import metric_value
@@ -223,3 +225,70 @@ def test_turn_latency_exemplar_carries_the_trace(node: RunningServer, tree: dict
     ]
     assert any(f'trace_id="{TRACE_ID}"' in line for line in lines), lines
     assert metric_value(text, "agentd_agent_turns_total", agent_type="planner", outcome="ok") >= 1
+
+
+def _request_tree(trace_id: str, request_name: str, child: str) -> tuple[Span, Span]:
+    """The request span of trace ``trace_id`` and its one ``child`` span, once exported."""
+
+    def both(spans: list[Span]) -> bool:
+        names = [s.name for s in spans if s.trace_id.hex() == trace_id]
+        return request_name in names and child in names
+
+    spans = [s for s in _wait(both) if s.trace_id.hex() == trace_id]
+    return _one(spans, request_name), _one(spans, child)
+
+
+def test_kserve_rest_and_grpc_requests_have_inference_spans(node: RunningServer) -> None:
+    rest_trace, grpc_trace = "6bf92f3577b34da6a3ce929d0e0e4738", "7bf92f3577b34da6a3ce929d0e0e4739"
+    response = httpx.post(
+        node.url + "/v2/models/decision/infer",
+        json={
+            "inputs": [
+                {"name": "features", "datatype": "FP32", "shape": [3, 16], "data": [0.5] * 48}
+            ]
+        },
+        headers={"traceparent": f"00-{rest_trace}-{PARENT_ID}-01"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    request = service_pb2.ModelInferRequest(model_name="decision")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=[1, 16])
+    tensor.contents.fp32_contents.extend([0.25] * 16)
+    with grpc.insecure_channel(node.target) as channel:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=[("traceparent", f"00-{grpc_trace}-{PARENT_ID}-01")], timeout=30
+        )
+    for trace_id, rows in ((rest_trace, 3), (grpc_trace, 1)):
+        spans = _wait(
+            lambda spans, t=trace_id: any(
+                s.name == "inference.call" and s.trace_id.hex() == t for s in spans
+            )
+        )
+        call = _one([s for s in spans if s.trace_id.hex() == trace_id], "inference.call")
+        server = [s for s in spans if s.span_id == call.parent_span_id]
+        assert len(server) == 1 and server[0].kind == Span.SPAN_KIND_SERVER, trace_id
+        assert server[0].parent_span_id.hex() == PARENT_ID
+        assert _attrs(call)["agentd.inference.rows"] == rows
+        batches = [
+            s
+            for s in spans
+            if s.name == "inference.batch" and any(link.span_id == call.span_id for link in s.links)
+        ]
+        assert len(batches) == 1
+
+
+def test_openai_completion_has_a_generate_span(node: RunningServer) -> None:
+    trace_id = "8bf92f3577b34da6a3ce929d0e0e473a"
+    response = httpx.post(
+        node.url + "/v1/completions",
+        json={"model": "tinylm", "prompt": "once", "max_tokens": 3, "stream": True},
+        headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    request, generate = _request_tree(trace_id, "/v1/completions", "generate")
+    assert generate.parent_span_id == request.span_id
+    attributes = _attrs(generate)
+    assert attributes["gen_ai.usage.output_tokens"] == 3
+    assert attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert attributes["agentd.generate.time_to_first_token_seconds"] > 0
