@@ -192,6 +192,8 @@ class Spans:
     def tool_ran(span: Span, sandbox_s: float, fuel: int) -> None:
         """What the sandbox did for a ``tool.call`` (from the tool's thread): the time in
         it and the fuel used."""
+        if not span.is_recording():
+            return  # ended already: the caller was answered at its deadline
         span.set_attribute("agentd.tool.sandbox_seconds", sandbox_s)
         span.set_attribute("agentd.tool.fuel_used", fuel)
 

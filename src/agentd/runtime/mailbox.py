@@ -65,8 +65,9 @@ def fail(reply: asyncio.Future | None, error: BaseException) -> None:
 
 def fail_message(message: Any, error: BaseException) -> bool:
     """Answer a waiting ask or stream (an :class:`Envelope`) with ``error`` and end its
-    events; False for a bare told message, which has nobody to answer."""
-    if type(message) is not Envelope:
+    events; False for a told message (bare, or in an envelope for its trace context), which
+    has nobody to answer."""
+    if type(message) is not Envelope or (message.reply is None and message.events is None):
         return False
     fail(message.reply, error)
     if message.events is not None:
