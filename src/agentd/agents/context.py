@@ -124,10 +124,13 @@ class Context:
         params.validate()
         lm = service.get(model) if model else service.default()
         ids = lm.prompt_ids(prompt)
-        spans = getattr(service, "spans", None)  # tracing on: a ``generate`` span
-        pieces = aiter(
-            lm.complete(ids, params) if spans is None else lm.complete(ids, params, spans=spans)
-        )
+        # Tracing on (the node's GenerationService holds span helpers): a ``generate`` span
+        # under this turn's; other hosts' models take no ``spans``.
+        spans = getattr(service, "spans", None)
+        if spans is None:
+            pieces = aiter(lm.complete(ids, params))
+        else:
+            pieces = aiter(lm.complete(ids, params, spans=spans))  # type: ignore[call-arg]
         try:
             while True:
                 left = self.time_left()
