@@ -25,6 +25,7 @@ from agentd.agents.builtin.echo import Echo
 from agentd.agents.message import Message
 from agentd.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.node import Node, NodeOptions, open_node
+from agentd.observability.spans import Spans
 from agentd.settings import Settings
 
 # What the agents saw, by node (all nodes run in this process).
@@ -285,6 +286,29 @@ async def test_a_forwarded_call_keeps_its_trace(tmp_path):
     assert [s.name for s in spans] == ["agentd.forwarded.ask"]
     assert format(spans[0].context.trace_id, "032x") == trace_id
     assert format(spans[0].parent.span_id, "016x") == "00f067aa0ba902b7"
+    provider.shutdown()
+
+
+async def test_a_forwarded_ask_runs_its_turn_in_the_callers_trace(tmp_path):
+    # With spans on both nodes: the owner's turn is a child of its forwarded.ask span,
+    # which continues the caller's span on the other node (one trace across the hop).
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    async with cluster(tmp_path) as (a, b):
+        b.cluster.server.tracer = tracer
+        a.runtime.host.spans = b.runtime.host.spans = Spans(tracer)
+        address = owned_by(a, "b", "record")[0]
+        with tracer.start_as_current_span("caller") as caller:
+            assert await a.runtime.host.ask(address, "traced") == "traced"
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"caller", "agentd.forwarded.ask", "agent.turn"}
+    assert {s.context.trace_id for s in spans.values()} == {caller.get_span_context().trace_id}
+    assert spans["agentd.forwarded.ask"].parent.span_id == caller.get_span_context().span_id
+    turn = spans["agent.turn"]
+    assert turn.parent.span_id == spans["agentd.forwarded.ask"].context.span_id
+    assert turn.attributes["agentd.agent.address"] == str(address)
     provider.shutdown()
 
 
