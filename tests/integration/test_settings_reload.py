@@ -144,6 +144,9 @@ def test_a_change_that_needs_a_restart_is_named_and_the_server_serves_on(
     )
     assert line.split("needs a restart: ")[1].startswith("workers, max_queued_turns (")
     assert reloading.invoke("0").status_code == 200  # still serving, on its port
+    (row,) = reloading.http.get("/v1/plugins").json()["settings"]  # auth is off in this file
+    assert row["file"] == str(reloading.config) and row["last_failure"] is None
+    assert row["needs_restart"] == ["workers", "max_queued_turns"]
     line = reloading.write({}, expect="settings:")  # as at start again: nothing pending
     assert "needs a restart" not in line
 

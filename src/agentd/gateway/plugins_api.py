@@ -253,6 +253,8 @@ class PluginsApi:
             "agents": agent_plugin_rows(node),
             "tools": tool_rows(node, self._start),
             "models": model_rows(node, self._start),
+            # The config file's row, when the node watches one (applied / needs_restart).
+            "settings": (status() if (status := _handler_status(node, "settings")) else []),
         }
 
     async def list(self, send: Send, scope: Scope) -> None:
