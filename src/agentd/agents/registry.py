@@ -16,7 +16,7 @@ from types import ModuleType
 from agentd.agents.base import Agent
 from agentd.errors import InvalidArgument, NotFound
 
-__all__ = ["AgentRegistry", "PluginFile", "agent_classes", "import_plugin"]
+__all__ = ["AgentRegistry", "PluginFile", "agent_classes", "check_name", "import_plugin"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
@@ -50,7 +50,7 @@ class AgentRegistry:
         self._base[agent_type.name] = agent_type
 
     def _add(self, agent_type: type[Agent]) -> None:
-        _check_name(agent_type)
+        check_name(agent_type)
         self._types[agent_type.name] = agent_type
 
     def get(self, name: str) -> type[Agent]:
@@ -112,7 +112,7 @@ class AgentRegistry:
         version's record (its module is the caller's to release), None if there was none.
         """
         for agent_type in types:
-            _check_name(agent_type)
+            check_name(agent_type)
         key = path.resolve()
         previous = self.files.get(key)
         current = self._without(previous)
@@ -177,7 +177,8 @@ class AgentRegistry:
         return loaded
 
 
-def _check_name(agent_type: type[Agent]) -> None:
+def check_name(agent_type: type[Agent]) -> None:
+    """InvalidArgument unless the type's ``name`` is a valid agent type name."""
     if not _NAME.fullmatch(agent_type.name or ""):
         raise InvalidArgument(
             f"agent class {agent_type.__qualname__} needs a name matching {_NAME.pattern}"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.agents.base import Agent
-from agentd.agents.registry import AgentRegistry, agent_classes, import_plugin
+from agentd.agents.registry import AgentRegistry, agent_classes, check_name, import_plugin
 from agentd.errors import AgentdError
 from agentd.observability.plugin_metrics import NO_METRICS, PluginObserver
 from agentd.plugins.failures import ReloadFailure, describe
@@ -54,6 +54,7 @@ class _Prepared:
     module: str | None = None
     version: str = ""
     types: tuple[type[Agent], ...] = ()
+    names: tuple[str, ...] = ()
 
 
 class AgentPlugins:
@@ -83,6 +84,7 @@ class AgentPlugins:
         self._versions = itertools.count(1)
         self._queue: list[Path] = []  # changed files waiting for the reload worker
         self._worker: asyncio.Task[None] | None = None
+        self._scanned = False
 
     def files(self) -> list[Path]:
         """Every file to look at in a full scan: those in the folder now and those loaded
@@ -102,6 +104,11 @@ class AgentPlugins:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
+            return {path: self.reload(path) for path in ordered}
+        if not self._scanned:
+            # The first look, as the manager starts (before the node serves): done here,
+            # so that a write after start() is read after it, not raced by it.
+            self._scanned = True
             return {path: self.reload(path) for path in ordered}
         self._queue.extend(p for p in ordered if p not in self._queue)
         if self._worker is None or self._worker.done():
@@ -160,12 +167,14 @@ class AgentPlugins:
                 types = agent_classes(module)
                 for agent_type in types:
                     agent_type()  # its constructor must work before it may serve
+                    check_name(agent_type)  # (reading a name runs plugin code too)
+                names = tuple(t.name for t in types)
             except BaseException:
                 sys.modules.pop(module_name, None)
                 raise
         except BaseException as exc:  # SystemExit and the like from plugin code included
             return self._failed(path, "failed", describe(exc), started)
-        return _Prepared(path, started, module_name, version, tuple(types))
+        return _Prepared(path, started, module_name, version, tuple(types), names)
 
     def _install(self, prepared: _Prepared | str) -> str:
         """Swap a prepared version in (on the loop's thread), or pass an outcome on."""
@@ -187,9 +196,9 @@ class AgentPlugins:
             previous = self.registry.swap_file(
                 path, prepared.module, prepared.version, prepared.types
             )
-        except AgentdError as exc:
+        except BaseException as exc:  # plugin code (a metaclass) runs here too
             sys.modules.pop(prepared.module, None)
-            return self._failed(path, "failed", exc.message, started)
+            return self._failed(path, "failed", describe(exc), started)
         if previous is not None and previous.module != prepared.module:
             sys.modules.pop(previous.module, None)  # the old version's module goes
         self.last_failure.pop(path, None)
@@ -200,7 +209,7 @@ class AgentPlugins:
             path,
             prepared.version[:12],
             seconds * 1000,
-            ", ".join(t.name for t in prepared.types) or "no agent types",
+            ", ".join(prepared.names) or "no agent types",
         )
         return "ok"
 

@@ -401,6 +401,40 @@ async def test_a_slow_import_does_not_stall_the_calls_being_served(folder: Path)
         assert longest < 1.0, f"a call waited {longest:.2f} s behind the import"
 
 
+SNEAKY = """
+import sys
+from agentd import Agent
+
+class Meta(type(Agent)):
+    @property
+    def name(cls):
+        sys.exit(4)
+
+class Sneaky(Agent, metaclass=Meta):
+    async def handle(self, ctx, message):
+        return "never"
+"""
+
+
+async def test_plugin_code_ending_the_process_while_reloading_is_a_failed_reload(
+    folder: Path,
+) -> None:
+    write(folder / "agents" / "ver.py", source("v1"))
+    settings = Settings(plugins=folder, state_store="memory", reload_debounce_ms=20)
+    async with open_node(settings, options=NodeOptions(generation=False, tools=False)) as node:
+        assert node.plugins is not None
+        await node.plugins.ready()
+        for name, text in (("sneaky.py", SNEAKY), ("exits.py", "import sys\nsys.exit(3)\n")):
+            path = (folder / "agents" / name).resolve()
+            write(path, text)
+            deadline = time.monotonic() + 10
+            while path not in node.plugins.failures().get("agents", {}):
+                assert time.monotonic() < deadline, "no failed reload recorded"
+                await asyncio.sleep(0.02)
+            assert "SystemExit" in node.plugins.failures()["agents"][path].reason
+        assert await ask(node) == "v1/v1 n=1 from=None"  # the node serves on
+
+
 async def _until(node: Node, prefix: str, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while not (reply := await ask(node)).startswith(prefix) and time.monotonic() < deadline:
