@@ -1,9 +1,10 @@
 """Live reload of tool files: a real ToolService, a real PluginManager watching a tmp plugins
 folder, components from the shared tools cache (docs/tools.md, "Live reload").
 
-Builds are costly (10-25 s each), so the file uses three units, built once for the module
-(and then cached by content hash for later runs): ``reloadable.py`` at version a, at
-version b, and broken (an import error). Every reload in the tests is then a cache hit.
+Builds are costly (10-25 s each), so the file uses three versions of ``reloadable.py``: a
+and b, built once for the module (then cached by content hash for later runs), and broken
+(a syntax error: failed before any build runs). Every reload in the tests is then a cache
+hit.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ def slow(iterations: int) -> str:
 '''
 A = TEMPLATE.format(version="a")
 B = TEMPLATE.format(version="b")
-BROKEN = (
-    "import module_that_does_not_exist  # noqa: F401\n\n\ndef version() -> str:\n    return 'x'\n"
-)
-# The module's first test waits for the three builds on a cold cache (~15-40 s each on a
+# A syntax error fails the build at once (no componentize-py run); an import error reaches
+# the same path after a build (tests/tools/plugins/tools/broken.py, test_build.py).
+BROKEN = "def version() -> str:\n    return 'x'\n\ndef slow(:\n    pass\n"
+# The module's first test waits for the two builds on a cold cache (~15-40 s each on a
 # loaded 2-core machine); later runs find them cached.
 pytestmark = pytest.mark.timeout(360)
 # Generous bounds for a shared, loaded 2-core machine; a cache-hit reload takes ~50 ms.
@@ -190,7 +191,7 @@ async def test_a_broken_file_keeps_the_old_version_until_a_good_write(served: Se
     await served.settled()
     failure = served.handler.failures()[path.resolve()]
     assert failure.outcome == "failed"
-    assert "module_that_does_not_exist" in failure.reason
+    assert failure.reason.startswith("SyntaxError: ") and "(line 4)" in failure.reason
     assert await served.version() == "a"  # the previous version serves
     row = next(r for r in served.handler.status() if r["file"] == f"tools/{NAME}")
     assert row["last_failure"]["reason"] == failure.reason
