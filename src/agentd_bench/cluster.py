@@ -69,7 +69,7 @@ FULL = ClusterConfig(
 )
 QUICK = ClusterConfig(
     forwarding_asks=1000,
-    gateway=GatewayConfig(rounds=1, duration_s=1.0, warmup_s=0.3),
+    gateway=GatewayConfig(rounds=1, duration_s=0.5, warmup_s=0.2),
     swarm_agents=100_000,
     rehome=RehomeConfig(trials=3, lease_ttl_s=2.0),
     store_agents=20_000,

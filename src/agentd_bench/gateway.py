@@ -68,7 +68,8 @@ class SuiteConfig:
 
 
 FULL = SuiteConfig(duration_s=5.0, warmup_s=1.0)
-QUICK = SuiteConfig(duration_s=1.0, warmup_s=0.3, tracing_rounds=1)
+# Quick: the suite's test of the bench itself (every point runs, nothing is concluded).
+QUICK = SuiteConfig(duration_s=0.5, warmup_s=0.2, tracing_rounds=1)
 
 # Tracing modes: name, sampler ratio (None: off). Sampled by parentbased_traceidratio, the
 # default a collector set-up would use; h2load sends no traceparent, so the ratio decides.
