@@ -18,6 +18,8 @@ class MemoryStateStore:
         self.snapshots: dict[str, bytes] = {}
         self.writes = 0
         self.errors = 0
+        # Each save commits alone: the batch size a ``state.commit`` span reports.
+        self.last_commit_size = 1
         self.empty_at_open = True
         self.on_commit_failed: CommitFailed | None = None
 

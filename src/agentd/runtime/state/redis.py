@@ -167,6 +167,7 @@ class RedisStateStore:
         self._read_scheduled = False
         self.writes = 0
         self.commits = 0
+        self.last_commit_size = 0  # saves in the last batch written (or failed)
         self.errors = 0
         self.fenced = 0  # writes refused as stale (not failures of the store)
         self.round_trips = 0  # pipelines sent for writes
@@ -323,6 +324,9 @@ class RedisStateStore:
     ) -> None:
         self._writing = None
         self._inflight = {}
+        # The batch's size, read by its waiters' callbacks (state.commit spans), which run
+        # before the next batch can finish (it needs a round trip).
+        self.last_commit_size = len(rows)
         exc: BaseException | None = asyncio.CancelledError() if task.cancelled() else None
         exc = exc or task.exception()
         if exc is not None:
