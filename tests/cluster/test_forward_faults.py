@@ -7,6 +7,7 @@ import asyncio
 import socket
 import struct
 
+from agentd.agents.address import Address
 from agentd.cluster import codec
 from agentd.cluster.peer import ASK, REPLY, TELLS
 from tests.cluster.test_forwarding import SEEN, cluster, owned_by
@@ -44,6 +45,13 @@ HOSTILE = [
     _frame(TELLS, b"", size=2**31),  # far over the size limit
     _frame(TELLS, b"\x01\x00\x00\x00garbage"),  # a batch that does not decode
     _frame(TELLS, codec.encode_tells([], [])[:-1] + b"\x07"),
+    # A traced tell whose trace context has a zero trace id.
+    _frame(
+        TELLS,
+        codec.encode_tells([Address("record", "x1")], [1], [bytes(range(1, 26))]).replace(
+            bytes(range(1, 17)), bytes(16)
+        ),
+    ),
 ]
 
 

@@ -64,6 +64,17 @@ class Relay(Agent):
         return await ctx.ask(target, ("asked", payload))
 
 
+class Fan(Agent):
+    """Tells each of the addresses in ``message`` its index (no reply awaited)."""
+
+    name = "fan"
+
+    async def handle(self, ctx, message):
+        for index, target in enumerate(message):
+            await ctx.send(target, index)
+        return len(message)
+
+
 class Missing(Agent):
     name = "missing"
 
@@ -85,7 +96,7 @@ class Ticks(Agent):
 
 def registry() -> AgentRegistry:
     types = AgentRegistry()
-    for agent_type in (Record, Sleeper, Relay, Missing, Ticks, Echo):
+    for agent_type in (Record, Sleeper, Relay, Fan, Missing, Ticks, Echo):
         types.register(agent_type)
     return types
 
@@ -309,6 +320,50 @@ async def test_a_forwarded_ask_runs_its_turn_in_the_callers_trace(tmp_path):
     turn = spans["agent.turn"]
     assert turn.parent.span_id == spans["agentd.forwarded.ask"].context.span_id
     assert turn.attributes["agentd.agent.address"] == str(address)
+    provider.shutdown()
+
+
+async def test_a_forwarded_tells_turn_is_a_child_of_its_senders_span(tmp_path):
+    # Two traced turns on node a tell agents on node b (their tells share batches); a tell
+    # from outside any trace too. Each told turn on b is a child of the turn that sent it,
+    # as for a tell between agents of one node; the untraced one begins a trace of its own.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    async with cluster(tmp_path) as (a, b):
+        a.runtime.host.spans = b.runtime.host.spans = Spans(tracer)
+        fans = owned_by(a, "a", "fan", 2)
+        targets = owned_by(a, "b", "record", 7)
+        lone = targets.pop()
+        SEEN.clear()
+
+        async def fan(fan_address: Address, told: list[Address]) -> None:
+            with tracer.start_as_current_span(f"caller {fan_address.id}"):
+                assert await a.runtime.host.ask(fan_address, told) == len(told)
+
+        await asyncio.gather(fan(fans[0], targets[:3]), fan(fans[1], targets[3:]))
+        assert a.runtime.host.tell_nowait(lone, "untraced")
+        for _ in range(500):
+            turns = [s for s in exporter.get_finished_spans() if s.name == "agent.turn"]
+            if len(turns) == 2 + 7:
+                break
+            await asyncio.sleep(0.01)
+    spans = exporter.get_finished_spans()
+    by_address = {s.attributes["agentd.agent.address"]: s for s in spans if s.name == "agent.turn"}
+    assert len(by_address) == 2 + 7, sorted(by_address)
+    for fan_address, told in ((fans[0], targets[:3]), (fans[1], targets[3:])):
+        sender = by_address[str(fan_address)]
+        for address in told:
+            turn = by_address[str(address)]
+            assert turn.attributes["agentd.turn.kind"] == "tell"
+            assert turn.context.trace_id == sender.context.trace_id
+            assert turn.parent.span_id == sender.context.span_id
+            assert turn.parent.is_remote
+    assert by_address[str(fans[0])].context.trace_id != by_address[str(fans[1])].context.trace_id
+    untraced = by_address[str(lone)]
+    assert untraced.parent is None
+    assert untraced.context.trace_id not in {s.context.trace_id for s in spans if s != untraced}
     provider.shutdown()
 
 

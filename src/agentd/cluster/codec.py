@@ -16,7 +16,11 @@ crash. A value is a one-byte tag and its body, little-endian:
 
 A batch of tells (:func:`encode_tells`) packs its addresses as one newline-joined text and,
 when every message is a pair of ints (the swarm's), the messages as one int64 array; other
-batches encode each message as above.
+batches encode each message as above. A batch whose tells were sent from traced turns
+carries their trace contexts between the addresses and the messages (the high bit of its
+mode byte says so; a batch without any has not one byte more): runs of tells with the same
+context, each a 4-byte count and the context in 25 bytes (agentd.observability.trace_wire),
+all zeros for tells without one.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import groupby, repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -40,6 +44,7 @@ __all__ = [
     "check",
     "decode",
     "decode_tells",
+    "decode_traced_tells",
     "encode",
     "encode_tells",
 ]
@@ -387,17 +392,32 @@ _VALUES = 1  # each message encoded as a value
 _INT_ARRAYS = 2  # every message is (int64, array), the arrays of one dtype and shape
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
 _DTYPE_SHAPE = attrgetter("dtype", "shape")
+_TRACED = 0x80  # a mode bit: the batch carries trace contexts
 _TELLS_HEAD = struct.Struct("<IIB")
+CONTEXT_SIZE = 25  # a trace context: trace id, span id, flags
+_NO_CONTEXT = bytes(CONTEXT_SIZE)
+_RUN = struct.Struct("<I")
 
 
-def encode_tells(addresses: Sequence[Address], messages: Sequence[Any]) -> bytes:
-    """One frame body for a batch of tells (``addresses[i]`` gets ``messages[i]``); the
-    messages were checked when told."""
+def encode_tells(
+    addresses: Sequence[Address],
+    messages: Sequence[Any],
+    contexts: Sequence[bytes | None] | None = None,
+) -> bytes:
+    """One frame body for a batch of tells (``addresses[i]`` gets ``messages[i]``, sent
+    under the trace context ``contexts[i]``: 25 bytes or None); the messages were checked
+    when told."""
     count = len(addresses)
     text = "\n".join(map("/".join, addresses)).encode()
     mode, packed = _pack_messages(messages) if count else (_VALUES, None)
-    out = bytearray(_TELLS_HEAD.pack(count, len(text), mode))
+    runs = _runs(contexts) if contexts is not None and count else None
+    out = bytearray(_TELLS_HEAD.pack(count, len(text), mode | _TRACED if runs else mode))
     out += text
+    if runs:
+        out += _RUN.pack(len(runs))
+        for context, size in runs:
+            out += _RUN.pack(size)
+            out += context
     if mode == _PAIRS:
         out += b"\0" * (-len(out) % 8)
         out += packed.data  # type: ignore[union-attr]
@@ -410,6 +430,21 @@ def encode_tells(addresses: Sequence[Address], messages: Sequence[Any]) -> bytes
         for message in messages:
             _encode(message, out, 0)
     return bytes(out)
+
+
+def _runs(contexts: Sequence[bytes | None]) -> list[tuple[bytes, int]] | None:
+    """``contexts`` as (context, how many in a row), or None when none is set."""
+    runs: list[tuple[bytes, int]] = []
+    traced = False
+    for context, group in groupby(contexts):
+        if context is None:
+            context = _NO_CONTEXT
+        elif len(context) != CONTEXT_SIZE or context == _NO_CONTEXT:
+            raise CodecError("a malformed trace context in a batch of tells")
+        else:
+            traced = True
+        runs.append((context, sum(1 for _ in group)))
+    return runs if traced else None
 
 
 def _pack_messages(messages: Sequence[Any]) -> tuple[int, Any]:
@@ -436,6 +471,15 @@ def _pack_messages(messages: Sequence[Any]) -> tuple[int, Any]:
 
 def decode_tells(data: bytes | memoryview) -> tuple[list[Address], list[Any]]:
     """The addresses and messages of a batch of tells; CodecError for bad bytes."""
+    addresses, messages, _ = decode_traced_tells(data)
+    return addresses, messages
+
+
+def decode_traced_tells(
+    data: bytes | memoryview,
+) -> tuple[list[Address], list[Any], list[bytes | None] | None]:
+    """The addresses, messages and trace contexts (25 bytes or None per tell; None for a
+    batch without any) of a batch of tells; CodecError for bad bytes."""
     view = data if isinstance(data, memoryview) else memoryview(data)
     try:
         count, size, mode = _TELLS_HEAD.unpack_from(view, 0)
@@ -447,7 +491,7 @@ def decode_tells(data: bytes | memoryview) -> tuple[list[Address], list[Any]]:
     if count == 0:
         if size or mode != _VALUES or end != len(view):
             raise CodecError("malformed empty batch of tells")
-        return [], []
+        return [], [], None
     if not _ADDRESSES.fullmatch(text):
         raise CodecError("malformed agent address in a batch of tells")
     lines = text.count("\n") + 1
@@ -457,6 +501,10 @@ def decode_tells(data: bytes | memoryview) -> tuple[list[Address], list[Any]]:
     flat = text.replace("\n", "/").split("/")
     addresses = list(map(tuple.__new__, repeat(Address), zip(flat[0::2], flat[1::2], strict=True)))
     pos = end
+    contexts = None
+    if mode & _TRACED:
+        mode &= ~_TRACED
+        contexts, pos = _decode_contexts(view, pos, count)
     if mode == _PAIRS:
         pos += -pos % 8
         end = _need(view, pos, 16 * count)
@@ -464,7 +512,7 @@ def decode_tells(data: bytes | memoryview) -> tuple[list[Address], list[Any]]:
             raise CodecError(f"{len(view) - end} bytes after a batch of tells")
         pairs = np.frombuffer(view[pos:end], dtype="<i8").reshape(count, 2)
         messages: list[Any] = list(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), strict=True))
-        return addresses, messages
+        return addresses, messages, contexts
     if mode == _INT_ARRAYS:
         try:
             stacked, pos = _decode(view, pos, 0) if view[pos] == 0x61 else (None, pos)
@@ -477,7 +525,7 @@ def decode_tells(data: bytes | memoryview) -> tuple[list[Address], list[Any]]:
         if end != len(view):
             raise CodecError(f"{len(view) - end} bytes after a batch of tells")
         ints = np.frombuffer(view[pos:end], dtype="<i8").tolist()
-        return addresses, list(zip(ints, stacked, strict=True))
+        return addresses, list(zip(ints, stacked, strict=True)), contexts
     if mode != _VALUES:
         raise CodecError(f"unknown batch mode {mode}")
     messages = []
@@ -487,4 +535,29 @@ def decode_tells(data: bytes | memoryview) -> tuple[list[Address], list[Any]]:
         append(message)
     if pos != len(view):
         raise CodecError(f"{len(view) - pos} bytes after a batch of tells")
-    return addresses, messages
+    return addresses, messages, contexts
+
+
+def _decode_contexts(view: memoryview, pos: int, count: int) -> tuple[list[bytes | None], int]:
+    """The runs of trace contexts of a batch of ``count`` tells, one per tell."""
+    try:
+        runs = _RUN.unpack_from(view, pos)[0]
+        pos += 4
+        if not 1 <= runs <= count:
+            raise CodecError(f"{runs} runs of trace contexts for {count} tells")
+        end = _need(view, pos, runs * (4 + CONTEXT_SIZE))
+        contexts: list[bytes | None] = []
+        for start in range(pos, end, 4 + CONTEXT_SIZE):
+            size = _RUN.unpack_from(view, start)[0]
+            raw = bytes(view[start + 4 : start + 4 + CONTEXT_SIZE])
+            context = None if raw == _NO_CONTEXT else raw
+            if context is not None and (not any(raw[:16]) or not any(raw[16:24])):
+                raise CodecError("a trace context with a zero trace id or span id")
+            if size == 0 or len(contexts) + size > count:
+                raise CodecError(f"a run of {size} trace contexts in a batch of {count} tells")
+            contexts += [context] * size
+    except struct.error as exc:
+        raise CodecError(f"malformed trace contexts in a batch of tells: {exc}") from None
+    if len(contexts) != count:
+        raise CodecError(f"{len(contexts)} trace contexts for {count} tells")
+    return contexts, end

@@ -120,8 +120,8 @@ class ClusterForwarder:
     def _client_of(self, address: Address) -> PeerClient:
         return self.client(self.owner(address))
 
-    def tell_nowait(self, address: Address, message: Any) -> bool:
-        return self._client_of(address).tell_nowait(address, message)
+    def tell_nowait(self, address: Address, message: Any, context: object = None) -> bool:
+        return self._client_of(address).tell_nowait(address, message, context)
 
     async def wait_for_room(self, address: Address) -> None:
         await self._client_of(address).wait_for_room()

@@ -186,16 +186,17 @@ class OwnershipGate:
                 "(its etcd lease may have lapsed); retry"
             )
 
-    def tell_nowait(self, address: Address, message: Any) -> bool:
+    def tell_nowait(self, address: Address, message: Any, context: object = None) -> bool:
         p = partition_of(address, self._partitions)
         if p in self._held:
             held = self._held_tells[p]
             if len(held) >= MAX_HELD_TELLS:
                 return False
+            # Redelivered after the hand-over without its trace context (a new trace).
             held.append((address, message))
             return True
         self._refuse_if_fenced(address)
-        return self.inner.tell_nowait(address, message)
+        return self.inner.tell_nowait(address, message, context)
 
     async def wait_for_room(self, address: Address) -> None:
         future = self._held.get(partition_of(address, self._partitions))

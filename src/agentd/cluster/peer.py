@@ -5,7 +5,8 @@ Endpoints are ``unix:/path`` or ``tcp:host:port``. A connection carries frames, 
 13-byte head (4-byte length of what follows, 1-byte kind, 8-byte call id) and a body in
 the wire format of ``agentd.cluster.codec``:
 
-    TELLS   a batch of tells (many addresses and messages in one frame; id 0)
+    TELLS   a batch of tells (many addresses and messages in one frame, and the senders'
+            trace contexts when they were traced; id 0)
     ASK     (address, message, remaining seconds or None, traceparent or None)
     STREAM  the same, for a streaming turn
     CANCEL  the caller gave up on call ``id``: the owner cancels its turn
@@ -17,6 +18,8 @@ Tells are buffered per peer and written once per event-loop iteration as one fra
 server applies them in order with ``host.tell_nowait`` and, when the owner's run queue is
 full, stops reading the socket until there is room, so the sender's write buffer fills and
 its ``tell_nowait`` says "no room": backpressure crosses the socket, no tell is dropped.
+A tell that carries its sender's trace context is applied under it (when this node traces),
+so its turn is a child of the sender's span, as for a tell between agents of one node.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from agentd.errors import (
     InvalidArgument,
     Unavailable,
 )
+from agentd.observability import trace_wire
 from agentd.observability.cluster_metrics import NO_METRICS, ClusterObserver
 from agentd.observability.tracing import current_traceparent, traced
 
@@ -231,9 +235,12 @@ class _ServerConnection(_Frames):
         server = self._server
         server.frames_received += 1
         if kind == TELLS:
-            addresses, messages = codec.decode_tells(body)
+            addresses, messages, packed = codec.decode_traced_tells(body)
             server.tells_received += len(addresses)
-            self._tell(addresses, messages, 0)
+            if packed is not None and getattr(self._host, "spans", None) is not None:
+                self._tell(addresses, messages, 0, _contexts(packed))
+            else:  # no trace context, or this node does not trace
+                self._tell(addresses, messages, 0)
         elif kind in (ASK, STREAM):
             run = self._ask if kind == ASK else self._stream
             task = asyncio.get_running_loop().create_task(run(call, body))
@@ -251,37 +258,66 @@ class _ServerConnection(_Frames):
         self._calls.pop(call, None)
         self._cancelled.discard(call)
 
-    def _tell(self, addresses: list[Address], messages: list[Any], start: int) -> None:
+    def _tell(
+        self,
+        addresses: list[Address],
+        messages: list[Any],
+        start: int,
+        contexts: list[object] | None = None,
+    ) -> None:
+        """Apply tells from ``start`` on; ``contexts``: each one's trace context (from
+        ``trace_wire.unpack``) or None, current while it is told."""
         tell_nowait = self._host.tell_nowait
         for index in range(start, len(addresses)):
             try:
-                if not tell_nowait(addresses[index], messages[index]):
+                if contexts is None or (context := contexts[index]) is None:
+                    told = tell_nowait(addresses[index], messages[index])
+                else:
+                    token = trace_wire.attach(context)
+                    try:
+                        told = tell_nowait(addresses[index], messages[index])
+                    finally:
+                        trace_wire.detach(token)
+                if not told:
                     # The run queue is full: read nothing more until these are in.
                     self._held = True
                     self._server.pauses += 1
                     if self.transport is not None:
                         self.transport.pause_reading()
                     self._blocked = asyncio.get_running_loop().create_task(
-                        self._tell_later(addresses, messages, index)
+                        self._tell_later(addresses, messages, index, contexts)
                     )
                     return
             except AgentdError as exc:
                 # The sender was told "delivered" long ago; all that is left is to say why.
                 log.warning("a forwarded tell to %s failed: %s", addresses[index], exc)
 
-    async def _tell_later(self, addresses: list[Address], messages: list[Any], index: int) -> None:
+    async def _tell_later(
+        self,
+        addresses: list[Address],
+        messages: list[Any],
+        index: int,
+        contexts: list[object] | None,
+    ) -> None:
         host = self._host
-        while True:
-            try:
-                await host.tell(addresses[index], messages[index])
-            except DeadlineExceeded:
-                continue  # no room for a long while: keep waiting, never drop it
-            except AgentdError as exc:
-                log.warning("a forwarded tell to %s failed: %s", addresses[index], exc)
-            break
+        context = contexts[index] if contexts is not None else None
+        # This task's own context: current until the tell is in (its turn's parent).
+        token = trace_wire.attach(context) if context is not None else None
+        try:
+            while True:
+                try:
+                    await host.tell(addresses[index], messages[index])
+                except DeadlineExceeded:
+                    continue  # no room for a long while: keep waiting, never drop it
+                except AgentdError as exc:
+                    log.warning("a forwarded tell to %s failed: %s", addresses[index], exc)
+                break
+        finally:
+            if token is not None:
+                trace_wire.detach(token)
         self._blocked = None
         self._held = False
-        self._tell(addresses, messages, index + 1)
+        self._tell(addresses, messages, index + 1, contexts)
         if self._held or self.transport is None:
             return
         self._read_frames()
@@ -337,6 +373,18 @@ class _ServerConnection(_Frames):
         except Exception as exc:
             reply = codec.encode((False, Internal(f"{type(exc).__name__}: {exc}")))
         self.send(REPLY, call, reply)
+
+
+def _contexts(packed: list[bytes | None]) -> list[object]:
+    """Each tell's trace context from its 25 bytes (one context per distinct run)."""
+    made: dict[bytes | None, object] = {None: None}
+    contexts = []
+    for raw in packed:
+        context = made.get(raw, made)
+        if context is made:
+            context = made[raw] = trace_wire.unpack(raw)  # type: ignore[arg-type]
+        contexts.append(context)
+    return contexts
 
 
 def _reply(value: Any) -> bytes:
@@ -446,6 +494,11 @@ class PeerClient:
         self._ids = itertools.count(1)
         self._addresses: list[Address] = []
         self._messages: list[Any] = []
+        # The buffered tells' trace contexts (25 bytes or None each), from the first tell
+        # sent under one until the next flush; None while no buffered tell has one.
+        self._contexts: list[bytes | None] | None = None
+        self._packed_for: object = None  # the context last packed, and its bytes
+        self._packed: bytes | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._closed = False
         self.frames_sent = 0
@@ -526,13 +579,15 @@ class PeerClient:
             log.warning("%d tells to node %s were lost: %s", lost, self.node, why)
             self._addresses = []
             self._messages = []
+            self._contexts = None
 
     # -- tells ---------------------------------------------------------------------------
 
-    def tell_nowait(self, address: Address, message: Any) -> bool:
+    def tell_nowait(self, address: Address, message: Any, context: object = None) -> bool:
         """Queue a tell for the next batch; False when there is no room (the socket's
         write buffer is full, or too many wait for a connection); Unavailable when the
-        node was unreachable just now; CodecError for a message that cannot be sent."""
+        node was unreachable just now; CodecError for a message that cannot be sent.
+        ``context``: the sender's trace context (tracing on), carried with the tell."""
         connection = self._connection
         if connection is None or connection.closed:
             if len(self._addresses) >= _PENDING_TELLS:
@@ -547,11 +602,29 @@ class PeerClient:
         elif connection.paused:
             return False
         codec.check(message)
+        if context is not None or self._contexts is not None:
+            self._trace(context)
         self._addresses.append(address)
         self._messages.append(message)
         if self._flush_handle is None and connection is not None and not connection.closed:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         return True
+
+    def _trace(self, context: object) -> None:
+        """Record the trace context of the tell about to be buffered."""
+        if context is None:
+            packed = None
+        elif context is self._packed_for:  # the tells of one turn share its context
+            packed = self._packed
+        else:
+            packed = trace_wire.pack(context)
+            self._packed_for, self._packed = context, packed
+        contexts = self._contexts
+        if contexts is None:
+            if packed is None:
+                return
+            contexts = self._contexts = [None] * len(self._addresses)
+        contexts.append(packed)
 
     async def wait_for_room(self) -> None:
         """Wait until ``tell_nowait`` may take more (the connection drained, or opened)."""
@@ -564,17 +637,20 @@ class PeerClient:
     def _flush(self) -> None:
         """Write the buffered tells as one frame (called once per loop iteration)."""
         self._flush_handle = None
-        addresses, messages = self._addresses, self._messages
+        addresses, messages, contexts = self._addresses, self._messages, self._contexts
         if not addresses:
             return
         connection = self._connection
         if connection is None or connection.closed:
             return  # sent once connected (or dropped if that fails)
-        self._addresses, self._messages = [], []
+        self._addresses, self._messages, self._contexts = [], [], None
+        self._packed_for = self._packed = None  # a turn's context is not kept past its batch
         for first in range(0, len(addresses), 16_384):  # frames well under the size limit
             chunk = slice(first, first + 16_384)
             try:
-                body = codec.encode_tells(addresses[chunk], messages[chunk])
+                body = codec.encode_tells(
+                    addresses[chunk], messages[chunk], None if contexts is None else contexts[chunk]
+                )
             except AgentdError as exc:  # checked when told: not expected
                 self.tells_lost += len(addresses[chunk])
                 log.error(

@@ -69,9 +69,10 @@ class Forwarder(Protocol):
 
     def owns(self, address: Address) -> bool: ...
 
-    def tell_nowait(self, address: Address, message: Any) -> bool:
+    def tell_nowait(self, address: Address, message: Any, context: object = None) -> bool:
         """Queue a tell for the owner (batched with others); False when the peer's
-        buffer is full (then ``wait_for_room``). Raises Unavailable without a peer."""
+        buffer is full (then ``wait_for_room``). Raises Unavailable without a peer.
+        ``context``: the sender's trace context (tracing on), for the owner's turn."""
         ...
 
     async def wait_for_room(self, address: Address) -> None: ...
@@ -236,6 +237,8 @@ class ActorHost:
         activation = self._activations.get(address)  # type: ignore[arg-type]  # a str misses: parsed after
         if activation is None:
             if self.forwarder is not None and (remote := self._forwarded(address)) is not None:
+                if self.spans is not None:  # the owner's turn: a child of the sender's span
+                    return self.forwarder.tell_nowait(remote, message, self.spans.current())
                 return self.forwarder.tell_nowait(remote, message)
             activation = self._activation_missed(address)
         if self.spans is not None:

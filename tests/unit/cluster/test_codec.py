@@ -14,7 +14,15 @@ import pytest
 from agentd.agents.address import Address
 from agentd.agents.message import Message
 from agentd.cluster import codec
-from agentd.cluster.codec import CodecError, check, decode, decode_tells, encode, encode_tells
+from agentd.cluster.codec import (
+    CodecError,
+    check,
+    decode,
+    decode_tells,
+    decode_traced_tells,
+    encode,
+    encode_tells,
+)
 from agentd.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 
 VALUES = [
@@ -142,6 +150,7 @@ def test_random_and_mutated_bytes_never_escape_as_anything_but_codec_errors():
     rng = random.Random(14)
     seeds = [encode(v) for v in VALUES] + [encode(np.ones((2, 2), np.float32))]
     seeds.append(encode_tells([Address("a", "1")], [(1, 2)]))
+    seeds.append(encode_tells([Address("a", "1"), Address("a", "2")], ["x", 2], [CTX, None]))
     for _ in range(5000):
         data = bytearray(rng.choice(seeds))
         for _ in range(rng.randint(1, 4)):
@@ -149,7 +158,7 @@ def test_random_and_mutated_bytes_never_escape_as_anything_but_codec_errors():
                 data[rng.randrange(len(data))] = rng.randrange(256)
             else:
                 data = data[: rng.randrange(len(data) + 1)]
-        for decoder in (decode, decode_tells):
+        for decoder in (decode, decode_tells, decode_traced_tells):
             with contextlib.suppress(CodecError):
                 decoder(bytes(data))
 
@@ -191,6 +200,79 @@ def test_hostile_batches_of_tells_are_codec_errors():
         good.replace(b"a/1\n", b"a/1/\n"),
     ]
     for data in cases:
+        with pytest.raises(CodecError):
+            decode_tells(data)
+
+
+CTX = bytes(range(1, 26))  # trace id 0x0102..10, span id 0x11..18, flags 0x19
+OTHER = bytes(range(2, 27))
+
+
+def test_trace_contexts_travel_with_their_tells_in_every_form():
+    addresses = [Address("counter", str(i)) for i in range(100)]
+    # Runs of one context (a turn's tells), gaps without one, a context that comes back.
+    contexts = [CTX] * 40 + [None] * 10 + [OTHER] * 30 + [CTX] * 19 + [None]
+    forms = [
+        [(i, i + 1) for i in range(100)],
+        [(i, np.full((1, 16), i, np.float32)) for i in range(100)],
+        [f"m{i}" for i in range(100)],
+    ]
+    for messages in forms:
+        got_addresses, got, got_contexts = decode_traced_tells(
+            encode_tells(addresses, messages, contexts)
+        )
+        assert got_addresses == addresses
+        assert got_contexts == contexts
+        assert [type(m) for m in got] == [type(m) for m in messages]
+        # A reader that wants no contexts gets the same tells.
+        assert decode_tells(encode_tells(addresses, messages, contexts))[0] == addresses
+        # No context set: not one byte more on the wire than without tracing.
+        untraced = encode_tells(addresses, messages)
+        assert encode_tells(addresses, messages, [None] * 100) == untraced
+        assert decode_traced_tells(untraced)[2] is None
+    # One context for a whole batch: 33 bytes (give or take the pairs' 8-byte alignment).
+    pairs = [(i, i) for i in range(100)]
+    added = len(encode_tells(addresses, pairs, [CTX] * 100)) - len(encode_tells(addresses, pairs))
+    assert abs(added - 33) < 8
+    assert decode_traced_tells(encode_tells([], [], [])) == ([], [], None)
+
+
+def test_malformed_trace_contexts_are_refused_when_sent():
+    addresses = [Address("a", "1")]
+    for bad in (b"short", bytes(25)):
+        with pytest.raises(CodecError):
+            encode_tells(addresses, [1], [bad])
+
+
+def test_hostile_trace_contexts_in_a_batch_are_codec_errors():
+    addresses = [Address("a", "1"), Address("a", "2")]
+    good = encode_tells(addresses, [(1, 2), (3, 4)], [CTX, OTHER])
+    head = struct.Struct("<IIB")
+    count, size, _ = head.unpack_from(good)
+    at = head.size + size  # where the runs start
+    run = struct.Struct("<I")
+
+    def runs(*items: tuple[int, bytes]) -> bytes:
+        body = run.pack(len(items)) + b"".join(run.pack(n) + c for n, c in items)
+        return good[:at] + body + good[at + 4 + 2 * 29 :]
+
+    cases = [
+        good[: at + 2],  # truncated in the runs' count
+        good[: at + 20],  # truncated in a run
+        good[:at] + run.pack(0) + good[at + 4 :],  # no runs
+        good[:at] + run.pack(3) + good[at + 4 :],  # more runs than tells
+        runs((1, CTX), (2, OTHER)),  # three contexts for two tells
+        runs((0, CTX), (2, OTHER)),  # an empty run
+        runs((1, CTX), (0, OTHER)),
+        runs((2**32 - 1, CTX), (1, OTHER)),  # a huge run
+        runs((1, bytes(16) + CTX[16:]), (1, OTHER)),  # a zero trace id
+        runs((1, CTX[:16] + bytes(8) + b"\x01"), (1, OTHER)),  # a zero span id
+        head.pack(count, size, 0x80 | 9) + good[head.size :],  # traced, unknown mode
+        head.pack(0, 0, 0x80 | 1),  # an empty batch cannot be traced
+    ]
+    for data in cases:
+        with pytest.raises(CodecError):
+            decode_traced_tells(data)
         with pytest.raises(CodecError):
             decode_tells(data)
 
