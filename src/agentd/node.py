@@ -133,6 +133,8 @@ class Node:
         self.settings = settings
         self.metrics = Metrics() if options.metrics else None
         self.tracing = Tracing.from_settings(settings)
+        if self.metrics is not None:  # target_info: the resource the spans carry
+            self.metrics.describe_target(self.tracing.config.resource)
         # The spans below the gateway (turns, inference, generation, tools, commits): the
         # services hold None while tracing is off (one check per call).
         self.spans = Spans(self.tracing.tracer) if self.tracing.enabled else None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -225,6 +226,17 @@ class Metrics:
         self.trace_exemplars = False
         self._loop_lag = LoopLag(r)
 
+    def describe_target(self, resource: Mapping[str, str]) -> None:
+        """Export ``target_info``: the resource attributes the node's spans carry
+        (service.name, service.instance.id, OTEL_RESOURCE_ATTRIBUTES) as labels, once (the
+        OpenTelemetry convention, to join this target's series to its traces)."""
+        labels: dict[str, str] = {}
+        for key in sorted(resource):
+            name = _label_name(key)
+            # Two attributes sanitized to one name: both values, as the convention says.
+            labels[name] = f"{labels[name]};{resource[key]}" if name in labels else resource[key]
+        Info("target", "The node's OpenTelemetry resource.", registry=self.registry).info(labels)
+
     async def start(self) -> None:
         """Start the process samplers: GC pause timing and the event-loop lag task (on the
         running loop). The node starts its metrics first and closes them last."""
@@ -332,6 +344,14 @@ class Metrics:
         if accept and _wants_openmetrics(accept):
             return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _label_name(key: str) -> str:
+    """A resource attribute's name as a label name (service.name: service_name)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", key)
+    if not name or name[0].isdigit() or name.startswith("__"):
+        name = "key_" + name  # a leading digit is invalid, "__" reserved
+    return name
 
 
 def _wants_openmetrics(accept: str) -> bool:
