@@ -7,9 +7,14 @@ import asyncio
 import socket
 import struct
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from agentd.agents.address import Address
 from agentd.cluster import codec
 from agentd.cluster.peer import ASK, REPLY, TELLS
+from agentd.observability.spans import Spans
 from tests.cluster.test_forwarding import SEEN, cluster, owned_by
 
 
@@ -33,6 +38,34 @@ async def test_a_burst_of_100k_tells_to_a_slow_owner_arrives_whole(tmp_path):
         client = a.cluster.forwarder.client("b")
         assert client.tells_lost == 0
         assert client.frames_sent < 1000  # batched
+
+
+async def test_traced_tells_held_back_by_a_full_owner_keep_their_trace(tmp_path):
+    # The owner's run queue fills at once: most tells wait in its paused reader, then are
+    # told one by one as room frees up; each still runs as a child of its sender's turn.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    SEEN.clear()
+    async with cluster(tmp_path, workers=2, max_queued_turns=4) as (a, b):
+        a.runtime.host.spans = b.runtime.host.spans = Spans(tracer)
+        fan = owned_by(a, "a", "fan")[0]
+        targets = owned_by(a, "b", "record", 300)
+        with tracer.start_as_current_span("caller"):
+            assert await a.runtime.host.ask(fan, targets) == 300
+        async with asyncio.timeout(60):
+            while sum(map(len, SEEN.values())) < 300:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)  # the last turns' spans end after their handlers
+        assert b.cluster.server.pauses > 0
+    turns = [s for s in exporter.get_finished_spans() if s.name == "agent.turn"]
+    (sender,) = [s for s in turns if s.attributes["agentd.agent.type"] == "fan"]
+    told = [s for s in turns if s.attributes["agentd.agent.type"] == "record"]
+    assert len(told) == 300
+    assert {s.parent.span_id for s in told} == {sender.context.span_id}
+    assert {s.context.trace_id for s in told} == {sender.context.trace_id}
+    provider.shutdown()
 
 
 def _frame(kind: int, body: bytes, call: int = 0, size: int | None = None) -> bytes:
