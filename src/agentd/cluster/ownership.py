@@ -28,6 +28,7 @@ from typing import Any
 from agentd.agents.address import Address
 from agentd.cluster.placement import partition_of
 from agentd.errors import DeadlineExceeded, Unavailable
+from agentd.observability import trace_wire
 from agentd.runtime.host import ActorHost, Forwarder
 
 __all__ = ["UNOWNED", "OwnershipGate", "Plan", "plan_for", "plan_owners"]
@@ -118,7 +119,8 @@ class OwnershipGate:
         self._partitions = partitions
         self._clock = clock
         self._held: dict[int, asyncio.Future[None]] = {}
-        self._held_tells: dict[int, list[tuple[Address, Any]]] = {}
+        # address, message, the sender's trace context (or None), in order.
+        self._held_tells: dict[int, list[tuple[Address, Any, object]]] = {}
         self._fenced = False
         self.valid_until = math.inf  # the lease may have lapsed from then on
         self._redelivery: set[asyncio.Task[None]] = set()
@@ -144,7 +146,7 @@ class OwnershipGate:
 
     def unhold(self, partitions: Iterable[int]) -> None:
         """End the hold: waiting calls route again; held tells are redelivered in order."""
-        tells: list[tuple[Address, Any]] = []
+        tells: list[tuple[Address, Any, object]] = []
         for p in partitions:
             future = self._held.pop(p, None)
             if future is not None and not future.done():
@@ -155,12 +157,17 @@ class OwnershipGate:
             self._redelivery.add(task)
             task.add_done_callback(self._redelivery.discard)
 
-    async def _redeliver(self, tells: list[tuple[Address, Any]]) -> None:
-        for address, message in tells:
+    async def _redeliver(self, tells: list[tuple[Address, Any, object]]) -> None:
+        for address, message, context in tells:
+            # Told under its sender's context: its turn stays in the sender's trace.
+            token = trace_wire.attach(context) if context is not None else None
             try:
                 await self._host.tell(address, message)
             except Exception as error:  # a told message has nobody to tell: log it
                 _log.warning("a tell to %s held during a hand-over was lost: %s", address, error)
+            finally:
+                if token is not None:
+                    trace_wire.detach(token)
 
     async def aclose(self) -> None:
         self.unhold(list(self._held))
@@ -192,8 +199,7 @@ class OwnershipGate:
             held = self._held_tells[p]
             if len(held) >= MAX_HELD_TELLS:
                 return False
-            # Redelivered after the hand-over without its trace context (a new trace).
-            held.append((address, message))
+            held.append((address, message, context))
             return True
         self._refuse_if_fenced(address)
         return self.inner.tell_nowait(address, message, context)
