@@ -6,14 +6,15 @@ import time
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from agentd.errors import Code
 from agentd.gateway.asgi import PROTOCOL, ROUTE, ASGIApp, Receive, Scope, Send
 from agentd.gateway.detach import client_gone
 from agentd.gateway.protocol import Protocol
 from agentd.observability import Metrics, Tracing
-from agentd.observability.tracing import trace_id_of
+from agentd.observability.tracing import sampled_trace_id
 
 __all__ = ["Observe", "StatusRecorder"]
 _CODE_NAMES = {code.value: code.name for code in Code}
@@ -82,9 +83,13 @@ class StatusRecorder:
 class Observe:
     """Middleware: counts each request in flight and when done (by protocol, route label
     and status code, with its duration), and runs it in a server span named by its route
-    label when tracing is on, under the caller's ``traceparent`` when it sent one."""
+    label when tracing is on, under the caller's ``traceparent`` when it sent one.
 
-    __slots__ = ("_app", "_metrics", "_tracing")
+    The sampling decision is made once, before any span: a request the sampler drops runs
+    in a non-recording context (its trace id travels on, nothing is recorded, no exemplar),
+    at about the cost of tracing off (docs/observability.md, "What tracing costs")."""
+
+    __slots__ = ("_app", "_attributes", "_metrics", "_tracing")
 
     def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing) -> None:
         self._app = app
@@ -92,39 +97,53 @@ class Observe:
         self._tracing = tracing
         # Where requests are traced, turns look up their trace for latency exemplars too.
         metrics.trace_exemplars = metrics.trace_exemplars or tracing.enabled
+        # Each protocol's span attributes, made once (the SDK copies them into the span).
+        self._attributes = {protocol: {"rpc.system": str(protocol)} for protocol in Protocol}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         protocol: Protocol = scope[PROTOCOL]
-        label: str = scope[ROUTE].label
         metrics = self._metrics
         tracing = self._tracing
         metrics.request_started(protocol)
         recorder = StatusRecorder(send, grpc_web=protocol is Protocol.GRPC_WEB)
         started = time.perf_counter()
         token = None
-        trace_id = None  # the latency exemplar's, when the request is traced
+        span = None
+        trace_id = None  # the latency exemplar's, when the request's trace is sampled
         parent = tracing.extract(scope["headers"]) if _has_trace(scope) else None
-        if parent is not None:
-            token = otel_context.attach(parent)
-            trace_id = trace_id_of(parent)
-        try:
-            if tracing.enabled:
-                with tracing.tracer.start_as_current_span(
-                    label, kind=SpanKind.SERVER, attributes={"rpc.system": str(protocol)}
-                ) as span:
-                    trace_id = format(span.get_span_context().trace_id, "032x")
-                    await self._app(scope, receive, recorder)
-                    code, _ = recorder.outcome()
-                    span.set_attribute("agentd.status", code)
+        if tracing.enabled:
+            unsampled = tracing.unsampled(parent)
+            if unsampled is None:
+                span = tracing.tracer.start_span(
+                    scope[ROUTE].label,
+                    context=parent,
+                    kind=SpanKind.SERVER,
+                    attributes=self._attributes[protocol],
+                )
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                token = otel_context.attach(trace.set_span_in_context(span, parent))
             else:
-                await self._app(scope, receive, recorder)
+                token = otel_context.attach(unsampled)
+        elif parent is not None:
+            token = otel_context.attach(parent)
+            trace_id = sampled_trace_id(parent)
+        try:
+            await self._app(scope, receive, recorder)
+        except Exception as exc:
+            if span is not None:  # as OpenTelemetry's start_as_current_span records it
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
         finally:
             if token is not None:
                 otel_context.detach(token)
             code, error = recorder.outcome()
+            if span is not None:
+                span.set_attribute("agentd.status", code)
+                span.end()
             metrics.request_finished(
                 protocol,
-                label,
+                scope[ROUTE].label,
                 code,
                 time.perf_counter() - started,
                 error=error,

@@ -48,6 +48,31 @@ class TurnScope:
         otel_context.detach(self.token)  # type: ignore[arg-type]
 
 
+class _DroppedTurn:
+    """A turn under a span the sampler dropped: no span, only its parent's context made
+    current (what the turn causes follows the decision) until :meth:`close`."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: object) -> None:
+        self.token = token
+
+    def close(self, outcome: str, code: str | None = None) -> None:
+        otel_context.detach(self.token)  # type: ignore[arg-type]
+
+
+def _dropped(context: Context | None = None) -> Span | None:
+    """The span in ``context`` (default: the current one) when a span under it would not be
+    sampled: a local span that was not (see ``Tracing.unsampled``: every sampler agentd
+    configures decides the same for its children). Handed back in place of a child: its
+    methods record nothing."""
+    span = trace.get_current_span(context)
+    span_context = span.get_span_context()
+    if span_context.trace_flags.sampled or span_context.is_remote or not span_context.is_valid:
+        return None
+    return span
+
+
 class CallSpan:
     """A span that ends when a call's future is done (``ctx.infer``): its ``context`` is
     what the batch that serves the call links to."""
@@ -89,11 +114,14 @@ class Spans:
         becomes a child of the sender's span)."""
         return otel_context.get_current()
 
-    def turn(self, address: Any, parent: object, kind: str) -> TurnScope:
+    def turn(self, address: Any, parent: object, kind: str) -> TurnScope | _DroppedTurn:
         """Start ``agent.turn`` for the agent at ``address`` under ``parent`` (a context
         from :meth:`current`; None: the turn begins a trace) and make it current.
-        ``kind``: ask, stream or tell."""
+        ``kind``: ask, stream or tell. Under a span the sampler dropped: no span (and no
+        attributes), the parent made current."""
         parent_context: Context = parent if parent is not None else _ROOT  # type: ignore[assignment]
+        if parent is not None and _dropped(parent_context) is not None:
+            return _DroppedTurn(otel_context.attach(parent_context))
         span = self.tracer.start_span(
             "agent.turn",
             context=parent_context,
@@ -112,6 +140,9 @@ class Spans:
     def infer(self, model: str, rows: int) -> CallSpan:
         """``inference.call``: one caller's rows, from queueing to its answer; a child of
         the current span (the turn, or a KServe request)."""
+        dropped = _dropped()
+        if dropped is not None:
+            return CallSpan(dropped)
         return CallSpan(
             self.tracer.start_span(
                 "inference.call",
@@ -151,6 +182,9 @@ class Spans:
     def generate(self, model: str, prompt_tokens: int, max_tokens: int) -> Span:
         """``generate``: one completion (``ctx.generate``, an OpenAI request), a child of
         the current span; :meth:`generated` ends it."""
+        dropped = _dropped()
+        if dropped is not None:
+            return dropped
         return self.tracer.start_span(
             "generate",
             kind=SpanKind.CLIENT,
@@ -184,6 +218,9 @@ class Spans:
     def tool(self, name: str) -> Span:
         """``tool.call``: one sandboxed tool call, a child of the current span;
         :meth:`tool_done` ends it."""
+        dropped = _dropped()
+        if dropped is not None:
+            return dropped
         return self.tracer.start_span(
             "tool.call", kind=SpanKind.CLIENT, attributes={"agentd.tool.name": name}
         )
@@ -208,6 +245,9 @@ class Spans:
     def commit(self, size: int) -> Span:
         """``state.commit``: a turn's state on its way to the store, until durable (a
         child of the turn); :meth:`committed` ends it."""
+        dropped = _dropped()
+        if dropped is not None:
+            return dropped
         return self.tracer.start_span("state.commit", attributes={"agentd.state.bytes": size})
 
     @staticmethod

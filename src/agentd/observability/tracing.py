@@ -11,7 +11,9 @@ made current for the request.
 from __future__ import annotations
 
 import os
+import random
 import socket
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ __all__ = [
     "TracingConfig",
     "current_trace_id",
     "current_traceparent",
+    "sampled_trace_id",
     "trace_id_of",
     "traced",
     "tracing_config",
@@ -209,6 +213,10 @@ def _instance_id(settings: Settings) -> str:
     return f"{host}:{settings.port}" if settings.port else f"{host}:pid{os.getpid()}"
 
 
+_TRACE_ID_LOW = 0xFFFF_FFFF_FFFF_FFFF  # the bits the traceidratio samplers compare
+_RANDOM_FLAG = 0x02  # W3C level 2's random-trace-id flag, which the SDK sets on its ids
+
+
 class Tracing:
     """Owns the tracer provider of one process; ``aclose`` flushes pending spans."""
 
@@ -233,11 +241,20 @@ class Tracing:
             "parentbased_always_off": lambda: s.DEFAULT_OFF,
             "parentbased_traceidratio": lambda: s.ParentBasedTraceIdRatio(config.ratio),
         }
+        self._ids = _PresetTraceIds()
         self._provider = TracerProvider(
-            resource=Resource.create(dict(config.resource)), sampler=samplers[config.sampler]()
+            resource=Resource.create(dict(config.resource)),
+            sampler=samplers[config.sampler](),
+            id_generator=self._ids,
         )
         self._provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
         self.tracer = self._provider.get_tracer("agentd")
+        self._parent_based = config.sampler.startswith("parentbased")
+        # The decision request() makes without the SDK: the same as the SDK's samplers
+        # (ParentBased with its default delegates, TraceIdRatioBased's bound).
+        self._root_on = config.sampler.endswith("always_on")
+        self._root_off = config.sampler.endswith("always_off")
+        self._bound = s.TraceIdRatioBased.get_bound_for_rate(config.ratio)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tracing:
@@ -258,9 +275,92 @@ class Tracing:
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
         return _PROPAGATOR.extract(carrier) if carrier else None
 
+    def unsampled(self, parent: Context | None) -> Context | None:
+        """Decide whether a request under ``parent`` (the caller's context; None: it begins
+        a trace) is sampled, before any span exists (tracing on only).
+
+        Not sampled: the context to run the request in, a non-recording span with the
+        trace id (the caller's, or a new one) and the not-sampled flag, so that what the
+        request causes (turns, a call to another node) follows the decision and records
+        nothing; no SDK span is made. Every sampler agentd configures decides the same for
+        the spans under it (the parent-based ones follow it, the ratio ones compare the
+        same trace id, always_off says no; always_on never drops), so
+        :class:`~agentd.observability.spans.Spans` skips the SDK below such a span.
+        Sampled: None, and the next trace this thread begins gets the id just decided on
+        (start the request's span right away).
+        """
+        parent_context = (
+            trace.get_current_span(parent).get_span_context() if parent is not None else None
+        )
+        if parent_context is not None and parent_context.is_valid:
+            trace_id = parent_context.trace_id
+            flags = parent_context.trace_flags & _RANDOM_FLAG
+            if self._parent_based:
+                sampled = parent_context.trace_flags.sampled
+            else:
+                sampled = self._root_decision(trace_id)
+            state = parent_context.trace_state
+        else:
+            trace_id = _random_trace_id()
+            flags = _RANDOM_FLAG
+            sampled = self._root_decision(trace_id)
+            state = None
+            if sampled:
+                self._ids.preset(trace_id)
+        if sampled:
+            return None
+        span_context = SpanContext(
+            trace_id,
+            random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=TraceFlags(flags),
+            trace_state=state,
+        )
+        return trace.set_span_in_context(NonRecordingSpan(span_context), parent)
+
+    def _root_decision(self, trace_id: int) -> bool:
+        if self._root_on:
+            return True
+        if self._root_off:
+            return False
+        return trace_id & _TRACE_ID_LOW < self._bound
+
     def aclose(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def _random_trace_id() -> int:
+    # As the SDK's RandomIdGenerator: 128 random bits, never the invalid id 0.
+    return random.getrandbits(128) or 1
+
+
+class _PresetTraceIds:
+    """The SDK's id generator: random ids, except a trace id :meth:`Tracing.unsampled`
+    decided on (a sampled request's), handed to the next root span of the same thread so
+    that the SDK's sampler sees the id the decision was made for."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def preset(self, trace_id: int) -> None:
+        self._local.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        local = self._local
+        trace_id = getattr(local, "trace_id", 0)
+        if trace_id:
+            local.trace_id = 0
+            return trace_id
+        return _random_trace_id()
+
+    @staticmethod
+    def generate_span_id() -> int:
+        return random.getrandbits(64) or 1
+
+    @staticmethod
+    def is_trace_id_random() -> bool:
+        return True
 
 
 def _exporter(config: TracingConfig) -> Any:
@@ -278,15 +378,24 @@ def _exporter(config: TracingConfig) -> Any:
 
 
 def current_trace_id() -> str | None:
-    """The current trace's id (32 hex digits), or None when no trace is current."""
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None
+    """The current trace's id (32 hex digits) when it is sampled, else None (no trace is
+    current, or its spans are exported nowhere: no exemplar worth pointing at it)."""
+    return sampled_trace_id()
 
 
 def trace_id_of(context: Context) -> str | None:
     """The trace id (32 hex digits) of the span in ``context``, or None."""
     span_context = trace.get_current_span(context).get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else None
+
+
+def sampled_trace_id(context: Context | None = None) -> str | None:
+    """The trace id (32 hex digits) of the span in ``context`` (default: the current one)
+    when its trace is sampled (exported somewhere: worth an exemplar), else None."""
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context.trace_flags.sampled and span_context.is_valid:
+        return format(span_context.trace_id, "032x")
+    return None
 
 
 def current_traceparent() -> str | None:
