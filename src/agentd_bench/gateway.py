@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from agentd_bench.gateway_report import (
     fmt_ms,
     render,
 )
-from agentd_bench.results import run_and_publish
+from agentd_bench.results import machine_info, package_versions, run_and_publish
 from agentd_bench.servers import (
     ServerError,
     ServerProcess,
@@ -53,7 +54,7 @@ from agentd_bench.servers import (
     log_tails,
 )
 
-__all__ = ["FULL", "QUICK", "BenchError", "SuiteConfig", "run_suite"]
+__all__ = ["FULL", "QUICK", "SECTIONS", "BenchError", "SuiteConfig", "run_suite"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,17 +424,37 @@ def collect(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, A
     }
 
 
+# The sections ``agentd bench gateway --only`` runs alone (written as gateway-<section>-*.json).
+SECTIONS = ("tracing",)
+
+
 def run_suite(
     quick: bool = False,
     json_out: bool = False,
     results_dir: Path | None = None,
     console: Console | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Run the suite, write the JSON files, print a table (or the JSON); return the document.
+    ``only``: one of SECTIONS, alone (its own files: it does not replace gateway-latest.json).
 
     Raises BenchError when a server cannot be started or answers wrongly.
     """
     config = QUICK if quick else FULL
+    if only is not None:
+        if only not in SECTIONS:
+            raise BenchError(
+                f"unknown gateway section {only!r}; choose from: {', '.join(SECTIONS)}"
+            )
+        return run_and_publish(
+            f"{SUITE}-{only}",
+            measure=lambda progress: _collect_tracing(config, progress),
+            build=lambda measured, now: _tracing_document(measured, quick, config, now),
+            render=render_tracing,
+            json_out=json_out,
+            results_dir=results_dir,
+            console=console,
+        )
     return run_and_publish(
         SUITE,
         measure=lambda progress: collect(config, progress),
@@ -452,6 +473,41 @@ def run_suite(
         results_dir=results_dir,
         console=console,
     )
+
+
+def _collect_tracing(config: SuiteConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    binary = _check_dependencies()
+    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            tracing = measure_tracing(workdir, config, binary, progress)
+        except (BenchError, echo.EchoCheckError) as exc:
+            raise BenchError(f"{exc}\n{log_tails(workdir)}") from exc
+    return {"tracing": tracing, "h2load": h2load.h2load_version(binary)}
+
+
+def _tracing_document(
+    measured: dict[str, Any], quick: bool, config: SuiteConfig, now: datetime
+) -> dict[str, Any]:
+    """The tracing section's document alone: machine, versions, method, modes, targets."""
+    tracing = measured["tracing"]
+    return {
+        "suite": f"{SUITE}-tracing",
+        "timestamp": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "quick": quick,
+        "machine": machine_info(),
+        "versions": {
+            **package_versions(["agentd", "pyvoy", "opentelemetry-sdk", "protobuf"]),
+            "h2load": measured["h2load"],
+        },
+        "method": {
+            "load_generator": "h2load, 1 thread; one server process at a time",
+            "duration_s": config.duration_s,
+            "warmup_s": config.warmup_s,
+        },
+        "tracing": tracing,
+        "targets": tracing_targets(tracing),
+    }
 
 
 def _with_tracing(doc: dict[str, Any], tracing: dict[str, Any]) -> dict[str, Any]:

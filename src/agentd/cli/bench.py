@@ -41,6 +41,10 @@ def bench(
         float | None,
         typer.Option(help="soak only: minutes of mixed traffic (default 30; --quick: 0.5)."),
     ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="gateway only: run one section alone (tracing)."),
+    ] = None,
 ) -> None:
     """Benchmark agentd against peer servers measured in the same run."""
     import math
@@ -51,7 +55,7 @@ def bench(
     if suite not in SUITES:
         typer.echo(f"error: unknown suite {suite!r}; choose from: {', '.join(SUITES)}", err=True)
         raise typer.Exit(2)
-    extra: dict[str, float] = {}
+    extra: dict[str, float | str] = {}
     if minutes is not None:
         if suite != "soak":
             typer.echo("error: --minutes is for the soak suite only", err=True)
@@ -62,6 +66,11 @@ def bench(
             )
             raise typer.Exit(2)
         extra["minutes"] = minutes
+    if only is not None:
+        if suite != "gateway" or only != "tracing":
+            typer.echo("error: --only is for the gateway suite: --only tracing", err=True)
+            raise typer.Exit(2)
+        extra["only"] = only
     settings_or_exit()  # the suites start servers and build tools from these settings
     load_suite = _bench_package()
     try:
