@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from agentd_bench.cluster_gateway import GatewayConfig, measure_gateway
 from agentd_bench.cluster_rehome import RehomeConfig, measure_rehome
 from agentd_bench.cluster_servers import Skipped, redis_integer, redis_server, tree_rss_mb
 from agentd_bench.errors import BenchError
-from agentd_bench.results import machine_info, package_versions, run_and_publish
+from agentd_bench.results import (
+    machine_info,
+    package_versions,
+    render_sections,
+    run_and_publish,
+)
 
 __all__ = ["FULL", "QUICK", "ClusterConfig", "run_suite"]
 
@@ -337,20 +341,7 @@ def build_document(
 
 
 def render(document: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"agentd bench cluster{' (quick)' if document['quick'] else ''}")
-    for column in ("section", "figures", "targets"):
-        table.add_column(column, overflow="fold")
-    for name, section in document["sections"].items():
-        if "skipped" in section or "failed" in section:
-            why = section.get("skipped") or section.get("failed")
-            table.add_row(name, f"not run: {why}", "")
-            continue
-        marks = "\n".join(
-            f"{t['description']}: {t['value']} {'met' if t['met'] else 'NOT met'}"
-            for t in section["targets"]
-        )
-        table.add_row(name, _figures(name, section), marks or "reported, no target")
-    console.print(table)
+    render_sections("cluster", document, console, _figures)
 
 
 def _figures(name: str, s: dict[str, Any]) -> str:

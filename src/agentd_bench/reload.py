@@ -49,12 +49,16 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
 from agentd.settings import Settings
 from agentd_bench.cluster_servers import Skipped
 from agentd_bench.errors import BenchError
-from agentd_bench.results import machine_info, package_versions, run_and_publish
+from agentd_bench.results import (
+    machine_info,
+    package_versions,
+    render_sections,
+    run_and_publish,
+)
 from agentd_bench.servers import ServerError, ServerProcess, agentd_env, descendants, free_port
 
 __all__ = ["FULL", "QUICK", "ReloadConfig", "run_suite"]
@@ -675,20 +679,7 @@ def _figures(name: str, s: dict[str, Any]) -> str:
 
 
 def render(document: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"agentd bench reload{' (quick)' if document['quick'] else ''}")
-    for column in ("section", "figures", "targets"):
-        table.add_column(column, overflow="fold")
-    for name, section in document["sections"].items():
-        if "skipped" in section or "failed" in section:
-            why = section.get("skipped") or section.get("failed")
-            table.add_row(name, f"not run: {why}", "")
-            continue
-        marks = "\n".join(
-            f"{t['description']}: {t['value']} {'met' if t['met'] else 'NOT met'}"
-            for t in section["targets"]
-        )
-        table.add_row(name, _figures(name, section), marks or "reported, no target")
-    console.print(table)
+    render_sections("reload", document, console, _figures)
 
 
 def run_suite(

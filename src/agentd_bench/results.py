@@ -24,6 +24,7 @@ __all__ = [
     "check_results_dir",
     "machine_info",
     "package_versions",
+    "render_sections",
     "run_and_publish",
     "utc_stamp",
     "write_results",
@@ -150,3 +151,30 @@ def run_and_publish(
         render(doc, console)
         console.print(where, soft_wrap=True)
     return doc
+
+
+def render_sections(
+    suite: str,
+    document: dict[str, Any],
+    console: Console,
+    figures: Callable[[str, dict[str, Any]], str],
+) -> None:
+    """The table of a suite whose document has ``sections`` (each with its ``targets``, or
+    ``skipped`` / ``failed`` and why): a row per section, ``figures(name, section)`` as its
+    figures and each target marked met or NOT met."""
+    from rich.table import Table
+
+    table = Table(title=f"agentd bench {suite}{' (quick)' if document['quick'] else ''}")
+    for column in ("section", "figures", "targets"):
+        table.add_column(column, overflow="fold")
+    for name, section in document["sections"].items():
+        if "skipped" in section or "failed" in section:
+            why = section.get("skipped") or section.get("failed")
+            table.add_row(name, f"not run: {why}", "")
+            continue
+        marks = "\n".join(
+            f"{t['description']}: {t['value']} {'met' if t['met'] else 'NOT met'}"
+            for t in section["targets"]
+        )
+        table.add_row(name, figures(name, section), marks or "reported, no target")
+    console.print(table)
