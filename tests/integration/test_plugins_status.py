@@ -94,7 +94,8 @@ def everything(server: RunningServer) -> dict[str, list[dict[str, Any]]]:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert set(body) == {"agents", "tools", "models"}
+    assert set(body) == {"agents", "tools", "models", "settings"}
+    assert body["settings"] == []  # this server has no config file to watch
     return body
 
 
@@ -289,7 +290,7 @@ def test_cli_json_is_the_endpoints_answer(server: RunningServer) -> None:
     assert {Path(row["file"]).name: row for row in body["agents"]}["greeter.py"] == plugins(server)[
         "greeter.py"
     ]
-    assert set(body) == {"agents", "tools", "models"}
+    assert set(body) == {"agents", "tools", "models", "settings"}
     assert {row["name"] for row in body["models"]} == set(models(server))
 
 

@@ -6,6 +6,8 @@ write recovers (docs/configuration.md, "Reloading settings")."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,15 @@ def test_a_change_that_needs_a_restart_is_named_and_the_server_serves_on(
     (row,) = reloading.http.get("/v1/plugins").json()["settings"]  # auth is off in this file
     assert row["file"] == str(reloading.config) and row["last_failure"] is None
     assert row["needs_restart"] == ["workers", "max_queued_turns"]
+    table = subprocess.run(
+        [sys.executable, "-m", "agentd", "plugins", "status", "--url", reloading.server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    (line,) = [x for x in table.stdout.splitlines() if x.startswith("agentd.yaml")]
+    assert "workers, max_queued_turns" in line
     line = reloading.write({}, expect="settings:")  # as at start again: nothing pending
     assert "needs a restart" not in line
 

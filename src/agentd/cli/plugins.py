@@ -177,6 +177,7 @@ def verify(
 _AGENT_HEADER = ("FILE", "TYPES", "VERSION", "LOADED", "LAST FAILURE")
 _TOOL_HEADER = ("FILE", "TOOLS", "VERSION", "LOADED", "LAST FAILURE")
 _MODEL_HEADER = ("NAME", "KIND", "STATE", "VERSION", "LOADED", "LAST FAILURE")
+_SETTINGS_HEADER = ("FILE", "APPLIED", "NEEDS A RESTART", "LOADED", "LAST FAILURE")
 
 
 @plugins.command("status")
@@ -207,6 +208,9 @@ def status(
             ("tools", _TOOL_HEADER, [_tool_row(row) for row in body.get("tools", [])]),
             ("models", _MODEL_HEADER, [_model_row(row) for row in body.get("models", [])]),
         ]
+        settings = [_settings_row(row) for row in body.get("settings", [])]
+        if settings:  # only a node that watches a config file has this table
+            tables.append(("settings", _SETTINGS_HEADER, settings))
     except (KeyError, TypeError, AttributeError, ValueError):
         not_agentd(url, response)
     if as_json:
@@ -246,6 +250,16 @@ def _tool_row(tool: dict[str, Any]) -> tuple[str, ...]:
         _version(tool["version"]),
         _when(tool["loaded_at"]),
         _failure(tool["last_failure"]),
+    )
+
+
+def _settings_row(row: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        Path(row["file"]).name,
+        ", ".join(row["applied"]) or "-",
+        ", ".join(row["needs_restart"]) or "-",
+        _when(row["loaded_at"]),
+        _failure(row["last_failure"]),
     )
 
 
