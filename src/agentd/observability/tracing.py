@@ -245,7 +245,8 @@ class Tracing:
         self._provider = TracerProvider(
             resource=Resource.create(dict(config.resource)),
             sampler=samplers[config.sampler](),
-            id_generator=self._ids,
+            # Duck-typed: subclassing the SDK's IdGenerator would import the SDK with tracing off.
+            id_generator=self._ids,  # type: ignore[arg-type]
         )
         self._provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
         self.tracer = self._provider.get_tracer("agentd")
