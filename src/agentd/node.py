@@ -334,7 +334,6 @@ def build_plugins(node: Node) -> PluginManager:
                 node.tools, settings, check=verifier.check_bytes, observer=observer
             )
         )
-    # (one block per further kind: tools, models, the settings file)
     from agentd.plugins.models import ModelPlugins
 
     handlers.append(
