@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from agentd.observability.process_metrics import GcPauses, LoopLag
+from agentd.observability.process_metrics import LATENCY_BUCKETS, GcPauses, LoopLag
 from agentd.observability.tracing import current_trace_id
 
 if TYPE_CHECKING:
@@ -89,25 +89,6 @@ class _ToolAdmissionCollector:
         )
 
 
-_LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-
-
 class Metrics:
     """All of agentd's metrics. Label children are cached: lookups sit on the hot path."""
 
@@ -130,7 +111,7 @@ class Metrics:
             "agentd_request_duration_seconds",
             "Request latency from first byte to last.",
             ["protocol", "method"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._in_flight = Gauge(
@@ -149,7 +130,7 @@ class Metrics:
             "agentd_agent_turn_duration_seconds",
             "Agent turn latency.",
             ["agent_type"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._infer_requests = Counter(
@@ -175,14 +156,14 @@ class Metrics:
             "agentd_inference_queue_seconds",
             "Time a request waited for its batch.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._compute_time = Histogram(
             "agentd_inference_compute_seconds",
             "Executor time per batch.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._tool_calls = Counter(
@@ -201,7 +182,7 @@ class Metrics:
             "agentd_tool_call_duration_seconds",
             "Tool call time in the sandbox (instance, call, result).",
             ["tool"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._tool_fuel = Histogram(
@@ -215,7 +196,7 @@ class Metrics:
             "agentd_tool_queue_wait_seconds",
             "Time a tool call waited for its turn before it started.",
             ["tool"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self._tool_admission: _ToolAdmissionCollector | None = None

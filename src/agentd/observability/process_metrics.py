@@ -18,11 +18,9 @@ from prometheus_client.utils import floatToGoString
 
 __all__ = ["GcPauses", "LoopLag"]
 
-# A gen-0 pass takes tens of microseconds, a full one on a large heap up to seconds.
-GC_BUCKETS = (
-    0.00005,
-    0.0001,
-    0.00025,
+# The 1-2.5-5 series of agentd's latency histograms (metrics.py), 0.5 ms to 30 s; here
+# because metrics.py imports this module.
+LATENCY_BUCKETS = (
     0.0005,
     0.001,
     0.0025,
@@ -35,8 +33,13 @@ GC_BUCKETS = (
     0.5,
     1.0,
     2.5,
+    5.0,
+    10.0,
+    30.0,
 )
-LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A gen-0 pass takes tens of microseconds, a full one on a large heap up to seconds.
+GC_BUCKETS = (0.00005, 0.0001, 0.00025, *LATENCY_BUCKETS[:-3])
+LAG_BUCKETS = LATENCY_BUCKETS[1:-1]  # 1 ms to 10 s
 _LE = tuple(floatToGoString(bound) for bound in (*GC_BUCKETS, float("inf")))
 _GENERATIONS = ("0", "1", "2")
 
