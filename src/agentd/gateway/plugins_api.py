@@ -13,7 +13,6 @@ the gateway writes to the file named by ``AGENTD_LOADED_FILE`` once its node has
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -160,10 +159,11 @@ class _StartRows:
         }
 
     def _folder_version(self, folder: Path) -> str | None:
-        """The SHA-256 of the folder's files' ``sha256sum`` lines, paths as ``models/NAME/...``
-        (relative to the plugin folder, as the verifier's ``check_folder`` writes them); hashed
-        again only when a file's size or modification time changed."""
-        base = folder.parent.parent
+        """The folder's :func:`~agentd.plugins.models.folder_version` (what the model reload
+        handler reports, as the verifier's ``check_folder`` computes it); hashed again only
+        when a file's size or modification time changed."""
+        from agentd.plugins.models import folder_version
+
         try:
             files = sorted(
                 p
@@ -177,17 +177,11 @@ class _StartRows:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            lines = "".join(f"{_sha256(p)}  {p.relative_to(base).as_posix()}\n" for p in files)
+            version = folder_version(folder)
         except OSError:
             return None
-        version = hashlib.sha256(lines.encode()).hexdigest()
         self._versions[folder] = (stamp, version)
         return version
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tool_rows(node: Node, start: _StartRows) -> list[Row]:
