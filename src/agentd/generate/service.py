@@ -303,10 +303,7 @@ class GenerationService:
 
     def knows(self, name: str) -> bool:
         """Whether ``name`` is a language model: in the catalogue (scanned again) or served."""
-        self._catalog.scan()
-        return name in self._models or any(
-            e.name == name for e in self._catalog.entries(ModelKind.LANGUAGE)
-        )
+        return self._entry(name) is not None or name in self._models
 
     async def load(self, name: str) -> LanguageModel:
         """Load ``name`` from its folder, or reload it when it is served: the new version is
@@ -317,10 +314,7 @@ class GenerationService:
         AgentdError that says why it did not load (recorded in ``failed``; a served model
         keeps serving its previous version)."""
         async with self._lock(name):
-            self._catalog.scan()
-            entry = next(
-                (e for e in self._catalog.entries(ModelKind.LANGUAGE) if e.name == name), None
-            )
+            entry = self._entry(name)
             if entry is None:
                 raise NotFound(f"no language model {name!r} in the model folders")
             model = await self._build(entry)
@@ -339,6 +333,11 @@ class GenerationService:
             if model is not None:
                 self._retire(model)
                 log.info("language model %s unloaded", name)
+
+    def _entry(self, name: str) -> CatalogEntry | None:
+        """The catalogue's language model ``name`` (the folders scanned again), or None."""
+        self._catalog.scan()
+        return next((e for e in self._catalog.entries(ModelKind.LANGUAGE) if e.name == name), None)
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
