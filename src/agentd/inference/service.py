@@ -14,9 +14,6 @@ import numpy as np
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.inference.batcher import BatchObserver, DynamicBatcher
-
-if TYPE_CHECKING:
-    from agentd.observability.spans import Spans
 from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
 from agentd.inference.types import (
     DataType,
@@ -24,6 +21,9 @@ from agentd.inference.types import (
     InferenceResponse,
     ModelMetadata,
 )
+
+if TYPE_CHECKING:
+    from agentd.observability.spans import Spans
 
 __all__ = ["InferenceService"]
 
