@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from agentd.errors import AgentdError, Code, Unavailable
 from agentd.models.catalog import ModelCatalog, ModelKind
 from agentd.observability.plugin_metrics import NO_METRICS, PluginObserver
 from agentd.plugins.failures import ReloadFailure, describe
+from agentd.plugins.manifest import _files_under
 
 if TYPE_CHECKING:
     from agentd.generate.service import GenerationService
@@ -50,15 +50,12 @@ def folder_version(folder: Path) -> str:
     """The SHA-256 of a model folder's files (their ``sha256sum`` lines, sorted by path,
     paths as ``models/NAME/...``, as :meth:`Verifier.check_folder` gives without a
     MANIFEST): its version when no Verifier checks it."""
-    lines = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for name in files:
-            path = Path(root) / name
-            if path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                lines.append(f"{digest}  {path.relative_to(folder.parent.parent).as_posix()}\n")
-    return hashlib.sha256("".join(sorted(lines, key=lambda line: line[66:])).encode()).hexdigest()
+    base = folder.parent.parent
+    lines = "".join(
+        f"{hashlib.sha256((base / rel).read_bytes()).hexdigest()}  {rel}\n"
+        for rel in sorted(_files_under(base, folder))
+    )
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 class _Logged(Unavailable):
