@@ -255,21 +255,18 @@ class Metrics:
         self._child(self._requests, protocol, method, code).inc()
         if error:
             self._child(self._errors, protocol, method, code).inc()
-        if trace_id is None:
-            self._child(self._latency, protocol, method).observe(seconds)
-        else:
-            self._child(self._latency, protocol, method).observe(seconds, {"trace_id": trace_id})
+        self._child(self._latency, protocol, method).observe(
+            seconds, None if trace_id is None else {"trace_id": trace_id}
+        )
 
     def turn_finished(self, agent_type: str, outcome: str, seconds: float) -> None:
         """One agent turn ended; with :attr:`trace_exemplars` on, a turn run inside a
         trace gets the trace id as its latency exemplar."""
         self._child(self._turns, agent_type, outcome).inc()
-        if self.trace_exemplars:
-            trace_id = current_trace_id()
-            if trace_id is not None:
-                self._child(self._turn_latency, agent_type).observe(seconds, {"trace_id": trace_id})
-                return
-        self._child(self._turn_latency, agent_type).observe(seconds)
+        trace_id = current_trace_id() if self.trace_exemplars else None
+        self._child(self._turn_latency, agent_type).observe(
+            seconds, None if trace_id is None else {"trace_id": trace_id}
+        )
 
     def batch_finished(
         self,
