@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from agentd.observability.process_metrics import LATENCY_BUCKETS, GcPauses, LoopLag
-from agentd.observability.tracing import current_trace_id
+from agentd.observability.tracing import sampled_trace_id
 
 if TYPE_CHECKING:
     from agentd.tools.admission import AdmissionStats
@@ -263,7 +263,7 @@ class Metrics:
         """One agent turn ended; with :attr:`trace_exemplars` on, a turn run inside a
         trace gets the trace id as its latency exemplar."""
         self._child(self._turns, agent_type, outcome).inc()
-        trace_id = current_trace_id() if self.trace_exemplars else None
+        trace_id = sampled_trace_id() if self.trace_exemplars else None
         self._child(self._turn_latency, agent_type).observe(
             seconds, None if trace_id is None else {"trace_id": trace_id}
         )

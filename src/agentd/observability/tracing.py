@@ -33,10 +33,8 @@ __all__ = [
     "SAMPLERS",
     "Tracing",
     "TracingConfig",
-    "current_trace_id",
     "current_traceparent",
     "sampled_trace_id",
-    "trace_id_of",
     "traced",
     "tracing_config",
 ]
@@ -376,18 +374,6 @@ def _exporter(config: TracingConfig) -> Any:
     )
 
     return HttpSpanExporter(config.endpoint, headers=headers, timeout=config.timeout_s)
-
-
-def current_trace_id() -> str | None:
-    """The current trace's id (32 hex digits) when it is sampled, else None (no trace is
-    current, or its spans are exported nowhere: no exemplar worth pointing at it)."""
-    return sampled_trace_id()
-
-
-def trace_id_of(context: Context) -> str | None:
-    """The trace id (32 hex digits) of the span in ``context``, or None."""
-    span_context = trace.get_current_span(context).get_span_context()
-    return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
 def sampled_trace_id(context: Context | None = None) -> str | None:
