@@ -271,9 +271,9 @@ def test_up_starts_nodes_follows_decisions_and_stops_everything(tmp_path):
         async def drive() -> None:
             async with EtcdClient(url) as client:
                 await _until_nodes(client, {"n0"})
-                await asyncio.sleep(2)
-                if await client.get(KEYS.coordinator) is not None:  # wired into the node
-                    await _until(lambda: client.get(KEYS.decision), "the first decision")
+                # n0 stands as coordinator and decides once when it leads: wait for that
+                # decision, or it could land after (and overrule) the ones written below.
+                await _until(lambda: client.get(KEYS.decision), "the first decision")
                 for desired, expected in ((2, {"n0", "n1"}), (1, {"n0"})):
                     decision = {
                         "desired": desired,
@@ -286,7 +286,10 @@ def test_up_starts_nodes_follows_decisions_and_stops_everything(tmp_path):
                     await client.put(KEYS.decision, json.dumps(decision).encode())
                     await _until_nodes(client, expected)
 
-        asyncio.run(drive())
+        try:
+            asyncio.run(drive())
+        except TimeoutError as error:
+            raise AssertionError(f"{error}; up printed: {(tmp_path / 'up.out').read_text()}")
         _wait_for_line(tmp_path / "up.out", "node n1: stopped", up)
         assert f"node n1: http://127.0.0.1:{base + 1}" in (tmp_path / "up.out").read_text()
         up.send_signal(15)
@@ -327,9 +330,12 @@ def _wait_for_line(path: Path, prefix: str, process: subprocess.Popen, timeout: 
 
 
 async def _until(read, what: str, timeout: float = 90.0):
-    async with asyncio.timeout(timeout):
-        while not (value := await read()):
-            await asyncio.sleep(0.2)
+    try:
+        async with asyncio.timeout(timeout):
+            while not (value := await read()):
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise TimeoutError(f"no {what} within {timeout:.0f} s") from None
     return value
 
 
