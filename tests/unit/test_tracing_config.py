@@ -65,6 +65,17 @@ def test_headers_sampler_and_resource() -> None:
     assert (d.sampler, d.ratio) == ("parentbased_always_on", 1.0)
     assert d.resource["service.name"] == "mine"
     assert d.resource["service.instance.id"] == "node-7"
+    # Each of --processes N is an instance of its own: its identity after the address
+    # (p0, p1, ... repeat on every machine).
+    for name in ("p0", "p1"):
+        e = config(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"},
+            host="10.0.0.5",
+            port=9000,
+            processes=2,
+            node_id=name,
+        )
+        assert e.resource["service.instance.id"] == f"10.0.0.5:9000/{name}"
 
 
 def test_sdk_disabled_wins() -> None:

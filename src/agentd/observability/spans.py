@@ -18,6 +18,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
+from agentd.observability.tracing import UnsampledSpan, current_span
+
 __all__ = ["CallSpan", "Spans", "TurnScope"]
 
 _ROOT = Context()  # no parent: a span started in it begins a trace (links aside)
@@ -66,6 +68,9 @@ def _dropped(context: Context | None = None) -> Span | None:
     sampled: a local span that was not (see ``Tracing.unsampled``: every sampler agentd
     configures decides the same for its children). Handed back in place of a child: its
     methods record nothing."""
+    found = current_span(context)
+    if type(found) is UnsampledSpan:  # a request the gateway dropped: the common case
+        return found
     span = trace.get_current_span(context)
     span_context = span.get_span_context()
     if span_context.trace_flags.sampled or span_context.is_remote or not span_context.is_valid:

@@ -24,6 +24,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ __all__ = [
     "SAMPLERS",
     "Tracing",
     "TracingConfig",
+    "UnsampledSpan",
+    "current_span",
     "current_traceparent",
     "sampled_trace_id",
     "traced",
@@ -200,19 +203,40 @@ def _resource(settings: Settings, get: Any) -> dict[str, str]:
 
 
 def _instance_id(settings: Settings) -> str:
-    if settings.node_id:
+    # A cluster node's id is unique in its cluster; the p0, p1, ... of --processes N only
+    # on its machine and port, so those go after the address.
+    if settings.node_id and settings.processes == 1:
         return settings.node_id
     if settings.advertise:
-        return settings.advertise
-    host = settings.host
-    if host in ("0.0.0.0", "::", "") or settings.port == 0:
-        host = socket.gethostname()
-    # Port 0 is chosen by the kernel after the settings are read: the pid tells runs apart.
-    return f"{host}:{settings.port}" if settings.port else f"{host}:pid{os.getpid()}"
+        address = settings.advertise
+    else:
+        host = settings.host
+        if host in ("0.0.0.0", "::", "") or settings.port == 0:
+            host = socket.gethostname()
+        # Port 0 is chosen by the kernel after the settings are read: the pid tells runs
+        # apart.
+        address = f"{host}:{settings.port}" if settings.port else f"{host}:pid{os.getpid()}"
+    return f"{address}/{settings.node_id}" if settings.node_id else address
 
 
 _TRACE_ID_LOW = 0xFFFF_FFFF_FFFF_FFFF  # the bits the traceidratio samplers compare
 _RANDOM_FLAG = 0x02  # W3C level 2's random-trace-id flag, which the SDK sets on its ids
+_FLAGS = (TraceFlags(0), TraceFlags(_RANDOM_FLAG))  # a request the sampler dropped: never 0x01
+
+
+class UnsampledSpan(NonRecordingSpan):
+    """The span of a request :meth:`Tracing.unsampled` decided not to sample: it carries
+    the trace id on and records nothing. Its own type so that the layers below tell it
+    apart in one check (no flag reading on the path every dropped request takes)."""
+
+
+def current_span(context: Context | None = None) -> object:
+    """The span in ``context`` (default: the current one), or None: what
+    ``trace.get_current_span`` finds, without its fallback, for the checks made on every
+    turn and call."""
+    if context is None:
+        context = otel_context.get_current()
+    return context.get(_SPAN_KEY)
 
 
 class Tracing:
@@ -309,13 +333,12 @@ class Tracing:
         if sampled:
             return None
         span_context = SpanContext(
-            trace_id,
-            random.getrandbits(64) or 1,
-            is_remote=False,
-            trace_flags=TraceFlags(flags),
-            trace_state=state,
+            trace_id, random.getrandbits(64) or 1, False, _FLAGS[flags >> 1], state
         )
-        return trace.set_span_in_context(NonRecordingSpan(span_context), parent)
+        # As trace.set_span_in_context(span, parent), without its look-up of the current
+        # context when there is no parent (every request without a traceparent).
+        span = UnsampledSpan(span_context)
+        return Context({**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span})
 
     def _root_decision(self, trace_id: int) -> bool:
         if self._root_on:
@@ -379,6 +402,9 @@ def _exporter(config: TracingConfig) -> Any:
 def sampled_trace_id(context: Context | None = None) -> str | None:
     """The trace id (32 hex digits) of the span in ``context`` (default: the current one)
     when its trace is sampled (exported somewhere: worth an exemplar), else None."""
+    span = current_span(context)
+    if span is None or type(span) is UnsampledSpan:  # the common cases, checked first
+        return None
     span_context = trace.get_current_span(context).get_span_context()
     if span_context.trace_flags.sampled and span_context.is_valid:
         return format(span_context.trace_id, "032x")
