@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agentd_bench import echo, h2load
+from agentd_bench.cluster_servers import cpu_seconds
 from agentd_bench.errors import INSTALL_HINT, BenchError
 from agentd_bench.gateway_report import (
     AGENTD,
@@ -103,6 +104,18 @@ def _running(
     env: dict[str, str] | None = None,
 ) -> Iterator[int]:
     """Start a server on a free port, wait for its port, yield the port, stop it by PID."""
+    with _started(name, argv_for, workdir, env) as server:
+        yield server.port
+
+
+@contextmanager
+def _started(
+    name: str,
+    argv_for: Callable[[int], list[str]],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+) -> Iterator[ServerProcess]:
+    """As :func:`_running`, yielding the server (its pid: its CPU time is measured)."""
     port = free_port()
     log = workdir / f"{name.replace('+', '-').replace('.', '-')}.log"
     env = env if env is not None else agentd_env()
@@ -112,7 +125,7 @@ def _running(
             server.wait_listening(timeout=60)
         except ServerError as exc:
             raise BenchError(str(exc)) from exc
-        yield port
+        yield server
 
 
 # ---------------------------------------------------------------- measurements
@@ -254,26 +267,44 @@ def measure_tracing(
             for mode, ratio in TRACING_MODES:
                 requests, sent = sink.requests, sink.bytes
                 name = f"agentd-tracing-{mode.replace('.', '')}"
-                with _running(name, _agentd_argv, workdir, _tracing_env(ratio, sink.url)) as port:
+                env = _tracing_env(ratio, sink.url)
+                with _started(name, _agentd_argv, workdir, env) as server:
+                    port, pid = server.port, server.pid
+                    assert pid is not None
                     echo.verify_grpc(port)
                     try:
+                        if config.warmup_s > 0:
+                            warm = replace(config, duration_s=config.warmup_s, warmup_s=0)
+                            measure_point(AGENTD, "grpc", port, TRACING_CONCURRENCY, warm, binary)
+                        # The server's CPU per request: on a shared machine whose speed
+                        # swings between runs, steadier than req/s.
+                        cpu_before = cpu_seconds(pid)
                         point = measure_point(
-                            AGENTD, "grpc", port, TRACING_CONCURRENCY, config, binary
+                            AGENTD,
+                            "grpc",
+                            port,
+                            TRACING_CONCURRENCY,
+                            replace(config, warmup_s=0),
+                            binary,
                         )
+                        cpu = cpu_seconds(pid) - cpu_before
                     except h2load.H2LoadError as exc:
                         raise BenchError(f"tracing {mode}: {exc}") from exc
+                served = point.rps * config.duration_s
                 # Stopped: its spans are flushed (the node's close shuts the exporter down).
                 run = {
                     "rps": point.rps,
                     "p99_ms": point.p99_ms,
                     "errors": point.errors,
+                    "cpu_us_per_request": round(cpu / served * 1e6, 2) if served else None,
                     "export_requests": sink.requests - requests,
                     "export_bytes": sink.bytes - sent,
                 }
                 runs[mode].append(run)
                 progress(
                     f"tracing {mode:<10} round {round_ + 1} {point.rps:>10,.0f} req/s  "
-                    f"p99 {fmt_ms(point.p99_ms)} ms  exported {run['export_bytes']:,} bytes"
+                    f"p99 {fmt_ms(point.p99_ms)} ms  cpu {run['cpu_us_per_request']} us/req  "
+                    f"exported {run['export_bytes']:,} bytes"
                 )
     return tracing_summary(runs)
 
@@ -285,10 +316,12 @@ def tracing_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for mode, measured in runs.items():
         rps = [r["rps"] for r in measured]
         p99 = [r["p99_ms"] for r in measured if r["p99_ms"] is not None]
+        cpu = [r["cpu_us_per_request"] for r in measured if r.get("cpu_us_per_request")]
         median_rps = statistics.median(rps)
         modes[mode] = {
             "rps": round(median_rps, 1),
             "p99_ms": round(statistics.median(p99), 3) if p99 else None,
+            "cpu_us_per_request": round(statistics.median(cpu), 2) if cpu else None,
             "rps_spread": round((max(rps) - min(rps)) / median_rps, 3) if median_rps else None,
             "errors": sum(r["errors"] for r in measured),
             "runs": measured,
@@ -299,6 +332,12 @@ def tracing_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         mode["p99_vs_off"] = (
             round(mode["p99_ms"] / off["p99_ms"], 3)
             if mode["p99_ms"] is not None and off["p99_ms"]
+            else None
+        )
+        # Requests per CPU second against off: req/s on a machine whose cores it had alone.
+        mode["cpu_efficiency_vs_off"] = (
+            round(off["cpu_us_per_request"] / mode["cpu_us_per_request"], 3)
+            if mode["cpu_us_per_request"] and off["cpu_us_per_request"]
             else None
         )
     return {
@@ -340,7 +379,8 @@ def render_tracing(doc: dict[str, Any], console: Console) -> None:
         show_edge=False,
         collapse_padding=True,
     )
-    for column in ("mode", "req/s", "spread", "p99 ms", "vs off", "p99 vs off", "exported"):
+    columns = ("mode", "req/s", "spread", "p99 ms", "vs off", "p99 vs off", "cpu us/req")
+    for column in (*columns, "req/cpu-s vs off", "exported"):
         table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
     for mode, m in tracing["modes"].items():
         exported = sum(r["export_bytes"] for r in m["runs"])
@@ -351,6 +391,8 @@ def render_tracing(doc: dict[str, Any], console: Console) -> None:
             fmt_ms(m["p99_ms"]),
             "-" if m["rps_vs_off"] is None else f"{m['rps_vs_off']:.3f}x",
             "-" if m["p99_vs_off"] is None else f"{m['p99_vs_off']:.3f}x",
+            "-" if m.get("cpu_us_per_request") is None else f"{m['cpu_us_per_request']:.1f}",
+            "-" if m.get("cpu_efficiency_vs_off") is None else f"{m['cpu_efficiency_vs_off']:.3f}x",
             f"{exported:,} B",
         )
     console.print(table)

@@ -58,6 +58,7 @@ def test_bench_gateway_quick(tmp_path):
     assert set(modes) == {"off", "ratio_0.01", "ratio_1"}
     for mode in modes.values():
         assert mode["rps"] > 0 and mode["errors"] == 0 and mode["rps_vs_off"] > 0, mode
+        assert mode["cpu_us_per_request"] > 0 and mode["cpu_efficiency_vs_off"] > 0, mode
     assert modes["off"]["runs"][0]["export_bytes"] == 0
     assert modes["ratio_1"]["runs"][0]["export_requests"] > 0
 
