@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from agentd.errors import DeadlineExceeded
 from agentd.generate.tokenizer import Detokenizer, Tokenizer
-from agentd.generate.types import SamplingParams, TextGenerator
+from agentd.generate.types import SamplingParams, ScoredToken, TextGenerator
 
 if TYPE_CHECKING:
     from agentd.observability.spans import Spans
@@ -63,10 +63,21 @@ class TextStream:
         self._tokens = generator.stream(self.prompt_ids, params)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        # With params.logprobs: every generated token, with its logprob and alternatives.
+        self.scored: list[ScoredToken] | None = [] if params.logprobs else None
+        self._taken = 0
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    def take_scored(self) -> list[ScoredToken]:
+        """The scored tokens since the last call (for the piece a stream sends now)."""
+        scored = self.scored
+        if scored is None:
+            return []
+        taken, self._taken = self._taken, len(scored)
+        return scored[taken:]
 
     def __aiter__(self) -> AsyncGenerator[str, None]:
         if self._spans is None:
@@ -105,9 +116,12 @@ class TextStream:
         stops = [s for s in self._params.stop if s]
         detokenizer = Detokenizer(self._tokenizer)
         pending = ""
+        scored = self.scored
         try:
             while (token := await self._next_token()) is not None:
                 self.completion_tokens += 1
+                if scored is not None and isinstance(token, ScoredToken):
+                    scored.append(token)
                 pending += detokenizer.push(token)
                 if not pending:
                     continue
@@ -161,3 +175,7 @@ class TextStream:
     async def text(self) -> str:
         """The whole completion as one string."""
         return "".join([piece async for piece in self])
+
+    async def aclose(self) -> None:
+        """Stop a completion that may never be iterated (frees what it holds)."""
+        await self._tokens.aclose()
