@@ -7,10 +7,12 @@ model: model.onnx            # file (or sub-folder for hf) inside the folder
 tokenizer: tokenizer.json
 context_length: 1024
 eos_token_ids: [1]
-kv_cache: {block_size: 16, blocks: 512}   # onnxruntime engine only
+kv_cache: {block_size: 16, blocks: 512}   # onnxruntime engine only; prefix_cache: false
+                                           # turns off reuse of cached prompt blocks
 max_batch: 64                              # sequences per decode step
 lanes: 2                                   # onnxruntime: runs at once (default: one per thread)
-prefill_tokens: 256                        # onnxruntime: prompt tokens per prefill run
+prefill_tokens: 256                        # prompt tokens per prefill run (onnxruntime, gguf)
+batched: true                              # gguf: false runs one sequence at a time
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class _Cache(BaseModel):
     model_config = ConfigDict(extra="forbid")
     block_size: int = Field(16, ge=1, le=1024)
     blocks: int = Field(512, ge=1, le=1_000_000)
+    prefix_cache: bool = Field(True, strict=True)
 
 
 class _Config(BaseModel):
@@ -47,6 +50,7 @@ class _Config(BaseModel):
     max_batch: int = Field(64, ge=1, le=4096)
     lanes: int | None = Field(None, ge=1, le=256)
     prefill_tokens: int = Field(256, ge=1, le=1_048_576)
+    batched: bool = Field(True, strict=True)
     description: str = ""
     extra: dict[str, Any] = {}
 
@@ -67,6 +71,8 @@ class LMConfig:
     prefill_tokens: int
     description: str
     extra: dict[str, Any]
+    batched: bool = True  # gguf: llama.cpp multi-sequence batches; False: one at a time
+    prefix_cache: bool = True  # reuse cached blocks of prompt prefixes (onnxruntime)
 
 
 def load_lm_config(folder: Path) -> LMConfig:
@@ -112,4 +118,6 @@ def parse_lm_config(document: dict[str, Any], folder: Path) -> LMConfig:
         prefill_tokens=parsed.prefill_tokens,
         description=parsed.description,
         extra=parsed.extra,
+        batched=parsed.batched,
+        prefix_cache=parsed.kv_cache.prefix_cache,
     )

@@ -91,6 +91,7 @@ class TokenEngine:
             max_batch=max_batch,
             prefill_tokens=prefill_tokens,
             max_waiting=max_waiting,
+            prefix_cache=pool.prefix_cache,
         )
         # Imported here: importing the engine (or the generation service) loads no
         # onnxruntime until an engine is built.
@@ -144,6 +145,8 @@ class TokenEngine:
             "blocks_free": self.pool.free,
             "blocks_used": self.pool.used,
             "tokens_generated": self.tokens_generated,
+            "prefix_cache_queries": scheduler.prefix_queries,
+            "prefix_cache_hits": scheduler.prefix_hits,
         }
 
     def forward(
@@ -224,13 +227,14 @@ class TokenEngine:
                 continue
             planned = scheduler.plan_prefill()
             if planned:
-                await self._step(runner.prefill, scheduler.split(planned, lanes))
+                await self._step(runner.prefill, scheduler.split(planned, lanes), prefill=True)
             if scheduler.running:
                 await self._step(runner.decode, scheduler.split(scheduler.running, lanes))
 
-    async def _step(self, work, groups: list[list[_Stream]]) -> None:
+    async def _step(self, work, groups: list[list[_Stream]], *, prefill: bool = False) -> None:
         """Run ``work`` over each group at once, one lane each, and hand out the tokens.
-        A model failure ends that group's sequences, not the engine."""
+        A model failure ends that group's sequences, not the engine. After a ``prefill``
+        run, the prompt blocks it filled go into the prefix cache (not a failed run's)."""
         if not groups:
             return
         loop = asyncio.get_running_loop()
@@ -251,6 +255,9 @@ class TokenEngine:
             if isinstance(tokens, BaseException):
                 self._fail(group, tokens)
                 continue
+            if prefill and scheduler.prefix_cache:
+                for seq in group:
+                    scheduler.prefilled(seq)
             for seq, token in zip(group, tokens, strict=True):
                 self._deliver(seq, token)
 

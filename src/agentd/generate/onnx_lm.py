@@ -71,6 +71,7 @@ def engine_for_session(
     prefill_tokens: int = 256,
     context_length: int | None = None,
     observer: EngineObserver | None = None,
+    prefix_cache: bool = True,
 ) -> TokenEngine:
     """A TokenEngine with a fresh block pool shaped for the session's graph."""
     shape = graph_shape(session)
@@ -81,6 +82,7 @@ def engine_for_session(
         block_size=block_size,
         heads=shape["heads"],
         head_dim=shape["head_dim"],
+        prefix_cache=prefix_cache,
     )
     context = min(context_length or graph_context, graph_context)
     info = LMInfo(name, "onnxruntime", context, vocab, tuple(eos_token_ids))
@@ -127,4 +129,5 @@ def load_onnx_lm(
         prefill_tokens=config.prefill_tokens,
         context_length=config.context_length,
         observer=observer,
+        prefix_cache=config.prefix_cache,
     )

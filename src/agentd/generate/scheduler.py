@@ -11,6 +11,12 @@ stops (end of sequence), reaches its length (max_tokens or the context), fails o
 abandoned by its consumer; then its blocks go back to the pool at once, or at the end of
 the step in flight when it is part of it.
 
+With the pool's prefix cache on, a sequence joins holding the cached blocks its prompt
+starts with (only fresh blocks for the rest count against the free ones) and its prefill
+starts after them; each prompt block its prefill fills is published for later sequences
+(:meth:`Scheduler.prefilled`). The last prompt token is always computed, so there are
+logits to sample the first token from.
+
 Each turn of the engine: :meth:`Scheduler.admit`, one prefill run over
 :meth:`Scheduler.plan_prefill` (the next prompt chunks of the oldest prefilling sequences,
 right-padded to the widest within ``prefill_tokens``), one decode step over
@@ -49,6 +55,20 @@ class BlockPool(Protocol):
 
     def give_back(self, blocks: list[int]) -> None: ...
 
+    # The prefix cache (used only when the scheduler's ``prefix_cache`` is on).
+    @property
+    def block_size(self) -> int: ...
+
+    def prompt_keys(self, prompt: Any) -> list[bytes]:
+        """The chained keys of the prompt's full blocks."""
+        ...
+
+    def borrow_prefix(self, keys: list[bytes], count: int) -> tuple[list[int], int] | None:
+        """``count`` blocks, the cached ones of ``keys`` first: (blocks, cached count)."""
+        ...
+
+    def publish(self, block: int, key: bytes) -> bool: ...
+
 
 class Outcome(enum.Enum):
     """What a new token does to its sequence (:meth:`Scheduler.update`)."""
@@ -71,6 +91,8 @@ class Sequence:
     next_token: int = 0  # the last token generated: the next decode step's input
     cancelled: bool = False
     finished: bool = False
+    keys: list[bytes] | None = None  # prefix keys of its full prompt blocks (prefix cache)
+    published: int = 0  # its leading blocks already cached (taken from or published to it)
 
 
 # The engine schedules its own subclass (with a sampler and a consumer) and gets it back.
@@ -83,7 +105,8 @@ class Scheduler(Generic[_S]):
     ``max_batch``: sequences admitted at once (prefilling and running); ``prefill_tokens``:
     padded prompt tokens per prefill run (a longer prompt is prefilled in chunks, so running
     sequences wait one chunk's run at a time); ``max_waiting``: sequences queued for
-    admission before :meth:`check` refuses more.
+    admission before :meth:`check` refuses more; ``prefix_cache``: reuse the pool's cached
+    prompt blocks (the pool must cache prefixes).
     """
 
     def __init__(
@@ -95,8 +118,13 @@ class Scheduler(Generic[_S]):
         max_batch: int = 64,
         prefill_tokens: int = 256,
         max_waiting: int = 4096,
+        prefix_cache: bool = False,
     ) -> None:
         self.pool = pool
+        self.prefix_cache = prefix_cache
+        # Prompt tokens of admitted sequences, and those of them found in the prefix cache.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self.context_length = context_length
         self.eos = frozenset(eos_token_ids)
         self.max_batch = max_batch
@@ -143,14 +171,44 @@ class Scheduler(Generic[_S]):
         while waiting and len(self.running) + len(self.prefilling) < self.max_batch:
             seq = waiting[0]
             tokens = min(len(seq.prompt) + seq.max_tokens, self.context_length)
-            blocks = pool.borrow(pool.blocks_for(tokens))
-            if blocks is None:
-                break  # the head waits for blocks; later ones must not overtake it
+            if self.prefix_cache:
+                taken = self._borrow_cached(seq, pool.blocks_for(tokens))
+                if taken is None:
+                    break  # the head waits for blocks; later ones must not overtake it
+                blocks, hits = taken
+                seq.length = hits * pool.block_size
+                seq.published = hits
+                self.prefix_queries += len(seq.prompt)
+                self.prefix_hits += seq.length
+            else:
+                blocks = pool.borrow(pool.blocks_for(tokens))
+                if blocks is None:
+                    break  # the head waits for blocks; later ones must not overtake it
             waiting.popleft()
             seq.blocks = blocks
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
+
+    def _borrow_cached(self, seq: _S, count: int) -> tuple[list[int], int] | None:
+        pool = self.pool
+        if seq.keys is None:
+            seq.keys = pool.prompt_keys(seq.prompt)
+        # Never the block of the last prompt token: it is computed (for its logits) and
+        # written into, and a block written into is never shared.
+        usable = (len(seq.prompt) - 1) // pool.block_size
+        return pool.borrow_prefix(seq.keys[:usable], count)
+
+    def prefilled(self, seq: _S) -> None:
+        """A prefill run wrote ``seq``'s chunk: cache the prompt blocks it filled."""
+        keys = seq.keys
+        if keys is None or seq.finished:
+            return
+        full = min(seq.length // self.pool.block_size, len(keys))
+        publish, blocks = self.pool.publish, seq.blocks
+        for i in range(seq.published, full):
+            publish(blocks[i], keys[i])
+        seq.published = max(seq.published, full)
 
     def plan_prefill(self) -> list[_S]:
         """The sequences for the next prefill run, oldest first, each with its ``chunk``:

@@ -266,6 +266,8 @@ def test_any_interleaving_leaves_the_pool_consistent(
                 "blocks_free": 10,
                 "blocks_used": 0,
                 "tokens_generated": engine.tokens_generated,
+                "prefix_cache_queries": engine.scheduler.prefix_queries,
+                "prefix_cache_hits": engine.scheduler.prefix_hits,
             }
             # Every token a client got was counted (a client that stopped early may leave
             # some it did not read).
