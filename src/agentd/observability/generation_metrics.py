@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["GenerationMetrics"]
 
@@ -20,6 +20,17 @@ _GAUGES = {
     "waiting": ("agentd_lm_sequences_waiting", "Sequences queued for cache blocks or a slot."),
     "blocks_free": ("agentd_lm_kv_blocks_free", "KV-cache blocks free in the pool."),
     "blocks_used": ("agentd_lm_kv_blocks_used", "KV-cache blocks lent to sequences."),
+}
+# engine counter key -> (metric name without _total, help): running totals the engine keeps.
+_COUNTERS = {
+    "prefix_cache_queries": (
+        "agentd_generate_prefix_cache_queries",
+        "Prompt tokens of sequences admitted with the prefix cache on.",
+    ),
+    "prefix_cache_hits": (
+        "agentd_generate_prefix_cache_hits",
+        "Prompt tokens found in the prefix cache (not computed again).",
+    ),
 }
 
 
@@ -37,6 +48,12 @@ class _EngineCollector:
             for model, values in per_model.items():
                 family.add_metric([model], values.get(key, 0))
             yield family
+        for key, (name, help_text) in _COUNTERS.items():
+            counter = CounterMetricFamily(name, help_text, labels=["model"])
+            for model, values in per_model.items():
+                if key in values:  # engines without a prefix cache report none
+                    counter.add_metric([model], values[key])
+            yield counter
 
 
 class GenerationMetrics:
