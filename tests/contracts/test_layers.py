@@ -27,7 +27,7 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "wasmtime": ("agentd.tools.sandbox",),
     "sqlite3": ("agentd.runtime.state.sqlite",),
     "redis": ("agentd.runtime.state.redis",),
-    "llama_cpp": ("agentd.generate.gguf_backend",),
+    "llama_cpp": ("agentd.generate.gguf_backend", "agentd.generate.gguf_engine"),
     "gguf": ("agentd.generate.gguf_export", "agentd.generate.gguf_backend"),
     "torch": ("agentd.generate.hf_backend",),
     "transformers": ("agentd.generate.hf_backend",),

@@ -133,9 +133,9 @@ def load_language_model(
             config, threads=threads, providers=providers, observer=observer
         )
     elif config.platform == "gguf":
-        from agentd.generate.gguf_backend import load_gguf
+        from agentd.generate.gguf_engine import load_gguf_lm
 
-        generator = load_gguf(config.model_path, config.name)
+        generator = load_gguf_lm(config, threads=threads, observer=observer)
     else:
         from agentd.generate.hf_backend import load_hf
 
