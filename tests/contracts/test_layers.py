@@ -28,7 +28,11 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "sqlite3": ("agentd.runtime.state.sqlite",),
     "redis": ("agentd.runtime.state.redis",),
     "llama_cpp": ("agentd.generate.gguf_backend", "agentd.generate.gguf_engine"),
-    "gguf": ("agentd.generate.gguf_export", "agentd.generate.gguf_backend"),
+    "gguf": (
+        "agentd.generate.gguf_export",
+        "agentd.generate.gguf_backend",
+        "agentd.generate.chat_template",
+    ),
     "torch": ("agentd.generate.hf_backend",),
     "transformers": ("agentd.generate.hf_backend",),
     "prometheus_client": ("agentd.observability",),

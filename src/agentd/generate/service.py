@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, Internal, InvalidArgument, NotFound
 from agentd.generate.chat import BOS, chat_pieces
+from agentd.generate.chat_template import load_chat_template
 from agentd.generate.config import LMConfig, parse_lm_config
 from agentd.generate.engine import EngineObserver
 from agentd.generate.text_stream import TextStream
@@ -70,14 +71,10 @@ class LanguageModel:
     def chat_prompt(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
         """The chat template around the messages; special tokens inside a message's
         content are its text, not template tokens."""
-        pieces = chat_pieces(messages)
+        template = self.tokenizer.chat_template  # the model's own, or None: the built-in
+        pieces = chat_pieces(messages) if template is None else template.pieces(messages)
         self._check_length(sum(len(text) for text, _special in pieces))
-        tokenizer = self.tokenizer
-        ids: list[int] = []
-        for text, special in pieces:
-            token = tokenizer.token_id(text) if special else None
-            ids += [token] if token is not None else tokenizer.encode_plain(text)
-        return ids
+        return self.tokenizer.encode_chat(pieces)
 
     def prompt_ids(self, prompt: str | Sequence[Mapping[str, object]]) -> list[int]:
         """A raw prompt (``str``) or chat messages, as token ids."""
@@ -126,6 +123,7 @@ def load_language_model(
 ) -> LanguageModel:
     """Blocking: read the tokenizer and build the backend for ``config.platform``."""
     tokenizer = Tokenizer(config.tokenizer_path)
+    tokenizer.chat_template = load_chat_template(config)
     if config.platform == "onnxruntime":
         from agentd.generate.onnx_lm import load_onnx_lm
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentd.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from agentd.generate.chat_template import ChatTemplate
 
 __all__ = ["Detokenizer", "Tokenizer"]
 
@@ -30,6 +34,13 @@ class Tokenizer:
         # Text per token at most (a byte-level token's string has one char per byte):
         # a text over context * this cannot fit and is refused without tokenizing it.
         self.max_token_chars = max(map(len, vocab), default=1)
+        self._special_ids = frozenset(
+            token_id
+            for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
+            if token.special
+        )
+        # The model's own chat template (set by the loader), None for agentd's built-in.
+        self.chat_template: ChatTemplate | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|end|>``) map to
@@ -39,6 +50,35 @@ class Tokenizer:
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of ``text`` with special tokens written in it read as plain text."""
         return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """Token ids of a rendered chat prompt given as ``(text, from_template)`` pieces:
+        special tokens count only inside the template's own text.
+
+        The whole text is tokenized at once (the ids transformers gives, merges across piece
+        boundaries included) unless a special token would then fall inside a content; then
+        each piece is tokenized alone, contents with special tokens off."""
+        text = "".join(piece for piece, _ in pieces)
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        contents: list[tuple[int, int]] = []
+        start = 0
+        for piece, from_template in pieces:
+            if not from_template:
+                contents.append((start, start + len(piece)))
+            start += len(piece)
+        special = self._special_ids
+        forged = any(
+            begin < end_ and end > begin_
+            for token_id, (begin, end) in zip(encoding.ids, encoding.offsets, strict=True)
+            if token_id in special
+            for begin_, end_ in contents
+        )
+        if not forged:
+            return encoding.ids
+        ids: list[int] = []
+        for piece, from_template in pieces:
+            ids += self.encode(piece) if from_template else self.encode_plain(piece)
+        return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special)
