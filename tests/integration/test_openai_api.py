@@ -174,9 +174,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(client, http):
         ({"top_p": 1.5}, "top_p"),
         ({"temperature": "hot"}, "temperature"),
         ({"stop": [1, 2]}, "stop"),
-        ({"n": 3}, "n"),
+        ({"n": 17}, "n"),
         ({"seed": -1}, "seed"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": "word " * 3000}, "prompt"),
         ({"prompt": "a b " * 100_000}, "prompt"),  # refused by length, before tokenizing
         ({"prompt": None}, "prompt"),

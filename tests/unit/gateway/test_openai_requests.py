@@ -40,7 +40,11 @@ fields = {
     "stream_options": json_values,
     "n": json_values,
     "presence_penalty": json_values,
+    "frequency_penalty": json_values,
     "logit_bias": json_values,
+    "logprobs": json_values,
+    "top_logprobs": json_values,
+    "echo": json_values,
     "tools": json_values,
     "response_format": json_values,
 }
@@ -97,9 +101,16 @@ def test_valid_requests_keep_their_values():
         ({"model": "m", "prompt": "x", "seed": 1.5}, "seed"),
         ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
         ({"model": "m", "prompt": "x", "seed": 2**64}, "seed"),
-        ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-        ({"model": "m", "prompt": "x", "frequency_penalty": -1}, "frequency_penalty"),
-        ({"model": "m", "prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "x", "frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"model": "m", "prompt": "x", "frequency_penalty": "0"}, "frequency_penalty"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"5": True}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "logit_bias": [5]}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "n": 17}, "n"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"model": "m", "prompt": "x", "suffix": "end"}, "suffix"),
         ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": "m", "prompt": "x", "top_logprobs": 2}, "top_logprobs"),
@@ -111,7 +122,9 @@ def test_valid_requests_keep_their_values():
         ),
         ({"model": "m", "prompt": "x", "echo": 0}, "echo"),
         ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": True}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 1, "echo": True}, "echo"),
         ({"prompt": "x"}, "model"),
     ],
 )
@@ -140,3 +153,48 @@ def test_fields_sent_with_values_that_ask_for_nothing_are_accepted():
     )
     assert request.params.seed == 2**64 - 1
     Sampler(request.params)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
+        ({"top_logprobs": 1.5, "logprobs": True}, "top_logprobs"),
+        ({"echo": True}, "echo"),
+        ({"n": 100}, "n"),
+    ],
+)
+def test_each_bad_chat_option_is_named(extra, param):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(RequestError) as caught:
+        parse_chat(body)
+    assert caught.value.param == param
+
+
+def test_openai_options_reach_the_sampling_params():
+    chat = parse_chat(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "n": 4,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "presence_penalty": -0.5,
+            "frequency_penalty": 1.25,
+            "logit_bias": {"7": -100, "12": 2.5},
+        }
+    )
+    assert chat.n == 4
+    params = chat.params
+    assert params.logprobs and params.top_logprobs == 3
+    assert (params.presence_penalty, params.frequency_penalty) == (-0.5, 1.25)
+    assert params.logit_bias == ((7, -100.0), (12, 2.5))
+    completion = parse_completion({"model": "m", "prompt": "x", "logprobs": 2, "n": 2})
+    assert completion.params.logprobs and completion.params.top_logprobs == 2
+    assert completion.n == 2 and not completion.echo
+    assert parse_completion({"model": "m", "prompt": "x", "echo": True}).echo
+    # logprobs 0: the chosen token's logprob, no alternatives.
+    zero = parse_completion({"model": "m", "prompt": "x", "logprobs": 0}).params
+    assert zero.logprobs and zero.top_logprobs == 0

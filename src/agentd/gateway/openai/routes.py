@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agentd.errors import AgentdError, Code, Internal
+from agentd.errors import AgentdError, Code, Internal, InvalidArgument
 from agentd.gateway.admission import (
     BodyTooLarge,
     InflatedTooLarge,
@@ -38,10 +39,12 @@ from agentd.gateway.openai.requests import RequestError, parse_chat, parse_compl
 from agentd.gateway.protocol import clip, connect_code, header, http_status, send_json
 from agentd.gateway.redact import public_message
 from agentd.generate.service import PromptTooLong
+from agentd.generate.types import MAX_SEED, SamplingParams, ScoredToken
 
 if TYPE_CHECKING:
     from agentd.generate.service import GenerationService, LanguageModel
     from agentd.generate.text_stream import TextStream
+    from agentd.generate.tokenizer import Tokenizer
 
 __all__ = ["OpenAIRoutes"]
 
@@ -157,29 +160,58 @@ class OpenAIRoutes:
 
     # -- completions ---------------------------------------------------------------------
 
-    def _start(
+    async def _start(
         self,
         model: LanguageModel,
         prompt: str | list[dict[str, str]],
-        params: Any,
+        params: SamplingParams,
+        n: int,
         field: str,
-    ) -> TextStream:
-        # The OpenAI API carries no deadline of the caller's: the service's default applies.
+    ) -> list[TextStream]:
+        """``n`` completions of one prompt (choice i > 0 of a seeded request draws with
+        seed + i, so the choices are independent yet reproducible)."""
         try:
-            return self._service.complete(model, prompt, params)
+            params.check_vocab(model.generator.info.vocab_size)
+        except InvalidArgument as exc:
+            raise RequestError(exc.message, "logit_bias") from None
+        streams: list[TextStream] = []
+        try:
+            for index in range(n):
+                choice = params
+                if index and params.seed is not None:
+                    choice = dataclasses.replace(
+                        params, seed=(params.seed + index) % (MAX_SEED + 1)
+                    )
+                # The OpenAI API carries no deadline of the caller's: the default applies.
+                streams.append(self._service.complete(model, prompt, choice))
         except PromptTooLong as exc:
+            await _close_all(streams)
             raise RequestError(
                 f"'{field}' is {exc.size}; the model's context is {exc.context} tokens", field
             ) from None
+        except BaseException:
+            await _close_all(streams)
+            raise
+        return streams
 
     async def _completion(self, data: Any, receive: Receive, send: Send) -> None:
         request = parse_completion(data)
         model = self._service.get(request.model)
-        stream = self._start(model, request.prompt, request.params, "prompt")
+        streams = await self._start(model, request.prompt, request.params, request.n, "prompt")
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        echo = request.prompt if request.echo else ""
+        tokenizer = model.tokenizer
+        # Where the next token's text starts, per choice (the legacy text_offset).
+        offsets = [len(echo)] * len(streams)
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def logprobs(index: int, scored: list[ScoredToken]) -> dict[str, Any] | None:
+            if streams[index].scored is None:
+                return None
+            shape, offsets[index] = _legacy_logprobs(tokenizer, scored, offsets[index])
+            return shape
+
+        def chunk(index: int, text: str, finish: str | None, lp: Any = None) -> dict[str, Any]:
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
             return {
                 "id": ident,
                 "object": "text_completion",
@@ -189,81 +221,115 @@ class OpenAIRoutes:
             }
 
         if not request.stream:
-            text = await _until_gone(stream.text(), receive)
-            body = chunk(text, stream.finish_reason)
-            body["usage"] = _usage(stream)
+            texts = await _until_gone(_texts(streams), receive)
+            choices = [
+                {
+                    "index": index,
+                    "text": echo + text,
+                    "logprobs": logprobs(index, stream.scored or []),
+                    "finish_reason": stream.finish_reason,
+                }
+                for index, (stream, text) in enumerate(zip(streams, texts, strict=True))
+            ]
+            body = {**chunk(0, "", None), "choices": choices, "usage": _usage(streams)}
             await send_json(send, 200, body)
             return
+
+        async def events() -> AsyncGenerator[dict[str, Any], None]:
+            if echo:
+                for index in range(len(streams)):
+                    yield chunk(index, echo, None)
+            async for index, piece in _merged(streams):
+                stream = streams[index]
+                lp = logprobs(index, stream.take_scored())
+                if piece is None:
+                    yield chunk(index, "", stream.finish_reason, lp)
+                else:
+                    yield chunk(index, piece, None, lp)
+
         await _send_events(
             send,
             receive,
-            stream,
-            lambda piece: chunk(piece, None),
-            lambda: chunk("", stream.finish_reason),
+            events(),
             lambda: (
-                {**chunk("", None), "choices": [], "usage": _usage(stream)}
+                {**chunk(0, "", None), "choices": [], "usage": _usage(streams)}
                 if request.include_usage
                 else None
             ),
+            lambda: sum(s.completion_tokens for s in streams),
         )
 
     async def _chat(self, data: Any, receive: Receive, send: Send) -> None:
         request = parse_chat(data)
         model = self._service.get(request.model)
-        stream = self._start(model, request.messages, request.params, "messages")
+        streams = await self._start(model, request.messages, request.params, request.n, "messages")
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        tokenizer = model.tokenizer
 
-        def frame(choice: dict[str, Any], kind: str) -> dict[str, Any]:
+        def logprobs(index: int, scored: list[ScoredToken]) -> dict[str, Any] | None:
+            if streams[index].scored is None:
+                return None
+            return {"content": [_chat_entry(tokenizer, t) for t in scored], "refusal": None}
+
+        def frame(choices: list[dict[str, Any]], kind: str) -> dict[str, Any]:
             return {
                 "id": ident,
                 "object": kind,
                 "created": created,
                 "model": model.name,
-                "choices": [choice],
+                "choices": choices,
             }
 
         if not request.stream:
-            text = await _until_gone(stream.text(), receive)
-            message = {"role": "assistant", "content": text}
-            body = frame(
+            texts = await _until_gone(_texts(streams), receive)
+            choices = [
                 {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": None,
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs(index, stream.scored or []),
                     "finish_reason": stream.finish_reason,
-                },
-                "chat.completion",
-            )
-            body["usage"] = _usage(stream)
+                }
+                for index, (stream, text) in enumerate(zip(streams, texts, strict=True))
+            ]
+            body = frame(choices, "chat.completion")
+            body["usage"] = _usage(streams)
             await send_json(send, 200, body)
             return
         kind = "chat.completion.chunk"
-        first = True
+        started = [False] * len(streams)
 
-        def delta(piece: str) -> dict[str, Any]:
-            nonlocal first
-            content: dict[str, Any] = {"content": piece}
-            if first:
-                content = {"role": "assistant", "content": piece}
-                first = False
-            return frame(
-                {"index": 0, "delta": content, "logprobs": None, "finish_reason": None}, kind
-            )
+        async def events() -> AsyncGenerator[dict[str, Any], None]:
+            async for index, piece in _merged(streams):
+                stream = streams[index]
+                lp = logprobs(index, stream.take_scored())
+                if piece is None:
+                    choice = {
+                        "index": index,
+                        "delta": {},
+                        "logprobs": lp,
+                        "finish_reason": stream.finish_reason,
+                    }
+                else:
+                    content: dict[str, Any] = {"content": piece}
+                    if not started[index]:
+                        content = {"role": "assistant", "content": piece}
+                        started[index] = True
+                    choice = {
+                        "index": index,
+                        "delta": content,
+                        "logprobs": lp,
+                        "finish_reason": None,
+                    }
+                yield frame([choice], kind)
 
         await _send_events(
             send,
             receive,
-            stream,
-            delta,
-            lambda: frame(
-                {"index": 0, "delta": {}, "logprobs": None, "finish_reason": stream.finish_reason},
-                kind,
-            ),
+            events(),
             lambda: (
-                {**frame({}, kind), "choices": [], "usage": _usage(stream)}
-                if request.include_usage
-                else None
+                {**frame([], kind), "usage": _usage(streams)} if request.include_usage else None
             ),
+            lambda: sum(s.completion_tokens for s in streams),
         )
 
 
@@ -272,12 +338,112 @@ class _MethodNotAllowed(Exception):
         self.allowed = allowed
 
 
-def _usage(stream: TextStream) -> dict[str, int]:
+def _usage(streams: list[TextStream]) -> dict[str, int]:
+    """The prompt once, the completion tokens of every choice (as OpenAI counts n > 1)."""
+    prompt = streams[0].prompt_tokens
+    completion = sum(stream.completion_tokens for stream in streams)
     return {
-        "prompt_tokens": stream.prompt_tokens,
-        "completion_tokens": stream.completion_tokens,
-        "total_tokens": stream.prompt_tokens + stream.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
+
+
+def _token_text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode([int(token)], skip_special=False)
+
+
+def _chat_entry(tokenizer: Tokenizer, token: ScoredToken) -> dict[str, Any]:
+    """One token in the chat API's logprobs shape."""
+
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        **one(token, token.logprob),
+        "top_logprobs": [one(alt, logprob) for alt, logprob in token.top],
+    }
+
+
+def _legacy_logprobs(
+    tokenizer: Tokenizer, scored: list[ScoredToken], offset: int
+) -> tuple[dict[str, Any], int]:
+    """The completions API's logprobs object for ``scored`` (text offsets from
+    ``offset``), and the offset after them."""
+    tokens, offsets = [], []
+    for token in scored:
+        text = _token_text(tokenizer, token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    shape = {
+        "tokens": tokens,
+        "token_logprobs": [token.logprob for token in scored],
+        "top_logprobs": [
+            {_token_text(tokenizer, alt): logprob for alt, logprob in token.top} for token in scored
+        ],
+        "text_offset": offsets,
+    }
+    return shape, offset
+
+
+async def _close_all(streams: list[TextStream]) -> None:
+    for stream in streams:
+        await stream.aclose()
+
+
+async def _texts(streams: list[TextStream]) -> list[str]:
+    """Every choice's whole text, generated at once; a failure (or cancellation) of one
+    stops the others."""
+    if len(streams) == 1:
+        return [await streams[0].text()]
+    tasks = [asyncio.ensure_future(stream.text()) for stream in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _merged(
+    streams: list[TextStream],
+) -> AsyncGenerator[tuple[int, str | None], None]:
+    """``(choice index, text piece)`` as each choice produces it; ``(index, None)`` when
+    that choice has ended (its finish_reason set). Closing this stops every choice."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(aiter(streams[0])) as pieces:
+            async for piece in pieces:
+                yield 0, piece
+        yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, str | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: TextStream) -> None:
+        try:
+            async with contextlib.aclosing(aiter(stream)) as pieces:
+                async for piece in pieces:
+                    queue.put_nowait((index, piece))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                left -= 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -322,10 +488,9 @@ async def _until_gone(work: Awaitable[Any], receive: Receive, *, on_gone: OnGone
 async def _send_events(
     send: Send,
     receive: Receive,
-    stream: TextStream,
-    piece_event: Callable[[str], dict[str, Any]],
-    final_event: Callable[[], dict[str, Any]],
+    events: AsyncGenerator[dict[str, Any], None],
     usage_event: Callable[[], dict[str, Any] | None],
+    generated: Callable[[], int],
 ) -> None:
     sending = gone = False
 
@@ -348,14 +513,10 @@ async def _send_events(
         await send_now({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         try:
             # Closed explicitly: a send that fails must stop generation now, not at collection.
-            async with contextlib.aclosing(aiter(stream)) as pieces:
-                async for piece in pieces:
+            async with contextlib.aclosing(events) as frames:
+                async for frame in frames:
                     await send_now(
-                        {
-                            "type": "http.response.body",
-                            "body": _event(piece_event(piece)),
-                            "more_body": True,
-                        }
+                        {"type": "http.response.body", "body": _event(frame), "more_body": True}
                     )
         except ClientGone:
             raise
@@ -365,23 +526,21 @@ async def _send_events(
             # every stream does, for clients that read until [DONE].
             if isinstance(exc, AgentdError):
                 failure: AgentdError = exc
-                log.info("a stream failed after %d tokens: %s", stream.completion_tokens, exc)
+                log.info("a stream failed after %d tokens: %s", generated(), exc)
             else:  # a bug: the details go to the log, not to the client
                 failure = Internal("internal error")
-                log.exception("a stream failed after %d tokens", stream.completion_tokens)
+                log.exception("a stream failed after %d tokens", generated())
             error = _event(_error_body(failure)[1])
             await send_now({"type": "http.response.body", "body": error + _DONE})
             return
-        tail = _event(final_event())
         usage = usage_event()
-        if usage is not None:
-            tail += _event(usage)
+        tail = _event(usage) if usage is not None else b""
         await send_now({"type": "http.response.body", "body": tail + _DONE})
 
     try:
         await _until_gone(produce(), receive, on_gone=on_gone)
     except ClientGone:
-        log.debug("client left a stream after %d tokens", stream.completion_tokens)
+        log.debug("client left a stream after %d tokens", generated())
 
 
 def _event(data: dict[str, Any]) -> bytes:
