@@ -345,6 +345,8 @@ class Activation(Mailbox):
         """A ``state.commit`` span (a child of the turn) from now until ``committed``."""
         store = self.host.store
         span = spans.commit(len(self.snapshot))
+        if not span.is_recording():  # the request was not sampled: nothing to end
+            return
         committed.add_done_callback(
             lambda future: spans.committed(span, future, getattr(store, "last_commit_size", None))
         )
