@@ -6,9 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agentd import Agent
 from agentd.errors import InvalidArgument
 from agentd.generate.sampling import Sampler, log_softmax
+from agentd.generate.service import GenerationService
 from agentd.generate.types import SamplingParams, ScoredToken
+from agentd.models.catalog import builtin_models_dir
+from agentd.testing import FakeHost, run_turn
 
 LOGITS = np.array([1.0, 3.0, 2.5, 0.0, -1.0], dtype=np.float32)
 
@@ -137,3 +141,56 @@ def test_check_vocab_refuses_an_unknown_token() -> None:
     SamplingParams(logit_bias=((4, 1.0),)).check_vocab(5)
     with pytest.raises(InvalidArgument, match="logit_bias token id 5"):
         SamplingParams(logit_bias=((5, 1.0),)).check_vocab(5)
+
+
+class Writer(Agent):
+    """Generates with the options its message names."""
+
+    name = "writer"
+
+    async def handle(self, ctx, message):
+        options = {"max_tokens": 16, **message}
+        prompt = [{"role": "user", "content": "count from 1 to 10"}]
+        return "".join([piece async for piece in ctx.generate(prompt, **options)])
+
+
+class _ServedHost(FakeHost):
+    """A FakeHost whose language models are a real GenerationService (the built-in tinylm)."""
+
+    def __init__(self, service: GenerationService) -> None:
+        super().__init__()
+        self._service = service
+
+    @property
+    def generation(self) -> GenerationService:  # type: ignore[override]
+        return self._service
+
+
+async def test_ctx_generate_takes_penalties_and_logit_bias() -> None:
+    service = GenerationService([builtin_models_dir()], threads=1)
+    await service.start()
+    try:
+        host = _ServedHost(service)
+
+        async def write(**options: object) -> str:
+            return (await run_turn(Writer, options, host=host)).reply
+
+        plain = await write()
+        assert plain.count(",") >= 4  # "1, 2, 3, 4, 5, ..."
+        # Each "," generated lowers the next one's logit: the list ends sooner.
+        assert (await write(frequency_penalty=2.0)).count(",") < plain.count(",")
+        assert (await write(presence_penalty=2.0)).count(",") < plain.count(",")
+        tokenizer = service.get("tinylm").tokenizer
+        comma = tokenizer.encode(",")
+        assert len(comma) == 1
+        banned = await write(logit_bias={comma[0]: -100})
+        assert "," not in banned and banned != plain
+        for bad, named in (
+            ({"presence_penalty": 3.0}, "presence_penalty"),
+            ({"logit_bias": {comma[0]: 500}}, "logit_bias"),
+            ({"logit_bias": {10**9: 1.0}}, "logit_bias token id"),
+        ):
+            with pytest.raises(InvalidArgument, match=named):
+                await write(**bad)
+    finally:
+        await service.aclose()

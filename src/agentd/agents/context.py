@@ -100,6 +100,9 @@ class Context:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> AsyncIterator[str]:
         """Stream text from a language model, piece by piece.
 
@@ -107,6 +110,11 @@ class Context:
         rendered with the model's chat template. ``model`` defaults to the built-in
         ``tinylm``. Generation shares the token engine's batch with every other caller and
         stops at this turn's deadline; leaving the loop early frees its cache at once.
+
+        ``presence_penalty`` and ``frequency_penalty`` (each in [-2, 2]) lower the logit of
+        every token already generated, by ``presence`` once and ``frequency`` per use, as
+        OpenAI defines them; ``logit_bias`` maps token ids to a bias in [-100, 100] added
+        to their logits (-100 bans a token). A bad value raises InvalidArgument.
         """
         from agentd.generate.types import SamplingParams
 
@@ -120,9 +128,16 @@ class Context:
             top_k=top_k,
             seed=seed,
             stop=tuple(stop),
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=tuple((int(k), float(v)) for k, v in (logit_bias or {}).items()),
         )
         params.validate()
         lm = service.get(model) if model else service.default()
+        # A served model knows its vocabulary (another host's model may not say).
+        info = getattr(getattr(lm, "generator", None), "info", None)
+        if params.logit_bias and info is not None:
+            params.check_vocab(info.vocab_size)
         ids = lm.prompt_ids(prompt)
         # Tracing on (the node's GenerationService holds span helpers): a ``generate`` span
         # under this turn's; other hosts' models take no ``spans``.
