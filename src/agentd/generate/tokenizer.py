@@ -5,6 +5,7 @@ Wraps a HF ``tokenizers`` tokenizer.json (a small Rust library; no transformers 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,11 +35,19 @@ class Tokenizer:
         # Text per token at most (a byte-level token's string has one char per byte):
         # a text over context * this cannot fit and is refused without tokenizing it.
         self.max_token_chars = max(map(len, vocab), default=1)
-        self._special_ids = frozenset(
-            token_id
+        specials = {
+            token_id: token.content
             for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
             if token.special
+        }
+        self._special_ids = frozenset(specials)
+        # Finds special-token text in chat contents (longest first); None: none to find.
+        self._special_text = (
+            re.compile("|".join(map(re.escape, sorted(specials.values(), key=len, reverse=True))))
+            if specials
+            else None
         )
+        self._special_len = max(map(len, specials.values()), default=0)
         # The model's own chat template (set by the loader), None for agentd's built-in.
         self.chat_template: ChatTemplate | None = None
 
@@ -66,6 +75,8 @@ class Tokenizer:
             if not from_template:
                 contents.append((start, start + len(piece)))
             start += len(piece)
+        if not self._special_in(text, contents):
+            return encoding.ids  # the common case: no token offsets needed
         special = self._special_ids
         forged = any(
             begin < end_ and end > begin_
@@ -79,6 +90,19 @@ class Tokenizer:
         for piece, from_template in pieces:
             ids += self.encode(piece) if from_template else self.encode_plain(piece)
         return ids
+
+    def _special_in(self, text: str, spans: Sequence[tuple[int, int]]) -> bool:
+        """Whether special-token text overlaps one of ``spans`` of ``text`` (a window a
+        token long on each side, for a token split across a content's edge)."""
+        pattern, reach = self._special_text, self._special_len - 1
+        if pattern is None:
+            return False
+        for begin, end in spans:
+            window = max(0, begin - reach)
+            for match in pattern.finditer(text, window, min(len(text), end + reach)):
+                if match.start() < end and match.end() > begin:
+                    return True
+        return False
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special)
