@@ -1,7 +1,7 @@
 """The architectures of the common small models through the ONNX exporter/engine and GGUF.
 
 Each model is built here from a transformers config with random weights (2 layers, hidden
-64, vocab 256), saved with safetensors and exported; transformers is the reference: greedy
+64, vocab 260), saved with safetensors and exported; transformers is the reference: greedy
 tokens identical to ``model.generate`` for 32 tokens, last-position logits within tolerance,
 through the real TokenEngine (and the dense baseline graph) and through llama.cpp.
 """
@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOKENS = 32
-VOCAB = 256
+VOCAB = 260  # 256 bytes and 4 merges (llama.cpp wants a BPE vocab to have merges)
 EOS = 255
 GREEDY = SamplingParams(temperature=0.0, max_tokens=TOKENS)
 PROMPTS = [[7, 42, 99, 3, 120, 64, 17, 200, 5], [250, 11]]
@@ -80,7 +80,7 @@ ARCHITECTURES = {
 
 
 def byte_tokenizer() -> dict:
-    """A byte-level BPE tokenizer.json with one token per byte and no merges (vocab 256)."""
+    """A byte-level BPE tokenizer.json: one token per byte, then four merges (vocab 260)."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     chars, extra = {}, 0
     for byte in range(256):
@@ -89,10 +89,14 @@ def byte_tokenizer() -> dict:
         else:
             chars[byte] = chr(256 + extra)
             extra += 1
+    vocab = {c: b for b, c in chars.items()}
+    merges = ["Ġ t", "h e", "i n", "e r"]
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
     return {
         "version": "1.0",
         "added_tokens": [],
-        "model": {"type": "BPE", "vocab": {c: b for b, c in chars.items()}, "merges": []},
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges},
     }
 
 
@@ -285,3 +289,37 @@ def test_pool_holds_only_kv_heads(model: dict) -> None:
         assert pool.keys.nbytes + pool.values.nbytes == mha_bytes * kv_heads // 4
     finally:
         asyncio.run(engine.close())
+
+
+def gguf_greedy(path: Path) -> list[list[int]]:
+    from agentd.generate.gguf_backend import load_gguf
+
+    generator = load_gguf(path, "arch-gguf")
+    try:
+        assert generator.info.eos_token_ids == (EOS,)
+
+        async def run() -> list[list[int]]:
+            return [[t async for t in generator.stream(p, GREEDY)] for p in PROMPTS]
+
+        return asyncio.run(run())
+    finally:
+        asyncio.run(generator.close())
+
+
+def test_gguf_greedy_matches_transformers(model: dict, reference: list[list[int]]) -> None:
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from agentd.generate.gguf_export import export_gguf
+
+    path = export_gguf(model["hf_dir"], model["folder"] / "model.f32.gguf", "f32")
+    assert gguf_greedy(path) == reference
+
+
+def test_gguf_refuses_sliding_window(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from agentd.errors import InvalidArgument
+    from agentd.generate.gguf_export import export_gguf
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("MistralConfig", sliding_window=64)))
+    with pytest.raises(InvalidArgument, match="sliding_window 64"):
+        export_gguf(tmp_path, tmp_path / "model.gguf")

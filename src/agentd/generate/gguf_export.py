@@ -1,8 +1,11 @@
-"""Write a Llama-architecture Hugging Face folder as a GGUF file for llama.cpp.
+"""Write a Llama, Mistral or Qwen2 Hugging Face folder as a GGUF file for llama.cpp.
 
 Reads config.json, model.safetensors and tokenizer.json (byte-level BPE) with numpy only:
 no torch or transformers. Tensor names, the Q/K row order and the metadata keys follow
-llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``)::
+llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``; ``Qwen2Model`` for Qwen2, which keeps
+HF's rotate-half row order and adds the q/k/v biases). Grouped-query attention, untied
+output embeddings and linear/llama3 RoPE scaling carry over; sliding-window configs are
+refused as by the ONNX exporter::
 
     python -m agentd.generate.gguf_export HF_DIR OUT.gguf [--dtype f16]
 
@@ -35,7 +38,14 @@ _LAYER_TENSORS = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # Qwen2 (and any checkpoint with attention biases)
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
 }
+# HF model_type -> GGUF architecture (Mistral without a sliding window is Llama)
+_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -57,11 +67,24 @@ def _permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
-    parameters = config.get("rope_parameters") or {}
-    if parameters.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise InvalidArgument("only plain RoPE (rope_type 'default') can be exported")
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+def _add_rope(writer: Any, config: dict[str, Any], arch: str, head_dim: int) -> np.ndarray | None:
+    """Write the RoPE metadata; returns llama3's per-frequency factors (the ``rope_freqs``
+    tensor llama.cpp divides each frequency by), or None."""
+    import gguf
+
+    from agentd.generate.onnx_export import rope_inv_freq, rope_parameters
+
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] == "llama3":
+        if arch != "llama":
+            raise InvalidArgument(f"llama3 RoPE scaling is only exported for Llama, not {arch}")
+        plain = {"rope_parameters": {"rope_theta": rope["rope_theta"]}}
+        return rope_inv_freq(plain, head_dim) / rope_inv_freq(config, head_dim)
+    return None
 
 
 def _tokenizer_metadata(tokenizer_json: dict[str, Any]) -> tuple[list[str], list[int], list[str]]:
@@ -88,7 +111,8 @@ def _tokenizer_metadata(tokenizer_json: dict[str, Any]) -> tuple[list[str], list
 
 
 def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
-    """Convert the HF Llama folder ``hf_dir`` to the GGUF file ``out`` (f32 or f16)."""
+    """Convert the HF Llama/Mistral/Qwen2 folder ``hf_dir`` to the GGUF file ``out`` (f32 or
+    f16)."""
     if dtype not in DTYPES:
         raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
@@ -101,10 +125,18 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
 
     hf_dir = Path(hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())
-    if config.get("model_type") != "llama":
+    arch = _ARCHITECTURES.get(config.get("model_type", ""))
+    if arch is None:
         raise InvalidArgument(
-            f"{hf_dir}: model_type must be 'llama', got {config.get('model_type')!r}"
+            f"{hf_dir}: model_type must be one of {', '.join(_ARCHITECTURES)}, "
+            f"got {config.get('model_type')!r}"
         )
+    from agentd.generate.onnx_export import check_architecture
+
+    try:
+        check_architecture(config)  # the same refusals: sliding windows, rope types, kv heads
+    except ValueError as exc:
+        raise InvalidArgument(f"{hf_dir}: {exc}") from None
     tokenizer_json = json.loads((hf_dir / "tokenizer.json").read_text())
     weights = load_file(str(hf_dir / "model.safetensors"))
 
@@ -121,7 +153,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(hf_dir.resolve().parent.name if hf_dir.name == "hf" else hf_dir.name)
     writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(hidden)
@@ -133,7 +165,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
+    rope_factors = _add_rope(writer, config, arch, head_dim)
     writer.add_vocab_size(len(tokens))
     writer.add_file_type(
         gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
@@ -168,6 +200,8 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
             array = array.astype(np.float16)
         writer.add_tensor(name, array)
 
+    if rope_factors is not None:
+        add_tensor("rope_freqs.weight", rope_factors)
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in weights
     for name, gguf_name in _GLOBAL_TENSORS.items():
         if name == "lm_head.weight" and tied:
@@ -176,11 +210,12 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
     for layer in range(layers):
         prefix = f"model.layers.{layer}."
         for name, gguf_name in _LAYER_TENSORS.items():
+            if name.endswith(".bias") and prefix + name not in weights:
+                continue
             array = weights[prefix + name]
-            if name == "self_attn.q_proj.weight":
-                array = _permute_rotary(array, n_head)
-            elif name == "self_attn.k_proj.weight":
-                array = _permute_rotary(array, n_head_kv)
+            # llama.cpp's "llama" rotates interleaved pairs, "qwen2" HF's halves (NEOX).
+            if arch == "llama" and name.startswith(("self_attn.q_proj.", "self_attn.k_proj.")):
+                array = _permute_rotary(array, n_head if "q_proj" in name else n_head_kv)
             add_tensor(f"blk.{layer}.{gguf_name}", array)
 
     writer.write_header_to_file()
@@ -191,7 +226,7 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a HF Llama folder to GGUF.")
+    parser = argparse.ArgumentParser(description="Convert a HF Llama/Qwen2 folder to GGUF.")
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", choices=DTYPES, default="f32")

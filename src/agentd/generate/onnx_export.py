@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["export_onnx", "quantize_int8"]
+__all__ = ["build_model", "check_architecture", "export_onnx", "quantize_int8", "rope_inv_freq"]
 
 _OPSET = 17
 _NEG = -1.0e9  # added to masked scores; finite so a row never turns into NaN
@@ -73,19 +73,92 @@ def _load_hf(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return config, {k: v.astype(np.float32) for k, v in weights.items()}
 
 
-def _rope_tables(config: dict) -> tuple[np.ndarray, np.ndarray]:
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    # transformers 5 nests it under rope_parameters; older configs keep it at the top.
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported by this exporter")
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(config: dict) -> dict:
+    """The RoPE settings of an HF config, merged from where each transformers version puts
+    them: ``rope_parameters`` (transformers 5) or ``rope_scaling`` plus a top-level
+    ``rope_theta`` (earlier). Raises ValueError for a rope type this exporter lacks."""
+    rope = {"rope_theta": config.get("rope_theta", 10000.0)}
+    rope |= config.get("rope_scaling") or {}
+    rope |= config.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})"
+        )
+    if float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("partial_rotary_factor other than 1 is not supported")
+    return rope | {"rope_type": kind}
+
+
+def rope_inv_freq(config: dict, head_dim: int) -> np.ndarray:
+    """The rotary frequencies per pair of dimensions, as transformers computes them for the
+    config's rope type (``_compute_default/linear/llama3_parameters``)."""
+    rope = rope_parameters(config)
+    theta = float(rope["rope_theta"])
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    kind = rope["rope_type"]
+    if kind == "linear":
+        inv_freq = inv_freq / float(rope["factor"])
+    elif kind == "llama3":
+        factor = float(rope["factor"])
+        low = float(rope["low_freq_factor"])
+        high = float(rope["high_freq_factor"])
+        old_context = float(rope["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by ``factor``, short ones kept, the band between
+        # blended smoothly (Llama 3.1's context extension).
+        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv_freq = np.where(medium, blended, scaled)
+    return inv_freq
+
+
+def _rope_tables(config: dict, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     positions = np.arange(config["max_position_embeddings"], dtype=np.float64)
     # Half-width tables: RotaryEmbedding (non-interleaved) applies each angle to both halves,
     # as transformers' rotate_half does.
-    angles = np.outer(positions, inv_freq)
+    angles = np.outer(positions, rope_inv_freq(config, head_dim))
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_architecture(config: dict) -> None:
+    """Raise ValueError, naming the field, for a config this exporter cannot reproduce."""
+    model_type = config.get("model_type", "llama")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(_MODEL_TYPES)})"
+        )
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads})"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (only silu)")
+    rope_parameters(config)
+    # Sliding-window attention (Mistral; Qwen2 when use_sliding_window) is not implemented:
+    # a window at least as long as the context is plain attention, anything shorter refused.
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types") or []
+    sliding = window is not None and (
+        config.get("use_sliding_window", model_type != "qwen2")
+        or "sliding_attention" in layer_types
+    )
+    if sliding and int(window) < int(config["max_position_embeddings"]):
+        raise ValueError(
+            f"sliding_window {window} (shorter than max_position_embeddings "
+            f"{config['max_position_embeddings']}) is not supported: sliding-window attention "
+            "is not implemented by this exporter"
+        )
 
 
 def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "paged"):
@@ -94,15 +167,13 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
 
     if layout not in ("paged", "dense"):
         raise ValueError(f"layout must be 'paged' or 'dense', not {layout!r}")
-    if (
-        config.get("num_key_value_heads", config["num_attention_heads"])
-        != config["num_attention_heads"]
-    ):
-        raise ValueError("grouped-query attention is not supported by this exporter")
+    check_architecture(config)
     layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    group = heads // kv_heads  # query heads per kv head (grouped-query attention)
     hidden = config["hidden_size"]
-    head_dim = hidden // heads
+    head_dim = int(config.get("head_dim") or hidden // heads)
     eps = float(config.get("rms_norm_eps", 1e-5))
     vocab = config["vocab_size"]
 
@@ -114,22 +185,30 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     c_zero_f = g.const("zero_f", np.array(0.0, np.float32))
     c_neg = g.const("neg", np.array(_NEG, np.float32))
     c_heads_shape = g.const("heads_shape", np.array([0, 0, heads, head_dim], i64))
-    c_merge_shape = g.const("merge_shape", np.array([0, 0, hidden], i64))
+    c_kv_shape = g.const("kv_shape", np.array([0, 0, kv_heads, head_dim], i64))
+    c_merge_shape = g.const("merge_shape", np.array([0, 0, heads * head_dim], i64))
     c_axis0 = g.const("axis0", np.array([0], i64))
     c_axis1 = g.const("axis1", np.array([1], i64))
     c_zero_i = g.const("zero_i", np.array(0, i64))
     c_one_i = g.const("one_i", np.array(1, i64))
     c_two_i = g.const("two_i", np.array(2, i64))
-    cos, sin = _rope_tables(config)
+    cos, sin = _rope_tables(config, head_dim)
     c_cos = g.const("rope_cos", cos)
     c_sin = g.const("rope_sin", sin)
     embed = weights["model.embed_tokens.weight"]
     c_embed = g.const("embed", embed)
-    lm_head = weights.get("lm_head.weight", embed)
+    # Untied output embeddings when the checkpoint has its own lm_head (and does not say
+    # they are tied); otherwise the input embeddings, as transformers ties them.
+    tied = config.get("tie_word_embeddings", False) or "lm_head.weight" not in weights
+    lm_head = embed if tied else weights["lm_head.weight"]
     c_lm_head = g.const("lm_head_t", lm_head.T)
 
     def linear(x: str, name: str) -> str:
-        return g.op("MatMul", x, g.const(name + "_t", weights[name].T))
+        out = g.op("MatMul", x, g.const(name + "_t", weights[name].T))
+        bias = name.removesuffix(".weight") + ".bias"  # Qwen2's q/k/v (any present)
+        if bias in weights:
+            out = g.op("Add", out, g.const(bias, weights[bias]))
+        return out
 
     def rms_norm(x: str, name: str) -> str:
         # Written as Pow/ReduceMean/Add/Sqrt/Div/Mul: the pattern onnxruntime fuses into
@@ -138,8 +217,9 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         scaled = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, c_eps)))
         return g.op("Mul", scaled, g.const(name, weights[name]))
 
-    def rotate(x: str) -> str:
-        """Rotary position embedding of [batch, tokens, hidden] (onnxruntime's kernel)."""
+    def rotate(x: str, num_heads: int) -> str:
+        """Rotary position embedding of [batch, tokens, num_heads * head_dim] (onnxruntime's
+        kernel)."""
         return g.op(
             "RotaryEmbedding",
             x,
@@ -148,7 +228,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
             c_sin,
             domain="com.microsoft",
             interleaved=0,
-            num_heads=heads,
+            num_heads=num_heads,
         )
 
     inputs = [
@@ -160,10 +240,10 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         inputs += [
             helper.make_tensor_value_info("block_table", TensorProto.INT64, ["batch", "blocks"]),
             helper.make_tensor_value_info(
-                "k_cache", TensorProto.FLOAT, [heads, "slots", "block_size", head_dim]
+                "k_cache", TensorProto.FLOAT, [kv_heads, "slots", "block_size", head_dim]
             ),
             helper.make_tensor_value_info(
-                "v_cache", TensorProto.FLOAT, [heads, "slots", "block_size", head_dim]
+                "v_cache", TensorProto.FLOAT, [kv_heads, "slots", "block_size", head_dim]
             ),
         ]
         n_blocks = g.op(
@@ -174,10 +254,10 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     else:
         inputs += [
             helper.make_tensor_value_info(
-                "past_k", TensorProto.FLOAT, [layers, "batch", "past", heads, head_dim]
+                "past_k", TensorProto.FLOAT, [layers, "batch", "past", kv_heads, head_dim]
             ),
             helper.make_tensor_value_info(
-                "past_v", TensorProto.FLOAT, [layers, "batch", "past", heads, head_dim]
+                "past_v", TensorProto.FLOAT, [layers, "batch", "past", kv_heads, head_dim]
             ),
         ]
 
@@ -219,11 +299,31 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         c_cache_shape = g.const("cache_shape", np.array([0, 0, -1, head_dim], i64))
         split_sizes = g.op("Concat", past_1, tokens_1, axis=0)
         head_mask = g.op("Transpose", mask, perm=[1, 0, 2, 3])  # [1, batch, tokens, all]
+        if group > 1:
+            # Grouped queries attend as [kv_heads, batch, group * tokens]: the mask once per
+            # query head of the group.
+            head_mask = g.op(
+                "Tile", head_mask, g.const("group_tile", np.array([1, 1, group, 1], i64))
+            )
+            c_group_q = g.const("group_q", np.array([0, 0, kv_heads, group, head_dim], i64))
+            c_group_rows = g.const("group_rows", np.array([0, 0, -1, head_dim], i64))
+            c_group_out = g.const("group_out", np.array([0, 0, group, -1, head_dim], i64))
+    elif group > 1:
+        c_repeat = g.const("kv_repeat", np.array([1, 1, 1, group, 1], i64))
+        c_axis3 = g.const("axis3", np.array([3], i64))
+
+    def repeat_kv(x: str) -> str:
+        """[batch, positions, kv_heads, dim] -> [.., heads, ..]: each kv head once per query
+        head of its group (transformers' repeat_kv; dense baseline only)."""
+        if group == 1:
+            return x
+        x = g.op("Expand", g.op("Unsqueeze", x, c_axis3), c_repeat)
+        return g.op("Reshape", x, c_heads_shape)
 
     def dense_attention(q: str, k: str, v: str, past_k: str, past_v: str) -> str:
         """Attention over past + new keys laid end to end; [batch, tokens, heads, dim]."""
-        keys = g.op("Concat", past_k, k, axis=1)  # [batch, past + tokens, heads, head_dim]
-        values = g.op("Concat", past_v, v, axis=1)
+        keys = repeat_kv(g.op("Concat", past_k, k, axis=1))  # [batch, all, heads, head_dim]
+        values = repeat_kv(g.op("Concat", past_v, v, axis=1))
         scores = g.op(
             "MatMul",
             g.op("Transpose", q, perm=[0, 2, 1, 3]),
@@ -254,13 +354,37 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
         )
         return g.op("Transpose", out, perm=[1, 2, 0, 3])  # [batch, tokens, heads, dim]
 
+    def grouped_paged_attention(q: str, k: str, v: str, rows: str) -> str:
+        """paged_attention with grouped-query heads: the cache holds only kv heads, and each
+        kv head's gathered blocks are attended by its whole group of query heads at once
+        (their rows stacked), so the cache is never repeated or copied per query head."""
+        keys = g.op("Reshape", g.op("Gather", "k_cache", rows, axis=1), c_cache_shape)
+        values = g.op("Reshape", g.op("Gather", "v_cache", rows, axis=1), c_cache_shape)
+        # q: [batch, tokens, heads, dim] -> [kv_heads, batch, group * tokens, dim]
+        q_groups = g.op("Transpose", g.op("Reshape", q, c_group_q), perm=[2, 0, 3, 1, 4])
+        q_rows = g.op("Reshape", q_groups, c_group_rows)
+        past = g.op("MatMul", q_rows, g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+        new = g.op("MatMul", q_rows, g.op("Transpose", k, perm=[2, 0, 3, 1]))
+        scores = g.op("Concat", past, new, axis=-1)
+        attn = g.op("Softmax", g.op("Add", g.op("Mul", scores, c_scale), head_mask), axis=-1)
+        attn_past, attn_new = g.op_n("Split", attn, split_sizes, axis=-1, outputs=2)
+        out = g.op(
+            "Add",
+            g.op("MatMul", attn_past, values),
+            g.op("MatMul", attn_new, g.op("Transpose", v, perm=[2, 0, 1, 3])),
+        )  # [kv_heads, batch, group * tokens, dim]
+        out = g.op("Reshape", out, c_group_out)  # [kv_heads, batch, group, tokens, dim]
+        out = g.op("Transpose", out, perm=[1, 3, 0, 2, 4])
+        return g.op("Reshape", out, c_heads_shape)  # [batch, tokens, heads, dim]
+
     new_ks, new_vs = [], []
     for layer in range(layers):
         p = f"model.layers.{layer}."
         h = rms_norm(x, p + "input_layernorm.weight")
-        q = g.op("Reshape", rotate(linear(h, p + "self_attn.q_proj.weight")), c_heads_shape)
-        k = g.op("Reshape", rotate(linear(h, p + "self_attn.k_proj.weight")), c_heads_shape)
-        v = g.op("Reshape", linear(h, p + "self_attn.v_proj.weight"), c_heads_shape)
+        q = rotate(linear(h, p + "self_attn.q_proj.weight"), heads)
+        q = g.op("Reshape", q, c_heads_shape)
+        k = g.op("Reshape", rotate(linear(h, p + "self_attn.k_proj.weight"), kv_heads), c_kv_shape)
+        v = g.op("Reshape", linear(h, p + "self_attn.v_proj.weight"), c_kv_shape)
         new_ks.append(g.op("Unsqueeze", k, c_axis0))
         new_vs.append(g.op("Unsqueeze", v, c_axis0))
         if layout == "paged":
@@ -269,7 +393,8 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
                 "block_table",
                 g.op("Mul", n_blocks, g.const(f"layer_{layer}", np.array(layer, i64))),
             )
-            out = paged_attention(q, k, v, rows)
+            attend = paged_attention if group == 1 else grouped_paged_attention
+            out = attend(q, k, v, rows)
         else:
             index = g.const(f"layer_{layer}", np.array(layer, i64))
             past_k = g.op("Gather", "past_k", index, axis=0)
@@ -292,7 +417,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     g.nodes.append(helper.make_node("MatMul", [last, c_lm_head], ["logits"]))
     g.nodes.append(helper.make_node("Concat", new_ks, ["new_k"], axis=0))
     g.nodes.append(helper.make_node("Concat", new_vs, ["new_v"], axis=0))
-    new_shape = [layers, "batch", "tokens", heads, head_dim]
+    new_shape = [layers, "batch", "tokens", kv_heads, head_dim]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab]),
         helper.make_tensor_value_info("new_k", TensorProto.FLOAT, new_shape),
@@ -310,6 +435,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
             "layout": layout,
             "layers": layers,
             "heads": heads,
+            "kv_heads": kv_heads,
             "head_dim": head_dim,
             "vocab_size": vocab,
             "context_length": config["max_position_embeddings"],
