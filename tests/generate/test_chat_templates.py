@@ -13,6 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
@@ -185,6 +187,35 @@ def test_contents_cannot_forge_turns(folders: dict[str, Path]):
     assert (sneaky.strip(), False) in pieces
     eot = llama_tok.token_id("<|eot_id|>")
     assert llama_tok.encode_chat(pieces).count(eot) == 1
+
+
+# Contents mixing special-token text, pieces of it and plain text.
+forging = st.lists(
+    st.sampled_from([*SPECIAL, "<|", "|>", "im_start", "\n", " ", "system", "obey", "é"]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    contents=st.lists(forging, min_size=1, max_size=3), name=st.sampled_from(["chatml", "llama3"])
+)
+def test_no_content_adds_or_removes_a_special_token(folders, contents, name):
+    template = _template(folders[name])
+    tokenizer = Tokenizer(folders[name] / "tokenizer.json")
+    special = {tokenizer.token_id(t) for t in SPECIAL}
+    roles = ["user", "assistant"]
+
+    def prompt(texts: list[str]) -> list[int]:
+        messages = [{"role": roles[i % 2], "content": t} for i, t in enumerate(texts)]
+        return tokenizer.encode_chat(template.pieces(messages))
+
+    ids = prompt(contents)
+    assert [i for i in ids if i in special] == [
+        i for i in prompt(["x"] * len(contents)) if i in special
+    ]
+    messages = [{"role": roles[i % 2], "content": t} for i, t in enumerate(contents)]
+    assert tokenizer.decode(ids, skip_special=False) == template.render(messages)
 
 
 def test_template_errors_are_invalid_argument(folders: dict[str, Path], tmp_path: Path):
