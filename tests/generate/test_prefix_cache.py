@@ -395,3 +395,22 @@ def test_the_server_counts_prefix_cache_queries_and_hits(http):
     assert queries - before[0] >= 2 * prompt_tokens - 20
     # The second request found the shared system prompt's blocks (16 tokens each) cached.
     assert hits - before[1] >= 64
+
+
+async def test_a_failed_prefill_run_caches_nothing(session):
+    from agentd.errors import Internal
+
+    cached = tiny_engine(session, prefix_cache=True, blocks=64, block_size=4)
+    plain = tiny_engine(session, prefix_cache=False, blocks=64, block_size=4)
+    prompt = random_tokens(40, seed=8)
+    try:
+        # The run fails on the token past the vocabulary: the blocks it was to fill hold
+        # nothing computed, so none may be found by the next prompt with the same start.
+        with pytest.raises(Internal):
+            await collect(cached, [*prompt, 10_000_000])
+        assert cached.pool.stats().cached == 0
+        assert await collect(cached, [*prompt, 7]) == await collect(plain, [*prompt, 7])
+        cached.pool.check()
+    finally:
+        await cached.close()
+        await plain.close()
