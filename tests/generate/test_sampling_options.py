@@ -9,6 +9,7 @@ import pytest
 from agentd import Agent
 from agentd.errors import InvalidArgument
 from agentd.generate.sampling import Sampler, log_softmax
+from agentd.generate.serial import SerialGenerator
 from agentd.generate.service import GenerationService
 from agentd.generate.types import SamplingParams, ScoredToken
 from agentd.models.catalog import builtin_models_dir
@@ -189,8 +190,32 @@ async def test_ctx_generate_takes_penalties_and_logit_bias() -> None:
             ({"presence_penalty": 3.0}, "presence_penalty"),
             ({"logit_bias": {comma[0]: 500}}, "logit_bias"),
             ({"logit_bias": {10**9: 1.0}}, "logit_bias token id"),
+            ({"logit_bias": {"comma": 1.0}}, "logit_bias"),
+            ({"logit_bias": [1, 2]}, "logit_bias"),
         ):
             with pytest.raises(InvalidArgument, match=named):
                 await write(**bad)
     finally:
         await service.aclose()
+
+
+async def test_the_serial_backend_path_delivers_logprobs_and_applies_bias() -> None:
+    # GGUF and HF run through SerialGenerator: its tokens carry their logprobs too.
+    from tests.generate.test_serial import VOCAB, CountingBackend
+
+    generator = SerialGenerator(CountingBackend())
+    try:
+        params = SamplingParams(
+            temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=2, logit_bias=((9, 50.0),)
+        )
+        tokens = [token async for token in generator.stream([5], params)]
+    finally:
+        await generator.close()
+    # The backend puts logit 10 on the last token + 1 (6 after the prompt, then 10); the
+    # bias of 50 makes 9 win every time. The logprobs are the backend's own.
+    assert tokens == [9, 9, 9]
+    assert all(isinstance(token, ScoredToken) for token in tokens)
+    for token, favoured in zip(tokens, (6, 10, 10), strict=True):
+        expected = log_softmax(np.where(np.arange(VOCAB) == favoured, 10.0, 0.0))
+        assert token.logprob == pytest.approx(expected[9])
+        assert token.top[0] == (favoured, pytest.approx(expected[favoured]))

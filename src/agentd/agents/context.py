@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentd.agents.address import Address
 from agentd.agents.host import AgentHost
-from agentd.errors import DeadlineExceeded, Unavailable, Unimplemented
+from agentd.errors import DeadlineExceeded, InvalidArgument, Unavailable, Unimplemented
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,6 +118,10 @@ class Context:
         """
         from agentd.generate.types import SamplingParams
 
+        try:
+            bias = tuple((int(k), float(v)) for k, v in (logit_bias or {}).items())
+        except (TypeError, ValueError, AttributeError):
+            raise InvalidArgument("logit_bias must map token ids (int) to numbers") from None
         service = self._require_host().generation
         if service is None:
             raise Unimplemented("this runtime has no language models")
@@ -130,7 +134,7 @@ class Context:
             stop=tuple(stop),
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
-            logit_bias=tuple((int(k), float(v)) for k, v in (logit_bias or {}).items()),
+            logit_bias=bias,
         )
         params.validate()
         lm = service.get(model) if model else service.default()
@@ -166,6 +170,24 @@ class Context:
             aclose = getattr(pieces, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def embed(self, texts: str | Sequence[str], *, model: str) -> np.ndarray:
+        """Vectors of ``texts`` from an embedding model (``kind: embedding``): float32
+        ``[len(texts), dimensions]`` (one row for a single string), pooled and normalised as
+        the model's config says. Batched with other callers; bounded by this turn's
+        deadline."""
+        host = self._require_host()
+        embed = getattr(host, "embed", None)  # hosts without embedding models lack it
+        if embed is None:
+            raise Unimplemented("this runtime has no embedding models")
+        call = embed(model, [texts] if isinstance(texts, str) else list(texts))
+        if self.deadline is None:
+            return await call
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                return await call
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {model!r} did not answer before the deadline") from None
 
     async def tool(
         self, name: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
