@@ -339,3 +339,16 @@ def _builtin(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     from agentd.generate.chat import chat_pieces
 
     return chat_pieces(messages)
+
+
+@pytest.mark.parametrize(("name", "bos"), [("llama3", "<|begin_of_text|>"), ("chatml", None)])
+def test_completions_start_with_the_models_own_bos(folders: dict[str, Path], name, bos):
+    config = load_lm_config(TINYLM)
+    tokenizer = Tokenizer(folders[name] / "tokenizer.json")
+    tokenizer.chat_template = _template(folders[name])
+    model = LanguageModel(config, None, tokenizer)  # type: ignore[arg-type]
+    ids = model.completion_prompt("Once upon a time")
+    # transformers' tokenizer adds the config's bos_token (Llama 3) or nothing (Qwen2), never
+    # agentd's own <|bos|>.
+    plain = tokenizer.encode("Once upon a time")
+    assert ids == ([tokenizer.token_id(bos)] if bos else []) + plain

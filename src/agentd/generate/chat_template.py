@@ -128,6 +128,12 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidArgument(f"{source}: {exc}") from None
 
+    @property
+    def bos_token(self) -> str:
+        """The model's beginning-of-sequence text ("" when its config names none, as Qwen2's)."""
+        bos = self.special_tokens.get("bos_token")
+        return bos if isinstance(bos, str) else ""
+
     def render(
         self, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool = True
     ) -> str:

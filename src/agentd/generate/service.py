@@ -66,7 +66,8 @@ class LanguageModel:
     def completion_prompt(self, text: str) -> list[int]:
         """A raw prompt, after the beginning-of-sequence token the model was trained with."""
         self._check_length(len(text))
-        return self.tokenizer.encode(BOS + text)
+        template = self.tokenizer.chat_template  # a model's own names its BOS (or none)
+        return self.tokenizer.encode((BOS if template is None else template.bos_token) + text)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
         """The chat template around the messages; special tokens inside a message's
