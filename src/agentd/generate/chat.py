@@ -1,4 +1,5 @@
-"""The chat template of the built-in language model, in plain Python.
+"""The chat template of the built-in language model, in plain Python: the default for a
+model without its own (:mod:`agentd.generate.chat_template` renders those).
 
 The same format is written as a Jinja ``chat_template`` into the HF folder's
 tokenizer_config.json, so transformers renders identical text.
