@@ -506,7 +506,11 @@ COMPLETION = {
     "top_p": 0.9,
     "stop": ["\n"],
     "seed": 3,
-    "n": 1,
+    "n": 2,
+    "logprobs": 1,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "logit_bias": {"5": -100},
     "stream": False,
     "stream_options": {"include_usage": True},
     "user": "fuzz",
@@ -519,6 +523,8 @@ CHAT = {
     ],
     "max_tokens": 2,
     "temperature": 0,
+    "logprobs": True,
+    "top_logprobs": 2,
     "stream": False,
 }
 
