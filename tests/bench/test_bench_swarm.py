@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from agentd_bench.swarm import QUICK_AGENTS, QUICK_THREADS
+
 pytestmark = pytest.mark.bench  # a suite end to end: `pytest -m bench`
 
 
@@ -21,12 +23,13 @@ def test_bench_swarm_quick(tmp_path):
     document = json.loads(out.stdout)
     assert (tmp_path / "swarm-latest.json").is_file()
     ours, tasks = document["agentd"], document["task_per_agent"]
-    assert ours["ok"] and ours["persistence"] and ours["agents"] == 100_000
-    assert tasks["distinct_results"] == tasks["agents"] == 100_000
+    assert ours["ok"] and ours["persistence"] and ours["agents"] == QUICK_AGENTS
+    assert tasks["distinct_results"] == tasks["agents"] == QUICK_AGENTS
     threads = document["thread_per_agent"]
     assert threads["distinct_results"] == threads["agents_started"] > 0
+    assert threads["agents_started"] <= QUICK_THREADS
     halves = document["two_halves"]
-    assert halves["ok"] and halves["agents"] == 100_000
+    assert halves["ok"] and halves["agents"] == QUICK_AGENTS
     # The span covers both halves, each of which ran for part of it.
     assert halves["wall_s"] >= max(halves["halves_wall_s"]) * 0.99
     ratio = ours["decisions_per_s"] / tasks["decisions_per_s"]
@@ -36,5 +39,5 @@ def test_bench_swarm_quick(tmp_path):
         "million_agents_rss",
         "batched_vs_unbatched",
     }
-    # --quick runs 100k agents: the million-agent wall target cannot be claimed from it.
+    # --quick runs 20k agents: the million-agent wall target cannot be claimed from it.
     assert not next(t for t in document["targets"] if t["name"] == "million_agents_wall")["met"]
