@@ -105,7 +105,11 @@ class Gateway:
             ConnectJsonInvoke(self.runtime),
             KServeRest(self.inference, max_body_bytes=limit, ready=self.health.ready),
             ModelAdmin(self.inference, self.generation),
-            OpenAIRoutes(self.generation, max_body_bytes=limit),
+            OpenAIRoutes(
+                self.generation,
+                max_body_bytes=limit,
+                embeddings=self.inference.embeddings if self.inference is not None else None,
+            ),
             self._body_limit,
         )
         self._app: ASGIApp = self._guarded(settings)

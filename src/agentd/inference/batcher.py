@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
-from agentd.errors import ResourceExhausted, Unavailable
+from agentd.errors import InvalidArgument, ResourceExhausted, Unavailable
 from agentd.inference.types import BatchingConfig
 
 if TYPE_CHECKING:
@@ -85,6 +85,8 @@ class DynamicBatcher:
         self._spans = spans
         self._run = run
         self._stack = config.max_batch_size > 0
+        # Ragged calls (an encoder's sequences): zero-padded on axis 1 to the batch's longest.
+        self._pad = self._stack and config.pad_ragged
         self._max_rows = max(config.max_batch_size, 1)
         self._delay = config.max_queue_delay_us / 1e6
         self._max_queue = config.max_queue_size
@@ -156,6 +158,8 @@ class DynamicBatcher:
         """
         if self._closed:
             raise Unavailable(f"model {self._model!r} is not loaded")
+        if self._pad:
+            _check_ragged(self._model, inputs)
         if self.stats.queued >= self._max_queue:
             self.stats.rejected += 1
             raise ResourceExhausted(
@@ -191,7 +195,11 @@ class DynamicBatcher:
                 return  # closed, and nothing left to run
             if not batch:
                 continue
-            inputs = _stack([p.inputs for p in batch]) if self._stack else batch[0].inputs
+            lengths = None
+            if self._pad and len(batch) > 1:
+                inputs, lengths = _stack_padded([p.inputs for p in batch])
+            else:
+                inputs = _stack([p.inputs for p in batch]) if self._stack else batch[0].inputs
             started = time.perf_counter()
             queue_seconds = [started - p.enqueued for p in batch]
             rows = sum(p.rows for p in batch)
@@ -225,7 +233,9 @@ class DynamicBatcher:
             self.stats.runs += 1
             self.stats.requests_run += len(batch)
             self.stats.rows_run += rows
-            if not self._stack or len(batch) == 1:
+            if lengths is not None:
+                _split_padded(batch, outputs, lengths)
+            elif not self._stack or len(batch) == 1:
                 for pending in batch:
                     if not pending.future.done():
                         keys = pending.outputs or outputs
@@ -363,3 +373,50 @@ def _stack(requests: list[Mapping[str, np.ndarray]]) -> Arrays:
     if len(requests) == 1:
         return dict(requests[0])
     return {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+
+
+def _check_ragged(model: str, inputs: Mapping[str, np.ndarray]) -> None:
+    """A padded model's call: every input has a sequence axis (axis 1) of one length."""
+    lengths = {a.shape[1] if a.ndim >= 2 else None for a in inputs.values()}
+    if None in lengths or len(lengths) > 1:
+        shapes = {name: list(a.shape) for name, a in inputs.items()}
+        raise InvalidArgument(
+            f"model {model!r} pads sequences: every input needs the same length on "
+            f"axis 1, got shapes {shapes}"
+        )
+
+
+def _stack_padded(requests: list[Mapping[str, np.ndarray]]) -> tuple[Arrays, list[int]]:
+    """The calls stacked, each zero-padded on axis 1 to the longest; each call's length."""
+    lengths = [next(iter(r.values())).shape[1] for r in requests]
+    longest = max(lengths)
+    stacked: Arrays = {}
+    for name, first in requests[0].items():
+        rows = sum(r[name].shape[0] for r in requests)
+        out = np.zeros((rows, longest, *first.shape[2:]), dtype=first.dtype)
+        start = 0
+        for request, length in zip(requests, lengths, strict=True):
+            array = request[name]
+            out[start : start + array.shape[0], :length] = array
+            start += array.shape[0]
+        stacked[name] = out
+    return stacked, lengths
+
+
+def _split_padded(batch: list[_Pending], outputs: Arrays, lengths: list[int]) -> None:
+    """``_split`` for padded calls: each caller's rows, cut back to its own length on
+    axis 1 in outputs that carry the sequence axis (e.g. last_hidden_state)."""
+    longest = max(lengths)
+    start = 0
+    for pending, length in zip(batch, lengths, strict=True):
+        end = start + pending.rows
+        if not pending.future.done():
+            keys = pending.outputs or outputs
+            result = {}
+            for key in keys:
+                array = outputs[key][start:end]
+                if array.ndim >= 2 and array.shape[1] == longest:
+                    array = array[:, :length]
+                result[key] = array
+            pending.future.set_result(result)
+        start = end

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agentd.errors import InvalidArgument
+from agentd.inference.embedding import EMBEDDING_KIND, parse_embedding_config
 from agentd.inference.types import BatchingConfig, DataType, ModelConfig, TensorSpec
 from agentd.models.catalog import CONFIG_FILE, read_document
 from agentd.validation import describe
@@ -52,6 +54,9 @@ class _Config(BaseModel):
     outputs: list[_Tensor] | None = None
     labels: list[str] = []
     extra: dict[str, Any] = {}
+    # embedding: an encoder also served by /v1/embeddings (agentd.inference.embedding)
+    kind: Literal["tensor", "embedding"] = "tensor"
+    embedding: dict[str, Any] | None = None
 
     @field_validator("version", mode="before")
     @classmethod
@@ -88,6 +93,13 @@ def parse_model_config(
             max_queue_delay_us=parsed.dynamic_batching.max_queue_delay_us,
             max_queue_size=parsed.dynamic_batching.max_queue_size,
         )
+    embedding = None
+    if parsed.kind == EMBEDDING_KIND:
+        embedding = parse_embedding_config(parsed.embedding, path)
+        # The callers' sequences differ in length: padded to the batch's longest.
+        batching = dataclasses.replace(batching, pad_ragged=True)
+    elif parsed.embedding is not None:
+        raise InvalidArgument(f"{path}: an 'embedding' section needs kind: embedding")
     return ModelConfig(
         name=parsed.name,
         version=parsed.version,
@@ -97,4 +109,6 @@ def parse_model_config(
         batching=batching,
         labels=tuple(parsed.labels),
         extra=parsed.extra,
+        kind=parsed.kind,
+        embedding=embedding,
     )

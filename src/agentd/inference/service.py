@@ -14,6 +14,7 @@ import numpy as np
 from agentd.deadlines import DeadlinePolicy
 from agentd.errors import AgentdError, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from agentd.inference.batcher import BatchObserver, DynamicBatcher
+from agentd.inference.embedding import Embeddings
 from agentd.inference.repository import ModelEntry, ModelRepository, ModelState
 from agentd.inference.types import (
     DataType,
@@ -57,6 +58,8 @@ class InferenceService:
         # ctx.infer (version None) takes both from one lookup.
         self._serving: dict[str, tuple[ModelMetadata, DynamicBatcher, _OneInput | None]] = {}
         self._ready = False
+        # kind: embedding models, for /v1/embeddings and ctx.embed.
+        self.embeddings = Embeddings(self)
         # Loads and unloads of one model take turns: each swaps that model's batcher.
         self._admin_locks: dict[str, asyncio.Lock] = {}
         self._server = {
@@ -92,6 +95,14 @@ class InferenceService:
 
     def server_metadata(self) -> dict[str, Any]:
         return dict(self._server)
+
+    def entries(self) -> list[ModelEntry]:
+        """The repository's tensor models as they are now (no scan)."""
+        return self._repository.entries()
+
+    def entry(self, name: str) -> ModelEntry:
+        """Model ``name`` (NotFound when the repository has none)."""
+        return self._repository.entry(name)
 
     def model_names(self) -> list[str]:
         return [e.name for e in self._repository.entries()]

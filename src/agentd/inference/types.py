@@ -108,6 +108,9 @@ class BatchingConfig:
     max_batch_size: int = 0  # 0: the model takes no batch dimension; no batching
     max_queue_delay_us: int = 500
     max_queue_size: int = 1024  # waiting requests; more get RESOURCE_EXHAUSTED
+    # Calls of different lengths on axis 1 (an encoder's sequences) are zero-padded to
+    # the batch's longest, and each caller's outputs cut back to its length.
+    pad_ragged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,9 @@ class ModelConfig:
     batching: BatchingConfig = BatchingConfig()
     labels: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. recorded accuracy
+    kind: str = "tensor"  # or "embedding" (also served by /v1/embeddings, ctx.embed)
+    # kind embedding: its agentd.inference.embedding.EmbeddingConfig
+    embedding: Any = None
 
 
 @dataclass(frozen=True, slots=True)

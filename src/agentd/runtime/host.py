@@ -498,6 +498,13 @@ class ActorHost:
             raise Unavailable("this runtime has no inference service")
         return self.inference.infer_nowait(model, inputs, outputs=outputs)
 
+    async def embed(self, model: str, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of ``texts`` from embedding model ``model`` (for ctx.embed)."""
+        embeddings = getattr(self.inference, "embeddings", None)
+        if embeddings is None:
+            raise Unavailable("this runtime has no embedding models")
+        return (await embeddings.embed(model, texts)).vectors
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def _commit_failed(self, keys: Collection[str], error: BaseException) -> None:

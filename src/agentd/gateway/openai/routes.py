@@ -35,6 +35,7 @@ from agentd.gateway.admission import (
 )
 from agentd.gateway.asgi import Receive, Scope, Send
 from agentd.gateway.detach import ClientGone
+from agentd.gateway.openai.embeddings import EMBEDDINGS_PATH, EmbeddingRoutes
 from agentd.gateway.openai.requests import RequestError, parse_chat, parse_completion
 from agentd.gateway.protocol import clip, connect_code, header, http_status, send_json
 from agentd.gateway.redact import public_message
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from agentd.generate.service import GenerationService, LanguageModel
     from agentd.generate.text_stream import TextStream
     from agentd.generate.tokenizer import Tokenizer
+    from agentd.inference.embedding import Embeddings
 
 __all__ = ["OpenAIRoutes"]
 
@@ -68,14 +70,21 @@ _SSE_HEADERS = [
 
 
 class OpenAIRoutes:
-    def __init__(self, service: GenerationService, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        service: GenerationService,
+        *,
+        max_body_bytes: int,
+        embeddings: Embeddings | None = None,
+    ) -> None:
         self._service = service
+        self._embeddings = EmbeddingRoutes(embeddings)  # /v1/embeddings (embeddings.py)
         self._limit = max_body_bytes
         self._created = int(time.time())
 
     def label(self, path: str) -> str | None:
         """The metrics label for ``path``, or None when the path is not one of ours."""
-        if path in (_MODELS, _COMPLETIONS, _CHAT):
+        if path in (_MODELS, _COMPLETIONS, _CHAT, EMBEDDINGS_PATH):
             return path
         if path.startswith(_MODELS + "/"):
             return _MODELS + "/{model}"
@@ -123,6 +132,8 @@ class OpenAIRoutes:
                 raise RequestError(f"the body is not valid JSON: {exc}", None) from None
             if path == _COMPLETIONS:
                 await self._completion(data, receive, send)
+            elif path == EMBEDDINGS_PATH:
+                await send_json(send, 200, await self._embeddings.embed(data))
             else:
                 await self._chat(data, receive, send)
         except ClientGone:
@@ -144,8 +155,10 @@ class OpenAIRoutes:
     async def _models(self, path: str, send: Send) -> None:
         if path == _MODELS:
             data = {"object": "list", "data": [self._card(m) for m in self._service.models()]}
+            data["data"] += self._embeddings.cards(self._created)
         else:
-            data = self._card(self._service.get(path[len(_MODELS) + 1 :]))
+            name = path[len(_MODELS) + 1 :]
+            data = self._embeddings.card(name, self._created) or self._card(self._service.get(name))
         await send_json(send, 200, data)
 
     def _card(self, model: LanguageModel) -> dict[str, Any]:
