@@ -3,12 +3,18 @@ whose prompts start the same way, and nothing a sequence generates changes for i
 
 Pure unit tests of the block pool and the scheduler, then the built-in tinylm through the
 real token engine (cache on against cache off), then a real server's metrics.
+
+The engine tests compare tokens across different batches and prefill chunks, so they run an
+fp32 export of tinylm: the served int8 graph quantizes activations per run (dynamic int8),
+so its logits depend on what else is in the run, and near-ties flip with or without a
+prefix cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +32,7 @@ from agentd.inference.repository import builtin_models_dir
 from tests.conftest import metric_value
 
 TINYLM = builtin_models_dir() / "tinylm"
+TINYLM_HF = Path(__file__).resolve().parents[2] / "models" / "tinylm" / "hf"
 
 
 def small_pool(blocks: int = 6, block_size: int = 4, prefix_cache: bool = True) -> TokenBlockPool:
@@ -165,8 +172,11 @@ def test_a_partly_prefilled_prompt_publishes_only_the_blocks_it_filled() -> None
 
 
 @pytest.fixture(scope="module")
-def session():
-    return open_session(TINYLM / "model.onnx", threads=1)
+def session(tmp_path_factory):
+    from agentd.generate.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("tinylm-fp32")
+    return open_session(export_onnx(TINYLM_HF, folder / "model.onnx"), threads=1)
 
 
 def tiny_engine(session, *, prefix_cache: bool, blocks: int = 128, block_size: int = 16, **kw):
@@ -411,6 +421,51 @@ async def test_a_failed_prefill_run_caches_nothing(session):
         assert cached.pool.stats().cached == 0
         assert await collect(cached, [*prompt, 7]) == await collect(plain, [*prompt, 7])
         cached.pool.check()
+    finally:
+        await cached.close()
+        await plain.close()
+
+
+def test_a_prompt_being_prefilled_is_waited_for_not_computed_twice() -> None:
+    pool = small_pool(blocks=32)
+    scheduler: Scheduler = Scheduler(pool, context_length=64, prefix_cache=True)
+    prompt = np.arange(2, 15)  # 13 tokens: 3 blocks may be shared
+    same = [Sequence(prompt=prompt, max_tokens=2) for _ in range(3)]
+    other = Sequence(prompt=np.arange(40, 50), max_tokens=2)
+    for seq in (*same, other):
+        scheduler.add(seq)
+    # The first computes the prompt; the two like it wait, and the other one passes them.
+    assert scheduler.admit() == [same[0], other]
+    assert list(scheduler.waiting) == same[1:]
+    assert scheduler.admit() == []
+    same[0].length = 8  # a first chunk: two blocks in the cache
+    scheduler.prefilled(same[0])
+    assert scheduler.admit() == []  # its third block is still to come
+    same[0].length = 13
+    scheduler.prefilled(same[0])
+    assert scheduler.admit() == same[1:]
+    assert [seq.length for seq in same[1:]] == [12, 12]
+    assert all(seq.blocks[:3] == same[0].blocks[:3] for seq in same[1:])
+    # A sequence computing the prefix that leaves does not hold the others up.
+    waiter = Sequence(prompt=np.arange(60, 73), max_tokens=2)
+    first = Sequence(prompt=np.arange(60, 73), max_tokens=2)
+    scheduler.add(first)
+    scheduler.add(waiter)
+    assert scheduler.admit() == [first]
+    scheduler.abandon(first)
+    assert scheduler.admit() == [waiter] and waiter.length == 0
+
+
+async def test_n_identical_prompts_at_once_compute_the_prompt_once(session):
+    cached = tiny_engine(session, prefix_cache=True, blocks=128, block_size=16)
+    plain = tiny_engine(session, prefix_cache=False, blocks=128, block_size=16)
+    prompt = random_tokens(200, seed=9)
+    try:
+        got = await asyncio.gather(*(collect(cached, prompt) for _ in range(4)))
+        assert got == [await collect(plain, prompt)] * 4
+        # The three later ones took the 12 blocks before the one of the last token.
+        assert cached.scheduler.prefix_hits == 3 * 12 * 16
+        assert cached.pool.allocated == cached.pool.blocks_for(208) + 3 * 1
     finally:
         await cached.close()
         await plain.close()

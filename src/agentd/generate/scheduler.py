@@ -15,7 +15,10 @@ With the pool's prefix cache on, a sequence joins holding the cached blocks its 
 starts with (only fresh blocks for the rest count against the free ones) and its prefill
 starts after them; each prompt block its prefill fills is published for later sequences
 (:meth:`Scheduler.prefilled`). The last prompt token is always computed, so there are
-logits to sample the first token from.
+logits to sample the first token from. A sequence whose next prompt block a prefilling
+sequence is computing right now (the n choices of one request, agents joining at once with
+one system prompt) waits for it to be published instead of computing it again; later
+sequences may pass it meanwhile (the wait ends within that prefill).
 
 Each turn of the engine: :meth:`Scheduler.admit`, one prefill run over
 :meth:`Scheduler.plan_prefill` (the next prompt chunks of the oldest prefilling sequences,
@@ -167,11 +170,15 @@ class Scheduler(Generic[_S]):
         """Move waiting sequences in, oldest first, while the batch and the pool have room;
         returns those admitted (each now holds its blocks)."""
         admitted: list[_S] = []
+        deferred: list[_S] = []  # waiting for a prefix being computed: back in front after
         waiting, pool = self.waiting, self.pool
         while waiting and len(self.running) + len(self.prefilling) < self.max_batch:
             seq = waiting[0]
             tokens = min(len(seq.prompt) + seq.max_tokens, self.context_length)
             if self.prefix_cache:
+                if self._prefix_in_progress(seq):
+                    deferred.append(waiting.popleft())
+                    continue
                 taken = self._borrow_cached(seq, pool.blocks_for(tokens))
                 if taken is None:
                     break  # the head waits for blocks; later ones must not overtake it
@@ -188,16 +195,37 @@ class Scheduler(Generic[_S]):
             seq.blocks = blocks
             self.prefilling.append(seq)
             admitted.append(seq)
+        if deferred:
+            waiting.extendleft(reversed(deferred))
         return admitted
 
-    def _borrow_cached(self, seq: _S, count: int) -> tuple[list[int], int] | None:
-        pool = self.pool
+    def _usable_keys(self, seq: _S) -> list[bytes]:
+        """The keys of ``seq``'s prompt blocks it may take from the cache: never the block of
+        the last prompt token (computed for its logits, and so written into: a block written
+        into is never shared)."""
         if seq.keys is None:
-            seq.keys = pool.prompt_keys(seq.prompt)
-        # Never the block of the last prompt token: it is computed (for its logits) and
-        # written into, and a block written into is never shared.
-        usable = (len(seq.prompt) - 1) // pool.block_size
-        return pool.borrow_prefix(seq.keys[:usable], count)
+            seq.keys = self.pool.prompt_keys(seq.prompt)
+        return seq.keys[: (len(seq.prompt) - 1) // self.pool.block_size]
+
+    def _prefix_in_progress(self, seq: _S) -> bool:
+        """Whether a prefilling sequence will publish ``seq``'s first prompt block not
+        cached yet (chained keys: the same key is the same prefix)."""
+        keys = self._usable_keys(seq)
+        cached = self.pool.cached_prefix(keys)
+        if cached == len(keys):
+            return False
+        key = keys[cached]
+        # A block another published and still holds is cached: only unpublished ones count.
+        return any(
+            other.keys is not None
+            and len(other.keys) > cached
+            and other.keys[cached] == key
+            and other.published <= cached
+            for other in self.prefilling
+        )
+
+    def _borrow_cached(self, seq: _S, count: int) -> tuple[list[int], int] | None:
+        return self.pool.borrow_prefix(self._usable_keys(seq), count)
 
     def prefilled(self, seq: _S) -> None:
         """A prefill run wrote ``seq``'s chunk: cache the prompt blocks it filled."""
