@@ -195,6 +195,7 @@ class DynamicBatcher:
                 return  # closed, and nothing left to run
             if not batch:
                 continue
+            inputs: Mapping[str, np.ndarray]
             lengths = None
             if self._pad and len(batch) > 1:
                 inputs, lengths = _stack_padded([p.inputs for p in batch])

@@ -154,8 +154,9 @@ class OpenAIRoutes:
 
     async def _models(self, path: str, send: Send) -> None:
         if path == _MODELS:
-            data = {"object": "list", "data": [self._card(m) for m in self._service.models()]}
-            data["data"] += self._embeddings.cards(self._created)
+            cards = [self._card(m) for m in self._service.models()]
+            cards += self._embeddings.cards(self._created)  # kind: embedding models
+            data = {"object": "list", "data": cards}
         else:
             name = path[len(_MODELS) + 1 :]
             data = self._embeddings.card(name, self._created) or self._card(self._service.get(name))
