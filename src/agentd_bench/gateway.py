@@ -67,11 +67,22 @@ class SuiteConfig:
     concurrencies: tuple[int, ...] = (1, 16, 64)
     startup_runs: int = 3
     tracing_rounds: int = 3
+    # When set, each point sends this many requests per request in flight instead of running
+    # for duration_s: it ends as soon as they are answered, and has answers however slow the
+    # machine is (a timed run can end before a slow server's first answer).
+    requests_per_in_flight: int | None = None
+
+    def requests(self, concurrency: int) -> int | None:
+        """The requests one point at ``concurrency`` sends; None: it runs for duration_s."""
+        per = self.requests_per_in_flight
+        return None if per is None else per * concurrency
 
 
 FULL = SuiteConfig(duration_s=5.0, warmup_s=1.0)
 # Quick: the suite's test of the bench itself (every point runs, nothing is concluded).
-QUICK = SuiteConfig(duration_s=0.5, warmup_s=0.2, tracing_rounds=1)
+QUICK = SuiteConfig(
+    duration_s=0.5, warmup_s=0.0, startup_runs=1, tracing_rounds=1, requests_per_in_flight=4
+)
 
 # Tracing modes: name, sampler ratio (None: off). Sampled by parentbased_traceidratio, the
 # default a collector set-up would use; h2load sends no traceparent, so the ratio decides.
@@ -147,6 +158,7 @@ def measure_point(
         concurrency=concurrency,
         duration_s=config.duration_s,
         http1=http1,
+        requests=config.requests(concurrency),
     )
     # A separate warm-up run instead of --warm-up-time: h2load counts warm-up bytes in its
     # traffic total, and the gRPC check below needs bytes from the measured window only.
@@ -290,7 +302,7 @@ def measure_tracing(
                         cpu = cpu_seconds(pid) - cpu_before
                     except h2load.H2LoadError as exc:
                         raise BenchError(f"tracing {mode}: {exc}") from exc
-                served = point.rps * config.duration_s
+                served = point.requests
                 # Stopped: its spans are flushed (the node's close shuts the exporter down).
                 run = {
                     "rps": point.rps,
@@ -506,6 +518,7 @@ def run_suite(
                 quick=quick,
                 duration_s=config.duration_s,
                 warmup_s=config.warmup_s,
+                requests_per_in_flight=config.requests_per_in_flight,
                 now=now,
             ),
             measured["tracing"],
@@ -546,6 +559,7 @@ def _tracing_document(
             "load_generator": "h2load, 1 thread; one server process at a time",
             "duration_s": config.duration_s,
             "warmup_s": config.warmup_s,
+            "requests_per_in_flight": config.requests_per_in_flight,
         },
         "tracing": tracing,
         "targets": tracing_targets(tracing),

@@ -138,7 +138,13 @@ def targets(points: list[Point], startup: list[float]) -> list[dict[str, Any]]:
 
 
 def build_document(
-    measured: dict[str, Any], *, quick: bool, duration_s: float, warmup_s: float, now: datetime
+    measured: dict[str, Any],
+    *,
+    quick: bool,
+    duration_s: float,
+    warmup_s: float,
+    now: datetime,
+    requests_per_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """The JSON document of one run: machine, versions, method, points, ratios, targets."""
     points: list[Point] = measured["points"]
@@ -170,6 +176,9 @@ def build_document(
             "json": "HTTP/1.1 (--h1), N connections x 1 request, no pipelining",
             "duration_s": duration_s,
             "warmup_s": warmup_s,
+            # Set (--quick): each point sent this many requests per request in flight,
+            # duration_s not used.
+            "requests_per_in_flight": requests_per_in_flight,
             "latency": "per-request times from h2load --log-file, nearest-rank percentiles",
         },
         "points": [asdict(p) for p in points],

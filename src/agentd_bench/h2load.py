@@ -154,10 +154,14 @@ def run_load(spec: LoadSpec, binary: str | None = None) -> LoadResult:
             raise H2LoadError(f"h2load exited with {out.returncode}: {out.stderr.strip()[-500:]}")
         summary = parse_summary(out.stdout)
         latencies = parse_log(log_file.read_text()) if log_file.exists() else []
+    # A run of a set number of requests lasts as long as they took.
+    seconds = spec.duration_s
+    if spec.requests is not None:
+        seconds = summary["requests"] / summary["rps"] if summary["rps"] else 0.0
     return LoadResult(
         clients=clients,
         streams_per_client=streams,
-        seconds=spec.duration_s,
+        seconds=round(seconds, 3),
         latencies_us=latencies,
         **summary,
     )

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from agentd_bench.gateway import QUICK
+
 pytestmark = pytest.mark.bench  # a suite end to end: `pytest -m bench`
 
 
@@ -44,7 +46,8 @@ def test_bench_gateway_quick(tmp_path):
     ]:
         for concurrency in (1, 16, 64):
             point = points[(server, protocol, concurrency)]
-            assert point["requests"] > 0 and point["errors"] == 0, point
+            # --quick sends a set number per point: every one answered, none failed.
+            assert point["requests"] == QUICK.requests(concurrency) and point["errors"] == 0, point
     assert {t["name"] for t in document["targets"]} == {
         "grpc_vs_grpc_aio",
         "json_vs_fastapi",
@@ -52,6 +55,7 @@ def test_bench_gateway_quick(tmp_path):
         "tracing_ratio_0.01",
         "tracing_ratio_1",
     }
+    assert len(document["startup"]["runs_s"]) == QUICK.startup_runs
     assert 0 < document["startup"]["median_s"] < 30
     # Tracing modes: each measured without errors; off exports nothing, 1.0 exports.
     modes = document["tracing"]["modes"]
