@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from agentd_bench.tools import QUICK
+
 pytestmark = pytest.mark.bench  # a suite end to end: `pytest -m bench`
 
 
@@ -25,6 +27,8 @@ def test_bench_tools_quick(tmp_path):
     assert (tmp_path / "tools-latest.json").is_file()
     for label in ("prepared_instances", "fresh_instance_in_call", "prepared_instances_no_pool"):
         point = document["service"][label]
+        assert point["latency"]["calls"] == QUICK.latency_calls
+        assert point["throughput"]["calls"] == QUICK.throughput_calls
         assert point["latency"]["p50_ms"] > 0
         assert point["throughput"]["calls_per_s"] > 0
     assert document["baseline"]["sequential"]["p50_ms"] > 0
