@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agentd_bench.generate import REPEATS
+from agentd_bench.generate import QUICK_MAX_TOKENS, QUICK_REPEATS
 
 pytestmark = pytest.mark.bench  # a suite end to end: `pytest -m bench`
 
@@ -23,14 +23,15 @@ def test_bench_generate_quick(tmp_path):
     document = json.loads(out.stdout)
     assert (tmp_path / "generate-latest.json").is_file()
     batching = document["batching"]
+    assert (batching["max_tokens"], batching["repeats"]) == (QUICK_MAX_TOKENS, QUICK_REPEATS)
     for streams, point in batching["continuous"].items():
         assert point["streams"] == int(streams)
         assert point["tokens"] == int(streams) * batching["max_tokens"]
         assert point["tokens_per_s"] > 0 and point["ttft"]["p50_ms"] > 0
     assert batching["one_at_a_time_32"]["tokens"] == 32 * batching["max_tokens"]
     # The 32-stream comparison runs as interleaved pairs; the target is their median ratio.
-    assert len(batching["ratios_32"]) == REPEATS
-    assert batching["ratio_32"] == sorted(batching["ratios_32"])[REPEATS // 2]
+    assert len(batching["ratios_32"]) == QUICK_REPEATS
+    assert batching["ratio_32"] == sorted(batching["ratios_32"])[QUICK_REPEATS // 2]
     assert batching["lanes"] >= 1
     cache = document["cache"]
     assert cache["pooled"]["p99_ms"] > 0 and cache["concatenated"]["p99_ms"] > 0
