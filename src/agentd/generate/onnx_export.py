@@ -458,6 +458,7 @@ def export_onnx(hf_dir: Path, out: Path, *, layout: str = "paged") -> Path:
 
 def quantize_int8(fp32: Path, out: Path) -> Path:
     """Dynamic int8 quantisation of the weight matmuls (activations stay float)."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -466,7 +467,9 @@ def quantize_int8(fp32: Path, out: Path) -> Path:
         str(out),
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
-        extra_options={"MatMulConstBOnly": True},
+        # onnx's type inference stops at the com.microsoft RotaryEmbedding, so some MatMul
+        # inputs (the grouped-query attention's) have no inferred type: all are float.
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
     )
     return out
 
