@@ -119,8 +119,9 @@ class ReloadConfig:
 FULL = ReloadConfig(
     agent_reloads=100, memory_early=10, memory_cycles=1000, model_reloads=10, tool_builds=True
 )
+# Quick: the suite's test of the bench itself (every section runs, nothing is concluded).
 QUICK = ReloadConfig(
-    agent_reloads=10, memory_early=10, memory_cycles=60, model_reloads=3, tool_builds=False
+    agent_reloads=6, memory_early=5, memory_cycles=30, model_reloads=2, tool_builds=False
 )
 
 

@@ -13,11 +13,14 @@ import sys
 
 import pytest
 
+from agentd_bench import reload
+
 pytestmark = pytest.mark.bench  # a suite end to end: `pytest -m bench`
 
-QUICK_RELOADS = 10
-QUICK_CYCLES = 60
-QUICK_MODEL_RELOADS = 3
+QUICK_RELOADS = reload.QUICK.agent_reloads
+QUICK_EARLY = reload.QUICK.memory_early
+QUICK_CYCLES = reload.QUICK.memory_cycles
+QUICK_MODEL_RELOADS = reload.QUICK.model_reloads
 
 
 def test_bench_reload_quick(tmp_path):
@@ -54,7 +57,7 @@ def test_bench_reload_quick(tmp_path):
 
     memory = sections["memory"]
     assert "skipped" not in memory and "failed" not in memory, memory
-    assert (memory["early_cycle"], memory["cycles"]) == (10, QUICK_CYCLES)
+    assert (memory["early_cycle"], memory["cycles"]) == (QUICK_EARLY, QUICK_CYCLES)
     # The same server: the agent section's reloads are the first cycles.
     assert memory["reloads_ok"] == QUICK_CYCLES and memory["reloads_not_ok"] == 0
     for key in ("rss_mb_early", "rss_mb_late", "supervisor_rss_mb_early"):
@@ -63,7 +66,7 @@ def test_bench_reload_quick(tmp_path):
     assert memory["rss_mb_early"] > memory["supervisor_rss_mb_early"]
     early, late = memory["rss_mb_early"], memory["rss_mb_late"]
     assert abs(early * memory["growth_pct"] / 100 - (late - early)) < 0.2  # MB, rounding
-    assert [s[0] for s in memory["samples"]] == [10, QUICK_CYCLES]
+    assert [s[0] for s in memory["samples"]] == [QUICK_EARLY, QUICK_CYCLES]
 
     model = sections["model"]
     assert "skipped" not in model and "failed" not in model, model
