@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer
 
 from agentd import Agent, Message
@@ -88,10 +90,10 @@ def reference(exported: tuple[object, Path]) -> np.ndarray:
     return _reference(model, _ids(plugins, TEXTS))
 
 
-async def _service(plugins: Path) -> InferenceService:
+async def _service(plugins: Path, name: str = NAME) -> InferenceService:
     service = InferenceService(ModelRepository([OnnxLoader()], [plugins / "models"]))
     await service.start()
-    assert service.entry(NAME).state is ModelState.READY, service.entry(NAME).reason
+    assert service.entry(name).state is ModelState.READY, service.entry(name).reason
     return service
 
 
@@ -120,6 +122,33 @@ async def test_concurrent_callers_match_transformers_mean_pooling(
             await service.embeddings.embed(NAME, ["a", "word " * MAX_TOKENS])
     finally:
         await service.aclose()
+
+
+async def test_truncate_cls_pooling_unnormalised(
+    exported: tuple[object, Path], tmp_path: Path
+) -> None:
+    """The same encoder configured with truncate: true (max_tokens 8), cls pooling and no
+    normalisation: a long text is cut to [CLS] + 6 tokens + [SEP] instead of refused."""
+    model, plugins = exported
+    source, folder = plugins / "models" / NAME, tmp_path / "models" / "minilm-cut"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").symlink_to(source / "model.onnx")
+    shutil.copy(source / "tokenizer.json", folder)
+    config = yaml.safe_load((source / "config.yaml").read_text())
+    config["name"] = "minilm-cut"
+    config["embedding"].update(truncate=True, max_tokens=8, pooling="cls", normalize=False)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    service = await _service(tmp_path, "minilm-cut")
+    try:
+        got = await service.embeddings.embed("minilm-cut", [TEXTS[2]])
+    finally:
+        await service.aclose()
+    ids = _ids(plugins, [TEXTS[2]])[0]
+    cut = [*ids[:7], ids[-1]]
+    assert got.prompt_tokens == 8
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([cut])).last_hidden_state.numpy()  # type: ignore[operator]
+    np.testing.assert_allclose(got.vectors, hidden[:, 0], atol=1e-4, rtol=0)
 
 
 def test_cls_pooling_and_no_normalisation() -> None:
