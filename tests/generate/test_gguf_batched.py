@@ -12,7 +12,7 @@ import openai
 import pytest
 import yaml
 
-from agentd.errors import InvalidArgument
+from agentd.errors import FailedPrecondition, InvalidArgument, Unavailable
 from agentd.generate.gguf_backend import load_gguf
 from agentd.generate.gguf_engine import GGUFEngine
 from agentd.generate.gguf_export import export_gguf
@@ -184,6 +184,28 @@ def test_generation_stops_at_the_end_of_the_context(
 
     assert len(asyncio.run(run())) <= 4
     assert _all_free(engine)
+
+
+def test_closing_the_model_ends_open_streams_with_an_error(
+    gguf_file: Path, prompts: list[list[int]]
+) -> None:
+    async def run() -> None:
+        engine = GGUFEngine(gguf_file, "closing", context_length=CONTEXT, max_batch=2)
+        first = asyncio.Event()
+
+        async def read(prompt: list[int]) -> None:
+            async for _ in engine.stream(prompt, GREEDY):
+                first.set()
+
+        readers = [asyncio.create_task(read(p)) for p in prompts[:3]]  # the third waits
+        await first.wait()
+        await engine.close()
+        for outcome in await asyncio.gather(*readers, return_exceptions=True):
+            assert isinstance(outcome, Unavailable) and "was closed" in str(outcome)
+        with pytest.raises(FailedPrecondition, match="closed"):
+            engine.stream(prompts[0], GREEDY)
+
+    asyncio.run(asyncio.wait_for(run(), 60))
 
 
 def _folder(root: Path, name: str, batched: bool) -> None:

@@ -30,7 +30,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from agentd.errors import (
     Internal,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
 )
 from agentd.generate.config import LMConfig
 from agentd.generate.engine import EngineObserver
@@ -143,6 +144,7 @@ class GGUFEngine:
         self._in_flight: frozenset[_Seq] = frozenset()
         self._stepping = False  # a llama_decode is running on the worker
         self._dirty: list[int] = []  # slots of sequences that ended during that run
+        self._step: Future[list[int]] | None = None  # that run
         self._observer = observer
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"agentd-gguf-{name}")
         self._wake: asyncio.Event | None = None
@@ -250,6 +252,8 @@ class GGUFEngine:
         return self._stream(prompt, params)
 
     async def _stream(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[int, None]:
+        if self._closed:  # closed between stream() and the first read
+            raise Unavailable(f"model {self._info.name!r} was closed")
         seq = _Seq(
             prompt=prompt,
             max_tokens=params.max_tokens,
@@ -299,6 +303,11 @@ class GGUFEngine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # Streams still open end with an error rather than wait for tokens forever.
+        for seq in [*self._waiting, *self._active]:
+            if not seq.finished:
+                seq.finished = True
+                seq.queue.put_nowait(Unavailable(f"model {self._info.name!r} was closed"))
         # The step in flight (if any) ends before the context is freed.
         await asyncio.wrap_future(self._executor.submit(self._free))
         self._executor.shutdown(wait=False)
@@ -306,7 +315,13 @@ class GGUFEngine:
     # -- the step loop -------------------------------------------------------------------
 
     async def _run(self, wake: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
+        if self._step is not None:
+            # A step left running when the previous loop's task was cancelled (its event
+            # loop ended): let it end before anything touches the KV cache again.
+            await asyncio.wrap_future(self._step)
+            self._step_ended()
+            for seq in [seq for seq in self._active if seq.cancelled]:
+                self._release(seq, "cancelled")
         while True:
             self._admit()
             if not self._active:
@@ -316,24 +331,28 @@ class GGUFEngine:
             plan = self._plan()
             self._in_flight = frozenset(seq for seq, _ in plan)
             self._stepping = True
+            self._step = self._executor.submit(self._decode, plan)
             try:
-                result: list[int] | BaseException = await loop.run_in_executor(
-                    self._executor, self._decode, plan
-                )
+                result: list[int] | BaseException = await asyncio.wrap_future(self._step)
             except asyncio.CancelledError:
+                # close() or the loop's end: the worker may still be decoding, so the KV
+                # cache stays untouched (close frees the context after it, on the worker).
                 raise
             except BaseException as exc:
                 result = exc
-            finally:
-                self._in_flight = frozenset()
-                self._stepping = False
-                self._reclaim()
+            self._step_ended()
             self.steps += 1
             if isinstance(result, BaseException):
                 self._fail([seq for seq, _ in plan], result)
                 continue
             for (seq, _), token in zip(plan, result, strict=True):
                 self._deliver(seq, token)
+
+    def _step_ended(self) -> None:
+        self._step = None
+        self._in_flight = frozenset()
+        self._stepping = False
+        self._reclaim()
 
     def _reclaim(self) -> None:
         """Event loop, no step in flight: drop ended sequences' KV, free their slots."""
