@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,22 @@ def test_int8_graph_runs_with_kv_heads_only(model: dict, reference: list[list[in
     # Random weights make the int8 rounding flip a later pick now and then, after which the
     # continuations part: the first token of each prompt must agree, and all must run.
     assert [t[:1] for t in tokens] == [r[:1] for r in reference]
+
+
+def test_cli_names_the_refused_field(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("MistralConfig", sliding_window=64)))
+    save_file(
+        {"model.embed_tokens.weight": np.zeros((VOCAB, 64), np.float32)},
+        str(tmp_path / "model.safetensors"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "agentd.generate.onnx_export", str(tmp_path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "sliding_window 64" in done.stderr
+    assert "Traceback" not in done.stderr

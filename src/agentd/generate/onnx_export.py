@@ -481,7 +481,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int8", type=Path, help="also write the int8 graph here")
     parser.add_argument("--dense", action="store_true", help="also write the dense baseline")
     args = parser.parse_args(argv)
-    fp32 = export_onnx(args.hf_dir, args.out_dir / "model.fp32.onnx")
+    try:
+        fp32 = export_onnx(args.hf_dir, args.out_dir / "model.fp32.onnx")
+    except ValueError as exc:  # an architecture it cannot export: the reason, no traceback
+        parser.error(f"{args.hf_dir}: {exc}")
     print(f"wrote {fp32} ({fp32.stat().st_size / 1e6:.1f} MB)")
     if args.int8:
         int8 = quantize_int8(fp32, args.int8)
