@@ -49,11 +49,22 @@ class SuiteConfig:
     warmup_s: float
     zero_copy: zero_copy.ZeroCopyConfig
     concurrencies: tuple[int, ...] = (1, 16, 64)
+    # When set, each point sends this many requests per request in flight instead of running
+    # for duration_s: it ends as soon as they are answered, and has answers however slow the
+    # machine is (a timed run can end before a slow server's first answer).
+    requests_per_in_flight: int | None = None
+
+    def requests(self, concurrency: int) -> int | None:
+        """The requests one point at ``concurrency`` sends; None: it runs for duration_s."""
+        per = self.requests_per_in_flight
+        return None if per is None else per * concurrency
 
 
 FULL = SuiteConfig(duration_s=5.0, warmup_s=1.0, zero_copy=zero_copy.FULL)
 # Quick: the suite's test of the bench itself (every point runs, nothing is concluded).
-QUICK = SuiteConfig(duration_s=0.5, warmup_s=0.2, zero_copy=zero_copy.QUICK)
+QUICK = SuiteConfig(
+    duration_s=0.5, warmup_s=0.0, zero_copy=zero_copy.QUICK, requests_per_in_flight=2
+)
 
 # MLServer's adaptive batching: up to 64 rows (the most this suite has in flight), waiting at
 # most 2 ms for a batch to fill. agentd's own batching settings come from each config.yaml.
@@ -190,6 +201,7 @@ def measure_point(
         concurrency=concurrency,
         duration_s=config.duration_s,
         http1=target.http1,
+        requests=config.requests(concurrency),
     )
     # A separate warm-up run instead of --warm-up-time: h2load counts warm-up bytes in its
     # traffic total, and the gRPC reply count below needs bytes from the measured window only.
@@ -420,7 +432,12 @@ def run_suite(
         SUITE,
         measure=lambda progress: collect(config, progress),
         build=lambda measured, now: build_document(
-            measured, quick=quick, duration_s=config.duration_s, warmup_s=config.warmup_s, now=now
+            measured,
+            quick=quick,
+            duration_s=config.duration_s,
+            warmup_s=config.warmup_s,
+            requests_per_in_flight=config.requests_per_in_flight,
+            now=now,
         ),
         render=render,
         json_out=json_out,

@@ -131,7 +131,13 @@ def targets(points: list[Point], models: list[str]) -> list[dict[str, Any]]:
 
 
 def build_document(
-    measured: dict[str, Any], *, quick: bool, duration_s: float, warmup_s: float, now: datetime
+    measured: dict[str, Any],
+    *,
+    quick: bool,
+    duration_s: float,
+    warmup_s: float,
+    now: datetime,
+    requests_per_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """The JSON document of one run: machine, versions, method, points, ratios, targets."""
     points: list[Point] = measured["points"]
@@ -167,6 +173,9 @@ def build_document(
             "(Inference-Header-Content-Length), JSON reply",
             "duration_s": duration_s,
             "warmup_s": warmup_s,
+            # Set (--quick): each point sent this many requests per request in flight,
+            # duration_s not used.
+            "requests_per_in_flight": requests_per_in_flight,
             "latency": "per-request times from h2load --log-file, nearest-rank percentiles",
             "errors": "failed, timed out or non-2xx requests; for gRPC also 200 replies "
             "without a reply message (grpc-status travels in trailers, which h2load does not "
