@@ -67,6 +67,8 @@ def config_for(minutes: float) -> SoakConfig:
         raise BenchError(f"--minutes must be above 0 and at most {MAX_MINUTES:g}, not {minutes}")
     duration = minutes * 60
     short = duration < 120
+    # Under half a minute (the tests' runs): the capacity ramp shortened to match.
+    tiny = duration < 30
     return SoakConfig(
         minutes=minutes,
         duration_s=duration,
@@ -76,8 +78,8 @@ def config_for(minutes: float) -> SoakConfig:
         load_fraction=0.8,
         generators=max(1, min(4, (os.cpu_count() or 1) // 4)),
         ramp_levels=(4, 16, 64),
-        ramp_level_s=1.5 if short else 3.0,
-        ramp_warmup_s=1.0,
+        ramp_level_s=0.75 if tiny else 1.5 if short else 3.0,
+        ramp_warmup_s=0.5 if tiny else 1.0,
         swarm_agents=200 if short else 1000,
         swarm_every_s=min(60.0, duration / 3),
     )
