@@ -325,6 +325,15 @@ def test_gguf_refuses_sliding_window(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(hf_config("MistralConfig", sliding_window=64)))
     with pytest.raises(InvalidArgument, match="sliding_window 64"):
         export_gguf(tmp_path, tmp_path / "model.gguf")
+    done = subprocess.run(
+        [sys.executable, "-m", "agentd.generate.gguf_export", str(tmp_path), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "sliding_window 64" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_int8_graph_runs_with_kv_heads_only(model: dict, reference: list[list[int]]) -> None:

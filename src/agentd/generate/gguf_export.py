@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", choices=DTYPES, default="f32")
     args = parser.parse_args(argv)
-    path = export_gguf(args.hf_dir, args.out, args.dtype)
+    try:
+        path = export_gguf(args.hf_dir, args.out, args.dtype)
+    except InvalidArgument as exc:  # a model it cannot convert: the reason, no traceback
+        parser.error(str(exc))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.dtype})")
 
 
