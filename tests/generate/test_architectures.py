@@ -54,7 +54,11 @@ ARCHITECTURES = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
         },
     ),
-    "llama-untied": ("LlamaConfig", {"num_key_value_heads": 4, "tie_word_embeddings": False}),
+    # Untied, and a head_dim of its own (heads * head_dim != hidden_size, as in Qwen3/Gemma).
+    "llama-untied": (
+        "LlamaConfig",
+        {"num_key_value_heads": 4, "tie_word_embeddings": False, "head_dim": 32},
+    ),
     "llama3-rope": (
         "LlamaConfig",
         {
@@ -287,7 +291,8 @@ def test_pool_holds_only_kv_heads(model: dict) -> None:
         pool = engine.pool
         kv_heads = config["num_key_value_heads"]
         assert pool.heads == kv_heads
-        mha_bytes = 2 * config["num_hidden_layers"] * 16 * 8 * 4 * 16 * 4  # K+V, all heads
+        head_dim = config.get("head_dim") or 16
+        mha_bytes = 2 * config["num_hidden_layers"] * 16 * 8 * 4 * head_dim * 4  # K+V, all heads
         assert pool.keys.nbytes + pool.values.nbytes == mha_bytes * kv_heads // 4
     finally:
         asyncio.run(engine.close())
