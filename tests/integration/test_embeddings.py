@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,15 @@ import openai
 import pytest
 import torch
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from agentd import Agent, Message
 from agentd.agents import AgentRegistry
 from agentd.errors import InvalidArgument
+from agentd.gateway.openai.embeddings import parse_embedding
+from agentd.gateway.openai.requests import RequestError
 from agentd.inference import InferenceService, ModelRepository
 from agentd.inference.config import parse_model_config
 from agentd.inference.embedding import pool
@@ -228,6 +233,13 @@ async def test_concurrent_requests_get_their_own_vectors(
         ({"model": NAME, "input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"model": NAME, "input": "x", "dimensions": 128}, "dimensions"),
         ({"model": NAME, "input": "x", "dimensions": "384"}, "dimensions"),
+        ({"model": NAME, "input": [[1.5]]}, "input"),
+        ({"model": NAME, "input": [True, 101]}, "input"),
+        ({"model": NAME, "input": [-1]}, "input"),
+        ({"model": NAME, "input": [2**70]}, "input"),
+        ({"model": NAME, "input": {"text": "x"}}, "input"),
+        ({"model": 7, "input": "x"}, "model"),
+        ({"model": NAME, "input": "x", "user": 1}, "user"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_param(
@@ -238,6 +250,31 @@ def test_bad_requests_are_400s_naming_the_param(
     error = reply.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert param in error["message"] or param == "input"
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    )
+)
+def test_any_json_parses_or_is_a_request_error(data: object) -> None:
+    for body in (
+        data,
+        {"model": NAME, "input": data},
+        {"model": NAME, "input": "x", "dimensions": data},
+    ):
+        with contextlib.suppress(RequestError):
+            parse_embedding(body)
+
+
+def test_non_object_bodies_are_400s(server: RunningServer) -> None:
+    for body in (b"[]", b'"x"', b"7", b"null", b"{"):
+        reply = httpx.post(f"{server.url}/v1/embeddings", content=body, timeout=30)
+        assert reply.status_code == 400, (body, reply.text)
 
 
 @pytest.mark.parametrize("model", ["no-such-model", "decision", "tinylm"])
