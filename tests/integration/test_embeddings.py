@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from agentd import Agent, Message
 from agentd.agents import AgentRegistry
-from agentd.errors import InvalidArgument
+from agentd.errors import InvalidArgument, Unavailable
 from agentd.gateway.openai.embeddings import parse_embedding
 from agentd.gateway.openai.requests import RequestError
 from agentd.inference import InferenceService, ModelRepository
@@ -146,6 +146,11 @@ async def test_truncate_cls_pooling_unnormalised(
     service = await _service(tmp_path, "minilm-cut")
     try:
         got = await service.embeddings.embed("minilm-cut", [TEXTS[2]])
+        assert service.embeddings.names() == ["minilm-cut"]
+        await service.unload("minilm-cut")  # no longer listed; a call is UNAVAILABLE
+        assert service.embeddings.names() == []
+        with pytest.raises(Unavailable, match="not loaded"):
+            await service.embeddings.embed("minilm-cut", ["x"])
     finally:
         await service.aclose()
     ids = _ids(plugins, [TEXTS[2]])[0]

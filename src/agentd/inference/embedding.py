@@ -203,7 +203,9 @@ class Embeddings:
         return [
             entry.name
             for entry in self._inference.entries()
-            if entry.config is not None and entry.config.kind == EMBEDDING_KIND
+            if entry.executor is not None  # an unloaded one is not listed
+            and entry.config is not None
+            and entry.config.kind == EMBEDDING_KIND
         ]
 
     def get(self, name: str) -> EmbeddingModel:
