@@ -71,12 +71,14 @@ FULL = ClusterConfig(
     store_agents=100_000,
     store_rounds=3,
 )
+# Quick: the suite's test of the bench itself (every section runs, nothing is concluded);
+# sizes at which starting the processes is most of each section's time.
 QUICK = ClusterConfig(
-    forwarding_asks=1000,
+    forwarding_asks=500,
     gateway=GatewayConfig(rounds=1, duration_s=0.5, warmup_s=0.2),
-    swarm_agents=100_000,
+    swarm_agents=20_000,
     rehome=RehomeConfig(trials=3, lease_ttl_s=2.0),
-    store_agents=20_000,
+    store_agents=5_000,
     store_rounds=1,
 )
 

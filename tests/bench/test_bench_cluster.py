@@ -57,7 +57,7 @@ def test_bench_cluster_quick(tmp_path):
         assert measured["calls_total"] >= measured["requests"]
 
     swarm = sections["swarm"]
-    assert swarm["agents"] == 100_000
+    assert swarm["agents"] == cluster.QUICK.swarm_agents
     assert swarm["processes_1"]["ok"] and swarm["processes_2"]["ok"]
     assert swarm["processes_2"]["processes"] == 2
     assert swarm["total_peak_rss_mb"] >= swarm["processes_2"]["peak_rss_mb"]
@@ -71,6 +71,7 @@ def test_bench_cluster_quick(tmp_path):
         assert trial["rehome_s"] > 0.5 * rehome["lease_ttl_s"]
 
     store = sections["store"]
+    assert store["agents"] == cluster.QUICK.store_agents
     for name in ("sqlite", "redis"):
         assert store[name]["decisions_per_s"] > 0
     assert store["sqlite"]["store_writes"] == store["agents"]
