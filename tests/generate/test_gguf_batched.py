@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from agentd.errors import FailedPrecondition, InvalidArgument, Unavailable
+from agentd.generate.config import parse_lm_config
 from agentd.generate.gguf_backend import load_gguf
 from agentd.generate.gguf_engine import GGUFEngine
 from agentd.generate.gguf_export import export_gguf
@@ -122,6 +123,47 @@ def test_sequences_join_mid_run_and_leave_early_without_disturbing_the_others(
         else:
             assert tokens == solo[index], index
     assert _all_free(engine)
+
+
+def test_prompts_prefilled_in_small_chunks_beside_running_sequences_give_the_same_tokens(
+    gguf_file: Path, prompts: list[list[int]], solo: list[list[int]]
+) -> None:
+    async def run() -> tuple[list[list[int]], list[int]]:
+        engine = GGUFEngine(
+            gguf_file, "chunks", context_length=CONTEXT, max_batch=8, prefill_tokens=5
+        )
+        sizes: list[int] = []
+        decode = engine._decode
+
+        def recorded(plan):  # the tokens each llama_decode carries
+            sizes.append(sum(len(tokens) for _, tokens in plan))
+            return decode(plan)
+
+        engine._decode = recorded  # type: ignore[method-assign]
+        try:
+
+            async def one(prompt: list[int]) -> list[int]:
+                return [t async for t in engine.stream(prompt, GREEDY)]
+
+            return list(await asyncio.gather(*(one(p) for p in prompts))), sizes
+        finally:
+            await engine.close()
+
+    tokens, sizes = asyncio.run(run())
+    assert tokens == solo
+    # Steps mix running tokens with at most 5 prompt tokens: never more than 8 + 5.
+    assert max(sizes) <= 8 + 5 and sum(sizes) >= sum(map(len, prompts))
+
+
+def test_the_batched_flag_is_read_from_the_model_config(tmp_path: Path) -> None:
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_bytes(b"")
+    base = {"kind": "language-model", "platform": "gguf", "model": "model.gguf"}
+    base |= {"context_length": 64, "eos_token_ids": [1]}
+    assert parse_lm_config(base, tmp_path).batched
+    assert not parse_lm_config(base | {"batched": False}, tmp_path).batched
+    with pytest.raises(InvalidArgument, match="batched"):
+        parse_lm_config(base | {"batched": "sometimes"}, tmp_path)
 
 
 def test_a_slot_freed_by_a_leaving_consumer_admits_a_waiting_sequence_at_once(
