@@ -375,3 +375,24 @@ def test_cli_names_the_refused_field(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "sliding_window 64" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_tensors_left_unconverted_are_refused(tmp_path: Path) -> None:
+    """A checkpoint with weights the graph would drop (here Qwen3-style q/k norms) is
+    refused by name rather than exported as another model."""
+    from safetensors.numpy import save_file
+
+    from agentd.errors import InvalidArgument
+    from agentd.generate.gguf_export import export_gguf
+
+    config = hf_config()
+    weights = random_weights("LlamaConfig")
+    weights["model.layers.0.self_attn.q_norm.weight"] = np.ones(16, np.float32)
+    with pytest.raises(ValueError, match=r"does not convert: model\.layers\.0\.self_attn\.q_norm"):
+        build_model(config, weights)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InvalidArgument, match=r"does not convert: model\.layers\.0\.self_attn"):
+        export_gguf(tmp_path, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()

@@ -151,6 +151,14 @@ def export_gguf(hf_dir: Path, out: Path, dtype: str = "f32") -> Path:
             f"tokenizer has {len(tokens)} tokens, the model's vocab_size is {config['vocab_size']}"
         )
 
+    known = {*_GLOBAL_TENSORS} | {
+        f"model.layers.{layer}.{name}" for layer in range(layers) for name in _LAYER_TENSORS
+    }
+    unknown = sorted(set(weights) - known)
+    if unknown:  # e.g. MLP biases or q/k norms: dropping them would give another model
+        raise InvalidArgument(
+            f"{hf_dir}: tensors this exporter does not convert: {', '.join(unknown[:5])}"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), arch)

@@ -161,6 +161,35 @@ def check_architecture(config: dict) -> None:
         )
 
 
+_LAYER_WEIGHTS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    *(
+        f"{module}.{kind}"
+        for module in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+        for kind in ("weight", "bias")  # biases where present (Qwen2's q/k/v)
+    ),
+)
+
+
+def _check_tensors(weights: dict[str, np.ndarray], layers: int) -> None:
+    """Refuse tensors the graph would leave out (q/k norms, extra layers): ignoring them
+    would export another model than the checkpoint's."""
+    known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    known |= {f"model.layers.{i}.{name}" for i in range(layers) for name in _LAYER_WEIGHTS}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise ValueError(f"tensors this exporter does not convert: {', '.join(unknown[:5])}")
+
+
 def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "paged"):
     """The ONNX ModelProto for ``config``/``weights`` with the given cache layout."""
     from onnx import TensorProto, helper
@@ -177,6 +206,7 @@ def build_model(config: dict, weights: dict[str, np.ndarray], *, layout: str = "
     eps = float(config.get("rms_norm_eps", 1e-5))
     vocab = config["vocab_size"]
 
+    _check_tensors(weights, layers)
     g = _Graph()
     i64 = np.int64
     c_eps = g.const("eps", np.array(eps, np.float32))
