@@ -48,13 +48,16 @@ def open_session(
 
 
 def graph_shape(session) -> dict:
-    """The shape description onnx_export writes into the graph: layers, heads, head_dim,
+    """The shape description onnx_export writes into the graph: layers, heads, kv_heads (the
+    heads the cache holds: fewer than heads with grouped-query attention), head_dim,
     vocab_size, context_length."""
     try:
         shape = json.loads(session.get_modelmeta().description or "{}")
-        for key in ("layers", "heads", "head_dim", "vocab_size", "context_length"):
+        # Graphs exported before grouped-query attention hold every head in the cache.
+        shape.setdefault("kv_heads", shape.get("heads"))
+        for key in ("layers", "heads", "kv_heads", "head_dim", "vocab_size", "context_length"):
             int(shape[key])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise InvalidArgument("the graph lacks its shape description (re-export it)") from None
     return shape
 
@@ -80,7 +83,7 @@ def engine_for_session(
         layers=shape["layers"],
         blocks=blocks,
         block_size=block_size,
-        heads=shape["heads"],
+        heads=shape["kv_heads"],  # the cache holds only the kv heads
         head_dim=shape["head_dim"],
         prefix_cache=prefix_cache,
     )

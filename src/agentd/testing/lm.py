@@ -163,7 +163,7 @@ def dense_greedy(
 
     session = session or open_session(dense_path, threads=2, layout="dense")
     meta = graph_shape(session)
-    empty = np.zeros((meta["layers"], 1, 0, meta["heads"], meta["head_dim"]), np.float32)
+    empty = np.zeros((meta["layers"], 1, 0, meta["kv_heads"], meta["head_dim"]), np.float32)
     logits, past_k, past_v = session.run(
         None,
         {
