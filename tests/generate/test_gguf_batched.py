@@ -216,6 +216,15 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(engine: GGUFEngine) -
         engine.stream([], GREEDY)
 
 
+def test_a_file_llama_cpp_cannot_load_is_invalid_argument(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(InvalidArgument, match="cannot load GGUF model"):
+        GGUFEngine(corrupt, "corrupt")
+    with pytest.raises(InvalidArgument, match="max_batch"):
+        GGUFEngine(corrupt, "corrupt", max_batch=1000)
+
+
 def test_generation_stops_at_the_end_of_the_context(
     engine: GGUFEngine, prompts: list[list[int]]
 ) -> None:

@@ -183,9 +183,8 @@ class GGUFEngine:
                 )
         # llama.cpp may round the cells up; each sequence still gets at most ``context``.
         self._context = min(context, int(ll.llama_n_ctx_seq(self._ctx)))
-        capacity = self.prefill_tokens + self.max_batch
-        self._batch = ll.llama_batch_init(capacity, 0, 1)
-        self._capacity = capacity
+        # A step carries at most one token per running sequence plus prefill_tokens.
+        self._batch = ll.llama_batch_init(self.prefill_tokens + self.max_batch, 0, 1)
 
     def _free(self) -> None:
         ll = self._ll
