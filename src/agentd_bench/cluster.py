@@ -77,7 +77,7 @@ QUICK = ClusterConfig(
     forwarding_asks=500,
     gateway=GatewayConfig(rounds=1, duration_s=0.5, warmup_s=0.2),
     swarm_agents=20_000,
-    rehome=RehomeConfig(trials=3, lease_ttl_s=2.0),
+    rehome=RehomeConfig(trials=2, lease_ttl_s=2.0),
     store_agents=5_000,
     store_rounds=1,
 )

@@ -63,8 +63,10 @@ def test_bench_cluster_quick(tmp_path):
     assert swarm["total_peak_rss_mb"] >= swarm["processes_2"]["peak_rss_mb"]
 
     rehome = sections["rehome"]
-    assert len(rehome["trials"]) == 3
-    assert {t["node"] for t in rehome["trials"]} == {"n0", "n1", "n2"}
+    # Two trials: the second kills another node, after the first one's came back and the
+    # three owned the partitions as planned again.
+    assert len(rehome["trials"]) == cluster.QUICK.rehome.trials == 2
+    assert {t["node"] for t in rehome["trials"]} == {"n0", "n1"}
     for trial in rehome["trials"]:
         assert 300 <= trial["partitions"] <= 400  # a third of 1,024
         # Not before the dead node's lease can have expired.
