@@ -289,7 +289,9 @@ def test_up_starts_nodes_follows_decisions_and_stops_everything(tmp_path):
         try:
             asyncio.run(drive())
         except TimeoutError as error:
-            raise AssertionError(f"{error}; up printed: {(tmp_path / 'up.out').read_text()}")
+            raise AssertionError(
+                f"{error}; up printed: {(tmp_path / 'up.out').read_text()}"
+            ) from None
         _wait_for_line(tmp_path / "up.out", "node n1: stopped", up)
         assert f"node n1: http://127.0.0.1:{base + 1}" in (tmp_path / "up.out").read_text()
         up.send_signal(15)

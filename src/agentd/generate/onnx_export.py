@@ -153,7 +153,7 @@ def check_architecture(config: dict) -> None:
         config.get("use_sliding_window", model_type != "qwen2")
         or "sliding_attention" in layer_types
     )
-    if sliding and int(window) < int(config["max_position_embeddings"]):
+    if sliding and window is not None and int(window) < int(config["max_position_embeddings"]):
         raise ValueError(
             f"sliding_window {window} (shorter than max_position_embeddings "
             f"{config['max_position_embeddings']}) is not supported: sliding-window attention "

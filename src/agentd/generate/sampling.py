@@ -78,7 +78,7 @@ class Sampler:
     def _shape(self, logits: np.ndarray) -> np.ndarray:
         """The logits after logit_bias and the penalties (a copy, in float64)."""
         shaped = np.array(logits, dtype=np.float64)
-        if self._bias_ids is not None:
+        if self._bias_ids is not None and self._bias_values is not None:
             shaped[self._bias_ids] += self._bias_values
         counts = self._counts
         if counts:

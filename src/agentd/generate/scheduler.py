@@ -66,6 +66,10 @@ class BlockPool(Protocol):
         """The chained keys of the prompt's full blocks."""
         ...
 
+    def cached_prefix(self, keys: list[bytes]) -> int:
+        """How many of ``keys`` (from the prompt's first block) are cached."""
+        ...
+
     def borrow_prefix(self, keys: list[bytes], count: int) -> tuple[list[int], int] | None:
         """``count`` blocks, the cached ones of ``keys`` first: (blocks, cached count)."""
         ...
@@ -188,9 +192,10 @@ class Scheduler(Generic[_S]):
                 self.prefix_queries += len(seq.prompt)
                 self.prefix_hits += seq.length
             else:
-                blocks = pool.borrow(pool.blocks_for(tokens))
-                if blocks is None:
+                borrowed = pool.borrow(pool.blocks_for(tokens))
+                if borrowed is None:
                     break  # the head waits for blocks; later ones must not overtake it
+                blocks = borrowed
             waiting.popleft()
             seq.blocks = blocks
             self.prefilling.append(seq)
