@@ -49,6 +49,7 @@ from agentd.generate.config import LMConfig
 from agentd.generate.engine import EngineObserver
 from agentd.generate.gguf_backend import _INSTALL_HINT, _LOAD_LOCK
 from agentd.generate.sampling import Sampler
+from agentd.generate.serial import checked_prompt
 from agentd.generate.types import LMInfo, SamplingParams, TextGenerator
 
 __all__ = ["GGUFEngine", "kv_cells_needed", "load_gguf_lm"]
@@ -224,20 +225,7 @@ class GGUFEngine:
         if self._closed:
             raise FailedPrecondition(f"model {self._info.name!r} is closed")
         info = self._info
-        prompt = [int(token) for token in prompt_ids]
-        if not prompt:
-            raise InvalidArgument("the prompt is empty")
-        if len(prompt) >= info.context_length:
-            raise InvalidArgument(
-                f"the prompt is {len(prompt)} tokens; model {info.name!r} takes at most "
-                f"{info.context_length - 1} (its context is {info.context_length} tokens)"
-            )
-        # llama.cpp aborts the process on an id outside its vocabulary: check first.
-        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(
-                f"token id {bad} is outside the vocabulary (0..{info.vocab_size - 1})"
-            )
+        prompt = checked_prompt(info, prompt_ids)
         if len(self._waiting) >= self.max_waiting:
             raise ResourceExhausted(
                 f"{len(self._waiting)} sequences are already waiting for {info.name!r}"

@@ -20,7 +20,28 @@ from agentd.errors import FailedPrecondition, InvalidArgument
 from agentd.generate.sampling import Sampler
 from agentd.generate.types import LMInfo, SamplingParams, SequenceBackend
 
-__all__ = ["SerialGenerator"]
+__all__ = ["SerialGenerator", "checked_prompt"]
+
+
+def checked_prompt(info: LMInfo, prompt_ids: Sequence[int]) -> list[int]:
+    """``prompt_ids`` as a list of ints; InvalidArgument when empty, too long for the
+    model's context (one position is left for the first new token) or holding an id
+    outside the vocabulary (llama.cpp aborts the process on one: checked first)."""
+    prompt = [int(token) for token in prompt_ids]
+    if not prompt:
+        raise InvalidArgument("the prompt is empty: it must hold at least one token")
+    if len(prompt) >= info.context_length:
+        raise InvalidArgument(
+            f"the prompt is {len(prompt)} tokens; model {info.name!r} takes at most "
+            f"{info.context_length - 1} (its context is {info.context_length} tokens)"
+        )
+    bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(
+            f"token id {bad} is outside the vocabulary (0..{info.vocab_size - 1})"
+        )
+    return prompt
+
 
 _DONE = object()  # end-of-stream marker passed through the hand-off queue
 
@@ -47,7 +68,7 @@ class SerialGenerator:
         end of the context window."""
         if self._closed:
             raise FailedPrecondition(f"model {self.info.name!r} is closed")
-        prompt = self._check_prompt(prompt_ids)
+        prompt = checked_prompt(self.info, prompt_ids)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
@@ -69,23 +90,6 @@ class SerialGenerator:
                 yield item  # type: ignore[misc]
         finally:
             stop.set()
-
-    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        info = self.info
-        prompt = [int(token) for token in prompt_ids]
-        if not prompt:
-            raise InvalidArgument("the prompt must hold at least one token")
-        if len(prompt) >= info.context_length:
-            raise InvalidArgument(
-                f"the prompt has {len(prompt)} tokens; model {info.name!r} takes at most "
-                f"{info.context_length - 1}"
-            )
-        bad = next((t for t in prompt if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(
-                f"token id {bad} is outside the vocabulary (0..{info.vocab_size - 1})"
-            )
-        return prompt
 
     def _run(
         self,
