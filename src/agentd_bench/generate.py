@@ -14,6 +14,13 @@
   whole prompt in one run.
 
 Streams ignore end-of-sequence so every run decodes the same number of tokens.
+
+* Against llama.cpp (``generate_peer``): an ~86M-parameter GQA Llama built with random
+  weights, served by ``agentd serve`` (int8 ONNX; GGUF batched and serial) and by
+  llama-cpp-python's OpenAI server (GGUF f16 and q8_0), the same streamed requests over HTTP:
+  single-stream and 16-request tokens/s, time to first token with a shared 512-token system
+  prompt (prefix cache on vs off), GGUF batched vs serial. Skipped, with the reason, when a
+  package it needs is missing.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from rich.table import Table
 
 from agentd.generate.types import SamplingParams
 from agentd_bench.errors import BenchError
+from agentd_bench.generate_peer import run_peer
 from agentd_bench.results import machine_info, package_versions, run_and_publish, utc_stamp
 
 __all__ = ["BenchError", "run_suite"]
@@ -275,6 +283,7 @@ def _measure(progress, quick: bool) -> dict[str, Any]:
         "batching": _batching(progress, quick),
         "cache": _cache(progress, quick),
         "long_prompt": _long_prompt(progress, quick),
+        "peer": run_peer(progress, quick),
     }
 
 
@@ -282,6 +291,9 @@ def _build(measured: dict[str, Any], now: datetime, quick: bool) -> dict[str, An
     batching, cache = measured["batching"], measured["cache"]
     batch_ratio = batching["ratio_32"]  # the median of the interleaved pairs' ratios
     cache_ratio = cache["concatenated"]["p99_ms"] / cache["pooled"]["p99_ms"]
+    peer = dict(measured["peer"])
+    peer_targets = peer.pop("targets")
+    measured = measured | {"peer": peer}
     return {
         "suite": SUITE,
         "timestamp": utc_stamp(now),
@@ -304,6 +316,7 @@ def _build(measured: dict[str, Any], now: datetime, quick: bool) -> dict[str, An
                 "value": round(cache_ratio, 2),
                 "met": cache_ratio >= TARGET_CACHE_RATIO,
             },
+            *peer_targets,
         ],
     }
 
@@ -344,9 +357,39 @@ def _render(doc: dict[str, Any], console: Console) -> None:
         f"{long['whole']['running_max_gap_ms']:.1f} ms in one run; its TTFT "
         f"{long['chunked']['long_ttft_ms']:.1f} vs {long['whole']['long_ttft_ms']:.1f} ms"
     )
+    _render_peer(doc["peer"], console)
     for target in doc["targets"]:
         mark = "met" if target["met"] else "NOT met"
         console.print(f"{target['description']}: {target['value']}x ({mark})")
+
+
+def _render_peer(peer: dict[str, Any], console: Console) -> None:
+    if "skipped" in peer:
+        console.print(f"against llama.cpp: not run ({peer['skipped']})")
+        return
+    model = peer["model"]
+    table = Table(
+        title=f"against llama.cpp: random GQA Llama, {model['parameters'] / 1e6:.1f}M parameters "
+        f"(agentd {model['agentd']}; GGUF {', '.join(model['gguf'])})"
+    )
+    for column in ("server", "1 stream tok/s", f"{peer['spec']['concurrent']} requests tok/s"):
+        table.add_column(column)
+    for name, single in peer["single_stream"].items():
+        load = peer["concurrent"][name]
+        table.add_row(
+            name,
+            f"{single['tokens_per_s']:,.1f} {single['spread']}",
+            f"{load['tokens_per_s']:,.1f} {load['spread']}",
+        )
+    console.print(table)
+    gguf, ttft = peer["gguf_16"], peer["prefix_ttft_ms"]
+    console.print(
+        f"agentd GGUF at {peer['spec']['concurrent']} requests: batched "
+        f"{gguf['batched']['tokens_per_s']:,.1f} tok/s, "
+        f"serial {gguf['serial']['tokens_per_s']:,.1f}"
+        f"; TTFT with a shared {peer['spec']['system_tokens']}-token system prompt, p50: "
+        f"prefix cache on {ttft['on']['p50_ms']:.1f} ms, off {ttft['off']['p50_ms']:.1f} ms"
+    )
 
 
 def run_suite(

@@ -40,4 +40,29 @@ def test_bench_generate_quick(tmp_path):
     assert long["whole"]["prefill_tokens"] == long["prompt_tokens"]
     for case in ("chunked", "whole"):
         assert long[case]["long_ttft_ms"] > 0 and long[case]["running_max_gap_ms"] > 0
-    assert {t["name"] for t in document["targets"]} == {"continuous_batching", "pooled_kv_cache"}
+    peer = document["peer"]
+    assert "skipped" not in peer, peer.get("skipped")  # the dev extra installs what it needs
+    assert set(peer["single_stream"]) == {"agentd", *peer["peers"]}
+    assert "llama.cpp f16" in peer["peers"]
+    spec = peer["spec"]
+    for name in ("agentd", *peer["peers"]):  # both servers answered every request in full
+        (single,) = peer["single_stream"][name]["runs"]
+        assert single > 0
+        (load,) = peer["concurrent_runs"][name]
+        assert load["requests"] == spec["concurrent"]
+        assert load["tokens"] == spec["concurrent"] * spec["concurrent_tokens"]
+        assert load["chunks"] >= load["tokens"] and load["tokens_per_s"] > 0
+    for mode in ("batched", "serial"):
+        (run,) = peer["gguf_runs"][mode]
+        assert run["tokens"] == spec["concurrent"] * spec["concurrent_tokens"]
+    for cache in ("on", "off"):
+        ttft = peer["prefix_ttft_ms"][cache]
+        assert ttft["samples"] == spec["ttft_requests"] and ttft["p50_ms"] > 0
+    assert {t["name"] for t in document["targets"]} == {
+        "continuous_batching",
+        "pooled_kv_cache",
+        "peer_single_stream",
+        "peer_concurrent",
+        "prefix_cache_ttft",
+        "gguf_batched",
+    }
