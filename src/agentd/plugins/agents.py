@@ -153,6 +153,13 @@ class AgentPlugins:
             return _Prepared(path, started)  # deleted: its types go
         digest = hashlib.sha256(source).hexdigest()
         current = self.registry.files.get(path)
+        if not source.strip() and current is not None and current.names:
+            # An empty file that served agents is most often one read between a writer's
+            # truncate and its write (whose own event follows): keep what serves. Deleting
+            # the file is how its agents are removed.
+            return self._failed(
+                path, "failed", "is empty now (delete the file to remove its agents)", started
+            )
         if current is not None and path not in self.last_failure and current.version == digest:
             return "unchanged"  # an editor's repeated save, a touch: nothing to do
         try:
