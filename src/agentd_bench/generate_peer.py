@@ -251,7 +251,8 @@ def _plugins(workdir: Path, artefacts: Path, concurrent: int) -> Path:
         # Hard links (agentd wants a model's files inside its folder, not symlinked out);
         # the work folder is beside the cache so they are on one file system.
         _link(artefacts / "hf" / "tokenizer.json", folder / "tokenizer.json")
-        _link(sources[config["model"]], folder / config["model"])
+        model_file = str(config["model"])
+        _link(sources[model_file], folder / model_file)
         # JSON is YAML: no quoting rules to get wrong.
         (folder / "config.yaml").write_text(json.dumps({"name": name, **base, **config}))
     return workdir / "plugins"
